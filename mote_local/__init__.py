@@ -1,0 +1,1 @@
+"""mote-local: see and tune the experts inside Mixture-of-Experts language models."""

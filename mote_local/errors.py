@@ -1,0 +1,25 @@
+"""Exceptions: every failure mote-local reports names the problem and, where there is one, the fix."""
+
+
+class MoteError(Exception):
+    """Base class of mote-local's errors."""
+
+
+class ModelFileError(MoteError, ValueError):
+    """The model file is missing, unreadable, not a GGUF, or not usable for this operation."""
+
+
+class NotMoeError(ModelFileError):
+    """The model has no Mixture-of-Experts layers."""
+
+
+class SteeringError(MoteError, ValueError):
+    """A steering entry or profile is invalid for the model."""
+
+
+class CaptureError(MoteError, RuntimeError):
+    """Routing capture was used wrongly (e.g. read outside a capture)."""
+
+
+class EngineError(MoteError, RuntimeError):
+    """The engine failed (decode error, missing native library)."""

@@ -1,0 +1,49 @@
+"""Steering entries: which expert of which MoE layer is switched off, forced on, biased or scaled."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+from .errors import SteeringError
+
+
+class Mode(str, Enum):
+    MASK = "mask"    # never selected; the token gets its next-best expert
+    DROP = "drop"    # selected as usual, weight zeroed before top-k normalisation (served by k-1)
+    FORCE = "force"  # selected for every token with the token's top router logit
+    BIAS = "bias"    # additive router-logit bias before gating (scaled by strength); -inf == mask
+    GAIN = "gain"    # expert output multiplied by value >= 0 after weighting and normalisation
+
+
+# the engine's enum mote_mode
+NATIVE_MODE = {Mode.MASK: 0, Mode.DROP: 1, Mode.FORCE: 2, Mode.BIAS: 3, Mode.GAIN: 4}
+VALUED_MODES = (Mode.BIAS, Mode.GAIN)
+
+
+@dataclass(frozen=True, order=True)
+class Entry:
+    layer: int
+    expert: int
+    mode: Mode
+    value: float = 0.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "mode", Mode(self.mode))
+        for name in ("layer", "expert"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise SteeringError(f"{name} must be an integer, got {v!r}")
+        value = float(self.value)
+        if self.mode is Mode.BIAS and (math.isnan(value) or value == math.inf):
+            raise SteeringError(f"bias for layer {self.layer} expert {self.expert} must be finite or -inf, got {value}")
+        if self.mode is Mode.GAIN and not (math.isfinite(value) and value >= 0):
+            raise SteeringError(f"gain for layer {self.layer} expert {self.expert} must be a finite number >= 0, "
+                                f"got {value}")
+        if self.mode not in VALUED_MODES and value != 0.0:
+            raise SteeringError(f"{self.mode.value} takes no value (layer {self.layer} expert {self.expert})")
+        object.__setattr__(self, "value", value)
+
+    def native(self) -> tuple[int, int, int, float]:
+        return (self.layer, self.expert, NATIVE_MODE[self.mode], self.value)

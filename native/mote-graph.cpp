@@ -1,0 +1,349 @@
+// mote-graph.cpp — the graph side of steering and capture: nodes added to build_moe_ffn and the
+// per-ubatch read-out of the routing tap.
+//
+// Steering values live in graph inputs (set before every ubatch), so they reach any backend
+// without host-side hooks, and changing only values keeps llama.cpp's graph reuse.
+#include "mote-graph.h"
+#include "mote-state.h"
+
+#include "ggml-backend.h"
+#include "ggml.h"
+
+#include <cmath>
+#include <cstring>
+#include <string>
+
+namespace mote {
+
+// A forced expert's logit is lifted to the token's maximum plus this.
+static constexpr float kForceEpsilon = 1e-3f;
+
+namespace {
+
+class steer_input : public llm_graph_input_i {
+public:
+    struct layer_nodes {
+        ggml_tensor * logit_bias      = nullptr;
+        ggml_tensor * force           = nullptr;
+        ggml_tensor * selection       = nullptr;
+        ggml_tensor * model_selection = nullptr; // the model's exp_probs_b that `selection` replaces
+        ggml_tensor * keep            = nullptr;
+        ggml_tensor * gain            = nullptr;
+
+        ggml_tensor * tap_ids     = nullptr; // I32 [n_expert_used, rows]
+        ggml_tensor * tap_weights = nullptr; // F32 [n_expert_used, rows]
+        ggml_tensor * tap_probs   = nullptr; // F32 [n_expert, rows]
+    };
+
+    steer_input(context_state * st, int32_t n_layer) : st(st), layers(n_layer) {}
+
+    void set_input(const llama_ubatch * ubatch) override;
+
+    // the topology is covered by graph_key() in llm_graph_params; values are set every ubatch
+    bool can_reuse(const llm_graph_params & params) override {
+        GGML_UNUSED(params);
+        return true;
+    }
+
+    context_state * st;
+    std::vector<layer_nodes> layers;
+    std::vector<float> scratch;
+};
+
+void set_values(ggml_tensor * t, const std::vector<float> & v) {
+    if (t != nullptr && t->buffer != nullptr) {
+        ggml_backend_tensor_set(t, v.data(), 0, ggml_nbytes(t));
+    }
+}
+
+void steer_input::set_input(const llama_ubatch * ubatch) {
+    GGML_UNUSED(ubatch);
+    if (st->layers.empty()) {
+        return; // graph without steering nodes
+    }
+    for (size_t il = 0; il < layers.size(); ++il) {
+        const layer_nodes    & n  = layers[il];
+        const layer_steering & ls = st->layers[il];
+        set_values(n.logit_bias, ls.logit_bias);
+        set_values(n.force, ls.force);
+        set_values(n.keep, ls.keep);
+        set_values(n.gain, ls.gain);
+        if (n.selection != nullptr && n.selection->buffer != nullptr) {
+            std::vector<float> & model_b = st->model_selection_bias[il];
+            if (model_b.empty()) {
+                model_b.resize(ggml_nelements(n.model_selection));
+                ggml_backend_tensor_get(n.model_selection, model_b.data(), 0, ggml_nbytes(n.model_selection));
+            }
+            scratch.resize(ls.selection.size());
+            for (size_t e = 0; e < scratch.size(); ++e) {
+                scratch[e] = model_b[e] + ls.selection[e];
+            }
+            set_values(n.selection, scratch);
+        }
+    }
+}
+
+steer_input & input_of(const llm_graph_context & g) {
+    for (auto & inp : g.res->inputs) {
+        if (auto * si = dynamic_cast<steer_input *>(inp.get())) {
+            return *si;
+        }
+    }
+    auto * added = g.res->add_input(std::make_unique<steer_input>(g.mote, g.mote->n_layer));
+    return *static_cast<steer_input *>(added);
+}
+
+ggml_tensor * new_input(const llm_graph_context & g, int64_t n, const char * name, int il) {
+    ggml_tensor * t = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_F32, n);
+    ggml_set_input(t);
+    ggml_format_name(t, "%s-%d", name, il);
+    return t;
+}
+
+// table [n_expert] -> its value for each selected expert, [1, n_expert_used, n_tokens]
+ggml_tensor * per_selected(ggml_context * ctx, ggml_tensor * table, ggml_tensor * selected) {
+    const int64_t n_expert = table->ne[0];
+    const int64_t n_tokens = selected->ne[1];
+    ggml_tensor * rows = ggml_repeat_4d(ctx, ggml_reshape_3d(ctx, table, 1, n_expert, 1), 1, n_expert, n_tokens, 1);
+    return ggml_get_rows(ctx, rows, selected);
+}
+
+// The layer's steering when it has any, else nullptr.
+const layer_steering * steering_of(const llm_graph_context & g, int il) {
+    const context_state * st = g.mote;
+    if (st == nullptr || st->layers.empty() || il < 0 || il >= st->n_layer) {
+        return nullptr;
+    }
+    return &st->layers[il];
+}
+
+void set_tap(const llm_graph_context & g, ggml_tensor *& slot, ggml_tensor * src, const char * name, int il) {
+    slot = ggml_cont(g.ctx0, src);
+    ggml_format_name(slot, "%s-%d", name, il);
+    ggml_set_output(slot);
+    ggml_build_forward_expand(g.gf, slot);
+}
+
+} // namespace
+
+uint64_t graph_key(const context_state * st) {
+    if (st == nullptr) {
+        return 0;
+    }
+    uint64_t h = 1469598103934665603ull; // FNV-1a
+    auto mix   = [&h](uint64_t v) {
+        h ^= v;
+        h *= 1099511628211ull;
+    };
+    bool any = false;
+    for (const layer_steering & ls : st->layers) {
+        const uint64_t bits = (uint64_t) ls.has_logit_bias | (uint64_t) ls.has_force << 1 |
+                              (uint64_t) ls.has_selection << 2 | (uint64_t) ls.has_keep << 3 | (uint64_t) ls.has_gain << 4;
+        any |= bits != 0;
+        mix(bits);
+    }
+    if (st->capture.active) {
+        any = true;
+        mix(0x100u | (uint64_t) st->capture.flags);
+    }
+    return any ? h : 0;
+}
+
+ggml_tensor * steer_logits(const llm_graph_context & g, ggml_tensor * logits, int il) {
+    const layer_steering * ls = steering_of(g, il);
+    if (ls == nullptr || (!ls->has_logit_bias && !ls->has_force) || logits->ne[0] != g.mote->n_expert || logits->ne[1] == 0) {
+        return logits;
+    }
+    auto & nodes = input_of(g).layers[il];
+    ggml_tensor * out = logits;
+    if (ls->has_logit_bias) {
+        nodes.logit_bias = new_input(g, g.mote->n_expert, "mote_logit_bias", il);
+        out = ggml_add(g.ctx0, out, nodes.logit_bias);
+    }
+    if (ls->has_force) {
+        // out + force * (max(out) + eps - out): forced experts take the token's top logit
+        const int64_t n_expert = out->ne[0];
+        const int64_t n_tokens = out->ne[1];
+        if (!ggml_is_contiguous(out)) {
+            out = ggml_cont(g.ctx0, out);
+        }
+        nodes.force = new_input(g, n_expert, "mote_force", il);
+        ggml_tensor * top_id = ggml_argsort_top_k(g.ctx0, out, 1);                                       // [1, n_tokens]
+        ggml_tensor * top    = ggml_get_rows(g.ctx0, ggml_reshape_3d(g.ctx0, out, 1, n_expert, n_tokens), top_id); // [1, 1, n_tokens]
+        top = ggml_scale_bias(g.ctx0, ggml_reshape_2d(g.ctx0, top, 1, n_tokens), 1.0f, kForceEpsilon);
+        ggml_tensor * lift = ggml_mul(g.ctx0, ggml_sub(g.ctx0, out, top), nodes.force);
+        out = ggml_sub(g.ctx0, out, lift);
+    }
+    g.cb(out, "mote_logits", il);
+    return out;
+}
+
+ggml_tensor * selection_bias(const llm_graph_context & g, ggml_tensor * exp_probs_b, int il) {
+    const layer_steering * ls = steering_of(g, il);
+    if (ls == nullptr || !ls->has_selection || exp_probs_b == nullptr || ggml_nelements(exp_probs_b) != g.mote->n_expert) {
+        return exp_probs_b;
+    }
+    auto & nodes = input_of(g).layers[il];
+    nodes.model_selection = exp_probs_b;
+    nodes.selection       = new_input(g, g.mote->n_expert, "mote_selection_bias", il);
+    return nodes.selection;
+}
+
+ggml_tensor * drop_weights(const llm_graph_context & g, ggml_tensor * weights, ggml_tensor * selected,
+                           llama_expert_gating_func_type gating, bool norm_w, int il) {
+    const layer_steering * ls = steering_of(g, il);
+    if (ls == nullptr || !ls->has_keep || weights->ne[2] == 0) {
+        return weights;
+    }
+    auto & nodes = input_of(g).layers[il];
+    nodes.keep = new_input(g, g.mote->n_expert, "mote_keep", il);
+    ggml_tensor * w = ggml_mul(g.ctx0, weights, per_selected(g.ctx0, nodes.keep, selected));
+    if (gating == LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX_WEIGHT && !norm_w) {
+        // the softmax over the selected logits already normalised: renormalise over the survivors
+        const int64_t n_used   = w->ne[1];
+        const int64_t n_tokens = w->ne[2];
+        ggml_tensor * w2  = ggml_reshape_2d(g.ctx0, w, n_used, n_tokens);
+        ggml_tensor * sum = ggml_clamp(g.ctx0, ggml_sum_rows(g.ctx0, w2), 6.103515625e-5f, INFINITY);
+        w = ggml_reshape_3d(g.ctx0, ggml_div(g.ctx0, w2, sum), 1, n_used, n_tokens);
+    }
+    g.cb(w, "mote_weights_dropped", il);
+    return w;
+}
+
+ggml_tensor * finish_weights(const llm_graph_context & g, ggml_tensor * weights, ggml_tensor * selected,
+                             ggml_tensor * probs, llama_expert_gating_func_type gating, int il) {
+    context_state * st = g.mote;
+    if (st == nullptr || il < 0 || il >= st->n_layer || weights->ne[2] == 0) {
+        return weights;
+    }
+    const layer_steering * ls = steering_of(g, il);
+    if (ls != nullptr && ls->has_gain) {
+        auto & nodes = input_of(g).layers[il];
+        nodes.gain = new_input(g, st->n_expert, "mote_gain", il);
+        weights    = ggml_mul(g.ctx0, weights, per_selected(g.ctx0, nodes.gain, selected));
+        g.cb(weights, "mote_weights_gain", il);
+    }
+    if (st->capture.active && probs->ne[1] == st->n_expert) {
+        auto & nodes = input_of(g).layers[il];
+        set_tap(g, nodes.tap_ids, selected, "mote_tap_ids", il);
+        set_tap(g, nodes.tap_weights, weights, "mote_tap_weights", il);
+        if (st->capture.flags & MOTE_CAPTURE_PROBS) {
+            ggml_tensor * p = ggml_reshape_2d(g.ctx0, probs, probs->ne[1], probs->ne[2]);
+            if (gating == LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX_WEIGHT) {
+                p = ggml_soft_max(g.ctx0, p); // probs are raw logits for this gating
+            }
+            set_tap(g, nodes.tap_probs, p, "mote_tap_probs", il);
+        }
+    }
+    return weights;
+}
+
+namespace {
+
+template <typename T> std::vector<T> read_tensor(const ggml_tensor * t) {
+    std::vector<T> out(ggml_nelements(t));
+    ggml_backend_tensor_get(t, out.data(), 0, ggml_nbytes(t));
+    return out;
+}
+
+label_stats & stats_for(context_state & st, int32_t label) {
+    label_stats & s = st.capture.stats[label];
+    if (s.counts.empty()) {
+        const size_t n = (size_t) st.n_layer * st.n_expert;
+        s.counts.assign(n, 0);
+        s.weight_sums.assign(n, 0.0);
+        s.tokens.assign(st.n_layer, 0);
+        if (st.capture.flags & MOTE_CAPTURE_PROBS) {
+            s.prob_sums.assign(n, 0.0);
+        }
+    }
+    return s;
+}
+
+} // namespace
+
+void after_ubatch(const llama_context * lctx, ggml_backend_sched_t sched, const llm_graph_result * res,
+                  const llama_ubatch & ubatch) {
+    context_state * st = state_of(lctx);
+    if (st == nullptr || !st->capture.active || st->capture.bindings.empty() || res == nullptr) {
+        return;
+    }
+    const steer_input * in = nullptr;
+    for (const auto & inp : res->inputs) {
+        if ((in = dynamic_cast<const steer_input *>(inp.get())) != nullptr) {
+            break;
+        }
+    }
+    if (in == nullptr) {
+        return;
+    }
+    ggml_backend_sched_synchronize(sched);
+
+    capture_state & cap = st->capture;
+    const bool trace = cap.flags & MOTE_CAPTURE_TRACE;
+
+    // ubatch token index of every output row (used when a layer only routed the output tokens)
+    std::vector<uint32_t> output_tokens;
+    for (uint32_t i = 0; i < ubatch.n_tokens; ++i) {
+        if (ubatch.output != nullptr && ubatch.output[i]) {
+            output_tokens.push_back(i);
+        }
+    }
+
+    for (int32_t il = 0; il < st->n_layer; ++il) {
+        const auto & nodes = in->layers[il];
+        if (nodes.tap_ids == nullptr) {
+            continue;
+        }
+        const int64_t n_used = nodes.tap_ids->ne[0];
+        const int64_t rows   = nodes.tap_ids->ne[1];
+        if (rows != (int64_t) ubatch.n_tokens && rows != (int64_t) output_tokens.size()) {
+            continue; // rows cannot be attributed to tokens
+        }
+        const auto ids     = read_tensor<int32_t>(nodes.tap_ids);
+        const auto weights = read_tensor<float>(nodes.tap_weights);
+        std::vector<float> probs;
+        if (nodes.tap_probs != nullptr) {
+            probs = read_tensor<float>(nodes.tap_probs);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+            const uint32_t i = rows == (int64_t) ubatch.n_tokens ? (uint32_t) r : output_tokens[r];
+            const llama_pos pos = ubatch.pos[i];
+            for (int32_t s = 0; s < ubatch.n_seq_id[i]; ++s) {
+                const llama_seq_id seq = ubatch.seq_id[i][s];
+                const auto b = cap.bindings.find(seq);
+                if (b == cap.bindings.end() || pos < b->second.pos_begin ||
+                    (b->second.pos_end >= 0 && pos >= b->second.pos_end)) {
+                    continue;
+                }
+                label_stats & ls = stats_for(*st, b->second.label);
+                const size_t base = (size_t) il * st->n_expert;
+                for (int64_t j = 0; j < n_used; ++j) {
+                    const int32_t e = ids[r * n_used + j];
+                    if (e >= 0 && e < st->n_expert) {
+                        ls.counts[base + e] += 1;
+                        ls.weight_sums[base + e] += weights[r * n_used + j];
+                    }
+                }
+                if (!probs.empty() && !ls.prob_sums.empty()) {
+                    for (int32_t e = 0; e < st->n_expert; ++e) {
+                        ls.prob_sums[base + e] += probs[r * st->n_expert + e];
+                    }
+                }
+                ls.tokens[il] += 1;
+                if (trace) {
+                    cap.trace_meta.insert(cap.trace_meta.end(), { b->second.label, seq, pos, il });
+                    cap.trace_ids.insert(cap.trace_ids.end(), ids.begin() + r * n_used, ids.begin() + (r + 1) * n_used);
+                    cap.trace_weights.insert(cap.trace_weights.end(), weights.begin() + r * n_used,
+                                             weights.begin() + (r + 1) * n_used);
+                    if (!probs.empty()) {
+                        cap.trace_probs.insert(cap.trace_probs.end(), probs.begin() + r * st->n_expert,
+                                               probs.begin() + (r + 1) * st->n_expert);
+                    }
+                }
+            }
+        }
+    }
+}
+
+} // namespace mote

@@ -1,0 +1,50 @@
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mote_local import tiny
+from mote_local.engine import Model
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_path(model_dir):
+    """tiny_path(arch, **overrides) -> path of a generated tiny model (cached for the session)."""
+    def make(arch: str, **overrides) -> Path:
+        return tiny.tiny_model(arch, cache_dir=model_dir, **overrides)
+    return make
+
+
+_models: dict[str, Model] = {}
+
+
+@pytest.fixture(scope="session")
+def load(tiny_path):
+    """load(arch) -> a Model shared by the tests of the session."""
+    def get(arch: str) -> Model:
+        if arch not in _models:
+            _models[arch] = Model(tiny_path(arch))
+        return _models[arch]
+    yield get
+    for m in _models.values():
+        m.close()
+    _models.clear()
+
+
+def copy_with_zeroed_expert_output(src: Path, dst: Path, layer: int, expert: int) -> Path:
+    """A copy of an F32 model in which one expert's down projection is zero: its output is gone."""
+    import gguf
+    shutil.copyfile(src, dst)
+    reader = gguf.GGUFReader(dst, "r+")
+    name = f"blk.{layer}.ffn_down_exps.weight"
+    tensor = next(t for t in reader.tensors if t.name == name)
+    assert tensor.tensor_type == gguf.GGMLQuantizationType.F32
+    tensor.data[expert] = 0.0
+    reader.data.flush()
+    return dst
