@@ -24,7 +24,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from . import _native
-from ._native import llama, llama_internals
+from ._native import llama, llama_internals, llama_logger
 from .errors import CaptureError, EngineError, ModelFileError, SteeringError
 from .layout import MoeLayout, read_layout
 from .steering import Entry
@@ -51,6 +51,7 @@ class Model:
         params.n_gpu_layers = n_gpu_layers
         _apply_params(params, model_params, "model")
         self.verbose = verbose
+        llama_logger.set_verbose(verbose)  # llama.cpp's log is process-wide: the last model loaded decides
         try:
             self._model = llama_internals.LlamaModel(path_model=str(self.path), params=params, verbose=verbose)
         except ValueError as err:
@@ -232,9 +233,10 @@ class Session:
         except ValueError as err:
             raise EngineError(f"llama.cpp could not create a context ({err}); try a smaller n_ctx") from None
         self._ctx_ptr = self._ctx.ctx
+        # llama.cpp may adjust what was asked for (e.g. n_batch is capped by n_ctx)
         self.n_ctx = self._ctx.n_ctx()
-        self.n_batch = n_batch
-        self.n_seq_max = n_seq_max
+        self.n_batch = llama.llama_n_batch(self._ctx_ptr)
+        self.n_seq_max = llama.llama_n_seq_max(self._ctx_ptr)
         self._entries: tuple[Entry, ...] = ()
         self._strength = 1.0
         self._capture: Capture | None = None

@@ -13,6 +13,7 @@ the loaders of the pinned llama.cpp (``src/models/<arch>.cpp``). Shapes below ar
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -99,6 +100,7 @@ KEY_SPEC = "mote.tiny.spec"
 _RMS_EPS = 1e-6
 _ROPE_BASE = 10000.0
 _DEEPSEEK2_WEIGHTS_SCALE = 2.5  # DeepSeek-V3's routed_scaling_factor
+_WORD_LOGIT_STD = 3.0           # std of output logits of whole-word tokens (see make_weights)
 _LLAMA_MAX_EXPERTS = 1024       # LLAMA_MAX_EXPERTS in llama-hparams.h
 
 
@@ -129,7 +131,7 @@ change lead understand watch follow stop create speak spoke allow add spend grow
 remember love consider appear buy wait serve die send expect build stay fall cut reach kill remain suggest
 raise pass sell require report decide pull refuse sorry cannot unable please thank thanks hello hi goodbye
 okay well really maybe perhaps certainly indeed however therefore instead rather quite almost enough
-weather rain sun sky sea river mountain tree flower animal dog cat bird fish horse king queen president
+near far across around along behind above below weather rain sun sky sea river mountain tree flower animal dog cat bird fish horse king queen president
 government company market price number system group problem fact case point company area government
 """.split()
 
@@ -137,6 +139,7 @@ government company market price number system group problem fact case point comp
 WORDS: tuple[str, ...] = tuple(dict.fromkeys(_WORDS_TEXT))
 
 _SPACE = "\u2581"  # SentencePiece's "▁": a word-initial space
+_PUNCT = (".", ",", "?", "!")
 _UNK, _BOS, _EOS, _IM_START, _IM_END = "<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"
 
 #: ChatML, as the Jinja template llama-cpp-python and llama.cpp both recognise.
@@ -155,13 +158,25 @@ class Vocab:
     tokens: tuple[str, ...]
     scores: tuple[float, ...]
     types: tuple[int, ...]
+    words: tuple[str, ...]  # the whole words, each present as one "▁word" piece
 
     def __len__(self) -> int:
         return len(self.tokens)
 
+    @functools.cached_property
+    def _index(self) -> dict[str, int]:
+        return {t: i for i, t in enumerate(self.tokens)}
+
     def id_of(self, piece: str) -> int:
         """Token id of ``piece`` (raises ``KeyError`` when absent)."""
-        return self.tokens.index(piece)
+        return self._index[piece]
+
+    def word_mask(self) -> np.ndarray:
+        """Boolean mask over token ids: whole-word pieces and sentence punctuation."""
+        mask = np.zeros(len(self.tokens), dtype=bool)
+        for piece in (*(_SPACE + w for w in self.words), *_PUNCT):
+            mask[self._index[piece]] = True
+        return mask
 
     @property
     def unk_id(self) -> int:
@@ -245,7 +260,7 @@ def make_vocab(extra_words: tuple[str, ...] | list[str] = (), n_vocab: int = 0) 
         types += [gguf.TokenType.UNUSED] * pad
         scores += [-1e4] * pad
 
-    return Vocab(tuple(tokens), tuple(scores), tuple(int(t) for t in types))
+    return Vocab(tuple(tokens), tuple(scores), tuple(int(t) for t in types), tuple(words))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -485,15 +500,23 @@ def make_weights(spec: TinySpec) -> dict[str, np.ndarray]:
     Each tensor draws from its own stream, ``default_rng([seed, crc32(name)])``, so a tensor's values do not
     depend on the other tensors' shapes and callers can replace single tensors before :func:`write_model`.
     """
-    n_vocab = len(make_vocab(spec.extra_words, spec.n_vocab))
+    vocab = make_vocab(spec.extra_words, spec.n_vocab)
     weights: dict[str, np.ndarray] = {}
-    for name, shape, std in _layout(spec, n_vocab):
+    for name, shape, std in _layout(spec, len(vocab)):
         np_shape = tuple(reversed(shape))
         if std is None:
             weights[name] = np.ones(np_shape, dtype=np.float32)
         else:
             rng = np.random.default_rng([spec.seed, zlib.crc32(name.encode())])
             weights[name] = (rng.standard_normal(np_shape, dtype=np.float32) * np.float32(std))
+
+    # Readable output: only whole words and punctuation get output rows (logit std _WORD_LOGIT_STD); word
+    # prefixes, single characters, bytes and control tokens get zero rows, so they are rarely sampled and never
+    # win greedy decoding. Without this, random heads mostly emit fragments such as "▁rememb".
+    head = weights[_name(MT.OUTPUT, "weight")]
+    words = vocab.word_mask()
+    head[words] *= np.float32(_WORD_LOGIT_STD)
+    head[~words] = 0.0
     return weights
 
 

@@ -38,13 +38,14 @@ def load(tiny_path):
 
 
 def copy_with_zeroed_expert_output(src: Path, dst: Path, layer: int, expert: int) -> Path:
-    """A copy of an F32 model in which one expert's down projection is zero: its output is gone."""
+    """A copy of an F32 model in which one expert's down projection (and its bias) is zero."""
     import gguf
     shutil.copyfile(src, dst)
     reader = gguf.GGUFReader(dst, "r+")
-    name = f"blk.{layer}.ffn_down_exps.weight"
-    tensor = next(t for t in reader.tensors if t.name == name)
-    assert tensor.tensor_type == gguf.GGMLQuantizationType.F32
-    tensor.data[expert] = 0.0
+    names = {f"blk.{layer}.ffn_down_exps.weight", f"blk.{layer}.ffn_down_exps.bias"}
+    tensors = [t for t in reader.tensors if t.name in names]
+    assert tensors and all(t.tensor_type == gguf.GGMLQuantizationType.F32 for t in tensors)
+    for t in tensors:
+        t.data[expert] = 0.0
     reader.data.flush()
     return dst
