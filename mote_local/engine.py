@@ -307,8 +307,11 @@ class Session:
         """Decodes (seq_id, tokens, first position) sequences together, in chunks of n_batch tokens.
 
         outputs="all" returns logits for every token (and routes every token in every layer, which
-        capture needs); "last" only for each sequence's last token. Returns [n_outputs, n_vocab].
+        capture needs, so it is forced while capturing); "last" only for each sequence's last token.
+        Returns [n_outputs, n_vocab].
         """
+        if self.capturing:
+            outputs = "all"  # the last layer routes only output tokens: every counted token must be one
         flat: list[tuple[int, int, int, bool]] = []  # (token, pos, seq_id, output)
         for seq_id, tokens, pos0 in sequences:
             if not 0 <= seq_id < self.n_seq_max:
@@ -375,8 +378,7 @@ class Session:
         self.reset()
         out: list[int] = []
         try:
-            # while capturing, every prompt token must be an output so that it is routed in the last layer
-            self.decode([(0, prompt_tokens, 0)], outputs="all" if self.capturing else "last")
+            self.decode([(0, prompt_tokens, 0)], outputs="last")
             pos = len(prompt_tokens)
             for _ in range(max_tokens):
                 token = sampler.sample(self._ctx, -1)

@@ -17,6 +17,15 @@ class Mode(str, Enum):
     GAIN = "gain"    # expert output multiplied by value >= 0 after weighting and normalisation
 
 
+class Scope(str, Enum):
+    """When an entry applies; the session switches the engine's steering between decode calls."""
+
+    ALL = "all"
+    PREFILL = "prefill"    # while the prompt is processed
+    DECODE = "decode"      # while tokens are generated
+    THINKING = "thinking"  # while generating inside the model's think markers
+
+
 # the engine's enum mote_mode
 NATIVE_MODE = {Mode.MASK: 0, Mode.DROP: 1, Mode.FORCE: 2, Mode.BIAS: 3, Mode.GAIN: 4}
 VALUED_MODES = (Mode.BIAS, Mode.GAIN)
@@ -28,9 +37,11 @@ class Entry:
     expert: int
     mode: Mode
     value: float = 0.0
+    scope: Scope = Scope.ALL
 
     def __post_init__(self):
         object.__setattr__(self, "mode", Mode(self.mode))
+        object.__setattr__(self, "scope", Scope(self.scope))
         for name in ("layer", "expert"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):

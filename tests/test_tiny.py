@@ -322,6 +322,7 @@ def test_engine_loads_and_generates(models, arch):
         out = llm.create_completion("What happened in the city?", max_tokens=4, temperature=0.0)
         assert out["usage"]["completion_tokens"] == 4
         # only whole words have output rows (see make_weights), so greedy text is words and punctuation
-        assert all(w.strip(".,?!").isalpha() for w in out["choices"][0]["text"].split()), out
+        words = set(tiny.make_vocab().words)
+        assert all(w.strip(".,?!") in words for w in out["choices"][0]["text"].split()), out
     finally:
         llm.close()
