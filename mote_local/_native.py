@@ -16,6 +16,7 @@ try:
     from mote_local_engine.llama_cpp import llama_cpp as llama  # the pinned bindings, private copy
     from mote_local_engine.llama_cpp import _internals as llama_internals
     from mote_local_engine.llama_cpp import _logger as llama_logger  # routes llama.cpp's log by verbosity
+    from mote_local_engine.llama_cpp import llama_chat_format
 except (ImportError, OSError, RuntimeError) as err:  # not built, or the shared library failed to load
     raise EngineError(f"mote-local's engine is not available ({err}); install the package with "
                       "`pip install .` from the repository so that it builds the patched llama.cpp") from err

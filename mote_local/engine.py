@@ -19,15 +19,19 @@ import contextlib
 import ctypes
 import os
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from . import _native
-from ._native import llama, llama_internals, llama_logger
+from ._native import llama, llama_chat_format, llama_internals, llama_logger
 from .errors import CaptureError, EngineError, ModelFileError, SteeringError
 from .layout import MoeLayout, read_layout
-from .steering import Entry
+from .profile import Profile
+from .steering import Entry, Scope
+
+# the phases a generation passes through; "all" entries apply in each
+PHASES = (Scope.PREFILL, Scope.DECODE, Scope.THINKING)
 
 # llama.cpp's llama_flash_attn_type
 FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
@@ -77,6 +81,10 @@ class Model:
     def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
         return self._model.detokenize(list(tokens), special).decode("utf-8", errors="replace")
 
+    @property
+    def bos_token(self) -> int:
+        return llama.llama_vocab_bos(self._model.vocab)
+
     def is_eog(self, token: int) -> bool:
         return bool(llama.llama_vocab_is_eog(self._model.vocab, token))
 
@@ -87,6 +95,30 @@ class Model:
     @property
     def chat_template(self) -> str | None:
         return self.metadata.get("tokenizer.chat_template")
+
+    def format_chat(self, messages: Sequence[dict[str, str]]) -> str:
+        """The conversation in the model's own chat template, ready for the assistant's turn.
+
+        A model without a template gets the messages' plain text, one per line.
+        """
+        template = self.chat_template
+        if not template:
+            return "\n".join(m["content"] for m in messages) + "\n"
+        formatter = llama_chat_format.Jinja2ChatFormatter(
+            template=template, eos_token=self._token_text(llama.llama_vocab_eos(self._model.vocab)),
+            bos_token=self._token_text(self.bos_token), add_generation_prompt=True)
+        return formatter(messages=list(messages)).prompt
+
+    def _token_text(self, token: int) -> str:
+        return self._model.token_get_text(token) if token >= 0 else ""
+
+    @property
+    def think_markers(self) -> tuple[int | None, int | None]:
+        """Token ids of <think> and </think> when the vocabulary has them as single tokens."""
+        def single(text: str) -> int | None:
+            ids = self.tokenize(text, add_bos=False, special=True)
+            return ids[0] if len(ids) == 1 else None
+        return single("<think>"), single("</think>")
 
     def session(self, **ctx_params) -> "Session":
         return Session(self, **ctx_params)
@@ -117,6 +149,7 @@ class Generation:
     text: str
     tokens: list[int]
     prompt_tokens: list[int]
+    interrupted: bool = False
 
 
 @dataclass
@@ -237,8 +270,9 @@ class Session:
         self.n_ctx = self._ctx.n_ctx()
         self.n_batch = llama.llama_n_batch(self._ctx_ptr)
         self.n_seq_max = llama.llama_n_seq_max(self._ctx_ptr)
-        self._entries: tuple[Entry, ...] = ()
-        self._strength = 1.0
+        self._profile = Profile()
+        self._phase = Scope.PREFILL
+        self._applied: tuple[Entry, ...] | None = ()
         self._capture: Capture | None = None
 
     def close(self) -> None:
@@ -253,25 +287,44 @@ class Session:
         self.close()
 
     # steering
-    def steer(self, entries: Iterable[Entry], strength: float = 1.0) -> None:
-        """Replaces this session's steering; on error the previous steering stays in place."""
-        checked = self.model.check_entries(entries)
-        err = _native.steer_set(self._ctx_ptr, [e.native() for e in checked], float(strength))
-        if err:
-            raise SteeringError(err)
-        self._entries, self._strength = tuple(checked), float(strength)
+    def steer(self, steering: Profile | Iterable[Entry], strength: float | None = None) -> None:
+        """Replaces this session's steering; on error the previous steering stays in place.
+
+        Takes a Profile or entries (with `strength`, default 1). Entries scoped to a phase
+        (prefill, decode, thinking) are switched on and off between decode calls.
+        """
+        profile = steering if isinstance(steering, Profile) else Profile(tuple(steering))
+        if strength is not None:
+            profile = Profile(profile.entries, float(strength), profile.fingerprint, profile.name)
+        self.model.check_entries(profile.entries)
+        for phase in PHASES:  # validate every phase's set now, so that a later switch cannot fail
+            err = _native.steer_set(self._ctx_ptr, [e.native() for e in profile.for_scope(phase)], profile.strength)
+            if err:
+                self._applied = None
+                self._set_phase(self._phase)  # restore what was in effect
+                raise SteeringError(err)
+        self._profile = profile
+        self._applied = None
+        self._set_phase(self._phase)
 
     def clear_steering(self) -> None:
         _native.steer_clear(self._ctx_ptr)
-        self._entries, self._strength = (), 1.0
+        self._profile, self._applied = Profile(), ()
+
+    def _set_phase(self, phase: Scope) -> None:
+        """Puts the entries that apply in `phase` into the engine (a no-op when they are unchanged)."""
+        self._phase = phase
+        active = self._profile.for_scope(phase)
+        if active == self._applied:
+            return
+        err = _native.steer_set(self._ctx_ptr, [e.native() for e in active], self._profile.strength)
+        if err:  # validated in steer(); reaching this is a bug
+            raise SteeringError(err)
+        self._applied = active
 
     @property
-    def steering(self) -> tuple[Entry, ...]:
-        return self._entries
-
-    @property
-    def strength(self) -> float:
-        return self._strength
+    def steering(self) -> Profile:
+        return self._profile
 
     # capture
     @contextlib.contextmanager
@@ -349,7 +402,8 @@ class Session:
         return np.concatenate(logits) if logits else np.zeros((0, self.model.n_vocab), dtype=np.float32)
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
-        """Next-token logits [len(tokens), n_vocab] for every position of one fresh sequence."""
+        """Next-token logits [len(tokens), n_vocab] for every position of one fresh sequence (prefill)."""
+        self._set_phase(Scope.PREFILL)
         self.reset()
         return self.decode([(0, tokens, 0)])
 
@@ -358,12 +412,18 @@ class Session:
         if len(sequences) > self.n_seq_max:
             raise ValueError(f"{len(sequences)} sequences but this session has n_seq_max={self.n_seq_max}: "
                              "open the session with a larger n_seq_max")
+        self._set_phase(Scope.PREFILL)
         self.reset()
         return self.decode([(i, seq, 0) for i, seq in enumerate(sequences)])
 
     def generate(self, prompt: str | Sequence[int], *, max_tokens: int = 32, temperature: float = 0.0,
-                 top_k: int = 40, top_p: float = 0.95, seed: int = 0, add_bos: bool = True) -> Generation:
-        """Greedy (temperature 0) or seeded sampled continuation of a fresh sequence."""
+                 top_k: int = 40, top_p: float = 0.95, seed: int = 0, add_bos: bool = True,
+                 on_token: Callable[[str], None] | None = None) -> Generation:
+        """Greedy (temperature 0) or seeded sampled continuation of a fresh sequence.
+
+        on_token receives each generated token's text as it comes (streaming). A KeyboardInterrupt
+        stops generation and returns what was generated so far, with `interrupted` set.
+        """
         prompt_tokens = self.model.tokenize(prompt, add_bos=add_bos) if isinstance(prompt, str) else list(prompt)
         if not prompt_tokens:
             raise ValueError("the prompt is empty")
@@ -377,7 +437,11 @@ class Session:
             sampler.add_dist(seed)
         self.reset()
         out: list[int] = []
+        interrupted = False
+        think_open, think_close = self.model.think_markers
+        thinking = False
         try:
+            self._set_phase(Scope.PREFILL)
             self.decode([(0, prompt_tokens, 0)], outputs="last")
             pos = len(prompt_tokens)
             for _ in range(max_tokens):
@@ -386,10 +450,17 @@ class Session:
                 if self.model.is_eog(token):
                     break
                 out.append(token)
+                if on_token is not None:
+                    on_token(self.model.detokenize([token]))
                 if pos >= self.n_ctx:
                     break
+                thinking = (thinking or token == think_open) and token != think_close
+                self._set_phase(Scope.THINKING if thinking else Scope.DECODE)
                 self.decode([(0, [token], pos)])
                 pos += 1
+        except KeyboardInterrupt:
+            interrupted = True
         finally:
             sampler.close()
-        return Generation(self.model.detokenize(out), out, prompt_tokens)
+            self._set_phase(Scope.PREFILL)
+        return Generation(self.model.detokenize(out), out, prompt_tokens, interrupted)

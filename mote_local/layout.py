@@ -80,13 +80,18 @@ def _field(reader: gguf.GGUFReader, key: str, default=None):
     return default if field is None else field.contents()
 
 
+def open_gguf(p: Path, error: type[Exception] = ModelFileError) -> gguf.GGUFReader:
+    """A reader of the GGUF file p; a corrupt or truncated file raises `error` saying so."""
+    try:
+        return gguf.GGUFReader(p)
+    except Exception as err:  # the reader raises assorted errors on truncated or corrupt files
+        raise error(f"{p} is not a readable GGUF file ({type(err).__name__}: {err}); "
+                    "the file may be truncated or corrupt") from None
+
+
 def read_layout(path: str | os.PathLike) -> MoeLayout:
     p = check_model_file(path)
-    try:
-        reader = gguf.GGUFReader(p)
-    except Exception as err:  # the reader raises assorted errors on truncated or corrupt files
-        raise ModelFileError(f"{p} is not a readable GGUF file ({type(err).__name__}: {err}); "
-                             "the file may be truncated or corrupt") from None
+    reader = open_gguf(p)
     arch = _field(reader, gguf.Keys.General.ARCHITECTURE)
     if not isinstance(arch, str):
         raise ModelFileError(f"{p} has no general.architecture key: not a llama.cpp model")

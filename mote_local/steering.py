@@ -26,6 +26,11 @@ class Scope(str, Enum):
     THINKING = "thinking"  # while generating inside the model's think markers
 
 
+def applies_in(scope: Scope, phase: Scope) -> bool:
+    """Whether an entry of `scope` is in effect during `phase` (thinking is decoding too)."""
+    return scope in (Scope.ALL, phase) or (phase is Scope.THINKING and scope is Scope.DECODE)
+
+
 # the engine's enum mote_mode
 NATIVE_MODE = {Mode.MASK: 0, Mode.DROP: 1, Mode.FORCE: 2, Mode.BIAS: 3, Mode.GAIN: 4}
 VALUED_MODES = (Mode.BIAS, Mode.GAIN)

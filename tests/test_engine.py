@@ -289,7 +289,7 @@ def test_dense_model_refuses_steering_and_capture(tiny_path):
     (lambda m: [Entry(m.layout.moe_layers[0], 0, Mode.MASK), Entry(m.layout.moe_layers[0], 0, Mode.FORCE)],
      "contradictory"),
     (lambda m: [Entry(m.layout.moe_layers[0], 0, Mode.BIAS, 1.0), Entry(m.layout.moe_layers[0], 0, Mode.BIAS, 2.0)],
-     "duplicate"),
+     "two bias entries"),
 ])
 def test_bad_steering_is_rejected_and_leaves_previous_steering(load, entries, message):
     model = load("qwen3moe")
@@ -301,7 +301,7 @@ def test_bad_steering_is_rejected_and_leaves_previous_steering(load, entries, me
         before = s.logits(toks)
         with pytest.raises(SteeringError, match=message):
             s.steer(entries(model))
-        assert list(s.steering) == previous
+        assert s.steering.entries == tuple(previous)
         assert np.array_equal(s.logits(toks), before)
 
 
@@ -365,3 +365,22 @@ def test_another_llama_cpp_python_in_the_environment_is_ignored(tmp_path, tiny_p
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
     assert int(result.stdout.strip()) == len(load("qwen3moe").tokenize("hello there")) > 0
+
+
+def test_phase_scoped_entries_switch_between_prefill_and_decode(load):
+    from mote_local.steering import Scope
+    model = load("qwen3moe")
+    layer = model.layout.moe_layers[0]
+    toks = model.tokenize(PROMPT)
+    strong = [Entry(layer, e, Mode.BIAS, 4.0, Scope.DECODE) for e in range(2)] + \
+             [Entry(layer, 2, Mode.MASK, scope=Scope.DECODE)]
+    with model.session(n_ctx=128) as s:
+        idle_logits = s.logits(toks)
+        idle_gen = s.generate(PROMPT, max_tokens=8)
+        s.steer(strong)
+        assert np.array_equal(s.logits(toks), idle_logits)  # prefill untouched
+        decode_gen = s.generate(PROMPT, max_tokens=8)
+        s.steer([Entry(e.layer, e.expert, e.mode, e.value, Scope.PREFILL) for e in strong])
+        assert not np.array_equal(s.logits(toks), idle_logits)
+    assert decode_gen.tokens[0] == idle_gen.tokens[0]  # the first token comes from the prefill
+    assert decode_gen.tokens != idle_gen.tokens

@@ -1,0 +1,231 @@
+"""fTRI runs: capture routing per prompt on the engine, score it, and write what a person reads.
+
+Capture puts many prompts in one decode call (one sequence each, bound to its own label), so a
+prompt set costs a few batched decodes; the statistics live in ftri_stats (pure numpy).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .atomic import atomic_path, atomic_write_text
+from .engine import Model
+from .errors import MoteError
+from .ftri_stats import Activations, FtriResult, RankedExpert, analyse
+from .prompts import Prompt
+from .steering import Entry, Mode
+
+SCOPES = ("prompt", "target", "generated", "thinking")
+
+
+@dataclass
+class CaptureRun:
+    activations: Activations
+    prompts: list[Prompt]        # behaviour prompts first, then baseline
+    scope: str
+    partial: bool                # interrupted: only the prompts captured so far
+    texts: list[str]             # what was fed to the model (after the chat template)
+
+
+def _prompt_text(model: Model, prompt: Prompt, chat: bool) -> tuple[str, bool]:
+    """The text to tokenize and whether a BOS token must be added."""
+    if chat and model.chat_template:
+        text = model.format_chat([{"role": "user", "content": prompt.text}])
+        bos = model._token_text(model.bos_token)
+        return text, not (bos and text.startswith(bos))
+    return prompt.text, True
+
+
+def _spans(model: Model, prompts: Sequence[Prompt], scope: str, chat: bool, n_ctx: int, max_new_tokens: int,
+           show: bool) -> tuple[list[list[int]], list[tuple[int, int]], list[str]]:
+    """Token sequences to route and the [begin, end) positions to count in each.
+
+    Generated scopes generate first, then route prompt + generation teacher-forced: the same
+    causal computation as during generation, but batched.
+    """
+    from tqdm import tqdm
+
+    sequences, spans, texts = [], [], []
+    gen_session = model.session(n_ctx=n_ctx) if scope in ("generated", "thinking") else None
+    think_open, think_close = model.think_markers
+    try:
+        for p in tqdm(prompts, desc="generating", unit="prompt", disable=not show or gen_session is None):
+            text, add_bos = _prompt_text(model, p, chat)
+            toks = model.tokenize(text, add_bos=add_bos)
+            texts.append(text)
+            if scope == "prompt":
+                sequences.append(toks)
+                spans.append((0, len(toks)))
+            elif scope == "target":
+                if p.response is None:
+                    raise MoteError(f"scope 'target' needs a paired response for every prompt; "
+                                    f"{p.text!r} (class {p.cls}) has none")
+                resp = model.tokenize(p.response, add_bos=False)
+                sequences.append(toks + resp)
+                spans.append((len(toks), len(toks) + len(resp)))
+            else:
+                gen = gen_session.generate(toks, max_tokens=max_new_tokens, add_bos=False).tokens
+                begin, end = len(toks), len(toks) + len(gen)
+                if scope == "thinking":
+                    inside = [i for i, t in enumerate(gen) if t == think_open]
+                    close = [i for i, t in enumerate(gen) if t == think_close]
+                    begin = len(toks) + inside[0] + 1 if inside else end
+                    end = len(toks) + (close[0] if close and (not inside or close[0] > inside[0]) else len(gen))
+                sequences.append(toks + gen)
+                spans.append((begin, max(begin, end)))
+    finally:
+        if gen_session is not None:
+            gen_session.close()
+    return sequences, spans, texts
+
+
+def capture_activations(model: Model, behavior: Sequence[Prompt], baseline: Sequence[Prompt], *,
+                        scope: str = "prompt", chat: bool = True, batch_size: int = 8, max_new_tokens: int = 32,
+                        show_progress: bool | None = None) -> CaptureRun:
+    """Routing of every prompt, counted over the scope's tokens. Ctrl-C keeps what was captured."""
+    from tqdm import tqdm
+
+    if scope not in SCOPES:
+        raise MoteError(f"unknown scope {scope!r}: choose one of {', '.join(SCOPES)}")
+    if not behavior or not baseline:
+        raise MoteError("fTRI needs at least one behaviour prompt and one baseline prompt")
+    layout = model.layout.require_moe()
+    prompts = list(behavior) + list(baseline)
+    longest_guess = 4096  # context of the generation session for generated scopes
+    show = sys.stderr.isatty() if show_progress is None else show_progress
+    sequences, spans, texts = _spans(model, prompts, scope, chat, longest_guess, max_new_tokens, show)
+    with tqdm(total=len(prompts), desc=f"fTRI capture ({scope} tokens)", unit="prompt", disable=not show) as bar:
+        longest = max(len(s) for s in sequences)
+        counts = np.zeros((len(prompts), layout.n_layer, layout.n_expert), dtype=np.int64)
+        weights = np.zeros(counts.shape, dtype=np.float64)
+        tokens = np.zeros((len(prompts), layout.n_layer), dtype=np.int64)
+        done = 0
+        partial = False
+        n_ctx = batch_size * longest + 16  # one unified KV cache holds the whole batch
+        with model.session(n_ctx=n_ctx, n_seq_max=batch_size, n_batch=min(n_ctx, 2048)) as s, \
+                s.capture(label=None) as cap:
+            try:
+                for start in range(0, len(prompts), batch_size):
+                    batch = range(start, min(start + batch_size, len(prompts)))
+                    cap.unbind_all()
+                    for seq, idx in enumerate(batch):
+                        cap.bind(seq, idx, *spans[idx])
+                    s.route([sequences[idx] for idx in batch])
+                    done = batch.stop
+                    bar.update(len(batch))
+            except KeyboardInterrupt:
+                partial = True
+            for label in cap.labels:
+                st = cap.stats(label)
+                counts[label], weights[label], tokens[label] = st.counts, st.weight_sums, st.tokens
+    n_behavior = min(done, len(behavior))
+    if partial and (n_behavior == 0 or done <= len(behavior)):
+        raise MoteError("interrupted before both classes had a captured prompt: nothing to score")
+    keep = slice(0, done)
+    is_behavior = np.arange(len(prompts))[keep] < len(behavior)
+    act = Activations(counts=counts[keep], tokens=tokens[keep], weight_sums=weights[keep], is_behavior=is_behavior)
+    return CaptureRun(act, prompts[:done], scope, partial, texts[:done])
+
+
+def profile_from_ranking(ranked: Sequence[RankedExpert], model: Model, *, positive: str = "drop",
+                         negative: str = "force", name: str = "ftri", metadata: dict | None = None):
+    """Experts that fire more on the behaviour are switched off (positive mode), those that fire
+    less are forced on (negative mode)."""
+    from .profile import Profile
+
+    entries = []
+    for r in ranked:
+        mode = Mode(positive if r.score > 0 else negative)
+        entries.append(Entry(r.layer, r.expert, mode))
+    return Profile.from_entries(entries, model_path=model.path, name=name, metadata=metadata or {})
+
+
+def ranking_table(result: FtriResult, ranked: Sequence[RankedExpert], truth: set[tuple[int, int]] = frozenset()) -> str:
+    lines = [f"{'rank':>4} {'layer':>5} {'expert':>6} {result.method:>12} {'95% CI':>19} {'stability':>9}"
+             + ("  planted" if truth else "")]
+    for i, r in enumerate(ranked, 1):
+        mark = "  *" if (r.layer, r.expert) in truth else ""
+        lines.append(f"{i:>4} {r.layer:>5} {r.expert:>6} {r.score:>12.4f} [{r.ci_low:>8.4f},{r.ci_high:>8.4f}]"
+                     f" {r.stability:>9.2f}{mark}")
+    return "\n".join(lines)
+
+
+def write_heatmap(path: Path, result: FtriResult, moe_layers: Sequence[int], top: Sequence[RankedExpert],
+                  title: str) -> None:
+    """Layer × expert heatmap of the scores, diverging colours around 0, the top experts boxed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    data = result.scores[list(moe_layers)]
+    limit = float(np.abs(data).max()) or 1.0
+    fig, ax = plt.subplots(figsize=(max(6, data.shape[1] * 0.25 + 2), max(3, len(moe_layers) * 0.35 + 1.5)))
+    im = ax.imshow(data, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto", interpolation="nearest")
+    ax.set_yticks(range(len(moe_layers)), [str(l) for l in moe_layers])
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    row = {l: i for i, l in enumerate(moe_layers)}
+    for r in top:
+        if r.layer in row:
+            ax.add_patch(Rectangle((r.expert - 0.5, row[r.layer] - 0.5), 1, 1, fill=False, lw=1.5, ec="black"))
+    fig.colorbar(im, ax=ax, label=f"{result.method} (behaviour − baseline)")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(out: Path, run: CaptureRun, results: dict[str, FtriResult], model: Model, top: int,
+                  per_layer_cap: int | None, profile) -> dict[str, Path]:
+    """ftri.json, one CSV and one heatmap per method, profile.json; every file written atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    summary = {
+        "format": "mote-ftri", "version": 1, "model": str(model.path), "arch": model.layout.arch,
+        "scope": run.scope, "partial": run.partial, "n_behavior": int(run.activations.n_behavior),
+        "n_baseline": int(run.activations.n_baseline), "moe_layers": list(model.layout.moe_layers),
+        "results": {m: r.to_dict() for m, r in results.items()},
+        "top": {m: [vars(x) for x in r.ranked(top, per_layer_cap=per_layer_cap, layers=model.layout.moe_layers)]
+                for m, r in results.items()},
+    }
+    paths["json"] = out / "ftri.json"
+    atomic_write_text(paths["json"], json.dumps(summary, indent=1))
+    for method, result in results.items():
+        ranked = result.ranked(layers=model.layout.moe_layers)
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["rank", "layer", "expert", "score", "ci_low", "ci_high", "stability"])
+        for i, r in enumerate(ranked, 1):
+            w.writerow([i, r.layer, r.expert, f"{r.score:.6g}", f"{r.ci_low:.6g}", f"{r.ci_high:.6g}",
+                        f"{r.stability:.4g}"])
+        paths[f"csv_{method}"] = out / f"ftri_{method}.csv"
+        atomic_write_text(paths[f"csv_{method}"], buf.getvalue())
+        paths[f"png_{method}"] = out / f"heatmap_{method}.png"
+        write_heatmap(paths[f"png_{method}"], result, model.layout.moe_layers,
+                      result.ranked(top, per_layer_cap=per_layer_cap, layers=model.layout.moe_layers),
+                      f"fTRI {method}: {model.path.name} ({run.scope} tokens"
+                      f"{', partial' if run.partial else ''})")
+    paths["profile"] = out / "profile.json"
+    profile.save(paths["profile"])
+    return paths
+
+
+def run_ftri(model: Model, behavior: Sequence[Prompt], baseline: Sequence[Prompt], *, methods: Sequence[str],
+             scope: str = "prompt", chat: bool = True, top: int = 10, n_boot: int = 200, seed: int = 0,
+             batch_size: int = 8, max_new_tokens: int = 32, show_progress: bool | None = None
+             ) -> tuple[CaptureRun, dict[str, FtriResult]]:
+    run = capture_activations(model, behavior, baseline, scope=scope, chat=chat, batch_size=batch_size,
+                              max_new_tokens=max_new_tokens, show_progress=show_progress)
+    results = {m: analyse(run.activations, m, n_boot=n_boot, top_n=top, sign="positive", seed=seed)
+               for m in methods}
+    return run, results

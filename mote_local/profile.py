@@ -1,0 +1,755 @@
+"""Steering profiles: a named set of steering entries with a strength, composable and saved as JSON or GGUF.
+
+A profile is data, like repeng's control vectors: ``a + b`` composes two profiles, ``p * 0.5`` scales the
+strength, ``-p`` inverts (switched-off experts are forced on and vice versa). A profile remembers the model
+it was made for (:class:`Fingerprint`) and refuses another one unless forced.
+
+JSON (``.json``, human-editable; strict: unknown keys, wrong types and missing fields are errors)::
+
+    {
+      "format": "mote-profile",            required
+      "version": 1,                        required
+      "name": "refusal-off",               optional, default ""
+      "description": "...",                optional, default ""
+      "strength": 1.0,                     optional, default 1.0; scales every bias
+      "fingerprint": {                     optional, default null (no model check)
+        "arch": "qwen3moe", "n_layer": 48, "n_expert": 128, "n_expert_used": 8,
+        "router_sha256": "<64 hex digits>"
+      },
+      "entries": [                         required, one object per entry
+        {"layer": 3, "expert": 17, "mode": "mask"},
+        {"layer": 3, "expert": 2, "mode": "bias", "value": -2.5, "scope": "decode"},
+        {"layer": 4, "expert": 9, "mode": "bias", "value": "-inf"}
+      ],
+      "metadata": {}                       optional, default {}; free-form (e.g. the fTRI method)
+    }
+
+``mode`` is one of mask, drop, force, bias, gain; ``value`` is required for bias and gain and absent otherwise;
+``scope`` is one of all (default), prefill, decode, thinking. JSON has no infinity: a -inf bias is written
+as the string ``"-inf"``. NaN, Infinity and other non-standard literals are refused.
+
+GGUF (``.gguf``, laid out like llama.cpp control vectors; llama.cpp never loads it)::
+
+    general.architecture          "moteprofile"
+    general.name, .description    the profile's name and description (absent when empty)
+    moteprofile.format_version    uint32, 1
+    moteprofile.strength          float64
+    moteprofile.metadata          string, the metadata as JSON
+    moteprofile.mode_names        string array: mode code -> name (the engine's codes: mask=0 … gain=4)
+    moteprofile.scope_names       string array: scope code -> name (all=0, prefill, decode, thinking)
+    moteprofile.model_hint        the fingerprint's arch (only with a fingerprint)
+    moteprofile.fingerprint.*     arch (string), n_layer, n_expert, n_expert_used (uint64), router_sha256 (string)
+
+and, for each layer that has entries, four parallel 1-D tensors, one row per entry: ``expert.{layer}`` (I32),
+``mode.{layer}`` (I32 mode code), ``scope.{layer}`` (I32 scope code), ``value.{layer}`` (F64, so that every
+value, -inf included, round-trips exactly). A list rather than dense ``[n_expert]`` rows because one expert
+may carry several entries (a bias and a gain, or different modes in different scopes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from numbers import Real
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from .atomic import atomic_path, atomic_write_text
+from .errors import SteeringError
+from .layout import MoeLayout, open_gguf, read_layout
+from .steering import NATIVE_MODE, VALUED_MODES, Entry, Mode, Scope, applies_in
+
+__all__ = ["Fingerprint", "Profile", "ProfileError", "ProfileMismatchError", "parse_spec", "SPEC_KINDS"]
+
+
+class ProfileError(SteeringError):
+    """A profile is malformed, contradictory, or does not fit the model."""
+
+
+class ProfileMismatchError(ProfileError):
+    """The profile was made for a different model (its fingerprint differs)."""
+
+
+FORMAT = "mote-profile"
+VERSION = 1
+
+# Pairs of modes the engine refuses on one (layer, expert): one selection mode at a time, and no bias or gain
+# where it could have no effect.
+_CONFLICTS = {frozenset(pair) for pair in [
+    (Mode.MASK, Mode.DROP), (Mode.MASK, Mode.FORCE), (Mode.DROP, Mode.FORCE),
+    (Mode.BIAS, Mode.MASK), (Mode.BIAS, Mode.FORCE), (Mode.GAIN, Mode.MASK), (Mode.GAIN, Mode.DROP)]}
+_SELECTION = (Mode.MASK, Mode.DROP, Mode.FORCE)
+_MAX_INDEX = 2**31 - 1  # layers and experts are stored as I32 in GGUF
+_ROUTER = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.FFN_GATE_INP] + ".weight"
+
+#: CLI flag kind -> mode (``--off`` is the user's word for mask)
+SPEC_KINDS: dict[str, Mode] = {"off": Mode.MASK, "drop": Mode.DROP, "force": Mode.FORCE,
+                               "bias": Mode.BIAS, "gain": Mode.GAIN}
+
+
+class GgufKeys:
+    ARCH = "moteprofile"
+    VERSION = f"{ARCH}.format_version"
+    STRENGTH = f"{ARCH}.strength"
+    METADATA = f"{ARCH}.metadata"
+    MODE_NAMES = f"{ARCH}.mode_names"
+    SCOPE_NAMES = f"{ARCH}.scope_names"
+    MODEL_HINT = f"{ARCH}.model_hint"
+    FINGERPRINT = f"{ARCH}.fingerprint.{{field}}"
+    TENSOR = "{column}.{layer}"
+    COLUMNS = ("expert", "mode", "scope", "value")
+
+
+_MODE_ORDER = sorted(NATIVE_MODE, key=NATIVE_MODE.__getitem__)
+_SCOPE_ORDER = list(Scope)
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What identifies the model a profile was made for: its shape and a hash of its router weights.
+
+    Routers (``blk.N.ffn_gate_inp.weight``) are kept unquantized by llama.cpp's quantizer, so every
+    quantization of one model shares its fingerprint, while a fine-tune or another checkpoint does not.
+    """
+
+    arch: str
+    n_layer: int
+    n_expert: int
+    n_expert_used: int
+    router_sha256: str
+
+    def __post_init__(self):
+        if not isinstance(self.arch, str) or not self.arch:
+            raise ProfileError(f"arch must be a non-empty string, got {self.arch!r}")
+        for name in ("n_layer", "n_expert", "n_expert_used"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63:
+                raise ProfileError(f"{name} must be an integer >= 0, got {v!r}")
+        if not isinstance(self.router_sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", self.router_sha256):
+            raise ProfileError(f"router_sha256 must be 64 lowercase hex digits, got {self.router_sha256!r}")
+
+    @classmethod
+    def of(cls, path: str | os.PathLike[str]) -> Fingerprint:
+        """The fingerprint of a MoE GGUF model."""
+        layout = read_layout(path).require_moe()
+        tensors = {t.name: t for t in gguf.GGUFReader(layout.path).tensors}
+        h = hashlib.sha256()
+        for il in layout.moe_layers:
+            h.update(tensors[_ROUTER.format(bid=il)].data.tobytes())
+        return cls(layout.arch, layout.n_layer, layout.n_expert, layout.n_expert_used, h.hexdigest())
+
+    def mismatch(self, other: Fingerprint) -> str | None:
+        """None when ``other`` (the model's) equals this (the profile's); else what differs, in words."""
+        diff = _differences(self, other)
+        if not diff:
+            return None
+        return f"the profile was made for a model with {diff[0]}; this model has {diff[1]}"
+
+
+def _differences(a: Fingerprint, b: Fingerprint) -> tuple[str, str] | None:
+    words = {"arch": "arch {}", "n_layer": "{} layers", "n_expert": "{} experts",
+             "n_expert_used": "{} experts used per token", "router_sha256": "router weights sha256 {:.12}…"}
+    names = [f.name for f in fields(Fingerprint) if getattr(a, f.name) != getattr(b, f.name)]
+    if not names:
+        return None
+    return tuple(", ".join(words[n].format(getattr(fp, n)) for n in names) for fp in (a, b))
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Steering entries plus a strength (scales every bias), the model they were made for, and notes.
+
+    Entries are sorted on construction and checked by the rules the engine enforces, in every phase (the
+    ``all`` entries together with each scope's): one selection mode (mask/drop/force) per expert, no bias
+    with mask or force, no gain with mask or drop, and no two bias or gain entries for the same expert and
+    scope.
+    """
+
+    entries: tuple[Entry, ...] = ()
+    strength: float = 1.0
+    fingerprint: Fingerprint | None = None
+    name: str = ""
+    description: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "entries", _normalise(self.entries))
+        s = self.strength
+        if isinstance(s, bool) or not isinstance(s, Real) or not math.isfinite(s):
+            raise ProfileError(f"strength must be a finite number, got {s!r}")
+        object.__setattr__(self, "strength", float(s))
+        if self.strength < 0:
+            for e in self.entries:
+                if e.mode is Mode.BIAS and e.value == -math.inf:
+                    raise ProfileError(f"a -inf bias ({_where(e)}) cannot be scaled by a negative strength: "
+                                       "use -profile to invert it (a -inf bias becomes a force)")
+        if self.fingerprint is not None and not isinstance(self.fingerprint, Fingerprint):
+            raise ProfileError(f"fingerprint must be a Fingerprint or None, got {self.fingerprint!r}")
+        for name in ("name", "description"):
+            v = getattr(self, name)
+            if not isinstance(v, str):
+                raise ProfileError(f"{name} must be a string, got {v!r}")
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ProfileError(f"{name} is not valid Unicode text (it holds a lone surrogate)") from None
+        if not isinstance(self.metadata, Mapping):
+            raise ProfileError(f"metadata must be a dict, got {type(self.metadata).__name__}")
+        try:  # a JSON round trip: a private copy, in the form both file formats give back
+            metadata = json.loads(json.dumps(self.metadata, allow_nan=False))
+        except (TypeError, ValueError) as err:
+            raise ProfileError(f"metadata must be JSON-serialisable with finite numbers: {err}") from None
+        object.__setattr__(self, "metadata", metadata)
+
+    # construction
+    @classmethod
+    def from_entries(cls, entries: Iterable[Entry], model_path: str | os.PathLike[str] | None = None,
+                     **kw: Any) -> Profile:
+        """A profile of ``entries``; with ``model_path``, its fingerprint is that model's."""
+        if model_path is not None:
+            if "fingerprint" in kw:
+                raise ProfileError("give model_path or fingerprint, not both")
+            kw["fingerprint"] = Fingerprint.of(model_path)
+        return cls(tuple(entries), **kw)
+
+    # arithmetic
+    def __add__(self, other: Profile) -> Profile:
+        """The union of both profiles' steering, at strength 1 (each side's strength folded into its biases).
+
+        The same bias on the same (layer, expert, scope) sums, gains multiply, identical selections merge.
+        """
+        if not isinstance(other, Profile):
+            return NotImplemented
+        a, b = self.fingerprint, other.fingerprint
+        if a is not None and b is not None and a != b:
+            mine, theirs = _differences(a, b)
+            raise ProfileMismatchError(f"cannot compose {self._label()} and {other._label()}: they were made for "
+                                       f"different models ({mine} vs {theirs})")
+        merged: dict[tuple, Entry] = {}
+        for e in self._folded() + other._folded():
+            key = (e.layer, e.expert, e.mode, e.scope)
+            merged[key] = _combine(merged[key], e) if key in merged else e
+        try:
+            return Profile(tuple(merged.values()), 1.0, a or b,
+                           name=" + ".join(n for n in (self.name, other.name) if n),
+                           description="\n".join(d for d in (self.description, other.description) if d),
+                           metadata=_compose_metadata(self.metadata, other.metadata))
+        except SteeringError as err:
+            raise ProfileError(f"cannot compose {self._label()} and {other._label()}: {err}") from None
+
+    def __sub__(self, other: Profile) -> Profile:
+        """``self + (-other)``."""
+        if not isinstance(other, Profile):
+            return NotImplemented
+        return self + other.inverted()
+
+    def __mul__(self, factor: float) -> Profile:
+        """The same entries at ``strength * factor``."""
+        if isinstance(factor, bool) or not isinstance(factor, Real):
+            return NotImplemented
+        return replace(self, strength=self.strength * float(factor))
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> Profile:
+        return self.inverted()
+
+    def inverted(self) -> Profile:
+        """Off <-> on: mask, drop and -inf bias become force, force becomes mask; bias b -> -b, gain g -> 1/g."""
+        out = []
+        for e in self.entries:
+            if e.mode in (Mode.MASK, Mode.DROP) or (e.mode is Mode.BIAS and e.value == -math.inf):
+                out.append(Entry(e.layer, e.expert, Mode.FORCE, scope=e.scope))
+            elif e.mode is Mode.FORCE:
+                out.append(Entry(e.layer, e.expert, Mode.MASK, scope=e.scope))
+            elif e.mode is Mode.BIAS:
+                out.append(replace(e, value=-e.value))
+            elif e.value == 0:
+                raise ProfileError(f"cannot invert a zero gain ({_where(e)}): 1/0 has no value; remove that entry "
+                                   "or use drop to switch the expert off")
+            else:
+                try:
+                    out.append(replace(e, value=1.0 / e.value))
+                except SteeringError as err:
+                    raise ProfileError(f"cannot invert the gain {e.value} ({_where(e)}): {err}") from None
+        try:
+            return replace(self, entries=tuple(out))
+        except SteeringError as err:
+            raise ProfileError(f"cannot invert {self._label()}: {err}") from None
+
+    # use
+    def for_scope(self, scope: Scope | str) -> tuple[Entry, ...]:
+        """The entries that apply in one phase: the ``all`` entries plus that scope's, merged as ``+`` merges
+        them (so the engine accepts them). Values are unscaled: pass ``strength`` along with them."""
+        scope = Scope(scope)
+        merged: dict[tuple, Entry] = {}
+        for e in self.entries:
+            if applies_in(e.scope, scope):
+                key = (e.layer, e.expert, e.mode)
+                merged[key] = _combine(merged[key], e) if key in merged else e
+        return tuple(sorted(merged.values()))
+
+    def validate(self, layout: MoeLayout, *, force: bool = False) -> Profile:
+        """This profile if it can steer the model of ``layout``; else a ProfileError saying what does not fit.
+
+        A fingerprint mismatch raises ProfileMismatchError unless ``force``; the model's limits always apply.
+        """
+        layout.require_moe()
+        model = layout.path.name
+        if self.fingerprint is not None and not force:
+            problem = self.fingerprint.mismatch(Fingerprint.of(layout.path))
+            if problem:
+                raise ProfileMismatchError(f"{self._label()} does not fit {model}: {problem}. Use a profile made "
+                                           "for this model, or pass --force to apply it anyway")
+        for e in self.entries:
+            if e.layer not in layout.moe_layers:
+                raise ProfileError(f"layer {e.layer} is not an MoE layer of {model}: its MoE layers are "
+                                   f"{_ranges(layout.moe_layers)}")
+            if e.expert >= layout.n_expert:
+                raise ProfileError(f"expert {e.expert} is out of range: {model} has experts "
+                                   f"0..{layout.n_expert - 1} per layer")
+        k, groups = layout.n_expert_used, layout.n_expert_groups
+        for phase in sorted({e.scope for e in self.entries} - {Scope.ALL}) or [Scope.ALL]:
+            during = "" if phase is Scope.ALL else f" during {phase.value}"
+            for layer, rows in itertools.groupby(self.for_scope(phase), key=lambda e: e.layer):
+                rows = list(rows)
+                forced = [e.expert for e in rows if e.mode is Mode.FORCE]
+                masked = {e.expert for e in rows if e.mode is Mode.MASK
+                          or (e.mode is Mode.BIAS and e.value == -math.inf and self.strength > 0)}
+                if len(forced) > k:
+                    raise ProfileError(f"layer {layer} forces {len(forced)} experts{during} but {model} selects only "
+                                       f"{k} per token: force at most {k} experts per layer")
+                if layout.n_expert - len(masked) < k:
+                    raise ProfileError(f"layer {layer} masks {len(masked)} of {layout.n_expert} experts{during}, "
+                                       f"leaving fewer than the {k} each token needs: mask at most "
+                                       f"{layout.n_expert - k} per layer")
+                if groups > 1:
+                    used = {e // (layout.n_expert // groups) for e in forced}
+                    if len(used) > layout.n_group_used:
+                        raise ProfileError(f"layer {layer} forces experts in {len(used)} expert groups{during} but "
+                                           f"{model} keeps only {layout.n_group_used} groups per token: force "
+                                           f"experts of at most {layout.n_group_used} groups")
+        return self
+
+    # JSON
+    def to_json(self) -> str:
+        """The profile as JSON text (one entry per line, for hand editing)."""
+        head = {"format": FORMAT, "version": VERSION, "name": self.name, "description": self.description,
+                "strength": self.strength,
+                "fingerprint": asdict(self.fingerprint) if self.fingerprint else None}
+        lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in head.items()]
+        rows = [json.dumps(_entry_to_json(e)) for e in self.entries]
+        lines.append('  "entries": ' + ("[\n" + ",\n".join(f"    {r}" for r in rows) + "\n  ]" if rows else "[]"))
+        lines.append('  "metadata": ' + json.dumps(self.metadata, indent=2).replace("\n", "\n  "))
+        return "{\n" + ",\n".join(lines) + "\n}\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Profile:
+        """A profile from JSON text; any schema error is a ProfileError naming its JSON path."""
+        try:
+            doc = json.loads(text, parse_constant=_Constant)
+        except json.JSONDecodeError as err:
+            raise ProfileError(f"not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+        _object(doc, "", {"format", "version", "entries"},
+                {"name", "description", "strength", "fingerprint", "metadata"})
+        if doc["format"] != FORMAT:
+            raise ProfileError(f"format: expected {FORMAT!r}, got {doc['format']!r}: this is not a mote profile")
+        version = _int(doc["version"], "version")
+        if version != VERSION:
+            raise ProfileError(f"version: this mote-local reads version {VERSION} profiles, got version {version}")
+        fp = doc.get("fingerprint")
+        if fp is not None:
+            _object(fp, "fingerprint", {f.name for f in fields(Fingerprint)}, set())
+            for name in ("n_layer", "n_expert", "n_expert_used"):
+                _int(fp[name], f"fingerprint.{name}")
+            for name in ("arch", "router_sha256"):
+                _str(fp[name], f"fingerprint.{name}")
+            try:
+                fp = Fingerprint(**fp)
+            except ProfileError as err:
+                raise ProfileError(f"fingerprint.{err}") from None
+        if not isinstance(doc["entries"], list):
+            raise ProfileError(f"entries: expected an array, got {_kind(doc['entries'])}")
+        entries = [_entry_from_json(row, f"entries[{i}]") for i, row in enumerate(doc["entries"])]
+        metadata = doc.get("metadata", {})
+        if not isinstance(metadata, dict):
+            raise ProfileError(f"metadata: expected an object, got {_kind(metadata)}")
+        _no_constants(metadata, "metadata")
+        return cls(tuple(entries),
+                   strength=_number(doc.get("strength", 1.0), "strength"), fingerprint=fp,
+                   name=_str(doc.get("name", ""), "name"),
+                   description=_str(doc.get("description", ""), "description"), metadata=metadata)
+
+    # GGUF
+    def to_gguf(self, path: str | os.PathLike[str]) -> Path:
+        """Writes the profile as a GGUF file (atomically); returns the path."""
+        with atomic_path(path) as tmp:
+            w = gguf.GGUFWriter(tmp, GgufKeys.ARCH)
+            try:
+                w.add_name(self.name)
+                w.add_description(self.description)
+                w.add_uint32(GgufKeys.VERSION, VERSION)
+                w.add_float64(GgufKeys.STRENGTH, self.strength)
+                w.add_string(GgufKeys.METADATA, json.dumps(self.metadata))
+                w.add_array(GgufKeys.MODE_NAMES, [m.value for m in _MODE_ORDER])
+                w.add_array(GgufKeys.SCOPE_NAMES, [s.value for s in _SCOPE_ORDER])
+                if self.fingerprint is not None:
+                    fp = self.fingerprint
+                    w.add_string(GgufKeys.MODEL_HINT, fp.arch)
+                    w.add_string(GgufKeys.FINGERPRINT.format(field="arch"), fp.arch)
+                    w.add_string(GgufKeys.FINGERPRINT.format(field="router_sha256"), fp.router_sha256)
+                    for name in ("n_layer", "n_expert", "n_expert_used"):
+                        w.add_uint64(GgufKeys.FINGERPRINT.format(field=name), getattr(fp, name))
+                for layer, rows in itertools.groupby(self.entries, key=lambda e: e.layer):
+                    rows = list(rows)
+                    columns = {
+                        "expert": np.array([e.expert for e in rows], dtype=np.int32),
+                        "mode": np.array([_MODE_ORDER.index(e.mode) for e in rows], dtype=np.int32),
+                        "scope": np.array([_SCOPE_ORDER.index(e.scope) for e in rows], dtype=np.int32),
+                        "value": np.array([e.value for e in rows], dtype=np.float64),
+                    }
+                    for column, data in columns.items():
+                        w.add_tensor(GgufKeys.TENSOR.format(column=column, layer=layer), data)
+                w.write_header_to_file()
+                w.write_kv_data_to_file()
+                w.write_tensors_to_file()
+            finally:
+                w.close()
+        return Path(path)
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike[str]) -> Profile:
+        """A profile from a GGUF file written by :meth:`to_gguf`; errors name the file."""
+        p = _check_file(path)
+        reader = open_gguf(p, ProfileError)
+        try:
+            return _from_reader(reader)
+        except ProfileError as err:
+            raise type(err)(f"{p}: {err}") from None
+
+    # files
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Writes the profile atomically, as JSON or GGUF by the file's suffix; returns the path."""
+        if _format_of(path) == "json":
+            return atomic_write_text(path, self.to_json())
+        return self.to_gguf(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Profile:
+        """Reads a profile saved by :meth:`save` (format by suffix); errors name the file."""
+        if _format_of(path) == "gguf":
+            return cls.from_gguf(path)
+        p = _check_file(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ProfileError(f"{p} is not UTF-8 text: not a JSON profile (binary or corrupt file)") from None
+        try:
+            return cls.from_json(text)
+        except ProfileError as err:
+            raise type(err)(f"{p}: {err}") from None
+
+    def _folded(self) -> tuple[Entry, ...]:
+        """The entries with the strength applied to their biases."""
+        # -inf * 0 would be NaN; at strength 0 the engine ignores every bias, -inf included
+        return tuple(replace(e, value=e.value * self.strength if self.strength else 0.0)
+                     if e.mode is Mode.BIAS else e for e in self.entries)
+
+    def _label(self) -> str:
+        return f"profile {self.name!r}" if self.name else "the profile"
+
+
+def parse_spec(kind: str, text: str, scope: Scope | str = Scope.ALL) -> list[Entry]:
+    """Entries from a CLI flag value: ``off``/``drop``/``force`` take ``LAYER:EXPERT[,LAYER:EXPERT...]``,
+    ``bias``/``gain`` take ``LAYER:EXPERT=VALUE[,...]`` (a bias may be ``-inf``)."""
+    if kind not in SPEC_KINDS:
+        raise ProfileError(f"unknown steering flag --{kind}; expected one of "
+                           f"{', '.join('--' + k for k in SPEC_KINDS)}")
+    try:
+        scope = Scope(scope)
+    except ValueError:
+        raise ProfileError(f"unknown scope {scope!r}; expected one of {', '.join(s.value for s in Scope)}") from None
+    mode = SPEC_KINDS[kind]
+    valued = mode in VALUED_MODES
+    form = "LAYER:EXPERT=VALUE" if valued else "LAYER:EXPERT"
+    example = {"bias": "3:17=-2.5", "gain": "3:17=0.5"}.get(kind, "3:17,4:2")
+
+    def bad(item: str, why: str) -> ProfileError:
+        return ProfileError(f"--{kind} {item!r}: {why}; expected {form}[,{form}...] (LAYER:EXPERT[=VALUE]), "
+                            f"e.g. --{kind} {example}")
+
+    if not text.strip():
+        raise bad(text, "empty")
+    entries = []
+    for item in (s.strip() for s in text.split(",")):
+        if not item:
+            raise bad(text, "empty item (a stray comma?)")
+        target, eq, raw = item.partition("=")
+        if valued and not eq:
+            raise bad(item, "a value is required")
+        if eq and not valued:
+            raise bad(item, f"--{kind} takes no value")
+        layer, colon, expert = (s.strip() for s in target.partition(":"))
+        if not colon:
+            raise bad(item, "missing ':' between layer and expert")
+        for what, digits in (("layer", layer), ("expert", expert)):
+            if not re.fullmatch(r"[0-9]+", digits):
+                raise bad(item, f"{what} {digits!r} is not a non-negative integer")
+        value = 0.0
+        if valued:
+            try:
+                value = float(raw)
+            except ValueError:
+                raise bad(item, f"{raw.strip()!r} is not a number") from None
+        try:
+            entries.append(Entry(int(layer), int(expert), mode, value, scope))
+        except SteeringError as err:
+            raise bad(item, str(err)) from None
+    return entries
+
+
+# entries
+
+def _where(e: Entry) -> str:
+    return f"layer {e.layer} expert {e.expert}" + ("" if e.scope is Scope.ALL else f" ({e.scope.value})")
+
+
+def _normalise(entries: Iterable[Entry]) -> tuple[Entry, ...]:
+    """Sorted, identical selection entries merged, checked against the engine's rules in every phase."""
+    entries = tuple(entries)
+    for e in entries:
+        if not isinstance(e, Entry):
+            raise ProfileError(f"expected a steering Entry, got {e!r}")
+        for what in ("layer", "expert"):
+            if not 0 <= getattr(e, what) <= _MAX_INDEX:
+                raise ProfileError(f"{what} must be in 0..{_MAX_INDEX}, got {getattr(e, what)}")
+    out: dict[tuple, Entry] = {}
+    for e in sorted(entries):
+        key = (e.layer, e.expert, e.mode, e.scope)
+        if key in out:
+            if e.mode in _SELECTION:
+                continue
+            raise ProfileError(f"two {e.mode.value} entries for {_where(e)}: give one (sum the biases, multiply "
+                               "the gains), or compose two profiles with +")
+        out[key] = e
+    result = tuple(out.values())
+    for phase in ({e.scope for e in result} - {Scope.ALL}) or {Scope.ALL}:
+        seen: dict[tuple[int, int], list[Entry]] = {}
+        for e in result:
+            if not applies_in(e.scope, phase):
+                continue
+            earlier = seen.setdefault((e.layer, e.expert), [])
+            for o in earlier:
+                if frozenset((o.mode, e.mode)) in _CONFLICTS:
+                    raise ProfileError(f"contradictory entries for layer {e.layer} expert {e.expert}: "
+                                       f"{o.mode.value} ({o.scope.value}) cannot be combined with {e.mode.value} "
+                                       f"({e.scope.value}); keep one of them")
+            earlier.append(e)
+    return result
+
+
+def _combine(a: Entry, b: Entry) -> Entry:
+    """Two entries of one mode on one expert as one: biases sum, gains multiply, selections are the same."""
+    value = 0.0
+    if a.mode is Mode.BIAS:
+        value = a.value + b.value
+    elif a.mode is Mode.GAIN:
+        value = a.value * b.value
+    return Entry(a.layer, a.expert, a.mode, value, a.scope if b.scope is Scope.ALL else b.scope)
+
+
+def _compose_metadata(a: dict, b: dict) -> dict:
+    kept = [m for m in (a, b) if m]
+    if len(kept) == 2 and a != b:
+        return {"composed_of": [a, b]}
+    return dict(kept[0]) if kept else {}
+
+
+def _ranges(values: tuple[int, ...]) -> str:
+    contiguous = list(values) == list(range(values[0], values[-1] + 1))
+    return f"{values[0]}..{values[-1]}" if contiguous else ", ".join(map(str, values))
+
+
+# JSON schema checks: each names the JSON path of what it rejects
+
+class _Constant:
+    """A NaN/Infinity literal, which Python's json accepts and JSON does not."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+def _kind(v: object) -> str:
+    if isinstance(v, _Constant):
+        return v.name
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
+             float: "a number", type(None): "null"}
+    name = names.get(type(v), type(v).__name__)
+    return name if isinstance(v, (dict, list, type(None))) else f"{name} {v!r}"
+
+
+def _at(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _object(v: object, path: str, required: set[str], optional: set[str]) -> dict:
+    if not isinstance(v, dict):
+        raise ProfileError(f"{path or 'top level'}: expected an object, got {_kind(v)}")
+    for key in v:
+        if key not in required | optional:
+            raise ProfileError(f"{_at(path, key)}: unknown key; allowed keys are "
+                               f"{', '.join(sorted(required | optional))}")
+    missing = sorted(required - v.keys())
+    if missing:
+        raise ProfileError(f"{_at(path, missing[0])}: missing (required)")
+    return v
+
+
+def _int(v: object, path: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ProfileError(f"{path}: expected an integer, got {_kind(v)}")
+    return v
+
+
+def _str(v: object, path: str) -> str:
+    if not isinstance(v, str):
+        raise ProfileError(f"{path}: expected a string, got {_kind(v)}")
+    return v
+
+
+def _number(v: object, path: str) -> float:
+    if isinstance(v, _Constant):
+        raise ProfileError(f'{path}: {v.name} is not valid JSON; numbers must be finite (a -inf bias is written '
+                           'as the string "-inf")')
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ProfileError(f"{path}: expected a number, got {_kind(v)}")
+    return float(v)
+
+
+def _no_constants(v: object, path: str) -> None:
+    if isinstance(v, _Constant):
+        _number(v, path)
+    elif isinstance(v, dict):
+        for key, item in v.items():
+            _no_constants(item, _at(path, key))
+    elif isinstance(v, list):
+        for i, item in enumerate(v):
+            _no_constants(item, f"{path}[{i}]")
+
+
+def _entry_to_json(e: Entry) -> dict[str, Any]:
+    row: dict[str, Any] = {"layer": e.layer, "expert": e.expert, "mode": e.mode.value}
+    if e.mode in VALUED_MODES:
+        row["value"] = "-inf" if e.value == -math.inf else e.value
+    if e.scope is not Scope.ALL:
+        row["scope"] = e.scope.value
+    return row
+
+
+def _entry_from_json(row: object, path: str) -> Entry:
+    _object(row, path, {"layer", "expert", "mode"}, {"value", "scope"})
+    mode = _choice(row["mode"], f"{path}.mode", Mode)
+    scope = _choice(row.get("scope", Scope.ALL.value), f"{path}.scope", Scope)
+    layer, expert = _int(row["layer"], f"{path}.layer"), _int(row["expert"], f"{path}.expert")
+    value = 0.0
+    if mode in VALUED_MODES and "value" not in row:
+        raise ProfileError(f"{path}.value: missing (a {mode.value} entry needs a value)")
+    if "value" in row:
+        raw = row["value"]
+        if isinstance(raw, str) and raw != "-inf":
+            raise ProfileError(f'{path}.value: expected a number or the string "-inf", got {_kind(raw)}')
+        value = -math.inf if raw == "-inf" else _number(raw, f"{path}.value")
+    try:
+        return Entry(layer, expert, mode, value, scope)
+    except SteeringError as err:
+        raise ProfileError(f"{path}: {err}") from None
+
+
+def _choice(v: object, path: str, enum: type[Mode] | type[Scope]) -> Any:
+    names = [m.value for m in enum]
+    if not isinstance(v, str) or v not in names:
+        raise ProfileError(f"{path}: unknown {enum.__name__.lower()} {_kind(v)}; expected one of {', '.join(names)}")
+    return enum(v)
+
+
+# files
+
+def _format_of(path: str | os.PathLike[str]) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".json", ".gguf"):
+        raise ProfileError(f"cannot tell the profile format of {Path(path).name!r}: name it *.json "
+                           "(human-editable) or *.gguf (llama.cpp-style)")
+    return suffix[1:]
+
+
+def _check_file(path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise ProfileError(f"profile file not found: {p}")
+    if p.is_dir():
+        raise ProfileError(f"{p} is a directory: give the path of a profile file")
+    if p.stat().st_size == 0:
+        raise ProfileError(f"{p} is empty: not a mote profile (was its write interrupted?)")
+    return p
+
+
+def _from_reader(reader: gguf.GGUFReader) -> Profile:
+    def key(name: str, required: bool = True) -> Any:
+        f = reader.fields.get(name)
+        if f is None and required:
+            raise ProfileError(f"key {name} is missing: not a complete mote profile")
+        return None if f is None else f.contents()
+
+    arch = key(gguf.Keys.General.ARCHITECTURE, required=False)
+    if arch != GgufKeys.ARCH:
+        raise ProfileError(f"a GGUF file of arch {arch!r}, not a mote profile (arch {GgufKeys.ARCH!r}); "
+                           "give a profile file, not a model")
+    version = key(GgufKeys.VERSION)
+    if version != VERSION:
+        raise ProfileError(f"{GgufKeys.VERSION}: this mote-local reads version {VERSION} profiles, got {version}")
+    try:
+        modes = [Mode(n) for n in key(GgufKeys.MODE_NAMES)]
+        scopes = [Scope(n) for n in key(GgufKeys.SCOPE_NAMES)]
+    except (ValueError, TypeError) as err:
+        raise ProfileError(f"bad mode or scope name table: {err}") from None
+    fingerprint = None
+    if key(GgufKeys.FINGERPRINT.format(field="arch"), required=False) is not None:
+        fingerprint = Fingerprint(**{f.name: key(GgufKeys.FINGERPRINT.format(field=f.name))
+                                     for f in fields(Fingerprint)})
+    try:
+        metadata = json.loads(key(GgufKeys.METADATA))
+    except (ValueError, TypeError) as err:
+        raise ProfileError(f"{GgufKeys.METADATA} is not valid JSON: {err}") from None
+
+    columns: dict[int, dict[str, np.ndarray]] = {}
+    for t in reader.tensors:
+        m = re.fullmatch(r"(\w+)\.([0-9]+)", t.name)
+        if not m or m[1] not in GgufKeys.COLUMNS:
+            raise ProfileError(f"unexpected tensor {t.name!r}; a profile holds only "
+                               f"{', '.join(c + '.LAYER' for c in GgufKeys.COLUMNS)}")
+        columns.setdefault(int(m[2]), {})[m[1]] = np.array(t.data).reshape(-1)
+    entries = []
+    for layer, cols in sorted(columns.items()):
+        if set(cols) != set(GgufKeys.COLUMNS) or len({len(c) for c in cols.values()}) != 1:
+            raise ProfileError(f"layer {layer}: tensors {', '.join(f'{c}.{layer}' for c in GgufKeys.COLUMNS)} "
+                               "must all be present, with one row per entry")
+        for expert, mode, scope, value in zip(*(cols[c].tolist() for c in GgufKeys.COLUMNS)):
+            if not (0 <= mode < len(modes) and 0 <= scope < len(scopes)):
+                raise ProfileError(f"layer {layer} expert {expert}: mode code {mode} or scope code {scope} "
+                                   "is not in the file's name tables")
+            try:
+                entries.append(Entry(layer, int(expert), modes[int(mode)], value, scopes[int(scope)]))
+            except SteeringError as err:
+                raise ProfileError(f"layer {layer}: {err}") from None
+    return Profile(tuple(entries), key(GgufKeys.STRENGTH), fingerprint,
+                   name=key(gguf.Keys.General.NAME, required=False) or "",
+                   description=key(gguf.Keys.General.DESCRIPTION, required=False) or "", metadata=metadata)
