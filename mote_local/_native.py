@@ -7,6 +7,7 @@ calls the small Python functions at the bottom.
 from __future__ import annotations
 
 import ctypes
+import sys
 
 import numpy as np
 
@@ -15,7 +16,6 @@ from .errors import EngineError
 try:
     from mote_local_engine.llama_cpp import llama_cpp as llama  # the pinned bindings, private copy
     from mote_local_engine.llama_cpp import _internals as llama_internals
-    from mote_local_engine.llama_cpp import _logger as llama_logger  # routes llama.cpp's log by verbosity
     from mote_local_engine.llama_cpp import llama_chat_format
 except (ImportError, OSError, RuntimeError) as err:  # not built, or the shared library failed to load
     raise EngineError(f"mote-local's engine is not available ({err}); install the package with "
@@ -89,6 +89,29 @@ _capture_reset = _bind("mote_capture_reset", [_ctx], None)
 if _abi_version() != MOTE_ABI_VERSION:
     raise EngineError(f"engine ABI {_abi_version()} does not match the Python package's {MOTE_ABI_VERSION}: "
                       "reinstall mote-local so both come from the same build")
+
+
+# enum ggml_log_level { NONE = 0, DEBUG = 1, INFO = 2, WARN = 3, ERROR = 4, CONT = 5 };
+# (the pinned bindings' own log callback maps these one step off and prints warnings as errors)
+_LOG_ERROR, _LOG_CONT = 4, 5
+_log = {"verbose": False, "level": 0}
+
+
+# typedef void (*ggml_log_callback)(enum ggml_log_level level, const char * text, void * user_data);
+@llama.llama_log_callback
+def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    if level != _LOG_CONT:
+        _log["level"] = level
+    if _log["verbose"] or _log["level"] >= _LOG_ERROR:
+        print(text.decode("utf-8", errors="replace"), end="", flush=True, file=sys.stderr)
+
+
+llama.llama_log_set(_log_callback, ctypes.c_void_p(0))  # the module keeps _log_callback alive
+
+
+def set_verbose(verbose: bool) -> None:
+    """llama.cpp's log is process-wide: errors always, everything else only when verbose."""
+    _log["verbose"] = verbose
 
 
 def last_error() -> str:

@@ -24,7 +24,7 @@ HELP = """commands:
   /gain L:E=G         scale an expert's output         /strength S     scale every bias
   /scope SCOPE        scope of new toggles: all, prefill, decode, thinking
   /profile load PATH | save PATH | show                 /reset          no steering, no history
-  /trace              routing of the last reply        /diff           the last turn again, unsteered, side by side
+  /trace              routing of the last reply        /diff           the last turn again, unsteered | steered now
   /help               this text                        /quit           leave"""
 
 SHADES = " .:-=+*#%@"
@@ -36,6 +36,7 @@ class Turn:
     user: str
     reply: Generation
     routing: RoutingStats | None
+    history: list[dict[str, str]]  # the conversation before this turn
 
 
 @dataclass
@@ -66,8 +67,8 @@ class Chat:
         self.state.profile = profile
 
     # conversation
-    def ask(self, text: str, *, steered: bool = True, stream: bool = True) -> Turn:
-        messages = self.state.history + [{"role": "user", "content": text}]
+    def ask(self, text: str, history: list[dict[str, str]], *, steered: bool = True, stream: bool = True) -> Turn:
+        messages = history + [{"role": "user", "content": text}]
         prompt = self.model.tokenize(self.model.format_chat(messages), add_bos=False)
         if not steered:
             self.session.clear_steering()
@@ -81,10 +82,10 @@ class Chat:
         finally:
             if not steered:
                 self.session.steer(self.state.profile)
-        return Turn(text, reply, routing)
+        return Turn(text, reply, routing, list(history))
 
     def say(self, text: str) -> Turn:
-        turn = self.ask(text)
+        turn = self.ask(text, self.state.history)
         self.write(" [interrupted]" if turn.reply.interrupted else "")
         self.state.history += [{"role": "user", "content": text}, {"role": "assistant", "content": turn.reply.text}]
         self.state.last = turn
@@ -144,8 +145,10 @@ class Chat:
         elif name == "diff":
             if self.state.last is None:
                 raise MoteError("no reply yet: /diff regenerates the last turn without steering")
-            plain = self.ask(self.state.last.user, steered=False, stream=False)
-            self.write(side_by_side(("unsteered", plain.reply.text), ("steered", self.state.last.reply.text)))
+            last = self.state.last
+            plain = self.ask(last.user, last.history, steered=False, stream=False)
+            steered = self.ask(last.user, last.history, stream=False)  # with the steering in effect now
+            self.write(side_by_side(("unsteered", plain.reply.text), ("steered", steered.reply.text)))
         else:
             raise MoteError(f"unknown command /{name}: /help lists the commands")
         return True

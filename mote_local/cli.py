@@ -42,7 +42,8 @@ def model_argument(f):
 def engine_options(f):
     f = click.option("--n-gpu-layers", "-ngl", type=int, default=0, show_default=True,
                      help="Layers to offload to the GPU (GPU builds).")(f)
-    f = click.option("--ctx-size", "-c", type=int, default=2048, show_default=True, help="Context size.")(f)
+    f = click.option("--ctx-size", "-c", type=int, default=4096, show_default=True,
+                     help="Context size (capped at the model's training context).")(f)
     f = click.option("--verbose", is_flag=True, help="Show llama.cpp's log.")(f)
     return f
 
@@ -122,6 +123,10 @@ def inspect(model: Path, as_json: bool) -> None:
         click.echo(f"{k:>15}  {v}")
 
 
+def context_size(layout: MoeLayout, asked: int) -> int:
+    return min(asked, layout.context_length) if layout.context_length else asked
+
+
 def _span(layers: Sequence[int]) -> str:
     return f"{layers[0]}..{layers[-1]}" if list(layers) == list(range(layers[0], layers[-1] + 1)) else \
         ",".join(map(str, layers))
@@ -147,7 +152,8 @@ def run(model: Path, prompt: str, n_predict: int, temp: float, top_k: int, top_p
 
     layout = read_layout(model).require_moe()
     profile = build_profile(layout, profiles, specs, strength, scope, force_profile)
-    with Model(model, n_gpu_layers=n_gpu_layers, verbose=verbose) as m, m.session(n_ctx=ctx_size) as s:
+    with Model(model, n_gpu_layers=n_gpu_layers, verbose=verbose) as m, \
+            m.session(n_ctx=context_size(layout, ctx_size)) as s:
         text = m.format_chat([{"role": "user", "content": prompt}]) if chat else prompt
         options = dict(max_tokens=n_predict, temperature=temp, top_k=top_k, top_p=top_p, seed=seed,
                        add_bos=not chat)
@@ -224,6 +230,64 @@ def ftri(model: Path, prompts_file: Path, baseline_prompts: Path | None, behavio
     click.echo(f"\nwrote {paths['json']}, {paths['profile']} and heatmaps in {out}")
 
 
+@main.group()
+def profile() -> None:
+    """Show, merge, convert and validate steering profiles."""
+
+
+@profile.command("show")
+@click.argument("path", type=click.Path(path_type=Path))
+def profile_show(path: Path) -> None:
+    """Print a profile's entries, strength and the model it was made for."""
+    from .chat import describe
+    from .profile import Profile
+
+    p = Profile.load(path)
+    click.echo(f"{path}: {p.name or 'unnamed'}" + (f" — {p.description}" if p.description else ""))
+    fp = p.fingerprint
+    click.echo(f"made for: {fp.arch}, {fp.n_layer} layers, {fp.n_expert} experts, top-{fp.n_expert_used}, "
+               f"router sha256 {fp.router_sha256[:12]}…" if fp else "made for: any model (no fingerprint)")
+    click.echo(f"strength: {p.strength:g}")
+    click.echo(f"{len(p.entries)} entries: {describe(p)}")
+
+
+@profile.command("merge")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="The merged profile (.json/.gguf).")
+def profile_merge(paths: Sequence[Path], out: Path) -> None:
+    """Compose profiles (biases add, gains multiply) into one."""
+    from .profile import Profile
+
+    merged = Profile.load(paths[0])
+    for path in paths[1:]:
+        merged = merged + Profile.load(path)
+    merged.save(out)
+    click.echo(f"wrote {out} ({len(merged.entries)} entries)")
+
+
+@profile.command("convert")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+def profile_convert(src: Path, dst: Path) -> None:
+    """Convert between JSON and GGUF (by the file suffixes)."""
+    from .profile import Profile
+
+    Profile.load(src).save(dst)
+    click.echo(f"wrote {dst}")
+
+
+@profile.command("validate")
+@click.argument("path", type=click.Path(path_type=Path))
+@model_argument
+@click.option("--force", is_flag=True, help="Accept a profile made for another model (limits still apply).")
+def profile_validate(path: Path, model: Path, force: bool) -> None:
+    """Check that a profile can steer MODEL."""
+    from .profile import Profile
+
+    Profile.load(path).validate(read_layout(model), force=force)
+    click.echo(f"{path} fits {model}")
+
+
 def warn_quantization(layout: MoeLayout) -> None:
     """Low-bit quantization moves routing (measured: Q4_K_M kept 14.8% of top-k sets of f32)."""
     low_bit = ("Q2", "Q3", "Q4", "IQ1", "IQ2", "IQ3", "IQ4", "TQ")
@@ -248,7 +312,8 @@ def chat(model: Path, n_predict: int, temp: float, seed: int, profiles, strength
 
     layout = read_layout(model).require_moe()
     profile = build_profile(layout, profiles, specs, strength, scope, force_profile)
-    with Model(model, n_gpu_layers=n_gpu_layers, verbose=verbose) as m, m.session(n_ctx=ctx_size) as s:
+    with Model(model, n_gpu_layers=n_gpu_layers, verbose=verbose) as m, \
+            m.session(n_ctx=context_size(layout, ctx_size)) as s:
         session = Chat(m, s, max_tokens=n_predict, temperature=temp, seed=seed,
                        write=lambda text="", end="\n": click.echo(text, nl=end == "\n"))
         if profile is not None:

@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from . import _native
-from ._native import llama, llama_chat_format, llama_internals, llama_logger
+from ._native import llama, llama_chat_format, llama_internals
 from .errors import CaptureError, EngineError, ModelFileError, SteeringError
 from .layout import MoeLayout, read_layout
 from .profile import Profile
@@ -55,7 +55,7 @@ class Model:
         params.n_gpu_layers = n_gpu_layers
         _apply_params(params, model_params, "model")
         self.verbose = verbose
-        llama_logger.set_verbose(verbose)  # llama.cpp's log is process-wide: the last model loaded decides
+        _native.set_verbose(verbose)  # llama.cpp's log is process-wide: the last model loaded decides
         try:
             self._model = llama_internals.LlamaModel(path_model=str(self.path), params=params, verbose=verbose)
         except ValueError as err:

@@ -44,6 +44,7 @@ class MoeLayout:
     n_group_used: int
     file_type: str
     size_bytes: int
+    context_length: int  # the training context (0 when the file does not say)
 
     @property
     def is_moe(self) -> bool:
@@ -128,4 +129,5 @@ def read_layout(path: str | os.PathLike) -> MoeLayout:
         n_expert_groups=int(key(gguf.Keys.LLM.EXPERT_GROUP_COUNT, 0) or 0),
         n_group_used=int(key(gguf.Keys.LLM.EXPERT_GROUP_USED_COUNT, 0) or 0),
         file_type=file_type_name, size_bytes=p.stat().st_size,
+        context_length=int(key(gguf.Keys.LLM.CONTEXT_LENGTH, 0) or 0),
     )

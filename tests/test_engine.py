@@ -384,3 +384,18 @@ def test_phase_scoped_entries_switch_between_prefill_and_decode(load):
         assert not np.array_equal(s.logits(toks), idle_logits)
     assert decode_gen.tokens[0] == idle_gen.tokens[0]  # the first token comes from the prefill
     assert decode_gen.tokens != idle_gen.tokens
+
+
+def test_ctrl_c_during_generation_keeps_the_partial_reply(load):
+    model = load("qwen3moe")
+    seen = []
+
+    def stop_after_three(text):
+        seen.append(text)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    with model.session(n_ctx=128) as s:
+        gen = s.generate(PROMPT, max_tokens=10, on_token=stop_after_three)
+        assert gen.interrupted and len(gen.tokens) == 3
+        assert s.generate(PROMPT, max_tokens=3).tokens == gen.tokens  # the session still works
