@@ -214,8 +214,10 @@ def ftri(model: Path, prompts_file: Path, baseline_prompts: Path | None, behavio
         profile = ftri_mod.profile_from_ranking(ranked, m, positive=off_mode, metadata={
             "source": "mote ftri", "method": methods[0], "scope": scope, "prompts": str(prompts_file)})
         paths = ftri_mod.write_outputs(out, run, results, m, top, per_layer_cap, profile)
-    truth = read_truth(model)
-    planted = set(truth.planted) if truth else set()
+    try:
+        planted = set(read_truth(model).planted)  # a planted model knows its answer
+    except ValueError:
+        planted = set()
     if run.partial:
         click.echo(f"interrupted: scored the {len(run.prompts)} prompts captured so far (marked partial)", err=True)
     click.echo(f"fTRI on {layout.path.name}: {run.activations.n_behavior} behaviour vs "

@@ -29,7 +29,7 @@ SCOPES = ("prompt", "target", "generated", "thinking")
 @dataclass
 class CaptureRun:
     activations: Activations
-    prompts: list[Prompt]        # behaviour prompts first, then baseline
+    prompts: list[Prompt]        # in capture order: the two classes interleaved
     scope: str
     partial: bool                # interrupted: only the prompts captured so far
     texts: list[str]             # what was fed to the model (after the chat template)
@@ -98,7 +98,11 @@ def capture_activations(model: Model, behavior: Sequence[Prompt], baseline: Sequ
     if not behavior or not baseline:
         raise MoteError("fTRI needs at least one behaviour prompt and one baseline prompt")
     layout = model.layout.require_moe()
-    prompts = list(behavior) + list(baseline)
+    # interleaved, so that an interrupted run still has prompts of both classes
+    order = sorted([(i, 0, p) for i, p in enumerate(behavior)] + [(i, 1, p) for i, p in enumerate(baseline)],
+                   key=lambda t: (t[0], t[1]))
+    prompts = [p for _, _, p in order]
+    flags = np.array([cls == 0 for _, cls, _ in order])
     longest_guess = 4096  # context of the generation session for generated scopes
     show = sys.stderr.isatty() if show_progress is None else show_progress
     sequences, spans, texts = _spans(model, prompts, scope, chat, longest_guess, max_new_tokens, show)
@@ -126,12 +130,10 @@ def capture_activations(model: Model, behavior: Sequence[Prompt], baseline: Sequ
             for label in cap.labels:
                 st = cap.stats(label)
                 counts[label], weights[label], tokens[label] = st.counts, st.weight_sums, st.tokens
-    n_behavior = min(done, len(behavior))
-    if partial and (n_behavior == 0 or done <= len(behavior)):
-        raise MoteError("interrupted before both classes had a captured prompt: nothing to score")
     keep = slice(0, done)
-    is_behavior = np.arange(len(prompts))[keep] < len(behavior)
-    act = Activations(counts=counts[keep], tokens=tokens[keep], weight_sums=weights[keep], is_behavior=is_behavior)
+    if flags[keep].all() or not flags[keep].any():
+        raise MoteError("interrupted before both classes had a captured prompt: nothing to score")
+    act = Activations(counts=counts[keep], tokens=tokens[keep], weight_sums=weights[keep], is_behavior=flags[keep])
     return CaptureRun(act, prompts[:done], scope, partial, texts[:done])
 
 
@@ -173,11 +175,13 @@ def write_heatmap(path: Path, result: FtriResult, moe_layers: Sequence[int], top
     ax.set_yticks(range(len(moe_layers)), [str(l) for l in moe_layers])
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9, wrap=True)
     row = {l: i for i, l in enumerate(moe_layers)}
     for r in top:
         if r.layer in row:
             ax.add_patch(Rectangle((r.expert - 0.5, row[r.layer] - 0.5), 1, 1, fill=False, lw=1.5, ec="black"))
+    ax.set_xticks(range(data.shape[1]), [str(e) if data.shape[1] <= 64 or e % 8 == 0 else "" for e in range(data.shape[1])],
+                  fontsize=7)
     fig.colorbar(im, ax=ax, label=f"{result.method} (behaviour − baseline)")
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -213,8 +217,7 @@ def write_outputs(out: Path, run: CaptureRun, results: dict[str, FtriResult], mo
         paths[f"png_{method}"] = out / f"heatmap_{method}.png"
         write_heatmap(paths[f"png_{method}"], result, model.layout.moe_layers,
                       result.ranked(top, per_layer_cap=per_layer_cap, layers=model.layout.moe_layers),
-                      f"fTRI {method}: {model.path.name} ({run.scope} tokens"
-                      f"{', partial' if run.partial else ''})")
+                      f"fTRI {method}, {run.scope} tokens{', partial' if run.partial else ''}\n{model.path.name}")
     paths["profile"] = out / "profile.json"
     profile.save(paths["profile"])
     return paths

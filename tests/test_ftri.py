@@ -1,0 +1,105 @@
+"""fTRI end to end on the planted-behaviour model: the planted experts come out on top, and the
+exported profile removes the behaviour."""
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mote_local import ftri, planted
+from mote_local.cli import main
+from mote_local.engine import Model
+from mote_local.errors import MoteError
+from mote_local.profile import Profile
+from mote_local.prompts import load_prompt_set, select_classes
+
+
+@pytest.fixture(scope="module")
+def planted_files(model_dir):
+    return planted.planted_model(cache_dir=model_dir)
+
+
+@pytest.fixture(scope="module")
+def model(planted_files):
+    with Model(planted_files[0]) as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def classes():
+    return select_classes(load_prompt_set(planted.prompts_path()), "trigger", "neutral")
+
+
+@pytest.mark.parametrize("scope", ["prompt", "generated"])
+def test_planted_experts_rank_on_top(model, planted_files, classes, scope):
+    truth = planted_files[1]
+    n = len(truth.planted)
+    run, results = ftri.run_ftri(model, *classes, methods=("mean_diff", "risk_diff", "log_odds"), scope=scope,
+                                 top=n, n_boot=50, show_progress=False)
+    assert not run.partial and run.activations.n_behavior == len(classes[0])
+    for method in ("mean_diff", "risk_diff"):
+        top = {(r.layer, r.expert) for r in results[method].ranked(n, layers=model.layout.moe_layers)}
+        assert top == set(truth.planted), (scope, method)
+    # frequency alone would mislead: the distractors fire on nearly every token of both classes
+    freq = run.activations.counts.sum(axis=0) / np.maximum(run.activations.tokens.sum(axis=0), 1)[:, None]
+    for layer, expert in truth.distractors:
+        assert freq[layer, expert] > max(freq[l, e] for l, e in truth.planted)
+
+
+def test_exported_profile_removes_the_refusals(model, planted_files, classes):
+    truth = planted_files[1]
+    run, results = ftri.run_ftri(model, *classes, methods=("mean_diff",), top=len(truth.planted), n_boot=20,
+                                 show_progress=False)
+    ranked = results["mean_diff"].ranked(len(truth.planted), layers=model.layout.moe_layers)
+    profile = ftri.profile_from_ranking(ranked, model)
+    profile.validate(model.layout)
+    trigger = classes[0][:12]
+    with model.session(n_ctx=256) as s:
+        def refusals():
+            return sum(planted.is_refusal(s.generate(model.format_chat([{"role": "user", "content": p.text}]),
+                                                     max_tokens=12, add_bos=False).text) for p in trigger)
+        before = refusals()
+        s.steer(profile)
+        after = refusals()
+    assert before == len(trigger)
+    assert after == 0
+
+
+def test_interrupted_capture_keeps_partial_results(model, classes, monkeypatch):
+    from mote_local.engine import Session
+    calls = {"n": 0}
+    route = Session.route
+
+    def interrupt_on_third(self, sequences):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return route(self, sequences)
+
+    monkeypatch.setattr(Session, "route", interrupt_on_third)
+    run = ftri.capture_activations(model, *classes, batch_size=4, show_progress=False)
+    assert run.partial and run.activations.n_prompts == 8
+    assert run.activations.n_behavior == 4 and run.activations.n_baseline == 4
+
+
+def test_bad_scope_and_missing_responses(model, classes):
+    with pytest.raises(MoteError, match="unknown scope"):
+        ftri.capture_activations(model, *classes, scope="everything")
+    with pytest.raises(MoteError, match="paired response"):
+        ftri.capture_activations(model, *classes, scope="target")
+
+
+def test_ftri_cli_writes_everything(planted_files, tmp_path):
+    path, truth = planted_files
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["ftri", str(path), "--prompts", str(planted.prompts_path()), "--method",
+                                  "mean_diff", "--method", "risk_diff", "--top", "2", "--out", str(out),
+                                  "--n-boot", "20"])
+    assert r.exit_code == 0, r.output
+    assert "planted experts in the top 2: 2 of 2" in r.output
+    for name in ("ftri.json", "ftri_mean_diff.csv", "ftri_risk_diff.csv", "profile.json"):
+        assert (out / name).stat().st_size > 0
+    png = (out / "heatmap_mean_diff.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 2000
+    profile = Profile.load(out / "profile.json")
+    assert {(e.layer, e.expert) for e in profile.entries} == set(truth.planted)
+    assert not list(out.glob(".*tmp*"))  # atomic writes leave no temporaries
