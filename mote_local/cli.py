@@ -93,9 +93,29 @@ def build_profile(layout: MoeLayout, profiles: Sequence[Path], specs: dict[str, 
 @main.command()
 @model_argument
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def inspect(model: Path, as_json: bool) -> None:
+@click.option("--super-experts", is_flag=True,
+              help="Also find experts whose removal alone collapses the model on neutral text (cached).")
+@click.option("--text", type=click.Path(path_type=Path), default=None,
+              help="Neutral text for --super-experts (default: the packaged one).")
+def inspect(model: Path, as_json: bool, super_experts: bool, text: Path | None) -> None:
     """Describe MODEL's experts: architecture, MoE layers, experts, top-k, gating, quantization."""
     layout = read_layout(model)
+    if super_experts:
+        from .evaluate import find_super_experts
+
+        found = find_super_experts(layout.require_moe().path, text)
+        if as_json:
+            click.echo(json.dumps({"super_experts": found.flagged, "median_kl": found.median,
+                                   "factor": found.factor, "floor": found.floor}, indent=2))
+            return
+        click.echo(f"super-experts of {layout.path.name} (KL on neutral text when switched off alone; "
+                   f"median expert {found.median:.2g} nats; flagged above {found.factor:g}x the median "
+                   f"and {found.floor:g} nats):")
+        for layer, expert in found.flagged:
+            click.echo(f"  layer {layer} expert {expert}: KL {found.kl[layer, expert]:.3g} nats")
+        if not found.flagged:
+            click.echo("  none")
+        return
     info = {
         "path": str(layout.path), "arch": layout.arch, "n_layer": layout.n_layer,
         "moe_layers": list(layout.moe_layers), "n_expert": layout.n_expert, "n_expert_used": layout.n_expert_used,
@@ -121,6 +141,16 @@ def inspect(model: Path, as_json: bool) -> None:
     ]
     for k, v in rows:
         click.echo(f"{k:>15}  {v}")
+
+
+def warn_super_experts(layout: MoeLayout, profile) -> None:
+    """Warns when a profile switches off an expert that `mote inspect --super-experts` flagged."""
+    from .evaluate import cached_super_experts, off_experts
+
+    flagged = cached_super_experts(layout.path) or set()
+    for layer, expert in sorted(flagged & set(off_experts(profile.entries, profile.strength))):
+        click.echo(f"warning: the profile switches off layer {layer} expert {expert}, a super-expert of "
+                   f"{layout.path.name}: the model may collapse", err=True)
 
 
 def context_size(layout: MoeLayout, asked: int) -> int:
@@ -152,6 +182,8 @@ def run(model: Path, prompt: str, n_predict: int, temp: float, top_k: int, top_p
 
     layout = read_layout(model).require_moe()
     profile = build_profile(layout, profiles, specs, strength, scope, force_profile)
+    if profile is not None:
+        warn_super_experts(layout, profile)
     with Model(model, n_gpu_layers=n_gpu_layers, verbose=verbose) as m, \
             m.session(n_ctx=context_size(layout, ctx_size)) as s:
         text = m.format_chat([{"role": "user", "content": prompt}]) if chat else prompt
@@ -290,6 +322,105 @@ def profile_validate(path: Path, model: Path, force: bool) -> None:
     click.echo(f"{path} fits {model}")
 
 
+def detector_for(detector_file: Path | None, judge: Path | None):
+    from .evaluate import Detector, JudgeDetector
+
+    if judge is not None:
+        return JudgeDetector(judge)
+    return Detector.from_file(detector_file) if detector_file else Detector()
+
+
+@main.command("eval")
+@model_argument
+@click.option("--prompts", "prompts_file", required=True, type=click.Path(path_type=Path),
+              help="Prompts to generate for: a plain file or a TOML/YAML prompt set.")
+@click.option("--class", "classes", multiple=True, help="Only these classes of the prompt set (repeatable).")
+@steering_options
+@click.option("--detector", "detector_file", type=click.Path(path_type=Path), default=None,
+              help="Behaviour phrases, one per line ('re:' lines are regexes); default: refusal phrasings.")
+@click.option("--judge", type=click.Path(path_type=Path), default=None,
+              help="A GGUF judge model that answers yes/no instead of the phrase detector.")
+@click.option("--neutral", type=click.Path(path_type=Path), default=None,
+              help="Neutral text for KL and perplexity (default: the packaged one).")
+@click.option("--n-random", type=int, default=3, show_default=True, help="Random control profiles (seeds).")
+@click.option("--max-tokens", "-n", type=int, default=32, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--chat/--raw", "chat", default=True, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("mote-eval"), show_default=True)
+@engine_options
+def eval_command(model: Path, prompts_file: Path, classes, profiles, strength, scope, force_profile,
+                 detector_file, judge, neutral, n_random: int, max_tokens: int, seed: int, chat: bool, out: Path,
+                 n_gpu_layers: int, ctx_size: int, verbose: bool, **specs) -> None:
+    """Measure how a profile moves a behaviour against random and forced controls, and what it costs."""
+    from .engine import Model
+    from .evaluate import evaluate
+    from .prompts import load_prompt_set
+    from .report import format_table, write_report
+
+    layout = read_layout(model).require_moe()
+    profile = build_profile(layout, profiles, specs, strength, scope, force_profile)
+    if profile is None:
+        raise click.UsageError("give a profile (--profile) or steering flags (--off, --drop, …) to evaluate")
+    warn_super_experts(layout, profile)
+    prompt_set = load_prompt_set(prompts_file)
+    unknown = set(classes) - set(prompt_set.names)
+    if unknown:
+        raise click.UsageError(f"unknown class(es) {', '.join(sorted(unknown))}: "
+                               f"{prompts_file} has {', '.join(prompt_set.names)}")
+    prompts = [p for name in (classes or prompt_set.names) for p in prompt_set.prompts(name)]
+    with Model(model, n_gpu_layers=n_gpu_layers, verbose=verbose) as m:
+        result = evaluate(m, prompts, profile, neutral_text=neutral, detector=detector_for(detector_file, judge),
+                          n_random=n_random, seed=seed, max_tokens=max_tokens, chat=chat)
+    html = write_report(out, result)
+    click.echo(format_table(result))
+    if result.partial:
+        click.echo("interrupted: the report holds what was measured so far (marked partial)", err=True)
+    click.echo(f"\nreport: {html}")
+
+
+@main.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("mote-demo"), show_default=True)
+@click.option("--top", type=int, default=2, show_default=True, help="Experts the demo switches off.")
+def demo(out: Path, top: int) -> None:
+    """The whole story on a built-in model: fTRI finds the planted experts, switching them off removes
+    the behaviour, a random control does not. Nothing is downloaded."""
+    import time
+
+    from . import ftri as ftri_mod
+    from . import planted
+    from .engine import Model
+    from .evaluate import evaluate
+    from .prompts import load_prompt_set, select_classes
+    from .report import format_table, write_report
+
+    started = time.perf_counter()
+    path, truth = planted.planted_model()
+    click.echo(f"model: {path.name} — a tiny {truth.arch} model with a refusal planted in experts "
+               f"{', '.join(f'{l}:{e}' for l, e in truth.planted)} (the demo does not tell fTRI)")
+    prompt_set = load_prompt_set(planted.prompts_path())
+    behavior, baseline = select_classes(prompt_set, "trigger", "neutral")
+    with Model(path) as m:
+        run, results = ftri_mod.run_ftri(m, behavior, baseline, methods=("mean_diff", "risk_diff"), top=top)
+        full = results["mean_diff"].ranked(layers=m.layout.moe_layers)
+        ranked = full[:top]
+        table = ftri_mod.ranking_table(results["mean_diff"], full[:max(top, 5)], set(truth.planted))
+        click.echo(f"\n1. fTRI: {len(behavior)} trigger vs {len(baseline)} neutral prompts, prompt tokens, "
+                   f"class-mean difference of per-prompt activation maps\n{table}")
+        rank_of = {(r.layer, r.expert): i for i, r in enumerate(full, 1)}
+        click.echo("   planted experts ranked " + ", ".join(f"{l}:{e} #{rank_of[(l, e)]}" for l, e in truth.planted))
+        profile = ftri_mod.profile_from_ranking(ranked, m, name="demo", metadata={"source": "mote demo"})
+        click.echo(f"\n2. profile: drop the top {top}: " + ", ".join(f"{e.layer}:{e.expert}" for e in profile.entries))
+        click.echo("\n3. evaluation on all prompts, greedy: unsteered, profile, random control (3 seeds), forced")
+        result = evaluate(m, list(behavior) + list(baseline), profile, n_random=3, max_tokens=12)
+        heatmap = out / "heatmap_mean_diff.png"
+        out.mkdir(parents=True, exist_ok=True)
+        ftri_mod.write_heatmap(heatmap, results["mean_diff"], m.layout.moe_layers, ranked,
+                               f"fTRI mean_diff, prompt tokens\n{path.name}")
+    click.echo(format_table(result))
+    html = write_report(out, result, ftri_heatmap=heatmap, ftri_table=table, title="mote demo: a planted refusal")
+    click.echo(f"\ndone in {time.perf_counter() - started:.0f} s — report: {html.resolve()}")
+
+
 def warn_quantization(layout: MoeLayout) -> None:
     """Low-bit quantization moves routing (measured: Q4_K_M kept 14.8% of top-k sets of f32)."""
     low_bit = ("Q2", "Q3", "Q4", "IQ1", "IQ2", "IQ3", "IQ4", "TQ")
@@ -314,6 +445,8 @@ def chat(model: Path, n_predict: int, temp: float, seed: int, profiles, strength
 
     layout = read_layout(model).require_moe()
     profile = build_profile(layout, profiles, specs, strength, scope, force_profile)
+    if profile is not None:
+        warn_super_experts(layout, profile)
     with Model(model, n_gpu_layers=n_gpu_layers, verbose=verbose) as m, \
             m.session(n_ctx=context_size(layout, ctx_size)) as s:
         session = Chat(m, s, max_tokens=n_predict, temperature=temp, seed=seed,
