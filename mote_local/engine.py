@@ -16,9 +16,8 @@ private copy of its bindings that the build vendors (mote_local_engine.llama_cpp
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np

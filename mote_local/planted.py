@@ -56,7 +56,6 @@ import json
 import os
 import re
 import string
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -528,40 +527,13 @@ def _build(seed: int) -> tuple[tiny.TinySpec, dict[str, np.ndarray], PlantedTrut
     return spec, weights, truth
 
 
-def _write(spec: tiny.TinySpec, weights: dict[str, np.ndarray], truth: PlantedTruth, path: Path) -> None:
-    """Atomic write (temp file in the same dir, then ``os.replace``) of an all-F32 model."""
-    vocab = tiny.make_vocab(spec.extra_words, spec.n_vocab)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        w = gguf.GGUFWriter(tmp, spec.gguf_arch)
-        # tiny's metadata (hyper-parameters, vocabulary, chat template, mote.tiny.spec), then the truth
-        tiny._add_metadata(w, spec, vocab)
-        _add_truth(w, truth)
-        for name, arr in weights.items():
-            w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def write_planted_model(path: str | os.PathLike[str], seed: int = 0) -> PlantedTruth:
     """Write the planted model for ``seed`` (which picks the experts' indices and the other experts' random
     weights) at ``path``, atomically; returns its truth. Same seed, same bytes."""
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     spec, weights, truth = _build(seed)
-    _write(spec, weights, truth, Path(path))
+    tiny.write_model(spec, path, weights, extra_metadata=lambda w: _add_truth(w, truth))
     return truth
 
 

@@ -18,16 +18,18 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 import gguf
 from gguf import GGMLQuantizationType as QT
 from gguf import MODEL_TENSOR as MT
+
+from .atomic import atomic_path
 
 # gguf 0.17 lacks gpt-oss and the expert-group keys; fail at import rather than mid-write.
 if not (hasattr(gguf.MODEL_ARCH, "GPT_OSS") and hasattr(gguf.GGUFWriter, "add_expert_group_count")):
@@ -662,12 +664,13 @@ def _add_metadata(w: gguf.GGUFWriter, s: TinySpec, vocab: Vocab) -> None:
     w.add_chat_template(CHAT_TEMPLATE)
 
 
-def write_model(spec: TinySpec, path: str | os.PathLike[str],
-                weights: dict[str, np.ndarray] | None = None) -> Path:
+def write_model(spec: TinySpec, path: str | os.PathLike[str], weights: dict[str, np.ndarray] | None = None,
+                extra_metadata: Callable[[gguf.GGUFWriter], None] | None = None) -> Path:
     """Write ``spec`` as a GGUF file at ``path`` atomically (temp file in the same dir, then ``os.replace``).
 
     ``weights`` (float32, as from :func:`make_weights`, possibly edited) replaces the generated tensors;
-    it must hold exactly the names and shapes the spec generates.
+    it must hold exactly the names and shapes the spec generates. ``extra_metadata`` adds keys of its own
+    after the model's (e.g. a planted model's ground truth).
     """
     path = Path(path)
     expected = make_weights(spec)
@@ -681,13 +684,11 @@ def write_model(spec: TinySpec, path: str | os.PathLike[str],
             if weights[name].shape != ref.shape:
                 raise ValueError(f"{name}: shape {weights[name].shape}, spec needs {ref.shape}")
     vocab = make_vocab(spec.extra_words, spec.n_vocab)
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         w = gguf.GGUFWriter(tmp, spec.gguf_arch)
         _add_metadata(w, spec, vocab)
+        if extra_metadata is not None:
+            extra_metadata(w)
         for name in expected:  # file order from the layout, whatever order the caller's dict has
             arr = np.ascontiguousarray(weights[name], dtype=np.float32)
             qt = _tensor_qtype(name, arr, spec.qtype)
@@ -697,14 +698,6 @@ def write_model(spec: TinySpec, path: str | os.PathLike[str],
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a cached model is an ordinary readable file
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
     return path
 
 

@@ -125,7 +125,7 @@ def test_same_seed_same_bytes_and_fast(tmp_path):
     a = planted.write_planted_model(tmp_path / "a.gguf", seed=0)
     elapsed = time.perf_counter() - t0
     b = planted.write_planted_model(tmp_path / "b.gguf", seed=0)
-    c = planted.write_planted_model(tmp_path / "c.gguf", seed=1)
+    planted.write_planted_model(tmp_path / "c.gguf", seed=1)
     assert a == b
     assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
     assert (tmp_path / "a.gguf").read_bytes() != (tmp_path / "c.gguf").read_bytes()

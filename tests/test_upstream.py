@@ -1,7 +1,6 @@
 """The patch series applies to a fresh copy of the pinned sdist, idempotently, and fails helpfully."""
 
 import importlib.util
-import shutil
 from pathlib import Path
 
 import pytest
