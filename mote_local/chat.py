@@ -63,8 +63,12 @@ class Chat:
     # steering
     def steer(self, profile: Profile) -> None:
         """Applies a profile; on error the engine keeps the previous steering and so does the chat."""
+        from .evaluate import super_experts_switched_off
+
         self.session.steer(profile)
         self.state.profile = profile
+        for layer, expert in super_experts_switched_off(self.model.path, profile.entries, profile.strength):
+            self.write(f"warning: layer {layer} expert {expert} is a super-expert: the model may collapse")
 
     # conversation
     def ask(self, text: str, history: list[dict[str, str]], *, steered: bool = True, stream: bool = True) -> Turn:

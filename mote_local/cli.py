@@ -145,10 +145,9 @@ def inspect(model: Path, as_json: bool, super_experts: bool, text: Path | None) 
 
 def warn_super_experts(layout: MoeLayout, profile) -> None:
     """Warns when a profile switches off an expert that `mote inspect --super-experts` flagged."""
-    from .evaluate import cached_super_experts, off_experts
+    from .evaluate import super_experts_switched_off
 
-    flagged = cached_super_experts(layout.path) or set()
-    for layer, expert in sorted(flagged & set(off_experts(profile.entries, profile.strength))):
+    for layer, expert in super_experts_switched_off(layout.path, profile.entries, profile.strength):
         click.echo(f"warning: the profile switches off layer {layer} expert {expert}, a super-expert of "
                    f"{layout.path.name}: the model may collapse", err=True)
 

@@ -658,6 +658,13 @@ def cached_super_experts(model_path: str | os.PathLike) -> set[tuple[int, int]] 
     return None if found is None else found.flagged_set
 
 
+def super_experts_switched_off(model_path: str | os.PathLike, entries: Iterable[Entry],
+                               strength: float = 1.0) -> list[tuple[int, int]]:
+    """The cached super-experts of a model that these entries switch off (none when nothing is cached)."""
+    flagged = cached_super_experts(model_path) or set()
+    return sorted(flagged & set(off_experts(entries, strength)))
+
+
 def find_super_experts(model: Model | str | os.PathLike, text: str | os.PathLike | None = None, *,
                        factor: float = 10.0, layers: Iterable[int] | None = None, mode: Mode | str = Mode.DROP,
                        floor: float = 1.0, max_tokens: int = 256, use_cache: bool = True,
