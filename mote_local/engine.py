@@ -24,7 +24,7 @@ import numpy as np
 
 from . import _native
 from ._native import llama, llama_chat_format, llama_internals
-from .errors import CaptureError, EngineError, ModelFileError, SteeringError
+from .errors import CaptureError, EngineError, InputError, ModelFileError, SteeringError
 from .layout import MoeLayout, read_layout
 from .profile import Profile
 from .steering import Entry, Scope
@@ -248,7 +248,7 @@ class Session:
     def __init__(self, model: Model, *, n_ctx: int = 512, n_batch: int = 512, n_ubatch: int | None = None,
                  n_seq_max: int = 1, n_threads: int | None = None, flash_attn: str = "auto", **ctx_params):
         if flash_attn not in FLASH_ATTN:
-            raise ValueError(f"flash_attn must be one of {', '.join(FLASH_ATTN)}, got {flash_attn!r}")
+            raise InputError(f"flash_attn must be one of {', '.join(FLASH_ATTN)}, got {flash_attn!r}")
         self.model = model
         params = llama.llama_context_default_params()
         params.n_ctx = n_ctx
@@ -367,16 +367,16 @@ class Session:
         flat: list[tuple[int, int, int, bool]] = []  # (token, pos, seq_id, output)
         for seq_id, tokens, pos0 in sequences:
             if not 0 <= seq_id < self.n_seq_max:
-                raise ValueError(f"sequence id {seq_id} is out of range: this session has n_seq_max={self.n_seq_max}")
+                raise InputError(f"sequence id {seq_id} is out of range: this session has n_seq_max={self.n_seq_max}")
             if pos0 + len(tokens) > self.n_ctx:
-                raise ValueError(f"sequence {seq_id} needs {pos0 + len(tokens)} positions but the context holds "
+                raise InputError(f"sequence {seq_id} needs {pos0 + len(tokens)} positions but the context holds "
                                  f"{self.n_ctx}: raise n_ctx or shorten the prompt")
             for i, t in enumerate(tokens):
                 if not 0 <= int(t) < self.model.n_vocab:
-                    raise ValueError(f"token id {t} is out of range for a vocabulary of {self.model.n_vocab}")
+                    raise InputError(f"token id {t} is out of range for a vocabulary of {self.model.n_vocab}")
                 flat.append((int(t), pos0 + i, seq_id, outputs == "all" or i == len(tokens) - 1))
         if not flat:
-            raise ValueError("nothing to decode: no tokens given")
+            raise InputError("nothing to decode: no tokens given")
         logits = []
         batch = llama_internals.LlamaBatch(n_tokens=min(len(flat), self.n_batch), embd=0,
                                            n_seq_max=self.n_seq_max, verbose=False)
@@ -409,7 +409,7 @@ class Session:
     def route(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
         """Decodes several fresh sequences (ids 0..n-1) in one batch, every token an output."""
         if len(sequences) > self.n_seq_max:
-            raise ValueError(f"{len(sequences)} sequences but this session has n_seq_max={self.n_seq_max}: "
+            raise InputError(f"{len(sequences)} sequences but this session has n_seq_max={self.n_seq_max}: "
                              "open the session with a larger n_seq_max")
         self._set_phase(Scope.PREFILL)
         self.reset()
@@ -425,7 +425,7 @@ class Session:
         """
         prompt_tokens = self.model.tokenize(prompt, add_bos=add_bos) if isinstance(prompt, str) else list(prompt)
         if not prompt_tokens:
-            raise ValueError("the prompt is empty")
+            raise InputError("the prompt is empty")
         sampler = llama_internals.LlamaSampler()
         if temperature <= 0:
             sampler.add_greedy()

@@ -17,6 +17,10 @@ class SteeringError(MoteError, ValueError):
     """A steering entry or profile is invalid for the model."""
 
 
+class InputError(MoteError, ValueError):
+    """Input the engine cannot take: too long for the context, token ids out of range, empty."""
+
+
 class CaptureError(MoteError, RuntimeError):
     """Routing capture was used wrongly (e.g. read outside a capture)."""
 

@@ -1,12 +1,21 @@
 """The MoE layout of a GGUF file, read with the `gguf` package (no engine needed).
 
 Reading the file's metadata first lets every entry point reject a bad file with a clear message
-before llama.cpp sees it.
+before llama.cpp sees it. Two kinds of file must never reach llama.cpp:
+
+* files its GGUF parser rejects: it only logs why, so the user would see "failed to load". The
+  header, the metadata and tensor tables and every tensor's data range are checked here first, so
+  a truncated or corrupt file gets a message that says where it is broken;
+* files its parser accepts but whose hyperparameters trip a GGML_ASSERT/GGML_ABORT (for example
+  more experts used per token than experts, or an unknown expert gating function): those abort the
+  whole Python process. :func:`read_layout` checks the same limits that llama.cpp asserts.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +24,11 @@ import gguf
 from .errors import ModelFileError, NotMoeError
 
 GGUF_MAGIC = b"GGUF"
+GGUF_VERSIONS = (2, 3)   # the versions llama.cpp and gguf-py read
+GGML_MAX_DIMS = 4
+GGML_MAX_NAME = 64       # llama.cpp refuses tensor names of this length or longer
+LLAMA_MAX_LAYERS = 512   # llama-hparams.h: block_count must be 1..LLAMA_MAX_LAYERS
+LLAMA_MAX_EXPERTS = 1024
 
 # Gating and top-k weight normalisation that llama.cpp hard-codes per architecture when the
 # file carries no {arch}.expert_gating_func / {arch}.expert_weights_norm key.
@@ -26,7 +40,14 @@ ARCH_ROUTER_DEFAULTS: dict[str, tuple[str, bool]] = {
     "gpt-oss": ("softmax_weight", False),
     "deepseek2": ("softmax", False),
 }
+# llama.cpp's llama_expert_gating_func_type; 0 (NONE) means "the architecture's default". Any other
+# value reaches a GGML_ABORT in build_moe_ffn.
 GATING_NAMES = {1: "softmax", 2: "sigmoid", 3: "softmax_weight", 4: "sqrt_softplus"}
+# architectures that llama.cpp treats as dense when they declare at most one expert
+_DENSE_IF_ONE_EXPERT = ("hunyuan-dense", "hunyuan_vl")
+
+_FIX_TRUNCATED = "the file is incomplete (download or copy it again)"
+_FIX_CORRUPT = "the file is corrupt (download or convert it again)"
 
 
 @dataclass(frozen=True)
@@ -60,15 +81,24 @@ class MoeLayout:
 def check_model_file(path: str | os.PathLike) -> Path:
     """The path as a Path, or a ModelFileError saying why it cannot be a model file."""
     p = Path(path)
-    if not p.exists():
+    try:
+        exists, is_dir, is_file = p.exists(), p.is_dir(), p.is_file()
+    except OSError as err:  # e.g. a name too long for the file system
+        raise ModelFileError(f"cannot access {p}: {err.strerror or err}") from None
+    if not exists:
         raise ModelFileError(f"model file not found: {p}")
-    if p.is_dir():
+    if is_dir:
         raise ModelFileError(f"{p} is a directory: give the path of a .gguf file")
+    if not is_file:
+        raise ModelFileError(f"{p} is not a regular file (a device, pipe or socket): give the path of a .gguf file")
     try:
         with open(p, "rb") as f:
             magic = f.read(4)
     except PermissionError:
-        raise ModelFileError(f"cannot read {p}: permission denied") from None
+        raise ModelFileError(f"cannot read {p}: permission denied; make the file readable "
+                             "(chmod +r) or run as a user who may read it") from None
+    except OSError as err:
+        raise ModelFileError(f"cannot read {p}: {err.strerror or err}") from None
     if p.stat().st_size == 0:
         raise ModelFileError(f"{p} is empty: not a GGUF model")
     if magic != GGUF_MAGIC:
@@ -81,14 +111,189 @@ def _field(reader: gguf.GGUFReader, key: str, default=None):
     return default if field is None else field.contents()
 
 
+# ---------------------------------------------------------------------------------------------- structure
+
+class _Broken(Exception):
+    """What is wrong with a GGUF file, in words (without the file name)."""
+
+
+# byte size of each scalar GGUF value type; 8 is STRING, 9 ARRAY
+_SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY, _UINT32 = 8, 9, 4
+
+
+def _pad(n: int, alignment: int) -> int:
+    return (n + alignment - 1) // alignment * alignment
+
+
+def _check_header(data: bytes, size: int) -> None:
+    """Magic, version and the two counts of a GGUF header (the first 24 bytes)."""
+    if data[:4] != GGUF_MAGIC:
+        raise _Broken("is not a GGUF file (it does not start with 'GGUF')")
+    if size < 24:
+        raise _Broken(f"is truncated inside the GGUF header ({size} bytes; a header alone takes 24): "
+                      + _FIX_TRUNCATED)
+    version, n_tensors, n_kv = struct.unpack_from("<IQQ", data, 4)
+    if version not in GGUF_VERSIONS:
+        if struct.unpack_from(">I", data, 4)[0] in GGUF_VERSIONS:
+            raise _Broken("is a big-endian GGUF file: llama.cpp reads little-endian GGUF files only; convert it "
+                          "again on a little-endian machine")
+        raise _Broken(f"has a corrupt header: GGUF version {version} (llama.cpp reads versions "
+                      f"{' and '.join(map(str, GGUF_VERSIONS))}); {_FIX_CORRUPT}")
+    # every metadata entry takes at least 13 bytes, every tensor entry at least 24
+    if n_kv * 13 + n_tensors * 24 > size - 24:
+        raise _Broken(f"is truncated or has a corrupt header: the header claims {n_kv} metadata keys and "
+                      f"{n_tensors} tensors, more than a file of {size} bytes can hold (download or copy it again)")
+
+
+class _Cursor:
+    """Bounds-checked little-endian reads over the file's bytes; running off the end is truncation."""
+
+    def __init__(self, buf, size: int, pos: int, where: str):
+        self.buf, self.size, self.pos, self.where = buf, size, pos, where
+
+    def take(self, n: int) -> int:
+        start = self.pos
+        if n < 0 or start + n > self.size:
+            raise _Broken(f"is truncated inside the {self.where}: it ends at byte {self.size}; {_FIX_TRUNCATED}")
+        self.pos = start + n
+        return start
+
+    def unpack(self, fmt: str):
+        return struct.unpack_from(fmt, self.buf, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self, what: str) -> str:
+        n = self.unpack("<Q")
+        if n > self.size:
+            raise _Broken(f"has a corrupt {self.where}: {what} claims a length of {n} bytes; {_FIX_CORRUPT}")
+        start = self.take(n)
+        try:
+            return bytes(self.buf[start:start + n]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Broken(f"has a corrupt {self.where}: {what} is not UTF-8 text; {_FIX_CORRUPT}") from None
+
+
+def _tensor_layout(tensors: list[tuple[str, int, int]], data_start: int, alignment: int, size: int) -> None:
+    """(name, offset in the data section, n_bytes) in file order: back to back, aligned, inside the file.
+
+    llama.cpp requires each tensor's offset to be where the previous one ends (padded to the alignment)
+    and maps every tensor's bytes from the file; anything else is a corrupt table or a truncated file.
+    """
+    expected, previous = 0, None
+    for name, offset, n_bytes in tensors:
+        if offset != expected:
+            culprit = f"tensor {previous!r} has a wrong shape or type, or " if previous else ""
+            raise _Broken(f"has a corrupt tensor table: tensor {name!r} starts at offset {offset} of the data but "
+                          f"the tensors before it end at {expected} ({culprit}{name!r} a wrong offset); "
+                          + _FIX_CORRUPT)
+        expected, previous = offset + _pad(n_bytes, alignment), name
+    total = expected - _pad(tensors[-1][2], alignment) + tensors[-1][2]
+    for name, offset, n_bytes in tensors:
+        end = data_start + offset + n_bytes
+        if end > size:
+            present = max(0, size - data_start) / max(total, 1)
+            raise _Broken(f"is truncated inside the tensor data: tensor {name!r} needs bytes {data_start + offset}"
+                          f"..{end} but the file ends at byte {size} (only {int(100 * present)}% of the tensor "
+                          f"data is there); {_FIX_TRUNCATED}")
+
+
+def _scan(p: Path) -> None:
+    """Walks the whole GGUF structure with bounds checks; raises _Broken saying where it is broken."""
+    size = p.stat().st_size
+    with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        _check_header(buf[:24], size)
+        _, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+        cur = _Cursor(buf, size, 24, "metadata")
+        alignment = gguf.GGUF_DEFAULT_ALIGNMENT
+        keys = set()
+        for i in range(n_kv):
+            cur.where = f"metadata (key #{i + 1} of {n_kv})"
+            key = cur.string("a key name")
+            cur.where = f"metadata (key #{i + 1} of {n_kv}, {key!r})"
+            if not key or key in keys:
+                raise _Broken(f"has a corrupt {cur.where}: {'an empty' if not key else 'a duplicate'} key; "
+                              + _FIX_CORRUPT)
+            keys.add(key)
+            vtype = cur.unpack("<I")
+            count, is_array = 1, vtype == _ARRAY
+            if is_array:
+                vtype, count = cur.unpack("<I"), cur.unpack("<Q")
+            if vtype == _STRING:
+                for _ in range(count):
+                    cur.string("a string value")
+            elif vtype in _SCALAR_SIZE:
+                if count > size:
+                    raise _Broken(f"has a corrupt {cur.where}: an array of {count} values; {_FIX_CORRUPT}")
+                start = cur.take(_SCALAR_SIZE[vtype] * count)
+                if key == gguf.Keys.General.ALIGNMENT:
+                    if is_array or vtype != _UINT32:
+                        raise _Broken(f"has a corrupt {cur.where}: the alignment must be one uint32; {_FIX_CORRUPT}")
+                    alignment = struct.unpack_from("<I", buf, start)[0]
+                    if alignment == 0 or alignment & (alignment - 1):
+                        raise _Broken(f"has a corrupt {cur.where}: alignment {alignment} is not a power of two; "
+                                      + _FIX_CORRUPT)
+            else:
+                raise _Broken(f"has a corrupt {cur.where}: unknown value type {vtype}; {_FIX_CORRUPT}")
+        tensors: list[tuple[str, int, int]] = []
+        names = set()
+        for i in range(n_tensors):
+            cur.where = f"tensor table (tensor #{i + 1} of {n_tensors})"
+            name = cur.string("a tensor name")
+            cur.where = f"tensor table (tensor #{i + 1} of {n_tensors}, {name!r})"
+            if len(name.encode()) >= GGML_MAX_NAME or name in names:
+                raise _Broken(f"has a corrupt {cur.where}: {'a duplicate' if name in names else 'too long a'} "
+                              f"name; {_FIX_CORRUPT}")
+            names.add(name)
+            n_dims = cur.unpack("<I")
+            if n_dims > GGML_MAX_DIMS:
+                raise _Broken(f"has a corrupt {cur.where}: {n_dims} dimensions (at most {GGML_MAX_DIMS}); "
+                              + _FIX_CORRUPT)
+            dims = [cur.unpack("<q") for _ in range(n_dims)]
+            ttype = cur.unpack("<I")
+            offset = cur.unpack("<Q")
+            try:
+                qtype = gguf.GGMLQuantizationType(ttype)
+                block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+            except (ValueError, KeyError):
+                raise _Broken(f"has a corrupt {cur.where}: unknown tensor type {ttype}; {_FIX_CORRUPT}") from None
+            n_elements = 1
+            for d in dims:
+                n_elements *= d
+            if any(d < 0 for d in dims) or n_elements >= 2**63 or (dims and dims[0] % block):
+                raise _Broken(f"has a corrupt {cur.where}: shape {dims} does not fit type {qtype.name}; "
+                              + _FIX_CORRUPT)
+            tensors.append((name, offset, n_elements // block * type_size))
+        if tensors:
+            _tensor_layout(tensors, _pad(cur.pos, alignment), alignment, size)
+
+
 def open_gguf(p: Path, error: type[Exception] = ModelFileError) -> gguf.GGUFReader:
-    """A reader of the GGUF file p; a corrupt or truncated file raises `error` saying so."""
+    """A reader of the GGUF file p; a corrupt or truncated file raises `error` saying where it is broken."""
     try:
-        return gguf.GGUFReader(p)
+        with open(p, "rb") as f:
+            _check_header(f.read(24), p.stat().st_size)
+        reader = gguf.GGUFReader(p)
+    except _Broken as err:
+        raise error(f"{p} {err}") from None
     except Exception as err:  # the reader raises assorted errors on truncated or corrupt files
+        try:
+            _scan(p)
+        except _Broken as found:
+            raise error(f"{p} {found}") from None
+        except Exception:  # noqa: BLE001 - the reader's own message is the best there is
+            pass
         raise error(f"{p} is not a readable GGUF file ({type(err).__name__}: {err}); "
                     "the file may be truncated or corrupt") from None
+    try:
+        if reader.tensors:
+            _tensor_layout([(t.name, t.data_offset - reader.data_offset, t.n_bytes) for t in reader.tensors],
+                           reader.data_offset, reader.alignment, p.stat().st_size)
+    except _Broken as err:
+        raise error(f"{p} {err}") from None
+    return reader
 
+
+# ---------------------------------------------------------------------------------------------- layout
 
 def read_layout(path: str | os.PathLike) -> MoeLayout:
     p = check_model_file(path)
@@ -100,34 +305,93 @@ def read_layout(path: str | os.PathLike) -> MoeLayout:
     def key(template: str, default=None):
         return _field(reader, template.format(arch=arch), default)
 
-    n_layer = int(key(gguf.Keys.LLM.BLOCK_COUNT, 0))
-    n_expert = int(key(gguf.Keys.LLM.EXPERT_COUNT, 0) or 0)
-    n_expert_used = int(key(gguf.Keys.LLM.EXPERT_USED_COUNT, 0) or 0)
+    def integer(template: str, default: int | None = 0, *, per_layer: bool = False) -> int | None:
+        """An integer key; per_layer keys may hold one value per layer (the largest counts)."""
+        name = template.format(arch=arch)
+        value = _field(reader, name)
+        if value is None:
+            return default
+        values = value if per_layer and isinstance(value, list) else [value]
+        if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise ModelFileError(f"{p}: metadata key {name} holds {value!r}, not an integer; {_FIX_CORRUPT}")
+        return max(values)
+
+    def corrupt(what: str) -> ModelFileError:
+        return ModelFileError(f"{p}: {what}; llama.cpp would abort on it: {_FIX_CORRUPT}")
+
+    n_layer = integer(gguf.Keys.LLM.BLOCK_COUNT, None)
+    if n_layer is None:
+        raise ModelFileError(f"{p} has no {arch}.block_count key: not a llama.cpp language model "
+                             "(a vocabulary-only or projector file?)")
+    if not 0 < n_layer <= LLAMA_MAX_LAYERS:
+        raise corrupt(f"{arch}.block_count is {n_layer}, outside llama.cpp's 1..{LLAMA_MAX_LAYERS}")
+    nextn = integer(gguf.Keys.LLM.NEXTN_PREDICT_LAYERS)
+    if not 0 <= nextn <= n_layer:
+        raise corrupt(f"{arch}.nextn_predict_layers is {nextn}, more than the {n_layer} layers")
+    n_expert = integer(gguf.Keys.LLM.EXPERT_COUNT)
+    n_expert_used = integer(gguf.Keys.LLM.EXPERT_USED_COUNT, per_layer=True)
+    groups = integer(gguf.Keys.LLM.EXPERT_GROUP_COUNT)
+    group_used = integer(gguf.Keys.LLM.EXPERT_GROUP_USED_COUNT)
+    if arch in _DENSE_IF_ONE_EXPERT and n_expert <= 1:
+        n_expert = n_expert_used = 0
+    _check_experts(corrupt, arch, n_expert, n_expert_used, groups, group_used)
+
     router = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.FFN_GATE_INP]
-    names = {t.name for t in reader.tensors}
-    moe_layers = tuple(il for il in range(n_layer) if f"{router.format(bid=il)}.weight" in names)
+    tensors = {t.name: t for t in reader.tensors}
+    moe_layers = tuple(il for il in range(n_layer) if f"{router.format(bid=il)}.weight" in tensors)
+    if n_expert > 0 and not moe_layers:
+        raise ModelFileError(f"{p} declares {n_expert} experts per layer ({arch}.expert_count) but holds no "
+                             f"expert router tensor ({router.format(bid='N')}.weight); {_FIX_CORRUPT}")
+    for il in moe_layers:
+        shape = [int(d) for d in tensors[f"{router.format(bid=il)}.weight"].shape]
+        if len(shape) < 2 or shape[1] != n_expert:
+            raise ModelFileError(f"{p}: router tensor {router.format(bid=il)}.weight has shape {shape}, but "
+                                 f"{arch}.expert_count says {n_expert} experts; {_FIX_CORRUPT}")
 
     default_gating, default_norm = ARCH_ROUTER_DEFAULTS.get(arch, (None, False))
-    gating_id = key(gguf.Keys.LLM.EXPERT_GATING_FUNC)
-    gating = GATING_NAMES.get(int(gating_id)) if gating_id is not None else default_gating
+    gating_id = integer(gguf.Keys.LLM.EXPERT_GATING_FUNC, None)
+    if gating_id is not None and gating_id != 0 and gating_id not in GATING_NAMES:
+        raise corrupt(f"{arch}.expert_gating_func is {gating_id}, not a gating function llama.cpp knows ("
+                      + ", ".join(f"{k} {v}" for k, v in GATING_NAMES.items()) + ")")
+    gating = GATING_NAMES[gating_id] if gating_id else default_gating
     norm = key(gguf.Keys.LLM.EXPERT_WEIGHTS_NORM)
-    shared = key(gguf.Keys.LLM.EXPERT_SHARED_COUNT)
+    shared = integer(gguf.Keys.LLM.EXPERT_SHARED_COUNT, None)
     if shared is None:
         shexp = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP].format(bid=moe_layers[0]) if moe_layers else ""
         up_shexp = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.FFN_UP_SHEXP].format(bid=moe_layers[0]) if moe_layers else ""
-        shared = 1 if moe_layers and (f"{shexp}.weight" in names or f"{up_shexp}.weight" in names) else 0
+        shared = 1 if moe_layers and (f"{shexp}.weight" in tensors or f"{up_shexp}.weight" in tensors) else 0
     file_type = _field(reader, gguf.Keys.General.FILE_TYPE)
     try:
         file_type_name = gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_") if file_type is not None else "unknown"
-    except ValueError:
+    except (TypeError, ValueError):
         file_type_name = f"type {file_type}"
+    context_length = integer(gguf.Keys.LLM.CONTEXT_LENGTH)
     return MoeLayout(
         path=p, arch=arch, n_layer=n_layer, moe_layers=moe_layers, n_expert=n_expert,
         n_expert_used=n_expert_used, gating=gating,
         norm_weights=bool(norm) if norm is not None else default_norm,
-        n_shared_experts=int(shared),
-        n_expert_groups=int(key(gguf.Keys.LLM.EXPERT_GROUP_COUNT, 0) or 0),
-        n_group_used=int(key(gguf.Keys.LLM.EXPERT_GROUP_USED_COUNT, 0) or 0),
-        file_type=file_type_name, size_bytes=p.stat().st_size,
-        context_length=int(key(gguf.Keys.LLM.CONTEXT_LENGTH, 0) or 0),
+        n_shared_experts=shared, n_expert_groups=groups, n_group_used=group_used,
+        file_type=file_type_name, size_bytes=p.stat().st_size, context_length=max(context_length, 0),
     )
+
+
+def _check_experts(corrupt, arch: str, n_expert: int, used: int, groups: int, group_used: int) -> None:
+    """The expert hyperparameters llama.cpp asserts in llama_model::load_hparams (a failure aborts)."""
+    if not 0 <= n_expert <= LLAMA_MAX_EXPERTS:
+        raise corrupt(f"{arch}.expert_count is {n_expert}, outside llama.cpp's 0..{LLAMA_MAX_EXPERTS}")
+    if used < 0 or used > n_expert:
+        raise corrupt(f"{arch}.expert_used_count is {used} but the model has {n_expert} experts per layer")
+    if n_expert > 0:
+        if used == 0:
+            raise corrupt(f"{arch}.expert_used_count is 0 (or missing) but the model has {n_expert} experts "
+                          "per layer")
+        if not 0 <= groups < n_expert:
+            raise corrupt(f"{arch}.expert_group_count is {groups}, not fewer than the {n_expert} experts")
+        if groups > 1:
+            if n_expert % groups:
+                raise corrupt(f"{n_expert} experts do not split into {groups} expert groups")
+            if not 0 < group_used < groups:
+                raise corrupt(f"{arch}.expert_group_used_count is {group_used}, not in 1..{groups - 1}")
+    elif used or groups:
+        raise corrupt(f"the model has no experts but {arch}.expert_used_count is {used} and "
+                      f"{arch}.expert_group_count is {groups}")
