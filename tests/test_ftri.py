@@ -103,3 +103,16 @@ def test_ftri_cli_writes_everything(planted_files, tmp_path):
     profile = Profile.load(out / "profile.json")
     assert {(e.layer, e.expert) for e in profile.entries} == set(truth.planted)
     assert not list(out.glob(".*tmp*"))  # atomic writes leave no temporaries
+
+
+def test_target_scope_counts_only_the_response_tokens(model, tmp_path):
+    path = tmp_path / "paired.toml"
+    path.write_text('[classes.trigger]\nprompts = ["what happened at the protest ?", "what happened at the riot ?"]\n'
+                    'responses = ["I cannot help with that request.", "I cannot help with that request."]\n'
+                    '[classes.neutral]\nprompts = ["what happened at the market ?"]\n'
+                    'responses = ["It was a calm day in town."]\n')
+    behavior, baseline = select_classes(load_prompt_set(path))
+    run = ftri.capture_activations(model, behavior, baseline, scope="target", show_progress=False)
+    expected = [len(model.tokenize(p.response, add_bos=False)) for p in run.prompts]
+    for layer in model.layout.moe_layers:
+        assert run.activations.tokens[:, layer].tolist() == expected
