@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -27,6 +28,9 @@ class MoteGroup(click.Group):
             return super().invoke(ctx)
         except MoteError as err:
             raise click.ClickException(str(err)) from None
+        except OSError as err:  # disk full, permission denied on --out, …
+            where = f"{err.filename}: " if err.filename and str(err.filename) not in str(err.strerror) else ""
+            raise click.ClickException(f"{where}{err.strerror or err}") from None
 
 
 @click.group(cls=MoteGroup)
@@ -85,7 +89,7 @@ def build_profile(layout: MoeLayout, profiles: Sequence[Path], specs: dict[str, 
     if total is None:
         return None
     if strength is not None:
-        total = total * (strength / total.strength) if total.strength else total * 0.0
+        total = replace(total, strength=strength)
     total.validate(layout, force=force)
     return total
 
@@ -239,7 +243,8 @@ def ftri(model: Path, prompts_file: Path, baseline_prompts: Path | None, behavio
     behavior_prompts, baseline_set = select_classes(prompt_set, behavior, baseline)
     with Model(model, n_gpu_layers=n_gpu_layers, verbose=verbose) as m:
         run, results = ftri_mod.run_ftri(m, behavior_prompts, baseline_set, methods=methods, scope=scope,
-                                         chat=chat, top=top, n_boot=n_boot, seed=seed, batch_size=batch_size)
+                                         chat=chat, top=top, n_boot=n_boot, seed=seed, batch_size=batch_size,
+                                         n_ctx=context_size(layout, ctx_size))
         primary = results[methods[0]]
         ranked = primary.ranked(top, per_layer_cap=per_layer_cap, layers=layout.moe_layers)
         profile = ftri_mod.profile_from_ranking(ranked, m, positive=off_mode, metadata={

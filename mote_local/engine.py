@@ -16,6 +16,7 @@ private copy of its bindings that the build vendors (mote_local_engine.llama_cpp
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
@@ -26,7 +27,7 @@ from . import _native
 from ._native import llama, llama_chat_format, llama_internals
 from .errors import CaptureError, EngineError, InputError, ModelFileError, SteeringError
 from .layout import MoeLayout, read_layout
-from .profile import Profile
+from .profile import Fingerprint, Profile, ProfileMismatchError
 from .steering import Entry, Scope
 
 # the phases a generation passes through; "all" entries apply in each
@@ -79,6 +80,11 @@ class Model:
 
     def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
         return self._model.detokenize(list(tokens), special).decode("utf-8", errors="replace")
+
+    @functools.cached_property
+    def fingerprint(self) -> Fingerprint:
+        """What a profile made for this model records (computed once)."""
+        return Fingerprint.of(self.path)
 
     @property
     def bos_token(self) -> int:
@@ -286,13 +292,20 @@ class Session:
         self.close()
 
     # steering
-    def steer(self, steering: Profile | Iterable[Entry], strength: float | None = None) -> None:
+    def steer(self, steering: Profile | Iterable[Entry], strength: float | None = None, *,
+              force: bool = False) -> None:
         """Replaces this session's steering; on error the previous steering stays in place.
 
         Takes a Profile or entries (with `strength`, default 1). Entries scoped to a phase
-        (prefill, decode, thinking) are switched on and off between decode calls.
+        (prefill, decode, thinking) are switched on and off between decode calls. A profile made
+        for another model (its fingerprint differs) is refused unless `force`.
         """
         profile = steering if isinstance(steering, Profile) else Profile(tuple(steering))
+        if profile.fingerprint is not None and not force:
+            problem = profile.fingerprint.mismatch(self.model.fingerprint)
+            if problem:
+                raise ProfileMismatchError(f"the profile does not fit {self.model.path.name}: {problem}; "
+                                           "pass force=True to apply it anyway")
         if strength is not None:
             profile = Profile(profile.entries, float(strength), profile.fingerprint, profile.name)
         self.model.check_entries(profile.entries)

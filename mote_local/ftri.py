@@ -45,8 +45,9 @@ def _prompt_text(model: Model, prompt: Prompt, chat: bool) -> tuple[str, bool]:
 
 
 def _spans(model: Model, prompts: Sequence[Prompt], scope: str, chat: bool, n_ctx: int, max_new_tokens: int,
-           show: bool) -> tuple[list[list[int]], list[tuple[int, int]], list[str]]:
-    """Token sequences to route and the [begin, end) positions to count in each.
+           show: bool) -> tuple[list[list[int]], list[tuple[int, int]], list[str], bool]:
+    """Token sequences to route, the [begin, end) positions to count in each, the texts, and whether
+    Ctrl-C stopped the generation early (then only the prompts before it are returned).
 
     Generated scopes generate first, then route prompt + generation teacher-forced: the same
     causal computation as during generation, but batched.
@@ -60,6 +61,14 @@ def _spans(model: Model, prompts: Sequence[Prompt], scope: str, chat: bool, n_ct
         for p in tqdm(prompts, desc="generating", unit="prompt", disable=not show or gen_session is None):
             text, add_bos = _prompt_text(model, p, chat)
             toks = model.tokenize(text, add_bos=add_bos)
+            if len(toks) + (max_new_tokens if gen_session is not None else 0) > n_ctx:
+                raise MoteError(f"prompt {len(texts) + 1} ({p.cls}: {p.text[:40]!r}…) needs "
+                                f"{len(toks)} tokens{' plus the generation' if gen_session else ''}, more than "
+                                f"the context of {n_ctx}: shorten it or raise --ctx-size")
+            if gen_session is not None:
+                gen = gen_session.generate(toks, max_tokens=max_new_tokens, add_bos=False)
+                if gen.interrupted:
+                    return sequences, spans, texts, True
             texts.append(text)
             if scope == "prompt":
                 sequences.append(toks)
@@ -72,25 +81,28 @@ def _spans(model: Model, prompts: Sequence[Prompt], scope: str, chat: bool, n_ct
                 sequences.append(toks + resp)
                 spans.append((len(toks), len(toks) + len(resp)))
             else:
-                gen = gen_session.generate(toks, max_tokens=max_new_tokens, add_bos=False).tokens
-                begin, end = len(toks), len(toks) + len(gen)
+                out = gen.tokens
+                begin, end = len(toks), len(toks) + len(out)
                 if scope == "thinking":
-                    inside = [i for i, t in enumerate(gen) if t == think_open]
-                    close = [i for i, t in enumerate(gen) if t == think_close]
+                    inside = [i for i, t in enumerate(out) if t == think_open]
+                    close = [i for i, t in enumerate(out) if t == think_close]
                     begin = len(toks) + inside[0] + 1 if inside else end
-                    end = len(toks) + (close[0] if close and (not inside or close[0] > inside[0]) else len(gen))
-                sequences.append(toks + gen)
+                    end = len(toks) + (close[0] if close and (not inside or close[0] > inside[0]) else len(out))
+                sequences.append(toks + out)
                 spans.append((begin, max(begin, end)))
     finally:
         if gen_session is not None:
             gen_session.close()
-    return sequences, spans, texts
+    return sequences, spans, texts, False
 
 
 def capture_activations(model: Model, behavior: Sequence[Prompt], baseline: Sequence[Prompt], *,
                         scope: str = "prompt", chat: bool = True, batch_size: int = 8, max_new_tokens: int = 32,
-                        show_progress: bool | None = None) -> CaptureRun:
-    """Routing of every prompt, counted over the scope's tokens. Ctrl-C keeps what was captured."""
+                        n_ctx: int = 4096, show_progress: bool | None = None) -> CaptureRun:
+    """Routing of every prompt, counted over the scope's tokens. Ctrl-C keeps what was captured.
+
+    A prompt (plus its generation) longer than n_ctx tokens is refused with an error naming it.
+    """
     from tqdm import tqdm
 
     if scope not in SCOPES:
@@ -103,22 +115,22 @@ def capture_activations(model: Model, behavior: Sequence[Prompt], baseline: Sequ
                    key=lambda t: (t[0], t[1]))
     prompts = [p for _, _, p in order]
     flags = np.array([cls == 0 for _, cls, _ in order])
-    longest_guess = 4096  # context of the generation session for generated scopes
     show = sys.stderr.isatty() if show_progress is None else show_progress
-    sequences, spans, texts = _spans(model, prompts, scope, chat, longest_guess, max_new_tokens, show)
+    sequences, spans, texts, partial = _spans(model, prompts, scope, chat, n_ctx, max_new_tokens, show)
+    if not sequences:
+        raise MoteError("interrupted before any prompt was captured: nothing to score")
     with tqdm(total=len(prompts), desc=f"fTRI capture ({scope} tokens)", unit="prompt", disable=not show) as bar:
         longest = max(len(s) for s in sequences)
         counts = np.zeros((len(prompts), layout.n_layer, layout.n_expert), dtype=np.int64)
         weights = np.zeros(counts.shape, dtype=np.float64)
         tokens = np.zeros((len(prompts), layout.n_layer), dtype=np.int64)
         done = 0
-        partial = False
-        n_ctx = batch_size * longest + 16  # one unified KV cache holds the whole batch
-        with model.session(n_ctx=n_ctx, n_seq_max=batch_size, n_batch=min(n_ctx, 2048)) as s, \
+        batch_ctx = batch_size * longest + 16  # one unified KV cache holds the whole batch
+        with model.session(n_ctx=batch_ctx, n_seq_max=batch_size, n_batch=min(batch_ctx, 2048)) as s, \
                 s.capture(label=None) as cap:
             try:
-                for start in range(0, len(prompts), batch_size):
-                    batch = range(start, min(start + batch_size, len(prompts)))
+                for start in range(0, len(sequences), batch_size):
+                    batch = range(start, min(start + batch_size, len(sequences)))
                     cap.unbind_all()
                     for seq, idx in enumerate(batch):
                         cap.bind(seq, idx, *spans[idx])
@@ -225,10 +237,10 @@ def write_outputs(out: Path, run: CaptureRun, results: dict[str, FtriResult], mo
 
 def run_ftri(model: Model, behavior: Sequence[Prompt], baseline: Sequence[Prompt], *, methods: Sequence[str],
              scope: str = "prompt", chat: bool = True, top: int = 10, n_boot: int = 200, seed: int = 0,
-             batch_size: int = 8, max_new_tokens: int = 32, show_progress: bool | None = None
+             batch_size: int = 8, max_new_tokens: int = 32, n_ctx: int = 4096, show_progress: bool | None = None
              ) -> tuple[CaptureRun, dict[str, FtriResult]]:
     run = capture_activations(model, behavior, baseline, scope=scope, chat=chat, batch_size=batch_size,
-                              max_new_tokens=max_new_tokens, show_progress=show_progress)
+                              max_new_tokens=max_new_tokens, n_ctx=n_ctx, show_progress=show_progress)
     results = {m: analyse(run.activations, m, n_boot=n_boot, top_n=top, sign="positive", seed=seed)
                for m in methods}
     return run, results

@@ -284,6 +284,15 @@ def open_gguf(p: Path, error: type[Exception] = ModelFileError) -> gguf.GGUFRead
             pass
         raise error(f"{p} is not a readable GGUF file ({type(err).__name__}: {err}); "
                     "the file may be truncated or corrupt") from None
+    # the reader decodes string values only when asked: check the single strings now (metadata a caller
+    # reads), so that a corrupt one is this error rather than a UnicodeDecodeError later. Arrays of strings
+    # (vocabularies) are left alone: llama.cpp accepts tokens that are not UTF-8.
+    for name, field in reader.fields.items():
+        if field.types == [gguf.GGUFValueType.STRING]:
+            try:
+                bytes(field.parts[-1]).decode("utf-8")
+            except UnicodeDecodeError:
+                raise error(f"{p} has a corrupt metadata value: {name} is not UTF-8 text; {_FIX_CORRUPT}") from None
     try:
         if reader.tensors:
             _tensor_layout([(t.name, t.data_offset - reader.data_offset, t.n_bytes) for t in reader.tensors],
@@ -366,6 +375,10 @@ def read_layout(path: str | os.PathLike) -> MoeLayout:
     except (TypeError, ValueError):
         file_type_name = f"type {file_type}"
     context_length = integer(gguf.Keys.LLM.CONTEXT_LENGTH)
+    if not 0 <= context_length < 2**31:
+        raise ModelFileError(f"{p}: {arch}.context_length is {context_length}, more than llama.cpp can address "
+                             f"(2**31 - 1 tokens); {_FIX_CORRUPT}")
+    _check_vocabulary(p, reader)
     return MoeLayout(
         path=p, arch=arch, n_layer=n_layer, moe_layers=moe_layers, n_expert=n_expert,
         n_expert_used=n_expert_used, gating=gating,
@@ -373,6 +386,23 @@ def read_layout(path: str | os.PathLike) -> MoeLayout:
         n_shared_experts=shared, n_expert_groups=groups, n_group_used=group_used,
         file_type=file_type_name, size_bytes=p.stat().st_size, context_length=max(context_length, 0),
     )
+
+
+def _check_vocabulary(p: Path, reader: gguf.GGUFReader) -> None:
+    """llama.cpp asserts that no two tokens of the vocabulary are the same string; a flipped byte in the token
+    list is enough to trip it and abort the process. Tokens are compared as llama.cpp reads them: as C strings
+    (up to the first NUL byte), an empty one counting as "[EMPTY_<id>]"."""
+    field = reader.fields.get(gguf.Keys.Tokenizer.LIST)
+    if field is None or field.types != [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING]:
+        return  # llama.cpp refuses a missing or mistyped token list with an error of its own
+    seen: dict[bytes, int] = {}
+    for i, part in enumerate(field.data):
+        word = field.parts[part].tobytes().split(b"\0", 1)[0] or f"[EMPTY_{i}]".encode()
+        first = seen.setdefault(word, i)
+        if first != i:
+            raise ModelFileError(f"{p}: the vocabulary ({gguf.Keys.Tokenizer.LIST}) holds the token "
+                                 f"{word.decode('utf-8', 'replace')!r} twice (ids {first} and {i}); llama.cpp would "
+                                 f"abort on it: {_FIX_CORRUPT}")
 
 
 def _check_experts(corrupt, arch: str, n_expert: int, used: int, groups: int, group_used: int) -> None:

@@ -359,6 +359,10 @@ class Profile:
             doc = json.loads(text, parse_constant=_Constant)
         except json.JSONDecodeError as err:
             raise ProfileError(f"not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+        except RecursionError:
+            raise ProfileError("not valid JSON for a profile: nested too deeply") from None
+        except UnicodeDecodeError:
+            raise ProfileError("not UTF-8 text: a JSON profile must be UTF-8") from None
         _object(doc, "", {"format", "version", "entries"},
                 {"name", "description", "strength", "fingerprint", "metadata"})
         if doc["format"] != FORMAT:

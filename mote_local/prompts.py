@@ -280,7 +280,9 @@ def _parse_toml(path: Path, text: str) -> Any:
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise PromptSetError(f"{path}: not valid TOML: {e}; fix the syntax there") from None
+        raise PromptSetError(f"{path}: not valid TOML: {_one_line(e)}; fix the syntax there") from None
+    except RecursionError:
+        raise PromptSetError(f"{path}: arrays or tables nested too deeply to be a prompt set") from None
 
 
 def _parse_yaml(path: Path, text: str) -> Any:
@@ -295,7 +297,14 @@ def _parse_yaml(path: Path, text: str) -> Any:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e)
-        raise PromptSetError(f"{path}: not valid YAML{where}: {problem}; fix the syntax there") from None
+        raise PromptSetError(f"{path}: not valid YAML{where}: {_one_line(problem)}; fix the syntax there") from None
+    except RecursionError:
+        raise PromptSetError(f"{path}: lists or mappings nested too deeply to be a prompt set") from None
+
+
+def _one_line(message: object) -> str:
+    """A parser's message on one line (the CLI prints every error as one line)."""
+    return " ".join(str(message).split())
 
 
 def _check_keys(table: Mapping[Any, Any], allowed: tuple[str, ...]) -> None:
@@ -386,6 +395,10 @@ def _build_class(name: str, spec: Any, seed: int, cap: int | None, budget: int) 
         if src < len(templates):
             t = templates[src]
             text, values = t.item(i - starts[src])
+            if not text.strip():
+                raise PromptSetError(f"template {t.text!r} expands to an empty prompt with "
+                                     f"{', '.join(f'{k}={v!r}' for k, v in values) or 'no slots'}; give those "
+                                     "slots non-empty values or add text to the template")
             out.append(Prompt(text, name, response, t.text, values))
         else:
             out.append(Prompt(plain[src - len(templates)], name, response))

@@ -1,0 +1,1089 @@
+"""Hardening: bad model files, bad steering, bad prompt sets, faults (Ctrl-C, SIGKILL, disk full), isolation
+between sessions and sequences, and fuzzing of the parsers and statistics.
+
+Everything that could take the interpreter down (llama.cpp aborts on some files its parser accepts) runs in a
+subprocess, so that a regression shows as a failed test with the signal, not as a dead pytest.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import pathlib
+import random
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from mote_local import ftri, planted, report, tiny
+from mote_local import layout as layout_mod
+from mote_local.cli import main
+from mote_local.engine import Generation, Model, Session
+from mote_local.errors import ModelFileError, NotMoeError, SteeringError
+from mote_local.evaluate import EvalResult, evaluate
+from mote_local.ftri_stats import METHODS, Activations, FtriResult, analyse
+from mote_local.layout import read_layout
+from mote_local.profile import Fingerprint, Profile, ProfileError, ProfileMismatchError
+from mote_local.prompts import Prompt, PromptSet, PromptSetError, load_prompt_set, select_classes
+from mote_local.steering import Entry, Mode, Scope
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "what happened in the city yesterday"
+VT = gguf.GGUFValueType
+SLOW = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+# cases counted for the README's reliability section: every entry of these tables is one bad input
+# (see test_case_count at the end)
+COUNTED: dict[str, int] = {}
+
+
+def counted(table: str, cases):
+    COUNTED[table] = len(cases)
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, str]:
+    """The environment of CLI subprocesses: this source tree, a private cache."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), "MOTE_CACHE_DIR": str(tmp_path_factory.mktemp("mote-cache")),
+            "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+# runs the CLI in a subprocess after the patch code given (a Python snippet), e.g. a slowed-down decode
+_WITH_PATCH = "import sys\n{patch}\nfrom mote_local.cli import main\nmain(sys.argv[1:], prog_name='mote')\n"
+
+
+def mote(env, *args, patch: str | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "mote_local.cli"] if patch is None else \
+        [sys.executable, "-c", _WITH_PATCH.format(patch=patch)]
+    return subprocess.run(cmd + [str(a) for a in args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_one_line_error(returncode: int, stderr: str, *needles: str) -> str:
+    """A normal non-zero exit (1 or 2, never a signal) with exactly one line on stderr, naming the problem."""
+    assert returncode in (1, 2), f"exit {returncode}:\n{stderr[-3000:]}"
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def invoke(*args):
+    """The CLI in this process (for inputs refused before llama.cpp sees anything)."""
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def copy_patched(src: Path, dst: Path, **values) -> Path:
+    """A copy of src with scalar metadata values overwritten in place (keys given with '.' as '__')."""
+    shutil.copyfile(src, dst)
+    reader = gguf.GGUFReader(dst, "r+")
+    for key, value in values.items():
+        field = reader.fields[key.replace("__", ".")]
+        field.parts[field.data[0]][0] = value
+    reader.data.flush()
+    del reader
+    return dst
+
+
+def rewrite(src: Path, dst: Path, arch: str | None = None, set_fields=()) -> Path:
+    """src written again with gguf-py: under another architecture (its keys renamed) and/or with fields set
+    to (key, value, type) -- a way to change a value's type, which an in-place edit cannot."""
+    reader = gguf.GGUFReader(src)
+    old = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    arch = arch or old
+    overrides = {k: (v, t) for k, v, t in set_fields}
+    w = gguf.GGUFWriter(dst, arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == gguf.Keys.General.ARCHITECTURE:
+            continue
+        name = arch + key[len(old):] if key.startswith(old + ".") else key
+        if name in overrides:
+            continue
+        vtype = field.types[0]
+        w.add_key_value(name, field.contents(), vtype, sub_type=field.types[-1] if vtype == VT.ARRAY else None)
+    for key, (value, vtype) in overrides.items():
+        w.add_key_value(key, value, vtype)
+    for t in reader.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def _part_offsets(field) -> list[int]:
+    """File offset of each part of a reader field."""
+    offsets = [field.offset]
+    for part in field.parts:
+        offsets.append(offsets[-1] + part.nbytes)
+    return offsets
+
+
+def _with(data: bytes, offset: int, new: bytes) -> bytes:
+    return data[:offset] + new + data[offset + len(new):]
+
+
+# ---------------------------------------------------------------------------------------------- 1. model files
+
+@pytest.fixture(scope="module")
+def bad_models(tiny_path, tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    """name -> (a broken model file, what its error must say)."""
+    d = tmp_path_factory.mktemp("bad-models")
+    qwen, deepseek = tiny_path("qwen3moe"), tiny_path("deepseek2")
+    data = qwen.read_bytes()
+    reader = gguf.GGUFReader(qwen)
+    tokens = reader.fields[gguf.Keys.Tokenizer.LIST]
+    t6 = _part_offsets(reader.tensors[5].field)  # [name_len, name, n_dims, dims, type, offset, end]
+    arch_value = _part_offsets(reader.fields[gguf.Keys.General.ARCHITECTURE])[-2]
+    # two ordinary tokens of one byte length: writing one over the other makes the vocabulary hold it twice
+    words = [tokens.parts[i].tobytes() for i in tokens.data]
+    i, j = next((i, j) for i in range(20, 200) for j in range(i + 1, 200) if len(words[i]) == len(words[j]))
+    twice = _with(data, _part_offsets(tokens)[tokens.data[i]], words[j])
+    # the same, the way llama.cpp reads a token with a NUL byte in it: as a C string cut at the NUL
+    k, m = next((k, m) for k in range(20, 400) for m in range(20, 400)
+                if len(words[m]) < len(words[k]) and words[k].startswith(words[m]))
+    nul = _with(data, _part_offsets(tokens)[tokens.data[k]] + len(words[m]), b"\0")
+
+    def raw(name: str, content: bytes) -> Path:
+        (d / name).write_bytes(content)
+        return d / name
+
+    cases: dict[str, tuple[Path, str]] = {
+        "empty file": (raw("empty.gguf", b""), "is empty"),
+        "random bytes": (raw("random.gguf", random.Random(0).randbytes(65536)), "not a GGUF file"),
+        "a text file": (raw("text.gguf", b"this is not a model\n" * 40), "not a GGUF file"),
+        "magic only": (raw("magic.gguf", b"GGUF"), "truncated inside the GGUF header"),
+        "cut inside the header": (raw("cut-header.gguf", data[:10]), "truncated inside the GGUF header"),
+        "cut early in the metadata": (raw("cut-kv0.gguf", data[:200]), "is truncated or has a corrupt header"),
+        "cut inside the metadata": (raw("cut-kv.gguf", data[:reader.fields[gguf.Keys.Tokenizer.SCORES].offset + 40]),
+                                    "is truncated inside the metadata (key #"),
+        "cut inside the tensor table": (raw("cut-table.gguf", data[:t6[1] + 3]),
+                                        "is truncated inside the tensor table (tensor #6"),
+        "cut at the start of the tensor data": (raw("cut-data0.gguf", data[:reader.data_offset + 10]),
+                                                "is truncated inside the tensor data"),
+        "cut in the middle of the tensor data": (raw("cut-data.gguf", data[:len(data) // 2]),
+                                                 "is truncated inside the tensor data"),
+        "cut just before the end": (raw("cut-end.gguf", data[:-100]), "is truncated inside the tensor data"),
+        "magic flipped": (raw("magic-flip.gguf", _with(data, 0, b"GGUX")), "not a GGUF file"),
+        "version flipped": (raw("version.gguf", _with(data, 4, struct.pack("<I", 99))), "GGUF version 99"),
+        "big-endian version": (raw("version-be.gguf", _with(data, 4, struct.pack(">I", 3))), "big-endian"),
+        "tensor count huge": (raw("ntensors-huge.gguf", _with(data, 8, struct.pack("<Q", 10**12))),
+                              "header claims"),
+        "tensor count too big": (raw("ntensors-more.gguf",
+                                     _with(data, 8, struct.pack("<Q", len(reader.tensors) + 3))),
+                                 "corrupt tensor table"),
+        "tensor count too small": (raw("ntensors-less.gguf", _with(data, 8, struct.pack("<Q", 5))),
+                                   "holds no expert router tensor"),
+        "metadata count huge": (raw("nkv-huge.gguf", _with(data, 16, struct.pack("<Q", 10**12))), "header claims"),
+        "tensor type unknown": (raw("type-bad.gguf", _with(data, t6[4], struct.pack("<I", 200))),
+                                "unknown tensor type 200"),
+        "tensor type f32 -> f16": (raw("type-f16.gguf", _with(data, t6[4], struct.pack("<I", 1))),
+                                   "corrupt tensor table"),
+        "tensor type f32 -> q8_0": (raw("type-q8.gguf", _with(data, t6[4], struct.pack("<I", 8))),
+                                    "corrupt tensor table"),
+        "tensor dims bigger": (raw("dims-big.gguf", _with(data, t6[3] + 8, struct.pack("<Q", 10**6))),
+                               "corrupt tensor table"),
+        "tensor dims smaller": (raw("dims-small.gguf", _with(data, t6[3] + 8, struct.pack("<Q", 32))),
+                                "corrupt tensor table"),
+        "tensor dims zero": (raw("dims-zero.gguf", _with(data, t6[3], struct.pack("<Q", 0))),
+                             "corrupt tensor table"),
+        "tensor with 9 dims": (raw("ndims.gguf", _with(data, t6[2], struct.pack("<I", 9))), "9 dimensions"),
+        "tensor offset past the end": (raw("offset-big.gguf", _with(data, t6[5], struct.pack("<Q", 10**9))),
+                                       "corrupt tensor table"),
+        "tensor offset unaligned": (raw("offset-unaligned.gguf",
+                                        _with(data, t6[5], struct.pack("<Q", int(reader.tensors[5].field.parts[5][0]) + 4))),
+                                    "corrupt tensor table"),
+        "tensor offset zero (overlap)": (raw("offset-zero.gguf", _with(data, t6[5], struct.pack("<Q", 0))),
+                                         "corrupt tensor table"),
+        "architecture not UTF-8": (raw("arch-utf8.gguf", _with(data, arch_value, b"\xff")), "not UTF-8 text"),
+        "duplicate token in the vocabulary": (raw("dup-token.gguf", twice), "twice"),
+        "token cut short by a NUL byte": (raw("nul-token.gguf", nul), "twice"),
+        # hyperparameters llama.cpp asserts on (each aborted the process before layout.py checked them)
+        "block_count 0": (copy_patched(qwen, d / "blocks0.gguf", qwen3moe__block_count=0), "block_count is 0"),
+        "block_count 600": (copy_patched(qwen, d / "blocks600.gguf", qwen3moe__block_count=600),
+                            "block_count is 600"),
+        "expert_count 2000": (copy_patched(qwen, d / "experts2000.gguf", qwen3moe__expert_count=2000),
+                              "expert_count is 2000"),
+        "expert_count disagrees with the router": (copy_patched(qwen, d / "experts16.gguf",
+                                                                qwen3moe__expert_count=16), "has shape"),
+        "expert_used_count 0": (copy_patched(qwen, d / "used0.gguf", qwen3moe__expert_used_count=0),
+                                "expert_used_count is 0"),
+        "expert_used_count > expert_count": (copy_patched(qwen, d / "used100.gguf",
+                                                          qwen3moe__expert_used_count=100),
+                                             "expert_used_count is 100"),
+        "unknown gating function": (copy_patched(deepseek, d / "gating9.gguf", deepseek2__expert_gating_func=9),
+                                    "expert_gating_func is 9"),
+        "expert groups do not divide the experts": (copy_patched(deepseek, d / "groups3.gguf",
+                                                                 deepseek2__expert_group_count=3),
+                                                    "do not split into 3 expert groups"),
+        "expert_group_used_count too big": (copy_patched(deepseek, d / "groupused.gguf",
+                                                         deepseek2__expert_group_used_count=4),
+                                            "expert_group_used_count is 4"),
+        "context_length past int32": (copy_patched(qwen, d / "ctx.gguf", qwen3moe__context_length=3_355_443_456),
+                                      "context_length is 3355443456"),
+        "block_count is a string": (rewrite(qwen, d / "blocks-str.gguf",
+                                            set_fields=[("qwen3moe.block_count", "four", VT.STRING)]),
+                                    "not an integer"),
+        "a profile given as the model": (Profile((Entry(0, 0, Mode.MASK),)).save(d / "profile.gguf"),
+                                         "not a llama.cpp language model"),
+        "a directory": (d, "is a directory"),
+        "a missing file": (d / "missing.gguf", "model file not found"),
+    }
+    fifo = d / "pipe.gguf"
+    os.mkfifo(fifo)  # opening a FIFO for reading blocks: the check must not open it
+    cases["a named pipe"] = (fifo, "not a regular file")
+    return counted("model files", cases)
+
+
+# the cases the CLI runs in a subprocess (both `inspect` and `run`); the in-process loop covers every case
+CLI_CASES = ["empty file", "random bytes", "cut inside the metadata", "cut inside the tensor table",
+             "cut in the middle of the tensor data", "version flipped", "tensor type f32 -> f16",
+             "tensor offset unaligned", "expert_used_count > expert_count", "unknown gating function",
+             "block_count 600", "duplicate token in the vocabulary", "a directory", "a named pipe"]
+
+
+def test_every_bad_model_file_gets_a_clear_model_file_error(bad_models):
+    for name, (path, needle) in bad_models.items():
+        if name == "a named pipe":
+            continue  # in a subprocess below: a regression would hang
+        with pytest.raises(ModelFileError) as info:
+            read_layout(path)
+        message = str(info.value)
+        assert needle in message and str(path) in message, (name, message)
+        assert "\n" not in message, (name, message)
+
+
+def test_bad_model_files_never_abort_the_process(bad_models, env):
+    """Model(path) on every bad file, in one child process: each raises ModelFileError; none aborts."""
+    code = ("import json, sys\nfrom mote_local.engine import Model\n"
+            "for name, path in json.loads(sys.argv[1]):\n"
+            "    try:\n        Model(path).close(); print(json.dumps([name, 'loaded', '']), flush=True)\n"
+            "    except Exception as e:\n        print(json.dumps([name, type(e).__name__, str(e)]), flush=True)\n")
+    todo = [[name, str(path)] for name, (path, _) in bad_models.items()]
+    r = subprocess.run([sys.executable, "-c", code, json.dumps(todo)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    results = {row[0]: row[1:] for row in map(json.loads, r.stdout.splitlines())}
+    assert r.returncode == 0, f"child died with {r.returncode} after {list(results)[-1:]}: {r.stderr[-2000:]}"
+    for name, (path, needle) in bad_models.items():
+        kind, message = results[name]
+        assert kind in ("ModelFileError", "NotMoeError") and needle in message, (name, kind, message)
+
+
+@pytest.mark.parametrize("case", CLI_CASES)
+def test_cli_inspect_and_run_refuse_bad_model_files_in_one_line(bad_models, env, case):
+    path, needle = bad_models[case]
+    for command in (["inspect", path], ["run", path, "-p", PROMPT, "-n", "2", "-c", "64"]):
+        r = mote(env, *command, timeout=60)
+        assert_one_line_error(r.returncode, r.stderr, needle, str(path))
+
+
+def test_cli_inspect_in_process_for_every_bad_file(bad_models):
+    for name, (path, needle) in bad_models.items():
+        if name == "a named pipe":
+            continue
+        r = invoke("inspect", path)
+        assert r.exit_code == 1, (name, r.output)
+        assert_one_line_error(r.exit_code, r.stderr, needle)
+
+
+def test_dense_model_inspects_but_run_refuses(tiny_path, env):
+    dense = tiny_path(tiny.DENSE)
+    r = invoke("inspect", dense)
+    assert r.exit_code == 0 and "dense (no experts)" in r.output
+    r = mote(env, "run", dense, "-p", PROMPT, "-n", "2")
+    assert_one_line_error(r.returncode, r.stderr, "is a dense model", "Mixture-of-Experts")
+    with Model(dense) as m:  # the engine loads it; only steering and capture need experts
+        with pytest.raises(NotMoeError):
+            m.check_entries([Entry(0, 0, Mode.MASK)])
+
+
+def test_unreadable_model_file(tiny_path, tmp_path, env):
+    locked = tmp_path / "locked.gguf"
+    shutil.copyfile(tiny_path("qwen3moe"), locked)
+    locked.chmod(0)
+    try:
+        if os.access(locked, os.R_OK):
+            pytest.skip("running as root: chmod 000 does not stop this user reading (see the monkeypatched test)")
+        with pytest.raises(ModelFileError, match="permission denied"):
+            read_layout(locked)
+        for command in (["inspect", locked], ["run", locked, "-p", PROMPT]):
+            r = mote(env, *command)
+            assert_one_line_error(r.returncode, r.stderr, "permission denied", "chmod")
+    finally:
+        locked.chmod(0o644)
+
+
+def test_unreadable_model_file_message(tiny_path, monkeypatch):
+    """The permission path as root sees it never: open() refused."""
+    def refuse(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(layout_mod, "open", refuse, raising=False)
+    path = tiny_path("qwen3moe")
+    with pytest.raises(ModelFileError, match=r"cannot read .*: permission denied; make the file readable"):
+        read_layout(path)
+    with pytest.raises(ModelFileError, match="permission denied"):
+        Model(path)
+    r = invoke("inspect", path)
+    assert_one_line_error(r.exit_code, r.stderr, "permission denied")
+
+
+@pytest.fixture(scope="module")
+def granite(tiny_path, tmp_path_factory) -> Path:
+    """The tiny mixtral as `granitemoe`: an MoE architecture llama.cpp loads whose gating mote-local does not
+    know (no entry in layout.ARCH_ROUTER_DEFAULTS, no gating key in the file)."""
+    return rewrite(tiny_path("mixtral"), tmp_path_factory.mktemp("granite") / "granitemoe.gguf", "granitemoe",
+                   [("granitemoe.logit_scale", 1.0, VT.FLOAT32)])
+
+
+def test_moe_arch_with_unknown_gating_is_shown_as_unknown_and_still_steers(granite):
+    layout = read_layout(granite)
+    assert layout.arch == "granitemoe" and layout.is_moe and layout.gating is None
+    r = invoke("inspect", granite)
+    assert r.exit_code == 0 and "unknown" in next(l for l in r.output.splitlines() if "gating" in l)
+    assert json.loads(invoke("inspect", granite, "--json").stdout)["gating"] == "unknown"
+    with Model(granite) as m, m.session(n_ctx=64, n_threads=1) as s:
+        toks = m.tokenize(PROMPT)
+        with s.capture() as cap:
+            idle = s.logits(toks)
+        layer, busiest = 0, int(np.argmax(cap.stats().counts[0]))
+        s.steer([Entry(layer, busiest, Mode.MASK)])
+        with s.capture() as cap:
+            masked = s.logits(toks)
+        assert cap.stats().counts[layer, busiest] == 0 and not np.array_equal(masked, idle)
+
+
+def test_unknown_gating_via_patched_defaults(tiny_path, monkeypatch):
+    """The same code path on a tiny qwen3moe whose architecture is taken out of the defaults table."""
+    monkeypatch.delitem(layout_mod.ARCH_ROUTER_DEFAULTS, "qwen3moe")
+    assert read_layout(tiny_path("qwen3moe")).gating is None
+    r = invoke("inspect", tiny_path("qwen3moe"))
+    assert r.exit_code == 0 and "unknown" in r.output
+
+
+def test_validation_accepts_every_good_file(tiny_path, model_dir):
+    for arch in (*tiny.ARCHS, tiny.DENSE):
+        layout = read_layout(tiny_path(arch))
+        assert layout.is_moe == (arch != tiny.DENSE)
+    for qtype in ("f16", "q8_0", "q4_k"):
+        assert read_layout(tiny_path("qwen3moe", qtype=qtype)).is_moe
+    path, _ = planted.planted_model(cache_dir=model_dir)
+    assert read_layout(path).is_moe
+
+
+def test_validation_is_cheap_on_a_large_vocabulary(tiny_path):
+    path = tiny_path("qwen3moe", n_vocab=30_000)
+    started = time.perf_counter()
+    gguf.GGUFReader(path)
+    reader = time.perf_counter() - started
+    started = time.perf_counter()
+    read_layout(path)
+    checked = time.perf_counter() - started
+    # the structure, hyperparameter and vocabulary checks add little to what gguf-py's reader costs alone
+    assert checked < 2 * reader + 1.0, (checked, reader)
+
+
+# ---------------------------------------------------------------------------------------------- 2. steering
+
+STEERING_FLAGS = counted("steering flags", {
+    "expert out of range": (["--off", "0:99"], "expert 99 is out of range"),
+    "layer out of range": (["--drop", "99:0"], "layer 99 is not an MoE layer"),
+    "more forced than k": (["--force", "0:0,0:1,0:2"], "force at most 2 experts per layer"),
+    "contradictory entries": (["--off", "0:0", "--force", "0:0"], "contradictory entries"),
+    "duplicate bias": (["--bias", "0:0=1", "--bias", "0:0=2"], "two bias entries"),
+    "NaN bias": (["--bias", "0:0=nan"], "must be finite or -inf"),
+    "+inf bias": (["--bias", "0:0=inf"], "must be finite or -inf"),
+    "negative gain": (["--gain", "0:0=-1"], "must be a finite number >= 0"),
+    "NaN strength": (["--strength", "nan", "--off", "0:0"], "strength must be a finite number"),
+    "negative strength on -inf": (["--strength", "-1", "--bias", "0:0=-inf"], "negative strength"),
+    "every expert masked": (["--off", ",".join(f"0:{e}" for e in range(7))], "mask at most 6"),
+    "malformed flag": (["--off", "0-1"], "missing ':'"),
+})
+
+
+@pytest.fixture(scope="module")
+def profile_files(tiny_path, tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    d = tmp_path_factory.mktemp("bad-profiles")
+    qwen = tiny_path("qwen3moe")
+    good = Profile.from_entries([Entry(0, 1, Mode.MASK)], model_path=qwen)
+    other = Profile.from_entries([Entry(0, 1, Mode.MASK)], model_path=tiny_path("olmoe"))
+    gguf_bytes = good.save(d / "good.gguf").read_bytes()
+
+    def text(name: str, content: str | bytes) -> Path:
+        path = d / name
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+        return path
+
+    head = '{"format": "mote-profile", "version": 1, '
+    return counted("profile files", {
+        "unknown key": (text("unknown.json", head + '"entries": [], "colour": "red"}'), "colour: unknown key"),
+        "unknown entry key": (text("entry-key.json", head + '"entries": [{"layer": 0, "expert": 1, "mode": "mask", '
+                                   '"weight": 2}]}'), "entries[0].weight: unknown key"),
+        "NaN literal": (text("nan.json", head + '"entries": [{"layer": 0, "expert": 1, "mode": "bias", '
+                             '"value": NaN}]}'), "NaN is not valid JSON"),
+        "unknown mode": (text("mode.json", head + '"entries": [{"layer": 0, "expert": 1, "mode": "off"}]}'),
+                         "unknown mode"),
+        "truncated JSON": (text("cut.json", good.to_json()[:60]), "not valid JSON"),
+        "not UTF-8": (text("latin.json", b'{"name": "caf\xe9"}'), "not UTF-8 text"),
+        "truncated GGUF": (text("cut.gguf", gguf_bytes[:len(gguf_bytes) // 2]), "truncated"),
+        "garbage GGUF": (text("garbage.gguf", b"\x00\x01junk" * 50), "not a GGUF file"),
+        "a model given as a profile": (qwen, "not a mote profile"),
+        "made for another model": (other.save(d / "other.json"), "Use a profile made for this model"),
+        "made for another model (GGUF)": (other.save(d / "other.gguf"), "Use a profile made for this model"),
+        "empty": (text("empty.json", ""), "is empty"),
+        "unknown suffix": (text("profile.txt", good.to_json()), "cannot tell the profile format"),
+        "a directory": (d, "cannot tell the profile format"),
+    })
+
+
+@pytest.mark.parametrize("case", list(STEERING_FLAGS))
+def test_cli_refuses_bad_steering_flags_in_one_line(tiny_path, case):
+    flags, needle = STEERING_FLAGS[case]
+    r = invoke("run", tiny_path("qwen3moe"), "-p", PROMPT, "-n", "2", *flags)
+    assert_one_line_error(r.exit_code, r.stderr, needle)
+
+
+def test_cli_refuses_bad_profiles_in_one_line(tiny_path, profile_files):
+    for name, (path, needle) in profile_files.items():
+        r = invoke("run", tiny_path("qwen3moe"), "-p", PROMPT, "-n", "2", "--profile", path)
+        assert_one_line_error(r.exit_code, r.stderr, needle)
+
+
+@pytest.mark.parametrize("case", ["truncated GGUF", "made for another model", "unknown key"])
+def test_cli_refuses_bad_profiles_in_a_real_process(tiny_path, profile_files, env, case):
+    path, needle = profile_files[case]
+    r = mote(env, "run", tiny_path("qwen3moe"), "-p", PROMPT, "-n", "2", "--profile", path)
+    assert_one_line_error(r.returncode, r.stderr, needle)
+    r = mote(env, "profile", "validate", path, tiny_path("qwen3moe"))
+    assert_one_line_error(r.returncode, r.stderr, needle)
+
+
+def test_forcing_another_models_profile_still_checks_the_limits(tiny_path, tmp_path):
+    olmoe = tiny_path("olmoe")
+    too_many = Profile.from_entries([Entry(0, e, Mode.FORCE) for e in range(3)], model_path=olmoe)
+    path = too_many.save(tmp_path / "p.json")
+    r = invoke("run", tiny_path("qwen3moe"), "-p", PROMPT, "-n", "2", "--profile", path, "--force-profile")
+    assert_one_line_error(r.exit_code, r.stderr, "forces 3 experts")
+
+
+def test_rejected_profile_leaves_the_previous_steering_in_place(load):
+    """A profile valid in the prefill but not in the decode phase is refused whole: nothing is applied."""
+    model = load("qwen3moe")
+    layer = model.layout.moe_layers[1]
+    toks = model.tokenize(PROMPT)
+    bad = Profile((Entry(layer, 7, Mode.BIAS, 1.0), *(Entry(layer, e, Mode.FORCE, scope=Scope.DECODE)
+                                                      for e in range(model.layout.n_expert_used + 1))))
+    with model.session(n_ctx=128, n_threads=1) as s:
+        previous = Profile((Entry(layer, 5, Mode.BIAS, 2.0), Entry(layer, 3, Mode.MASK, scope=Scope.DECODE)))
+        s.steer(previous)
+        logits, gen = s.logits(toks), s.generate(PROMPT, max_tokens=6).tokens
+        for attempt in (lambda: s.steer(bad), lambda: s.steer(previous.entries, strength=math.nan),
+                        lambda: s.steer([Entry(layer, model.layout.n_expert, Mode.MASK)])):
+            with pytest.raises(SteeringError):
+                attempt()
+            assert s.steering == previous
+            assert np.array_equal(s.logits(toks), logits)
+            assert s.generate(PROMPT, max_tokens=6).tokens == gen
+
+
+def test_session_refuses_a_profile_made_for_another_model(load, tiny_path):
+    model = load("qwen3moe")
+    other = Profile.from_entries([Entry(0, 1, Mode.MASK)], model_path=tiny_path("olmoe"))
+    with model.session(n_ctx=64, n_threads=1) as s:
+        with pytest.raises(ProfileMismatchError):
+            s.steer(other)
+        assert s.steering == Profile()
+
+
+# ---------------------------------------------------------------------------------------------- 3. prompt sets
+
+@pytest.fixture(scope="module")
+def prompt_files(tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    d = tmp_path_factory.mktemp("bad-prompts")
+
+    def write(name: str, content: str | bytes) -> Path:
+        (d / name).write_bytes(content.encode() if isinstance(content, str) else content)
+        return d / name
+
+    big = d / "huge.toml"
+    with big.open("wb") as f:
+        f.truncate((16 << 20) + 1)  # sparse: over the structured-file limit without writing 16 MiB
+    return counted("prompt files", {
+        "empty plain file": (write("empty.txt", ""), "no prompts for class 'empty'"),
+        "only comments": (write("comments.txt", "# a\n\n# b\n"), "no prompts"),
+        "binary junk (plain)": (write("junk.txt", random.Random(1).randbytes(4096)), "binary file"),
+        "binary junk (TOML)": (write("junk.toml", random.Random(2).randbytes(4096)), "binary file"),
+        "NUL bytes (YAML)": (write("nul.yaml", b"classes:\x00\x00"), "NUL byte"),
+        "control characters (YAML)": (write("ctl.yaml", "classes:\n  c: [\x01]\n"), "not valid YAML"),
+        "unknown template slot": (write("slot.toml", '[classes.c]\ntemplates = ["a {place}"]\n[classes.c.slots]\n'
+                                        'time = ["x"]\n'), "uses slot 'place', which is not defined"),
+        "template expanding to an empty prompt": (write("blank.toml", '[classes.c]\ntemplates = ["{a}"]\n'
+                                                        '[classes.c.slots]\na = ["", "x"]\n'),
+                                                  "expands to an empty prompt with a=''"),
+        "unknown key": (write("key.toml", '[classes.c]\nprompt = ["x"]\n'), "unknown key 'prompt'"),
+        "deeply nested TOML": (write("deep.toml", "a = " + "[" * 50_000 + "]" * 50_000 + "\n"),
+                               "nested too deeply"),
+        "deeply nested YAML": (write("deep.yaml", "[" * 50_000 + "]" * 50_000 + "\n"), "nested too deeply"),
+        "structured file over 16 MiB": (big, "larger than"),
+        "a missing file": (d / "missing.txt", "cannot read the prompt file"),
+        "a directory": (d, "cannot read the prompt file"),
+    })
+
+
+def test_bad_prompt_files_raise_prompt_set_errors(prompt_files):
+    for name, (path, needle) in prompt_files.items():
+        with pytest.raises(PromptSetError) as info:
+            load_prompt_set(path)
+        assert needle in str(info.value) and "\n" not in str(info.value), (name, str(info.value))
+
+
+def test_cli_refuses_bad_prompt_files_in_one_line(tiny_path, prompt_files, env):
+    model = tiny_path("qwen3moe")
+    never = prompt_files["a directory"][0] / "never"
+    for name, (path, needle) in prompt_files.items():
+        r = invoke("ftri", model, "--prompts", path, "--out", never)
+        assert_one_line_error(r.exit_code, r.stderr, needle)
+    for name in ("binary junk (plain)", "deeply nested YAML"):  # and two in a real process
+        path, needle = prompt_files[name]
+        r = mote(env, "ftri", model, "--prompts", path, "--out", never)
+        assert_one_line_error(r.returncode, r.stderr, needle)
+    assert not never.exists()
+
+
+def test_huge_plain_prompt_file_is_streamed_in_bounded_memory(tmp_path):
+    path = tmp_path / "huge.txt"
+    line = "# " + "x" * 1000 + "\n"
+    with path.open("w") as f:
+        for _ in range(8 * 1024):  # 8 MiB of comments and one real prompt
+            f.write(line)
+        f.write("the only prompt\n")
+    tracemalloc.start()
+    try:
+        prompts = load_prompt_set(path).prompts("huge")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [p.text for p in prompts] == ["the only prompt"]
+    assert peak < path.stat().st_size / 20, peak
+
+
+def test_huge_plain_prompt_file_hits_the_cap_early_in_bounded_memory(tmp_path):
+    path = tmp_path / "many.txt"
+    with path.open("w") as f:
+        for i in range(400_000):  # ~7 MiB
+            f.write(f"prompt number {i} of a very long file\n")
+    tracemalloc.start()
+    try:
+        with pytest.raises(PromptSetError, match=r"more than 1000 prompts; split the file or raise max_prompts"):
+            load_prompt_set(path, max_prompts=1000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < path.stat().st_size / 20, peak
+
+
+def _long_prompt_files(tmp_path: Path, n_words: int) -> tuple[Path, Path]:
+    words = "the city was open and the people went home after work".split()
+    behaviour = tmp_path / "behaviour.txt"
+    behaviour.write_text("what happened in the city\n" + " ".join(words[i % len(words)] for i in range(n_words))
+                         + "\n")
+    baseline = tmp_path / "baseline.txt"
+    baseline.write_text("the dog ran home\nthe cat sat still\n")
+    return behaviour, baseline
+
+
+def test_ftri_refuses_or_warns_about_prompts_longer_than_the_context(tiny_path, tmp_path, env):
+    behaviour, baseline = _long_prompt_files(tmp_path, 300)
+    r = mote(env, "ftri", tiny_path("qwen3moe"), "--prompts", behaviour, "--baseline-prompts", baseline, "--raw",
+             "-c", "64", "--n-boot", "5", "--out", tmp_path / "out")
+    if r.returncode == 0:
+        assert "context" in r.stderr.lower() and "warning" in r.stderr.lower(), r.stderr
+    else:
+        assert_one_line_error(r.returncode, r.stderr, "context")
+
+
+def test_ftri_generated_scope_with_a_prompt_longer_than_its_context(tiny_path, tmp_path, env):
+    """The generation session of --scope generated holds 4096 positions: a longer prompt is refused in one line
+    (Session.decode's InputError), not a traceback."""
+    behaviour, baseline = _long_prompt_files(tmp_path, 5000)
+    r = mote(env, "ftri", tiny_path("qwen3moe"), "--prompts", behaviour, "--baseline-prompts", baseline, "--raw",
+             "--scope", "generated", "--n-boot", "5", "--out", tmp_path / "out")
+    assert_one_line_error(r.returncode, r.stderr, "context")
+
+
+# ---------------------------------------------------------------------------------------------- 4. faults
+
+@pytest.fixture(scope="module")
+def planted_path(model_dir) -> Path:
+    return planted.planted_model(cache_dir=model_dir)[0]
+
+
+def _interrupt_after(env, args, marker: str, patch: str, after: int, timeout: float = 240):
+    """Runs the CLI with `patch`, sends SIGINT once `marker` appeared `after` times on stderr."""
+    proc = subprocess.Popen([sys.executable, "-c", _WITH_PATCH.format(patch=patch), *map(str, args)], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(timeout, proc.kill)
+    watchdog.start()
+    seen, lines = 0, []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if line.startswith(marker):
+                seen += 1
+                if seen == after:
+                    proc.send_signal(signal.SIGINT)
+                    break
+        lines.append(proc.stderr.read())  # the rest, up to the exit (stdout is small: no deadlock)
+        out = proc.stdout.read()
+        proc.wait()
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, out, "".join(lines)
+
+
+_SLOW_ROUTE = ("import time\nfrom mote_local.engine import Session\n_route = Session.route\n"
+               "def route(self, seqs):\n    print('ROUTE', file=sys.stderr, flush=True)\n    time.sleep(0.2)\n"
+               "    return _route(self, seqs)\nSession.route = route\n")
+_SLOW_GENERATE = ("import time\nfrom mote_local.engine import Session\n_generate = Session.generate\n"
+                  "def generate(self, *a, **k):\n    print('GENERATE', file=sys.stderr, flush=True)\n"
+                  "    time.sleep(0.1)\n    return _generate(self, *a, **k)\nSession.generate = generate\n")
+
+
+def test_ctrl_c_during_mote_ftri_keeps_partial_results(planted_path, tmp_path, env):
+    out = tmp_path / "ftri"
+    code, stdout, stderr = _interrupt_after(env, ["ftri", planted_path, "--prompts", planted.prompts_path(),
+                                                  "--batch-size", "2", "--n-boot", "10", "--top", "2", "--out", out],
+                                            "ROUTE", _SLOW_ROUTE, after=3)
+    assert code == 0, stderr[-3000:]
+    assert "interrupted: scored the 4 prompts captured so far (marked partial)" in stderr
+    summary = json.loads((out / "ftri.json").read_text())
+    assert summary["partial"] is True and summary["n_behavior"] == 2 and summary["n_baseline"] == 2
+    assert FtriResult.from_dict(summary["results"]["mean_diff"]).scores.shape[1] > 0
+    Profile.load(out / "profile.json")
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_ctrl_c_during_mote_eval_keeps_partial_results(planted_path, tmp_path, env):
+    _, truth = planted.planted_model(cache_dir=planted_path.parent)
+    profile = Profile.from_entries(truth.entries(Mode.DROP), model_path=planted_path).save(tmp_path / "p.json")
+    out = tmp_path / "eval"
+    code, stdout, stderr = _interrupt_after(env, ["eval", planted_path, "--prompts", planted.prompts_path(),
+                                                  "--class", "trigger", "--profile", profile, "--n-random", "1",
+                                                  "-n", "4", "--out", out], "GENERATE", _SLOW_GENERATE, after=5)
+    assert code == 0, stderr[-3000:]
+    assert "interrupted: the report holds what was measured so far (marked partial)" in stderr
+    result = EvalResult.from_json((out / "report.json").read_text())
+    assert result.partial and 0 < result.condition("unsteered").n < 36
+    assert "PARTIAL" in (out / "report.md").read_text().upper()
+    assert (out / "report.html").read_text().rstrip().endswith("</html>")
+
+
+def test_ctrl_c_during_ftri_generation_is_honoured(load, monkeypatch):
+    model = load("qwen3moe")
+    real = Session.generate
+    calls = []
+
+    def generate(self, *a, **kw):
+        calls.append(1)
+        g = real(self, *a, **kw)
+        if len(calls) == 3:  # what Session.generate returns when Ctrl-C arrives inside it
+            return Generation(g.text[:1], g.tokens[:1], g.prompt_tokens, interrupted=True)
+        return g
+
+    monkeypatch.setattr(Session, "generate", generate)
+    behaviour = [Prompt(f"what happened in the city {w}", "b") for w in ("today", "yesterday", "now")]
+    baseline = [Prompt(f"the dog ran {w}", "n") for w in ("home", "away", "fast")]
+    run = ftri.capture_activations(model, behaviour, baseline, scope="generated", chat=False, max_new_tokens=4,
+                                   show_progress=False)
+    assert run.partial and len(run.prompts) < 6
+
+
+_KILL_PROFILE = """
+import sys
+from mote_local.profile import Profile
+from mote_local.steering import Entry, Mode
+entries = tuple(Entry(l, e, Mode.BIAS, -0.5) for l in range(48) for e in range(512))
+for i in range(1, 10**6):
+    Profile(entries, name=f"v{i}", metadata={"pad": "x" * 100000}).save(sys.argv[1])
+    print(i, flush=True)
+"""
+
+
+@pytest.mark.parametrize("suffix", [".json", ".gguf"])
+def test_sigkill_mid_write_never_leaves_a_torn_profile(tmp_path, env, suffix):
+    target = tmp_path / f"profile{suffix}"
+    Profile((Entry(0, 0, Mode.MASK),), name="old").save(target)
+    rng = random.Random(suffix)
+    names = set()
+    for trial in range(4):
+        proc = subprocess.Popen([sys.executable, "-c", _KILL_PROFILE, str(target)], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, text=True)
+        if trial:  # the first trial kills before any write finished: the old file must survive
+            proc.stdout.readline()
+        time.sleep(rng.uniform(0.0, 0.4))
+        proc.kill()
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+        p = Profile.load(target)  # complete, whichever version
+        assert p.name == "old" or (p.name.startswith("v") and len(p.entries) == 48 * 512), p.name
+        names.add(p.name)
+    assert len(names) >= 2  # both the old file and a new one were seen whole
+
+
+_KILL_REPORT = """
+import sys
+from mote_local.evaluate import EvalResult
+from mote_local.report import write_report
+result = EvalResult.from_json(open(sys.argv[1]).read())
+for i in range(1, 10**6):
+    result.elapsed_s = float(i)
+    write_report(sys.argv[2], result)
+    print(i, flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def small_result(load, tmp_path_factory) -> EvalResult:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOTE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        return evaluate(load("qwen3moe"), ["what happened in the city", "the dog ran home"],
+                        [Entry(1, 3, Mode.DROP)], n_random=1, max_tokens=3, measure_cost=False, show_progress=False)
+
+
+def test_sigkill_mid_write_never_leaves_a_torn_report(small_result, tmp_path, env):
+    src = tmp_path / "result.json"
+    big = EvalResult.from_json(small_result.to_json())
+    big.settings["notes"] = ["padding " * 20] * 5000  # a report large enough to be killed mid-write
+    src.write_text(big.to_json())
+    out = tmp_path / "report"
+    rng = random.Random(3)
+    for trial in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", _KILL_REPORT, str(src), str(out)], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()
+        time.sleep(rng.uniform(0.0, 0.5))
+        proc.kill()
+        proc.wait()
+        assert EvalResult.from_json((out / "report.json").read_text()).elapsed_s >= 1  # each file whole
+        assert (out / "report.html").read_text().rstrip().endswith("</html>")
+        assert (out / "report.md").read_text().strip()
+        png = (out / report.PLOT_NAME).read_bytes()
+        assert png.startswith(b"\x89PNG") and png[-8:-4] == b"IEND"
+
+
+def _disk_full_after(half: bool = True):
+    """A Path.write_bytes that writes part of the data, then fails as a full disk does."""
+    def write_bytes(self, data):
+        with open(self, "wb") as f:
+            f.write(data[:len(data) // 2] if half else b"")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return write_bytes
+
+
+def test_disk_full_keeps_the_old_files_and_says_disk_full(small_result, tmp_path, monkeypatch):
+    profile_path = tmp_path / "p.json"
+    old = Profile((Entry(0, 0, Mode.MASK),), name="old")
+    old.save(profile_path)
+    out = tmp_path / "report"
+    report.write_report(out, small_result)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(pathlib.Path, "write_bytes", _disk_full_after())
+    with pytest.raises(OSError, match="disk full while writing") as info:
+        Profile((Entry(1, 1, Mode.MASK),), name="new").save(profile_path)
+    assert info.value.errno == errno.ENOSPC and str(profile_path) in str(info.value)
+    assert Profile.load(profile_path) == old
+    with pytest.raises(OSError, match="disk full while writing"):
+        report.write_report(out, small_result)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporaries, nothing replaced
+    assert sorted(os.listdir(tmp_path)) == ["p.json", "report"]
+
+
+_DISK_FULL = ("import errno, pathlib, gguf\n"
+              "def full(*a, **k):\n    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+              "pathlib.Path.write_bytes = full\ngguf.GGUFWriter.write_tensors_to_file = full\n")
+
+
+def test_cli_disk_full_is_one_line(tmp_path, env):
+    src = Profile((Entry(0, 1, Mode.MASK),), name="src").save(tmp_path / "src.json")
+    for dst in (tmp_path / "old.json", tmp_path / "old.gguf"):
+        old = Profile((Entry(0, 2, Mode.MASK),), name="old")
+        old.save(dst)
+        r = mote(env, "profile", "convert", src, dst, patch=_DISK_FULL)
+        assert Profile.load(dst) == old
+        assert_one_line_error(r.returncode, r.stderr, "disk full")
+
+
+# ---------------------------------------------------------------------------------------------- 5. isolation
+
+def test_sessions_in_threads_never_see_each_others_state(load):
+    model = load("qwen3moe")
+    layers = model.layout.moe_layers
+    prompts = [PROMPT, "the old man said hello to the small dog", "good morning my friend", "the red car was fast"]
+    steering = [[], [Entry(layers[0], 0, Mode.FORCE)],
+                [Entry(layers[1], 3, Mode.MASK), Entry(layers[2], 1, Mode.BIAS, 2.0)],
+                [Entry(layers[3], 5, Mode.GAIN, 0.0), Entry(layers[0], 2, Mode.DROP)]]
+
+    def work(i: int, rounds: int = 6):
+        with model.session(n_ctx=128, n_threads=1) as s:
+            s.steer(steering[i])
+            toks = model.tokenize(prompts[i])
+            results = []
+            for r in range(rounds):
+                with s.capture(probs=r % 2 == 1) as cap:
+                    logits = s.logits(toks)
+                results.append((logits, cap.stats().counts, s.generate(toks, max_tokens=3).tokens))
+            return results
+
+    alone = [work(i) for i in range(4)]
+    together: list = [None] * 4
+    errors: list = []
+
+    def run(i):
+        try:
+            together[i] = work(i)
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    for i in range(4):
+        for (la, ca, ga), (lb, cb, gb) in zip(alone[i], together[i]):
+            assert np.array_equal(la, lb) and np.array_equal(ca, cb) and ga == gb, i
+
+
+@pytest.fixture(scope="module")
+def planted_model_and_classes(planted_path):
+    trigger, neutral = select_classes(load_prompt_set(planted.prompts_path()), "trigger", "neutral")
+    with Model(planted_path) as m:
+        yield m, planted.read_truth(planted_path), trigger, neutral
+
+
+@pytest.mark.parametrize("n_ubatch", [512, 7, 3])
+def test_batched_sequences_are_never_attributed_to_each_other(planted_model_and_classes, n_ubatch):
+    model, truth, trigger, neutral = planted_model_and_classes
+    sequences, is_trigger = [], []
+    for t, n in zip(trigger[::9], neutral[::9]):  # 4 + 4, interleaved in one batch
+        sequences += [model.tokenize(t.text), model.tokenize(n.text)]
+        is_trigger += [True, False]
+    alone = []
+    with model.session(n_ctx=128, n_threads=1) as s:
+        for seq in sequences:
+            with s.capture() as cap:
+                s.logits(seq)
+            alone.append(cap.stats())
+    with model.session(n_ctx=512, n_seq_max=len(sequences), n_batch=512, n_ubatch=n_ubatch, n_threads=1) as s:
+        with s.capture(label=None) as cap:
+            for i in range(len(sequences)):
+                cap.bind(i, 100 + i)
+            s.route(sequences)
+    for i, ref in enumerate(alone):
+        got = cap.stats(100 + i)
+        planted_counts = [int(got.counts[l, e]) for l, e in truth.planted]
+        if is_trigger[i]:
+            assert all(c > 0 for c in planted_counts), (i, planted_counts)
+        else:
+            assert planted_counts == [0] * len(truth.planted), (i, planted_counts)
+        np.testing.assert_array_equal(got.counts, ref.counts)
+        np.testing.assert_array_equal(got.tokens, ref.tokens)
+        np.testing.assert_allclose(got.weight_sums, ref.weight_sums, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- 6. fuzzing
+
+_json_scalar = st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats() | st.text(max_size=6)
+_json_any = st.recursive(_json_scalar, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c,
+                                                                                              max_size=3),
+                         max_leaves=8)
+_entry_doc = st.fixed_dictionaries({}, optional={
+    "layer": st.integers(-2, 2**32) | _json_scalar, "expert": st.integers(-2, 300) | _json_scalar,
+    "mode": st.sampled_from([m.value for m in Mode] + ["off", ""]) | _json_scalar,
+    "value": st.floats() | st.just("-inf") | _json_scalar,
+    "scope": st.sampled_from([s.value for s in Scope] + ["later"]) | _json_scalar, "extra": _json_scalar})
+_fingerprint_doc = st.fixed_dictionaries({}, optional={
+    "arch": st.text(max_size=8) | _json_scalar, "n_layer": st.integers(-1, 2**64) | _json_scalar,
+    "n_expert": st.integers(-1, 300), "n_expert_used": st.integers(-1, 9),
+    "router_sha256": st.text("0123456789abcdefA", min_size=63, max_size=65) | _json_scalar})
+_profile_doc = st.fixed_dictionaries(
+    {"format": st.just("mote-profile") | _json_scalar, "version": st.just(1) | _json_scalar,
+     "entries": st.lists(_entry_doc | _json_scalar, max_size=5) | _json_scalar},
+    optional={"name": st.text(max_size=6) | _json_scalar, "description": _json_scalar,
+              "strength": st.floats() | _json_scalar, "fingerprint": _fingerprint_doc | _json_scalar,
+              "metadata": _json_any, "extra": _json_scalar})
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=st.text(max_size=80) | _profile_doc.map(json.dumps)
+       | st.tuples(_profile_doc, st.integers(0, 200), st.text(max_size=3)).map(
+           lambda t: (lambda s: s[:t[1]] + t[2] + s[t[1] + 1:])(json.dumps(t[0]))))
+def test_fuzz_profile_json_raises_only_profile_errors(text):
+    try:
+        p = Profile.from_json(text)
+    except ProfileError:
+        return
+    assert Profile.from_json(p.to_json()) == p
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, b"\xff\xfe\x00{}"], ids=["deep", "not-utf8"])
+def test_profile_json_nesting_and_bytes_are_profile_errors(text):
+    with pytest.raises(ProfileError):
+        Profile.from_json(text)
+
+
+_GOOD_PROFILE = Profile((Entry(1, 2, Mode.MASK), Entry(3, 4, Mode.BIAS, -1.5, Scope.DECODE),
+                         Entry(5, 6, Mode.GAIN, 0.5)), 2.0, Fingerprint("qwen3moe", 4, 8, 2, "a" * 64), "n", "d",
+                        {"k": [1, 2]})
+
+
+@pytest.fixture(scope="module")
+def fuzz_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fuzz")
+
+
+@settings(SLOW, max_examples=300)
+@given(flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=4),
+       cut=st.none() | st.integers(0, 10**6))
+def test_fuzz_profile_gguf_raises_only_profile_errors(fuzz_dir, flips, cut):
+    data = bytearray(_GOOD_PROFILE.to_gguf(fuzz_dir / "good.gguf").read_bytes())
+    for pos, value in flips:
+        data[pos % len(data)] = value
+    path = fuzz_dir / "flipped.gguf"
+    path.write_bytes(bytes(data[:cut % len(data)] if cut is not None else data))
+    try:
+        Profile.load(path)
+    except ProfileError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def model_bytes(tiny_path) -> tuple[bytes, int]:
+    src = tiny_path("qwen3moe")
+    return src.read_bytes(), gguf.GGUFReader(src).data_offset
+
+
+@settings(SLOW, max_examples=60)
+@given(flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 255)), min_size=1, max_size=3))
+def test_fuzz_model_metadata_raises_only_model_file_errors(model_bytes, fuzz_dir, flips):
+    """Byte flips anywhere before the tensor data: read_layout gives a layout or a ModelFileError, nothing else."""
+    data, end = bytearray(model_bytes[0]), model_bytes[1]
+    for where, value in flips:
+        data[int(where * end)] = value
+    path = fuzz_dir / "model.gguf"
+    path.write_bytes(bytes(data))
+    try:
+        read_layout(path)
+    except ModelFileError:
+        pass
+
+
+def _toml(value) -> str:
+    """A TOML value (inline form), enough for fuzzing: any nesting of tables, arrays and scalars."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else "inf" if value == math.inf else "-inf" if value == -math.inf \
+            else repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_toml, value)) + "]"
+    return "{" + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + "}"
+
+
+_toml_scalar = st.booleans() | st.integers(-5, 2**70) | st.floats() | st.text(max_size=5)
+_template_text = st.text(alphabet="ab {}_x", max_size=8)
+_class_doc = st.fixed_dictionaries({}, optional={
+    "prompts": st.lists(st.text(max_size=6) | _toml_scalar, max_size=3) | _toml_scalar,
+    "templates": st.lists(_template_text | _toml_scalar, max_size=3) | _toml_scalar,
+    "responses": st.lists(st.text(max_size=4), max_size=4) | _toml_scalar,
+    "slots": st.dictionaries(st.sampled_from(["a", "b", "x", "1"]),
+                             st.lists(st.text(max_size=3) | _toml_scalar, max_size=3) | _toml_scalar, max_size=3),
+    "extra": _toml_scalar})
+_set_doc = st.fixed_dictionaries({}, optional={
+    "classes": st.dictionaries(st.text(max_size=4), _class_doc | _toml_scalar, max_size=3) | _toml_scalar,
+    "seed": st.integers(-3, 2**70) | _toml_scalar, "sample_cap": st.integers(-3, 20) | _toml_scalar,
+    "extra": _toml_scalar})
+
+
+def _check_prompt_set(path: Path) -> None:
+    try:
+        ps = load_prompt_set(path, max_prompts=1000)
+    except PromptSetError as err:
+        assert "\n" not in str(err)
+        return
+    assert isinstance(ps, PromptSet)
+    for name, prompts in ps.classes.items():
+        assert prompts and all(isinstance(p.text, str) and p.text.strip() for p in prompts)
+
+
+@settings(SLOW, max_examples=400)
+@given(doc=_set_doc, junk=st.text(max_size=40))
+def test_fuzz_prompt_sets_raise_only_prompt_set_errors(fuzz_dir, doc, junk):
+    toml_text = "".join(f"{json.dumps(k)} = {_toml(v)}\n" for k, v in doc.items())
+    for name, text in (("set.toml", toml_text), ("junk.toml", junk), ("junk.yaml", junk), ("junk.txt", junk),
+                       ("set.yaml", json.dumps(doc, allow_nan=True))):
+        path = fuzz_dir / name
+        path.write_text(text, encoding="utf-8", errors="surrogatepass")
+        _check_prompt_set(path)
+
+
+@st.composite
+def _activations(draw):
+    n_prompts = draw(st.integers(2, 5))
+    n_layer, n_expert = draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    scale = draw(st.sampled_from([1, 1000, 2**31, 2**50]))
+    tokens = draw(hnp.arrays(np.int64, (n_prompts, n_layer), elements=st.integers(0, scale)))
+    fraction = draw(hnp.arrays(np.float64, (n_prompts, n_layer, n_expert), elements=st.floats(0, 1)))
+    counts = np.floor(tokens[:, :, None] * fraction).astype(np.int64)
+    per = draw(hnp.arrays(np.float64, counts.shape, elements=st.floats(0, 1)))
+    rest = draw(hnp.arrays(np.bool_, n_prompts - 2))
+    return Activations(counts, tokens, counts * per, np.concatenate([[True, False], rest]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(act=_activations(), method=st.sampled_from(METHODS), seed=st.integers(0, 2**32 - 1))
+def test_fuzz_statistics_stay_finite_and_bounded_at_any_magnitude(act, method, seed):
+    r = analyse(act, method, n_boot=16, top_n=2, sign="abs", seed=seed)
+    for a in (r.scores, r.ci_low, r.ci_high, r.stability):
+        assert np.all(np.isfinite(a))
+    assert np.all((r.stability >= 0) & (r.stability <= 1))
+    if method in ("mean_diff", "risk_diff"):
+        assert np.all(np.abs(r.scores) <= 1 + 1e-9)
+    for x in r.ranked(3):
+        assert math.isfinite(x.score) and x.ci_low <= x.ci_high
+    json.dumps(r.to_dict(), allow_nan=False)
+
+
+def test_case_count(bad_models, profile_files, prompt_files):
+    """The number of bad-input cases covered, for the README's reliability section (printed with -s)."""
+    total = sum(COUNTED.values())
+    print(f"\nhardening: {total} bad-input cases in tables ({COUNTED})")
+    assert total >= 80
