@@ -1,0 +1,786 @@
+#!/usr/bin/env python3
+"""fTRI capture on mote-local vs the way researchers do it today (HF transformers + router forward hooks).
+
+One run, same random Qwen3-MoE weights on both sides (built with transformers, converted with the pinned
+llama.cpp's convert_hf_to_gguf.py, quantized with llama_model_quantize), same prompts, same token ids:
+
+  prompt scope     transformers bf16/f32 batched forward with a hook on every ``mlp.gate``   vs
+                   mote_local.ftri.capture_activations at f32 / Q8_0 / Q4_K_M (batch sizes, and the model
+                   option use_extra_bufts=False), plus prototypes of levers the product does not expose
+                   (a unified KV cache, larger ubatches) through the public Session/Capture API only, and a
+                   timing of what logits for every token cost (the "routing-only mode" lever)
+  generated scope  transformers ``generate`` (greedy, batched, left padding, same hooks)      vs
+                   capture_activations(scope="generated"), plus a prototype that decodes many sequences
+                   per call and counts while generating
+  fidelity         per-token top-k sets and fTRI top-N (mean_diff) rankings: llama.cpp f32 vs transformers
+                   f32, Q8_0 / Q4_K_M vs f32, transformers bf16 vs f32
+
+Every measured configuration runs in a fresh subprocess (its peak RSS is its own, from getrusage), after a
+warm-up on the first batch; throughput counts prompt (or generated) tokens over the timed pass, model
+loading excluded. Checkpoints and GGUFs are cached under ~/.cache/mote-local/bench-ftri/<spec hash>/
+(reused by later runs unless --rebuild; about 9 GB).
+
+    python bench/bench_ftri.py --rebuild --results bench/RESULTS.md   # build + measure (~15 min on 2 cores)
+    python bench/bench_ftri.py                                        # reuse the cached build, table to stdout
+    python bench/bench_ftri.py --quick --workdir /tmp/bq              # small model: a smoke test of the pipeline
+
+Needs torch and transformers (bench-only, not dependencies of mote-local; the CPU wheel of torch is enough).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+if str(ROOT) not in sys.path:
+    sys.path.insert(1, str(ROOT))
+
+import hf_qwen3moe as hfq  # noqa: E402  (no torch at import time)
+
+QTYPES = ("f32", "q8_0", "q4_k_m")
+SECTION = "## fTRI capture vs transformers"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# ------------------------------------------------------------------------------------------------------
+# Prompts
+# ------------------------------------------------------------------------------------------------------
+
+def make_prompts(n_per_class: int, seed: int = 7) -> tuple[list[str], list[str]]:
+    """Behaviour prompts lean on a topic vocabulary, baseline prompts use the general one; 9..58 words
+    (10..59 tokens: the words are single tokens of the BPE, plus the final punctuation; no BOS is added)."""
+    from mote_local import tiny
+
+    words = list(tiny.WORDS)
+    rng = random.Random(seed)
+    topic = rng.sample(words, 40)
+    general = [w for w in words if w not in set(topic)]
+
+    def sentence(behaviour: bool) -> str:
+        n = rng.randint(9, 58)
+        out = [rng.choice(topic) if behaviour and rng.random() < 0.4 else rng.choice(general) for _ in range(n)]
+        s = " ".join(out)
+        return s[0].upper() + s[1:] + rng.choice([".", "?", "!"])
+
+    return [sentence(True) for _ in range(n_per_class)], [sentence(False) for _ in range(n_per_class)]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Workers (each one runs in its own process)
+# ------------------------------------------------------------------------------------------------------
+
+def worker_build(cfg: dict) -> dict:
+    from mote_local import tiny
+
+    work = Path(cfg["workdir"])
+    spec = hfq.HfSpec(**cfg["spec"])
+    t = {}
+    t0 = time.perf_counter()
+    info = hfq.build_checkpoints(spec, list(tiny.WORDS), work / "hf-f32", work / "hf-bf16")
+    t["hf_build_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    hfq.convert_to_gguf(work / "hf-f32", work / "model-f32.gguf")
+    t["convert_s"] = time.perf_counter() - t0
+    for q in ("q8_0", "q4_k_m"):
+        t0 = time.perf_counter()
+        hfq.quantize(work / "model-f32.gguf", work / f"model-{q}.gguf", q)
+        t[f"quantize_{q}_s"] = time.perf_counter() - t0
+    return {**info, **t}
+
+
+def _load_ids(cfg: dict) -> tuple[list[list[int]], np.ndarray]:
+    data = json.loads(Path(cfg["prompts"]).read_text())
+    return data["ids"], np.array(data["is_behavior"], dtype=bool)
+
+
+# --- transformers -----------------------------------------------------------------------------------
+
+def _hf_model(cfg: dict):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(cfg["threads"])
+    dtype = {"bf16": torch.bfloat16, "f32": torch.float32}[cfg["dtype"]]
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(cfg["hf_dir"], dtype=dtype).eval()
+    return model, time.perf_counter() - t0
+
+
+def worker_hf_prompt(cfg: dict) -> dict:
+    """Batched forward (right padding) with a hook on every router; counts per prompt over real tokens."""
+    import torch
+
+    ids, _ = _load_ids(cfg)
+    model, load_s = _hf_model(cfg)
+    hooks = hfq.RouterHooks(model)
+    n_layer, n_expert = model.config.num_hidden_layers, model.config.num_experts
+    bs = cfg["batch"]
+
+    def run(batch: list[list[int]]):
+        longest = max(len(s) for s in batch)
+        inp = torch.zeros((len(batch), longest), dtype=torch.long)
+        mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        for i, s in enumerate(batch):
+            inp[i, :len(s)] = torch.tensor(s)
+            mask[i, :len(s)] = 1
+        hooks.clear()
+        with torch.inference_mode():
+            model(input_ids=inp, attention_mask=mask, use_cache=False)
+        real = mask.flatten().bool()
+        rows = torch.arange(len(batch)).repeat_interleave(longest)[real]
+        per_layer = [hooks.calls[0][l][real] for l in range(n_layer)]            # [tokens, k] each
+        counts = torch.zeros((len(batch), n_layer, n_expert), dtype=torch.long)
+        for l, sel in enumerate(per_layer):
+            flat = (rows[:, None] * n_expert + sel).flatten()
+            counts[:, l, :] = torch.bincount(flat, minlength=len(batch) * n_expert).view(len(batch), n_expert)
+        return counts, torch.stack(per_layer, dim=1)                              # [tokens, layer, k]
+
+    run(ids[:bs])  # warm-up
+    t0 = time.perf_counter()
+    counts, trace = [], []
+    for start in range(0, len(ids), bs):
+        c, tr = run(ids[start:start + bs])
+        counts.append(c)
+        trace.append(tr)
+    wall = time.perf_counter() - t0
+    n_tok = sum(len(s) for s in ids)
+    np.savez_compressed(cfg["out_npz"], counts=torch.cat(counts).numpy(), trace=torch.cat(trace).numpy().astype(np.int16))
+    hooks.remove()
+    return {"tok_s": n_tok / wall, "wall_s": wall, "tokens": n_tok, "load_s": load_s, "rss_mb": peak_rss_mb(),
+            "experts_implementation": model.config._experts_implementation,
+            "attn_implementation": model.config._attn_implementation}
+
+
+def worker_hf_generate(cfg: dict) -> dict:
+    """Batched greedy generate (left padding) with the router hooks; counts over the generated tokens."""
+    import torch
+
+    ids, _ = _load_ids(cfg)
+    ids = ids[:cfg["n_prompts"]]
+    model, load_s = _hf_model(cfg)
+    hooks = hfq.RouterHooks(model)
+    n_layer, n_expert = model.config.num_hidden_layers, model.config.num_experts
+    bs, new = cfg["batch"], cfg["new_tokens"]
+
+    def run(batch: list[list[int]]):
+        longest = max(len(s) for s in batch)
+        inp = torch.zeros((len(batch), longest), dtype=torch.long)
+        mask = torch.zeros((len(batch), longest), dtype=torch.long)
+        for i, s in enumerate(batch):
+            inp[i, longest - len(s):] = torch.tensor(s)
+            mask[i, longest - len(s):] = 1
+        hooks.clear()
+        with torch.inference_mode():
+            out = model.generate(input_ids=inp, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                 do_sample=False, pad_token_id=0)
+        # forward 0 is the prompt; forward j >= 1 routes generated token j-1 (the last one never enters the model)
+        counts = torch.zeros((len(batch), n_layer, n_expert), dtype=torch.long)
+        rows = torch.arange(len(batch))
+        for call in hooks.calls[1:]:
+            for l in range(n_layer):
+                flat = (rows[:, None] * n_expert + call[l]).flatten()
+                counts[:, l, :] += torch.bincount(flat, minlength=len(batch) * n_expert).view(len(batch), n_expert)
+        return counts, out[:, longest:]
+
+    run(ids[:min(bs, 4)])  # warm-up
+    t0 = time.perf_counter()
+    counts, gens = [], []
+    for start in range(0, len(ids), bs):
+        c, g = run(ids[start:start + bs])
+        counts.append(c)
+        gens += g.tolist()
+    wall = time.perf_counter() - t0
+    n_gen = sum(len(g) for g in gens)
+    np.savez_compressed(cfg["out_npz"], counts=torch.cat(counts).numpy())
+    hooks.remove()
+    return {"tok_s": n_gen / wall, "wall_s": wall, "tokens": n_gen, "load_s": load_s, "rss_mb": peak_rss_mb(),
+            "gens": gens}
+
+
+# --- mote-local --------------------------------------------------------------------------------------
+
+def _mote_model(cfg: dict):
+    from mote_local.engine import Model
+
+    t0 = time.perf_counter()
+    model = Model(cfg["gguf"], **cfg.get("model_params", {}))
+    return model, time.perf_counter() - t0
+
+
+def _prompt_objs(cfg: dict):
+    from mote_local.prompts import Prompt
+
+    data = json.loads(Path(cfg["prompts"]).read_text())
+    beh = [Prompt(t, "behavior") for t in data["behavior"]]
+    base = [Prompt(t, "baseline") for t in data["baseline"]]
+    return beh, base, data
+
+
+def worker_mote_ftri(cfg: dict) -> dict:
+    """The product path: mote_local.ftri.capture_activations, as `mote ftri` runs it."""
+    from mote_local.ftri import capture_activations
+
+    beh, base, data = _prompt_objs(cfg)
+    n = cfg.get("n_prompts")
+    if n:
+        beh, base = beh[:n // 2], base[:n // 2]
+    model, load_s = _mote_model(cfg)
+    scope, bs = cfg["scope"], cfg["batch_size"]
+    kw = dict(scope=scope, chat=False, batch_size=bs, max_new_tokens=cfg.get("new_tokens", 32), show_progress=False)
+    capture_activations(model, beh[:max(1, bs // 2)], base[:max(1, bs // 2)], **kw)  # warm-up
+    t0 = time.perf_counter()
+    run = capture_activations(model, beh, base, **kw)
+    wall = time.perf_counter() - t0
+    layer0 = model.layout.moe_layers[0]
+    n_tok = int(run.activations.tokens[:, layer0].sum())
+    np.savez_compressed(cfg["out_npz"], counts=run.activations.counts)
+    res = {"tok_s": n_tok / wall, "wall_s": wall, "tokens": n_tok, "load_s": load_s, "rss_mb": peak_rss_mb()}
+    if scope == "prompt":
+        ids = [model.tokenize(p.text, add_bos=True) for p in run.prompts]
+        res["ids_match"] = ids == data["ids"][:len(ids)]
+    model.close()
+    return res
+
+
+def _capture_loop(model, seqs: list[list[int]], *, batch_size: int, n_ubatch: int | None, n_batch: int | None,
+                  kv_unified: bool, flash_attn: str, trace: bool):
+    """capture_activations' loop (one sequence per prompt, bound to its own label) with the context
+    parameters exposed. Returns counts [P, L, E] and, with trace, ids [tokens, L, k] in prompt order."""
+    layout = model.layout
+    longest = max(len(s) for s in seqs)
+    n_ctx = batch_size * longest + 16
+    nb = min(n_ctx, n_batch or 2048)
+    with model.session(n_ctx=n_ctx, n_seq_max=batch_size, n_batch=nb, n_ubatch=min(nb, n_ubatch or 512),
+                       flash_attn=flash_attn, kv_unified=kv_unified) as s, \
+            s.capture(label=None, trace=trace) as cap:
+        for start in range(0, len(seqs), batch_size):
+            batch = range(start, min(start + batch_size, len(seqs)))
+            cap.unbind_all()
+            for seq, idx in enumerate(batch):
+                cap.bind(seq, idx)
+            s.route([seqs[i] for i in batch])
+        counts = np.zeros((len(seqs), layout.n_layer, layout.n_expert), dtype=np.int64)
+        for label in cap.labels:
+            counts[label] = cap.stats(label).counts
+        ids = None
+        if trace:
+            tr = cap.trace()
+            offsets = np.concatenate([[0], np.cumsum([len(s) for s in seqs])])
+            ids = np.full((offsets[-1], layout.n_layer, layout.n_expert_used), -1, dtype=np.int16)
+            ids[offsets[tr.label] + tr.pos, tr.layer] = tr.ids
+    return counts, ids
+
+
+def worker_mote_session(cfg: dict) -> dict:
+    """One prototype configuration of the capture loop (context parameters the product does not expose)."""
+    seqs, _ = _load_ids(cfg)
+    seqs = seqs[:cfg.get("n_prompts") or len(seqs)]
+    model, load_s = _mote_model(cfg)
+    kw = dict(batch_size=cfg["batch_size"], n_ubatch=cfg.get("n_ubatch"), n_batch=cfg.get("n_batch"),
+              kv_unified=cfg.get("kv_unified", False), flash_attn=cfg.get("flash_attn", "auto"),
+              trace=cfg.get("trace", False))
+    _capture_loop(model, seqs[:cfg["batch_size"]], **kw)  # warm-up
+    t0 = time.perf_counter()
+    counts, ids = _capture_loop(model, seqs, **kw)
+    wall = time.perf_counter() - t0
+    n_tok = sum(len(s) for s in seqs)
+    arrays = {"counts": counts} if ids is None else {"counts": counts, "trace": ids}
+    np.savez_compressed(cfg["out_npz"], **arrays)
+    model.close()
+    return {"tok_s": n_tok / wall, "wall_s": wall, "tokens": n_tok, "load_s": load_s, "rss_mb": peak_rss_mb()}
+
+
+def worker_mote_logits_cost(cfg: dict) -> dict:
+    """What a routing-only mode would save: the same batches decoded without capture, every token an
+    output (what capture needs today) vs only each sequence's last token (no LM head for the rest, but the
+    last layer then also skips those rows, so the gap is an upper bound of the LM head's share)."""
+    seqs, _ = _load_ids(cfg)
+    seqs = seqs[:cfg.get("n_prompts") or len(seqs)]
+    model, _ = _mote_model(cfg)
+    bs = cfg["batch_size"]
+    longest = max(len(s) for s in seqs)
+    n_ctx = bs * longest + 16
+    nb = min(n_ctx, cfg.get("n_batch") or 2048)
+    out = {}
+    with model.session(n_ctx=n_ctx, n_seq_max=bs, n_batch=nb, n_ubatch=min(nb, cfg.get("n_ubatch") or 512),
+                       kv_unified=cfg.get("kv_unified", False)) as s:
+        def run(outputs: str) -> float:
+            t0 = time.perf_counter()
+            for start in range(0, len(seqs), bs):
+                s.reset()
+                s.decode([(i, seq, 0) for i, seq in enumerate(seqs[start:start + bs])], outputs=outputs)
+            return time.perf_counter() - t0
+        s.reset()
+        s.decode([(i, seq, 0) for i, seq in enumerate(seqs[:bs])])  # warm-up
+        for rep in range(2):  # interleaved, best of 2
+            for mode in ("all", "last"):
+                out[mode] = min(out.get(mode, 1e9), run(mode))
+    model.close()
+    n_tok = sum(len(s) for s in seqs)
+    return {"all_tok_s": n_tok / out["all"], "last_tok_s": n_tok / out["last"],
+            "saving": 1 - out["last"] / out["all"]}
+
+
+def worker_mote_gen_batched(cfg: dict) -> dict:
+    """Prototype of generated-scope capture with many sequences per decode: greedy (argmax of the logits,
+    as the greedy sampler does), capture bound to the generated positions only, so the routing is counted
+    while generating (no teacher-forced second pass). Each generated token is fed back once, so all of them
+    are routed (one extra LM head per sequence)."""
+    seqs, _ = _load_ids(cfg)
+    seqs = seqs[:cfg["n_prompts"]]
+    model, load_s = _mote_model(cfg)
+    layout = model.layout
+    n_seq, new = cfg["n_seq"], cfg["new_tokens"]
+
+    def run(prompts: list[list[int]]):
+        longest = max(len(p) for p in prompts)
+        counts = np.zeros((len(prompts), layout.n_layer, layout.n_expert), dtype=np.int64)
+        gens: list[list[int]] = []
+        n_ctx = n_seq * (longest + new + 1) + 16
+        with model.session(n_ctx=n_ctx, n_seq_max=n_seq, n_batch=min(n_ctx, 2048), n_ubatch=512) as s, \
+                s.capture(label=None) as cap:
+            for start in range(0, len(prompts), n_seq):
+                batch = prompts[start:start + n_seq]
+                cap.unbind_all()
+                for seq, p in enumerate(batch):
+                    cap.bind(seq, start + seq, len(p))  # count generated positions only
+                s.reset()
+                logits = s.decode([(i, p, 0) for i, p in enumerate(batch)])
+                last = np.cumsum([len(p) for p in batch]) - 1
+                tok = logits[last].argmax(axis=1)
+                out = [[int(t)] for t in tok]
+                for step in range(new):
+                    logits = s.decode([(i, [int(tok[i])], len(p) + step) for i, p in enumerate(batch)])
+                    if step < new - 1:
+                        tok = logits.argmax(axis=1)
+                        for i, t in enumerate(tok):
+                            out[i].append(int(t))
+                gens += out
+            for label in cap.labels:
+                counts[label] = cap.stats(label).counts
+        return counts, gens
+
+    run(seqs[:n_seq])  # warm-up
+    t0 = time.perf_counter()
+    counts, gens = run(seqs)
+    wall = time.perf_counter() - t0
+    rss = peak_rss_mb()
+    n_gen = sum(len(g) for g in gens)
+    np.savez_compressed(cfg["out_npz"], counts=counts)
+    # after timing: the continuations Session.generate gives (what capture_activations routes), for comparison
+    with model.session(n_ctx=1024) as s:
+        reference = [s.generate(p, max_tokens=new, add_bos=False).tokens for p in seqs]
+    model.close()
+    same = [g[:len(r)] == r for g, r in zip(gens, reference)]
+    return {"tok_s": n_gen / wall, "wall_s": wall, "tokens": n_gen, "load_s": load_s, "rss_mb": rss,
+            "same_as_generate": float(np.mean(same))}
+
+
+WORKERS = {name[len("worker_"):]: fn for name, fn in globals().items() if name.startswith("worker_")}
+
+
+# ------------------------------------------------------------------------------------------------------
+# Orchestration
+# ------------------------------------------------------------------------------------------------------
+
+class Runner:
+    def __init__(self, workdir: Path, log: Path, verbose: bool):
+        self.workdir, self.log, self.verbose = workdir, log, verbose
+        self.n = 0
+
+    def __call__(self, kind: str, **cfg) -> dict:
+        self.n += 1
+        out_json = self.workdir / f"w{self.n:03d}-{kind}.json"
+        cfg = {"kind": kind, "out_json": str(out_json), **cfg}
+        t0 = time.perf_counter()
+        load0 = os.getloadavg()[0]
+        with open(self.log, "a") as logf:
+            logf.write(f"\n===== {kind} {json.dumps(cfg)}\n")
+            logf.flush()
+            r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(cfg)],
+                               cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT)
+        if r.returncode != 0:
+            raise RuntimeError(f"worker {kind} failed (exit {r.returncode}); see {self.log}")
+        res = json.loads(out_json.read_text())
+        res["elapsed_s"] = time.perf_counter() - t0
+        res["load_avg"] = (load0, os.getloadavg()[0])  # 1-min load average before and after
+        if self.verbose:
+            short = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.items() if k != "gens"}
+            print(f"  [{time.strftime('%H:%M:%S')}] {kind} {_describe(cfg)}: {short}", flush=True)
+        return res
+
+
+def _describe(cfg: dict) -> str:
+    keys = ("dtype", "gguf", "batch", "batch_size", "n_ubatch", "kv_unified", "flash_attn", "scope", "n_seq", "trace",
+            "model_params", "n_prompts")
+    parts = []
+    for k in keys:
+        if k in cfg:
+            v = Path(cfg[k]).stem if k == "gguf" else cfg[k]
+            parts.append(f"{k}={v}")
+    return " ".join(parts)
+
+
+def top_sets_agreement(a: np.ndarray, b: np.ndarray) -> dict:
+    """a, b: [tokens, layers, k] expert ids. Exact set equality per (token, layer), mean overlap, and tokens
+    whose sets agree in every layer."""
+    sa, sb = np.sort(a, axis=-1), np.sort(b, axis=-1)
+    same = (sa == sb).all(-1)
+    k = a.shape[-1]
+    overlap = (a[..., :, None] == b[..., None, :]).any(-1).sum(-1) / k
+    return {"set_identical": float(same.mean()), "mean_overlap": float(overlap.mean()),
+            "token_all_layers": float(same.all(-1).mean()), "n_sets": int(same.size)}
+
+
+def ftri_compare(ca: np.ndarray, cb: np.ndarray, is_behavior: np.ndarray, top: int, k: int) -> dict:
+    """fTRI (mean_diff, positive sign, as `mote ftri` ranks) on two count sets of the same prompts."""
+    from mote_local.ftri_stats import Activations, analyse
+
+    results = []
+    for c in (ca, cb):
+        # every counted token selects k distinct experts per layer; mean_diff reads counts and tokens only
+        act = Activations(counts=c, tokens=c.sum(-1) // k, weight_sums=c.astype(np.float64), is_behavior=is_behavior)
+        results.append(analyse(act, "mean_diff", n_boot=20, top_n=top, sign="positive"))
+    sa = {(x.layer, x.expert) for x in results[0].ranked(top)}
+    sb = {(x.layer, x.expert) for x in results[1].ranked(top)}
+    return {"top_overlap": len(sa & sb),
+            "score_corr": float(np.corrcoef(results[0].scores.ravel(), results[1].scores.ravel())[0, 1]),
+            "count_corr": float(np.corrcoef(ca.ravel(), cb.ravel())[0, 1]),
+            "counts_identical": float((ca == cb).all(axis=(1, 2)).mean())}  # prompts with identical count maps
+
+
+NO_REPACK = {"use_extra_bufts": False}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="where checkpoints and GGUFs go (default: a cache folder keyed by the model spec; "
+                         "an existing build there is reused unless --rebuild)")
+    ap.add_argument("--rebuild", action="store_true", help="build the checkpoints and GGUFs even if cached")
+    ap.add_argument("--prompts", type=int, default=128, help="prompts in all (half behaviour, half baseline)")
+    ap.add_argument("--trace-prompts", type=int, default=64,
+                    help="prompts whose per-token top-k sets are compared (the first ones)")
+    ap.add_argument("--gen-prompts", type=int, default=32, help="prompts for the generated scope")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--hf-batch", type=int, default=16)
+    ap.add_argument("--hf-gen-batch", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--top", type=int, default=10)
+    ap.add_argument("--quick", action="store_true", help="small model and prompt set: checks the pipeline")
+    ap.add_argument("--results", type=Path, default=None, help="append (or replace) the section in this markdown file")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.worker is not None:
+        cfg = json.loads(args.worker)
+        res = WORKERS[cfg["kind"]](cfg)
+        Path(cfg["out_json"]).write_text(json.dumps(res))
+        return
+
+    t_start = time.perf_counter()
+    argv = " ".join(sys.argv[1:])
+    spec = hfq.HfSpec()
+    if args.quick:
+        spec = hfq.HfSpec(hidden=256, n_layer=4, n_expert=16, n_expert_used=4, moe_ff=128, n_head=4, n_head_kv=2,
+                          head_dim=64, vocab=2048)
+        args.prompts, args.trace_prompts = min(args.prompts, 32), min(args.trace_prompts, 16)
+        args.gen_prompts, args.new_tokens = min(args.gen_prompts, 8), min(args.new_tokens, 8)
+    workdir = args.workdir or Path.home() / ".cache" / "mote-local" / "bench-ftri" / spec.key()
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = workdir / "bench.log"
+    log.write_text("")
+    run = Runner(workdir, log, verbose=True)
+    print(f"workdir {workdir} (worker log: {log}); load average {os.getloadavg()}", flush=True)
+
+    # 1. model: HF checkpoints -> GGUF f32 -> Q8_0, Q4_K_M
+    ggufs = {q: workdir / f"model-{q}.gguf" for q in QTYPES}
+    build_info_path = workdir / "build.json"
+    if args.rebuild or not (build_info_path.exists() and all(p.exists() for p in ggufs.values())):
+        build = run("build", workdir=str(workdir), spec=asdict(spec))
+        build_info_path.write_text(json.dumps(build))
+        build["reused"] = False
+    else:
+        build = json.loads(build_info_path.read_text())
+        build["reused"] = True
+    sizes = {q: p.stat().st_size / 2**20 for q, p in ggufs.items()}
+
+    # 2. prompts, tokenized by llama.cpp exactly as capture_activations(chat=False) does; HF gets the same ids
+    from mote_local.engine import Model
+    beh, base = make_prompts(args.prompts // 2)
+    texts = [t for pair in zip(beh, base) for t in pair]  # capture_activations' order: interleaved
+    with Model(ggufs["q4_k_m"]) as m:
+        ids = [m.tokenize(t, add_bos=True) for t in texts]
+    is_behavior = np.array([i % 2 == 0 for i in range(len(texts))])
+    prompts_file = workdir / "prompts.json"
+    prompts_file.write_text(json.dumps({"behavior": beh, "baseline": base, "ids": ids,
+                                        "is_behavior": is_behavior.tolist()}))
+    lens = [len(s) for s in ids]
+    print(f"{len(ids)} prompts, {sum(lens)} tokens (length {min(lens)}..{max(lens)}, mean {np.mean(lens):.1f})",
+          flush=True)
+    common = dict(prompts=str(prompts_file), threads=args.threads)
+    npz = lambda name: str(workdir / f"{name}.npz")  # noqa: E731
+    q4 = str(ggufs["q4_k_m"])
+    R: dict[str, dict] = {}
+
+    # 3. prompt scope. transformers: batched forward with router hooks
+    for dtype in ("bf16", "f32"):
+        R[f"hf_{dtype}"] = run("hf_prompt", hf_dir=str(workdir / f"hf-{dtype}"), dtype=dtype, batch=args.hf_batch,
+                               out_npz=npz(f"hf_{dtype}"), **common)
+    # mote-local, the product path (capture_activations; batch_size and Model options are the user's to set)
+    product = [("f32", 32, {}), ("q8_0", 32, {}), ("q4_k_m", 8, {}), ("q4_k_m", 32, {}), ("q4_k_m", 8, NO_REPACK),
+               ("q4_k_m", 32, NO_REPACK)]
+    for q, bs, mp in product:
+        key = f"ftri_{q}_b{bs}" + ("_norepack" if mp else "")
+        R[key] = {**run("mote_ftri", gguf=str(ggufs[q]), scope="prompt", batch_size=bs, model_params=mp,
+                        out_npz=npz(key), **common), "q": q, "bs": bs, "mp": mp}
+    # levers the product does not expose, through the public Session/Capture API (Q4_K_M)
+    levers = [dict(batch_size=32, n_ubatch=512, kv_unified=True),
+              dict(batch_size=32, n_ubatch=512, kv_unified=True, model_params=NO_REPACK),
+              dict(batch_size=64, n_ubatch=2048, n_batch=2048, kv_unified=True, model_params=NO_REPACK)]
+    for i, lv in enumerate(levers):
+        R[f"proto_{i}"] = {**run("mote_session", gguf=q4, out_npz=npz(f"proto_{i}"), **lv, **common), "cfg": lv}
+    R["logits_cost"] = run("mote_logits_cost", gguf=q4, batch_size=32, n_ubatch=512, kv_unified=True,
+                           model_params=NO_REPACK, n_prompts=min(len(ids), 96), **common)
+
+    # 4. fidelity traces on the first prompts: llama.cpp with flash attention off, every quantization
+    for q in QTYPES:
+        R[f"trace_{q}"] = run("mote_session", gguf=str(ggufs[q]), batch_size=32, n_ubatch=512, kv_unified=True,
+                              flash_attn="off", trace=True, n_prompts=args.trace_prompts, out_npz=npz(f"trace_{q}"),
+                              **common)
+
+    # 5. generated scope
+    gen = dict(n_prompts=args.gen_prompts, new_tokens=args.new_tokens)
+    R["hf_gen"] = run("hf_generate", hf_dir=str(workdir / "hf-bf16"), dtype="bf16", batch=args.hf_gen_batch,
+                      out_npz=npz("hf_gen"), **gen, **common)
+    for mp in ({}, NO_REPACK):
+        key = "ftri_gen" + ("_norepack" if mp else "")
+        R[key] = run("mote_ftri", gguf=q4, scope="generated", batch_size=8, model_params=mp, out_npz=npz(key),
+                     **gen, **common)
+    R["proto_gen"] = run("mote_gen_batched", gguf=q4, n_seq=args.gen_prompts, model_params=NO_REPACK,
+                         out_npz=npz("proto_gen"), **gen, **common)
+
+    total_s = time.perf_counter() - t_start
+    report = analyse_results(args, argv, spec, build, sizes, ids, is_behavior, R, workdir, total_s)
+    print("\n" + report)
+    if args.results:
+        append_section(args.results, report)
+        print(f"\nwritten to {args.results}")
+
+
+def _mp_desc(mp: dict) -> str:
+    return ", `Model(use_extra_bufts=False)`" if mp else ""
+
+
+def analyse_results(args, argv, spec, build, sizes, ids, is_behavior, R, workdir: Path, total_s: float) -> str:
+    load = lambda name, key="counts": np.load(workdir / f"{name}.npz")[key]  # noqa: E731
+    hf_bf16 = R["hf_bf16"]
+    base_tps, base_rss = hf_bf16["tok_s"], hf_bf16["rss_mb"]
+    k = spec.n_expert_used
+    verdict = lambda ok: "**met**" if ok else "**missed**"  # noqa: E731
+    loads = [l for r in R.values() if isinstance(r, dict) and "load_avg" in r for l in r["load_avg"]]
+    lines = []
+    w = lines.append
+    w(SECTION)
+    w("")
+    w(f"Command: `python bench/bench_ftri.py{(' ' + argv) if argv else ''}` from the repository root "
+      f"({time.strftime('%Y-%m-%d')}); whole run {total_s / 60:.1f} min"
+      + (" (model build reused from the cache)." if build.get("reused") else " including the model build."))
+    w(f"Machine: {_cpu_name()}, {os.cpu_count()} cores, {_mem_gib():.0f} GiB RAM, shared with other jobs: 1-min load "
+      f"average {min(loads):.1f}–{max(loads):.1f} around the workers (2.0 = both cores busy), so absolute figures "
+      f"carry contention noise. threads={args.threads} on both sides. Python {platform.python_version()}, torch "
+      f"{_version('torch')}, transformers {_version('transformers')}, llama.cpp of llama-cpp-python 0.3.36 "
+      f"(mote_local_engine). Every configuration ran in its own process after a warm-up batch; throughput "
+      f"counts the timed pass only (model load excluded); memory is that process's peak RSS (getrusage).")
+    w("")
+    w(f"Model: random `Qwen3MoeForCausalLM`, hidden {spec.hidden}, {spec.n_layer} layers, {spec.n_expert} experts, "
+      f"top-{k}, expert FFN {spec.moe_ff}, {spec.n_head}/{spec.n_head_kv} heads × {spec.head_dim}, vocab "
+      f"{build['vocab']} ({build['vocab_used']} ids used by a byte-level BPE trained on a word corpus), "
+      f"{build['n_params'] / 1e6:.0f} M params; router rows drawn N(0, ({spec.router_logit_std}/√hidden)²), so "
+      f"router logits have std ≈ {spec.router_logit_std} (clear margins). `save_pretrained` (f32 and bf16) → "
+      f"pinned `convert_hf_to_gguf.py` (f32) → `llama_model_quantize` (Q8_0, Q4_K_M); GGUF {sizes['f32']:.0f} / "
+      f"{sizes['q8_0']:.0f} / {sizes['q4_k_m']:.0f} MiB. Build: transformers {build['hf_build_s']:.0f} s, convert "
+      f"{build['convert_s']:.0f} s, quantize {build['quantize_q8_0_s']:.0f} s (Q8_0) + "
+      f"{build['quantize_q4_k_m_s']:.0f} s (Q4_K_M).")
+    lens = [len(s) for s in ids]
+    w(f"Prompts: {len(ids)} ({int(is_behavior.sum())} behaviour, {int((~is_behavior).sum())} baseline), "
+      f"{sum(lens)} tokens, {min(lens)}–{max(lens)} per prompt (mean {np.mean(lens):.1f}), tokenized once by "
+      f"llama.cpp and the same ids fed to transformers (`chat=False`).")
+    w("")
+    w("### Prompt scope")
+    w("")
+    w("| configuration | prompt tok/s | × HF bf16 | peak RSS MiB | RSS / HF bf16 |")
+    w("|---|---:|---:|---:|---:|")
+
+    def row(name, r):
+        w(f"| {name} | {r['tok_s']:.0f} | {r['tok_s'] / base_tps:.2f}× | {r['rss_mb']:.0f} | "
+          f"{100 * r['rss_mb'] / base_rss:.0f}% |")
+
+    row(f"transformers bf16, batch {args.hf_batch}, forward hooks on every `mlp.gate` (experts "
+        f"`{hf_bf16.get('experts_implementation')}`, attention `{hf_bf16.get('attn_implementation')}`: the defaults)",
+        hf_bf16)
+    row(f"transformers f32, batch {args.hf_batch}, same hooks", R["hf_f32"])
+    products = {key: r for key, r in R.items() if key.startswith("ftri_") and "gen" not in key}
+    for key, r in products.items():
+        row(f"mote-local `capture_activations` {r['q'].upper()}, batch_size {r['bs']}{_mp_desc(r['mp'])}", r)
+    protos = {key: r for key, r in R.items() if key.startswith("proto_") and key != "proto_gen"}
+    for key, r in protos.items():
+        row(f"prototype Q4_K_M: {_proto_desc(r['cfg'])}", r)
+    w("")
+    q4p = {key: r for key, r in products.items() if r["q"] == "q4_k_m"}
+    ok = lambda r: r["tok_s"] >= base_tps and r["rss_mb"] <= 0.2 * base_rss  # noqa: E731
+    best_key = max(q4p, key=lambda key: (ok(q4p[key]), q4p[key]["tok_s"]))
+    best = q4p[best_key]
+    default = q4p["ftri_q4_k_m_b8"]
+    ratio, mem = best["tok_s"] / base_tps, best["rss_mb"] / base_rss
+    w(f"- **Target ≥ 1.0× transformers-bf16 throughput at ≤ 20% of its peak memory (Q4_K_M).** Best product "
+      f"configuration: `capture_activations(batch_size={best['bs']})`{_mp_desc(best['mp'])} = {ratio:.2f}× at "
+      f"{100 * mem:.0f}% of the memory: throughput {verdict(ratio >= 1.0)} (stretch 1.5×: {verdict(ratio >= 1.5)}), "
+      f"memory {verdict(mem <= 0.20)}. With the defaults (`mote ftri`: batch_size 8, default model options): "
+      f"{default['tok_s'] / base_tps:.2f}× at {100 * default['rss_mb'] / base_rss:.0f}%: throughput "
+      f"{verdict(default['tok_s'] >= base_tps)}, memory {verdict(default['rss_mb'] <= 0.2 * base_rss)}.")
+    bp_key = max(protos, key=lambda key: protos[key]["tok_s"])
+    bp = protos[bp_key]
+    w(f"- Best prototype ({_proto_desc(bp['cfg'])}): {bp['tok_s'] / base_tps:.2f}× at "
+      f"{100 * bp['rss_mb'] / base_rss:.0f}% of the memory, {bp['tok_s'] / best['tok_s']:.2f}× the best product "
+      f"configuration.")
+    lc = R["logits_cost"]
+    gain = (f"at most {100 * lc['saving']:.0f}% to gain" if lc["saving"] > 0.02 else
+            "no gain measurable above the noise")
+    w(f"- Routing-only mode (no vocabulary projection): same batches without capture, logits for every token (what "
+      f"capture forces today) {lc['all_tok_s']:.0f} tok/s vs only each sequence's last token {lc['last_tok_s']:.0f} "
+      f"tok/s: {gain} at this vocabulary ({build['vocab']}); the LM head scales with the vocabulary (151,936 in "
+      f"real Qwen3 models, ~{151936 / build['vocab']:.0f}× this one).")
+    w("")
+
+    # generated scope
+    hg, pg = R["hf_gen"], R["proto_gen"]
+    w(f"### Generated scope ({args.gen_prompts} prompts × {args.new_tokens} new tokens, greedy; throughput over "
+      f"generated tokens, end to end)")
+    w("")
+    w("| configuration | generated tok/s | × HF generate | peak RSS MiB |")
+    w("|---|---:|---:|---:|")
+    w(f"| transformers bf16 `generate`, batch {args.hf_gen_batch}, left padding, same hooks | {hg['tok_s']:.1f} | "
+      f"1.00× | {hg['rss_mb']:.0f} |")
+    for key, mp in (("ftri_gen", {}), ("ftri_gen_norepack", NO_REPACK)):
+        r = R[key]
+        w(f"| mote-local `capture_activations(scope=\"generated\")` Q4_K_M{_mp_desc(mp)} | {r['tok_s']:.1f} | "
+          f"{r['tok_s'] / hg['tok_s']:.2f}× | {r['rss_mb']:.0f} |")
+    w(f"| prototype Q4_K_M{_mp_desc(NO_REPACK)}: {args.gen_prompts} sequences per decode, counted while generating "
+      f"| {pg['tok_s']:.1f} | {pg['tok_s'] / hg['tok_s']:.2f}× | {pg['rss_mb']:.0f} |")
+    w("")
+    g_best = max(R["ftri_gen"]["tok_s"], R["ftri_gen_norepack"]["tok_s"]) / hg["tok_s"]
+    w(f"- **Target ≥ 3× transformers `generate`.** Product path: {g_best:.2f}× {verdict(g_best >= 3)} (it "
+      f"generates one prompt at a time, then routes prompt + continuation again, batched). Batched prototype: "
+      f"{pg['tok_s'] / hg['tok_s']:.2f}× {verdict(pg['tok_s'] / hg['tok_s'] >= 3)}; its greedy continuations equal "
+      f"`Session.generate`'s for {100 * pg['same_as_generate']:.0f}% of the prompts. transformers routes "
+      f"{args.new_tokens - 1} of the {args.new_tokens} generated tokens (the last never enters the model), "
+      f"mote-local all {args.new_tokens}.")
+    w("")
+
+    # fidelity
+    n_tr = args.trace_prompts
+    n_tok = sum(lens[:n_tr])
+    tr = {q: load(f"trace_{q}", "trace") for q in QTYPES}
+    hft = {d: load(f"hf_{d}", "trace")[:n_tok] for d in ("f32", "bf16")}
+    cnt = {key: load(key) for key in products}
+    chf = {d: load(f"hf_{d}") for d in ("f32", "bf16")}
+    w("### Fidelity")
+    w("")
+    w(f"Per-token top-{k} sets: first {n_tr} prompts ({n_tok} tokens × {spec.n_layer} layers), llama.cpp with "
+      f"flash attention off. fTRI: mean_diff ranking over all {len(ids)} prompts from the counts of the runs above "
+      f"(llama.cpp rows: `capture_activations`, batch 32, default options).")
+    w("")
+    w(f"| comparison | top-{k} set identical | mean set overlap | tokens identical in all layers | "
+      f"fTRI top-{args.top} overlap | fTRI score corr | count corr |")
+    w("|---|---:|---:|---:|---:|---:|---:|")
+    pairs = [("llama.cpp f32 vs transformers f32", tr["f32"], hft["f32"], cnt["ftri_f32_b32"], chf["f32"]),
+             ("transformers bf16 vs transformers f32", hft["bf16"], hft["f32"], chf["bf16"], chf["f32"]),
+             ("llama.cpp Q8_0 vs llama.cpp f32", tr["q8_0"], tr["f32"], cnt["ftri_q8_0_b32"], cnt["ftri_f32_b32"]),
+             ("llama.cpp Q4_K_M vs llama.cpp f32", tr["q4_k_m"], tr["f32"], cnt["ftri_q4_k_m_b32"],
+              cnt["ftri_f32_b32"]),
+             ("llama.cpp Q4_K_M vs transformers bf16", tr["q4_k_m"], hft["bf16"], cnt["ftri_q4_k_m_b32"], chf["bf16"])]
+    fid = {}
+    for name, a, b, ca, cb in pairs:
+        st = top_sets_agreement(a, b)
+        f = ftri_compare(ca, cb, is_behavior, args.top, k)
+        fid[name] = {**st, **f}
+        w(f"| {name} | {100 * st['set_identical']:.1f}% | {100 * st['mean_overlap']:.1f}% | "
+          f"{100 * st['token_all_layers']:.1f}% | {f['top_overlap']}/{args.top} | {f['score_corr']:.3f} | "
+          f"{f['count_corr']:.4f} |")
+    w("")
+    same_q4 = ftri_compare(cnt["ftri_q4_k_m_b32"], cnt["ftri_q4_k_m_b32_norepack"], is_behavior, args.top, k)
+    f32 = ftri_compare(cnt["ftri_f32_b32"], chf["f32"], is_behavior, args.top, k)
+    w(f"- Count maps per prompt identical between `capture_activations` f32 (flash attention auto) and transformers "
+      f"f32: {100 * f32['counts_identical']:.0f}% of the prompts.")
+    w(f"- The Q4_K_M counts with and without weight repacking agree on {100 * same_q4['counts_identical']:.0f}% of "
+      f"the prompts' count maps (fTRI top-{args.top} overlap {same_q4['top_overlap']}/{args.top}).")
+    w("")
+    (workdir / "results.json").write_text(json.dumps({"R": R, "fidelity": fid, "argv": argv}, indent=1, default=str))
+    return "\n".join(lines)
+
+
+def _proto_desc(c: dict) -> str:
+    return (f"{c['batch_size']} sequences per decode, n_ubatch {c['n_ubatch']}, `kv_unified=True`"
+            + (", `use_extra_bufts=False`" if c.get("model_params") else ""))
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def _mem_gib() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
+def _version(pkg: str) -> str:
+    import importlib.metadata
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+def append_section(path: Path, report: str) -> None:
+    """Adds (or replaces) this benchmark's section; other sections stay as they are."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    if SECTION in text:
+        start = text.index(SECTION)
+        nxt = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + report.rstrip() + "\n" + (text[nxt:] if nxt >= 0 else "")
+    else:
+        text = text.rstrip() + "\n\n" + report.rstrip() + "\n"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
