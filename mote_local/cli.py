@@ -91,6 +91,7 @@ def build_profile(layout: MoeLayout, profiles: Sequence[Path], specs: dict[str, 
     if strength is not None:
         total = replace(total, strength=strength)
     total.validate(layout, force=force)
+    warn_super_experts(layout, total)
     return total
 
 
@@ -185,8 +186,6 @@ def run(model: Path, prompt: str, n_predict: int, temp: float, top_k: int, top_p
 
     layout = read_layout(model).require_moe()
     profile = build_profile(layout, profiles, specs, strength, scope, force_profile)
-    if profile is not None:
-        warn_super_experts(layout, profile)
     with Model(model, n_gpu_layers=n_gpu_layers, verbose=verbose) as m, \
             m.session(n_ctx=context_size(layout, ctx_size)) as s:
         text = m.format_chat([{"role": "user", "content": prompt}]) if chat else prompt
@@ -365,7 +364,6 @@ def eval_command(model: Path, prompts_file: Path, classes, profiles, strength, s
     profile = build_profile(layout, profiles, specs, strength, scope, force_profile)
     if profile is None:
         raise click.UsageError("give a profile (--profile) or steering flags (--off, --drop, …) to evaluate")
-    warn_super_experts(layout, profile)
     prompt_set = load_prompt_set(prompts_file)
     unknown = set(classes) - set(prompt_set.names)
     if unknown:
@@ -449,8 +447,6 @@ def chat(model: Path, n_predict: int, temp: float, seed: int, profiles, strength
 
     layout = read_layout(model).require_moe()
     profile = build_profile(layout, profiles, specs, strength, scope, force_profile)
-    if profile is not None:
-        warn_super_experts(layout, profile)
     with Model(model, n_gpu_layers=n_gpu_layers, verbose=verbose) as m, \
             m.session(n_ctx=context_size(layout, ctx_size)) as s:
         session = Chat(m, s, max_tokens=n_predict, temperature=temp, seed=seed,
