@@ -105,6 +105,15 @@ def worker_build(cfg: dict) -> dict:
     return {**info, **t}
 
 
+def worker_tokenize(cfg: dict) -> dict:
+    """Token ids as capture_activations(chat=False) makes them (in a worker, so that the orchestrating process
+    stays small: a child's peak RSS starts from its parent's RSS at fork time)."""
+    from mote_local.engine import Model
+
+    with Model(cfg["gguf"], vocab_only=True) as m:
+        return {"ids": [m.tokenize(t, add_bos=True) for t in cfg["texts"]]}
+
+
 def _load_ids(cfg: dict) -> tuple[list[list[int]], np.ndarray]:
     data = json.loads(Path(cfg["prompts"]).read_text())
     return data["ids"], np.array(data["is_behavior"], dtype=bool)
@@ -161,7 +170,8 @@ def worker_hf_prompt(cfg: dict) -> dict:
         trace.append(tr)
     wall = time.perf_counter() - t0
     n_tok = sum(len(s) for s in ids)
-    np.savez_compressed(cfg["out_npz"], counts=torch.cat(counts).numpy(), trace=torch.cat(trace).numpy().astype(np.int16))
+    np.savez_compressed(cfg["out_npz"], counts=torch.cat(counts).numpy(),
+                        trace=torch.cat(trace).numpy().astype(np.int16))
     hooks.remove()
     return {"tok_s": n_tok / wall, "wall_s": wall, "tokens": n_tok, "load_s": load_s, "rss_mb": peak_rss_mb(),
             "experts_implementation": model.config._experts_implementation,
@@ -260,7 +270,7 @@ def worker_mote_ftri(cfg: dict) -> dict:
 
 
 def _capture_loop(model, seqs: list[list[int]], *, batch_size: int, n_ubatch: int | None, n_batch: int | None,
-                  kv_unified: bool, flash_attn: str, trace: bool):
+                  kv_unified: bool, flash_attn: str, trace: bool, ctx_params: dict | None = None):
     """capture_activations' loop (one sequence per prompt, bound to its own label) with the context
     parameters exposed. Returns counts [P, L, E] and, with trace, ids [tokens, L, k] in prompt order."""
     layout = model.layout
@@ -268,7 +278,7 @@ def _capture_loop(model, seqs: list[list[int]], *, batch_size: int, n_ubatch: in
     n_ctx = batch_size * longest + 16
     nb = min(n_ctx, n_batch or 2048)
     with model.session(n_ctx=n_ctx, n_seq_max=batch_size, n_batch=nb, n_ubatch=min(nb, n_ubatch or 512),
-                       flash_attn=flash_attn, kv_unified=kv_unified) as s, \
+                       flash_attn=flash_attn, kv_unified=kv_unified, **(ctx_params or {})) as s, \
             s.capture(label=None, trace=trace) as cap:
         for start in range(0, len(seqs), batch_size):
             batch = range(start, min(start + batch_size, len(seqs)))
@@ -295,7 +305,7 @@ def worker_mote_session(cfg: dict) -> dict:
     model, load_s = _mote_model(cfg)
     kw = dict(batch_size=cfg["batch_size"], n_ubatch=cfg.get("n_ubatch"), n_batch=cfg.get("n_batch"),
               kv_unified=cfg.get("kv_unified", False), flash_attn=cfg.get("flash_attn", "auto"),
-              trace=cfg.get("trace", False))
+              trace=cfg.get("trace", False), ctx_params=cfg.get("ctx_params"))
     _capture_loop(model, seqs[:cfg["batch_size"]], **kw)  # warm-up
     t0 = time.perf_counter()
     counts, ids = _capture_loop(model, seqs, **kw)
@@ -354,8 +364,8 @@ def worker_mote_gen_batched(cfg: dict) -> dict:
         counts = np.zeros((len(prompts), layout.n_layer, layout.n_expert), dtype=np.int64)
         gens: list[list[int]] = []
         n_ctx = n_seq * (longest + new + 1) + 16
-        with model.session(n_ctx=n_ctx, n_seq_max=n_seq, n_batch=min(n_ctx, 2048), n_ubatch=512) as s, \
-                s.capture(label=None) as cap:
+        with model.session(n_ctx=n_ctx, n_seq_max=n_seq, n_batch=min(n_ctx, 2048), n_ubatch=512,
+                           kv_unified=cfg.get("kv_unified", False)) as s, s.capture(label=None) as cap:
             for start in range(0, len(prompts), n_seq):
                 batch = prompts[start:start + n_seq]
                 cap.unbind_all()
@@ -422,7 +432,8 @@ class Runner:
         res["elapsed_s"] = time.perf_counter() - t0
         res["load_avg"] = (load0, os.getloadavg()[0])  # 1-min load average before and after
         if self.verbose:
-            short = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.items() if k != "gens"}
+            short = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.items()
+                     if k not in ("gens", "ids")}
             print(f"  [{time.strftime('%H:%M:%S')}] {kind} {_describe(cfg)}: {short}", flush=True)
         return res
 
@@ -523,11 +534,9 @@ def main() -> None:
     sizes = {q: p.stat().st_size / 2**20 for q, p in ggufs.items()}
 
     # 2. prompts, tokenized by llama.cpp exactly as capture_activations(chat=False) does; HF gets the same ids
-    from mote_local.engine import Model
     beh, base = make_prompts(args.prompts // 2)
     texts = [t for pair in zip(beh, base) for t in pair]  # capture_activations' order: interleaved
-    with Model(ggufs["q4_k_m"]) as m:
-        ids = [m.tokenize(t, add_bos=True) for t in texts]
+    ids = run("tokenize", gguf=str(ggufs["q4_k_m"]), texts=texts)["ids"]
     is_behavior = np.array([i % 2 == 0 for i in range(len(texts))])
     prompts_file = workdir / "prompts.json"
     prompts_file.write_text(json.dumps({"behavior": beh, "baseline": base, "ids": ids,
@@ -565,6 +574,10 @@ def main() -> None:
         R[f"trace_{q}"] = run("mote_session", gguf=str(ggufs[q]), batch_size=32, n_ubatch=512, kv_unified=True,
                               flash_attn="off", trace=True, n_prompts=args.trace_prompts, out_npz=npz(f"trace_{q}"),
                               **common)
+    # ... and f32 with an f32 KV cache (llama.cpp keeps K and V in f16 by default, transformers f32 does not)
+    R["trace_f32_kvf32"] = run("mote_session", gguf=str(ggufs["f32"]), batch_size=32, n_ubatch=512, kv_unified=True,
+                               flash_attn="off", trace=True, n_prompts=args.trace_prompts,
+                               ctx_params={"type_k": 0, "type_v": 0}, out_npz=npz("trace_f32_kvf32"), **common)
 
     # 5. generated scope
     gen = dict(n_prompts=args.gen_prompts, new_tokens=args.new_tokens)
@@ -575,7 +588,7 @@ def main() -> None:
         R[key] = run("mote_ftri", gguf=q4, scope="generated", batch_size=8, model_params=mp, out_npz=npz(key),
                      **gen, **common)
     R["proto_gen"] = run("mote_gen_batched", gguf=q4, n_seq=args.gen_prompts, model_params=NO_REPACK,
-                         out_npz=npz("proto_gen"), **gen, **common)
+                         kv_unified=True, out_npz=npz("proto_gen"), **gen, **common)
 
     total_s = time.perf_counter() - t_start
     report = analyse_results(args, argv, spec, build, sizes, ids, is_behavior, R, workdir, total_s)
@@ -661,6 +674,17 @@ def analyse_results(args, argv, spec, build, sizes, ids, is_behavior, R, workdir
     w(f"- Best prototype ({_proto_desc(bp['cfg'])}): {bp['tok_s'] / base_tps:.2f}× at "
       f"{100 * bp['rss_mb'] / base_rss:.0f}% of the memory, {bp['tok_s'] / best['tok_s']:.2f}× the best product "
       f"configuration.")
+    ratio_of = lambda a, b: R[a]["tok_s"] / R[b]["tok_s"]  # noqa: E731
+    w(f"- Levers, measured in this run (Q4_K_M): unified KV cache (`kv_unified=True`; today each sequence gets its "
+      f"own KV stream, and llama.cpp then splits a batch of unequal prompts into equal-length slices, i.e. many "
+      f"small ubatches) {ratio_of('proto_0', 'ftri_q4_k_m_b32'):.2f}× with weight repacking, "
+      f"{ratio_of('proto_1', 'ftri_q4_k_m_b32_norepack'):.2f}× without; no weight repacking "
+      f"(`use_extra_bufts=False`: llama.cpp's repacked Q4_K kernels are slower for MoE `mul_mat_id` here, and the "
+      f"repacked copy sits beside the mapped file) {ratio_of('ftri_q4_k_m_b8_norepack', 'ftri_q4_k_m_b8'):.2f}× "
+      f"(batch_size 8) and {ratio_of('ftri_q4_k_m_b32_norepack', 'ftri_q4_k_m_b32'):.2f}× (batch_size 32) at "
+      f"{R['ftri_q4_k_m_b8_norepack']['rss_mb']:.0f} instead of {R['ftri_q4_k_m_b8']['rss_mb']:.0f} MiB; "
+      f"64 sequences per decode with n_ubatch 2048 instead of 32 with 512 (unified, no repacking) "
+      f"{ratio_of('proto_2', 'proto_1'):.2f}×. Threads: 2 = the cores; nothing to gain there.")
     lc = R["logits_cost"]
     gain = (f"at most {100 * lc['saving']:.0f}% to gain" if lc["saving"] > 0.02 else
             "no gain measurable above the noise")
@@ -683,14 +707,18 @@ def analyse_results(args, argv, spec, build, sizes, ids, is_behavior, R, workdir
         r = R[key]
         w(f"| mote-local `capture_activations(scope=\"generated\")` Q4_K_M{_mp_desc(mp)} | {r['tok_s']:.1f} | "
           f"{r['tok_s'] / hg['tok_s']:.2f}× | {r['rss_mb']:.0f} |")
-    w(f"| prototype Q4_K_M{_mp_desc(NO_REPACK)}: {args.gen_prompts} sequences per decode, counted while generating "
+    w(f"| prototype Q4_K_M{_mp_desc(NO_REPACK)}: {args.gen_prompts} sequences per decode, `kv_unified=True`, "
+      f"counted while generating "
       f"| {pg['tok_s']:.1f} | {pg['tok_s'] / hg['tok_s']:.2f}× | {pg['rss_mb']:.0f} |")
     w("")
     g_best = max(R["ftri_gen"]["tok_s"], R["ftri_gen_norepack"]["tok_s"]) / hg["tok_s"]
     w(f"- **Target ≥ 3× transformers `generate`.** Product path: {g_best:.2f}× {verdict(g_best >= 3)} (it "
       f"generates one prompt at a time, then routes prompt + continuation again, batched). Batched prototype: "
       f"{pg['tok_s'] / hg['tok_s']:.2f}× {verdict(pg['tok_s'] / hg['tok_s'] >= 3)}; its greedy continuations equal "
-      f"`Session.generate`'s for {100 * pg['same_as_generate']:.0f}% of the prompts. transformers routes "
+      f"`Session.generate`'s for {100 * pg['same_as_generate']:.0f}% of the prompts"
+      + (" (100% with one sequence per decode: several sequences in one batch change llama.cpp's float "
+         "accumulation order, and a random model's near-tied logits let greedy paths part)"
+         if pg["same_as_generate"] < 1 else "") + f". transformers routes "
       f"{args.new_tokens - 1} of the {args.new_tokens} generated tokens (the last never enters the model), "
       f"mote-local all {args.new_tokens}.")
     w("")
@@ -698,20 +726,25 @@ def analyse_results(args, argv, spec, build, sizes, ids, is_behavior, R, workdir
     # fidelity
     n_tr = args.trace_prompts
     n_tok = sum(lens[:n_tr])
-    tr = {q: load(f"trace_{q}", "trace") for q in QTYPES}
+    tr = {q: load(f"trace_{q}", "trace") for q in (*QTYPES, "f32_kvf32")}
     hft = {d: load(f"hf_{d}", "trace")[:n_tok] for d in ("f32", "bf16")}
     cnt = {key: load(key) for key in products}
     chf = {d: load(f"hf_{d}") for d in ("f32", "bf16")}
     w("### Fidelity")
     w("")
     w(f"Per-token top-{k} sets: first {n_tr} prompts ({n_tok} tokens × {spec.n_layer} layers), llama.cpp with "
-      f"flash attention off. fTRI: mean_diff ranking over all {len(ids)} prompts from the counts of the runs above "
-      f"(llama.cpp rows: `capture_activations`, batch 32, default options).")
+      f"flash attention off and, unless said, its default f16 KV cache; the quantized models are compared with f32 "
+      f"under the same settings. fTRI: mean_diff ranking (positive sign, as `mote ftri` ranks) over all {len(ids)} "
+      f"prompts from the per-prompt counts of the prompt-scope runs above (llama.cpp: `capture_activations`, "
+      f"batch_size 32, default options, flash attention auto), top-{args.top} sets compared.")
     w("")
     w(f"| comparison | top-{k} set identical | mean set overlap | tokens identical in all layers | "
       f"fTRI top-{args.top} overlap | fTRI score corr | count corr |")
     w("|---|---:|---:|---:|---:|---:|---:|")
-    pairs = [("llama.cpp f32 vs transformers f32", tr["f32"], hft["f32"], cnt["ftri_f32_b32"], chf["f32"]),
+    pairs = [("llama.cpp f32, f32 KV cache vs transformers f32", tr["f32_kvf32"], hft["f32"], cnt["ftri_f32_b32"],
+              chf["f32"]),
+             ("llama.cpp f32 (default f16 KV cache) vs transformers f32", tr["f32"], hft["f32"], cnt["ftri_f32_b32"],
+              chf["f32"]),
              ("transformers bf16 vs transformers f32", hft["bf16"], hft["f32"], chf["bf16"], chf["f32"]),
              ("llama.cpp Q8_0 vs llama.cpp f32", tr["q8_0"], tr["f32"], cnt["ftri_q8_0_b32"], cnt["ftri_f32_b32"]),
              ("llama.cpp Q4_K_M vs llama.cpp f32", tr["q4_k_m"], tr["f32"], cnt["ftri_q4_k_m_b32"],
