@@ -1,7 +1,7 @@
 // mote-graph.cpp — the graph side of steering and capture: nodes added to build_moe_ffn and the
 // per-ubatch read-out of the routing tap.
 //
-// Steering values live in graph inputs (set before every ubatch), so they reach any backend
+// Steering values live in one graph input (set before every ubatch), so they reach any backend
 // without host-side hooks, and changing only values keeps llama.cpp's graph reuse.
 #include "mote-graph.h"
 #include "mote-state.h"
@@ -9,6 +9,7 @@
 #include "ggml-backend.h"
 #include "ggml.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -20,22 +21,24 @@ static constexpr float kForceEpsilon = 1e-3f;
 
 namespace {
 
+// The per-expert tables steering reads, one row each of the graph's packed steering input.
+enum class table_kind { logit_bias, force, selection, keep, gain };
+
 class steer_input : public llm_graph_input_i {
 public:
-    struct layer_nodes {
-        ggml_tensor * logit_bias      = nullptr;
-        ggml_tensor * force           = nullptr;
-        ggml_tensor * selection       = nullptr;
-        ggml_tensor * model_selection = nullptr; // the model's exp_probs_b that `selection` replaces
-        ggml_tensor * keep            = nullptr;
-        ggml_tensor * gain            = nullptr;
-
-        ggml_tensor * tap_ids     = nullptr; // I32 [n_expert_used, rows]
-        ggml_tensor * tap_weights = nullptr; // F32 [n_expert_used, rows]
-        ggml_tensor * tap_probs   = nullptr; // F32 [n_expert, rows]
+    struct table {
+        int32_t       layer;
+        table_kind    kind;
+        ggml_tensor * model_selection; // for `selection`: the model's exp_probs_b it replaces
     };
 
-    steer_input(context_state * st, int32_t n_layer) : st(st), layers(n_layer) {}
+    struct layer_taps {
+        ggml_tensor * ids     = nullptr; // I32 [n_expert_used, rows]
+        ggml_tensor * weights = nullptr; // F32 [n_expert_used, rows]
+        ggml_tensor * probs   = nullptr; // F32 [n_expert, rows]
+    };
+
+    steer_input(context_state * st, int32_t n_layer) : st(st), taps(n_layer) {}
 
     void set_input(const llama_ubatch * ubatch) override;
 
@@ -46,41 +49,47 @@ public:
     }
 
     context_state * st;
-    std::vector<layer_nodes> layers;
-    std::vector<float> scratch;
+    // F32 [n_expert, rows]: every steering table of the graph in one tensor, so that a ubatch costs
+    // one upload (a synchronised copy per table would dominate a GPU decode step)
+    ggml_tensor *           values = nullptr;
+    std::vector<table>      tables; // row -> what it holds
+    std::vector<float>      host;
+    std::vector<layer_taps> taps;
 };
-
-void set_values(ggml_tensor * t, const std::vector<float> & v) {
-    if (t != nullptr && t->buffer != nullptr) {
-        ggml_backend_tensor_set(t, v.data(), 0, ggml_nbytes(t));
-    }
-}
 
 void steer_input::set_input(const llama_ubatch * ubatch) {
     GGML_UNUSED(ubatch);
-    if (st->layers.empty()) {
-        return; // graph without steering nodes
+    if (values == nullptr || values->buffer == nullptr) {
+        return;
     }
-    for (size_t il = 0; il < layers.size(); ++il) {
-        const layer_nodes    & n  = layers[il];
-        const layer_steering & ls = st->layers[il];
-        set_values(n.logit_bias, ls.logit_bias);
-        set_values(n.force, ls.force);
-        set_values(n.keep, ls.keep);
-        set_values(n.gain, ls.gain);
-        if (n.selection != nullptr && n.selection->buffer != nullptr) {
-            std::vector<float> & model_b = st->model_selection_bias[il];
-            if (model_b.empty()) {
-                model_b.resize(ggml_nelements(n.model_selection));
-                ggml_backend_tensor_get(n.model_selection, model_b.data(), 0, ggml_nbytes(n.model_selection));
+    const size_t n_expert = (size_t) values->ne[0];
+    host.assign(ggml_nelements(values), 0.0f);
+    for (size_t row = 0; row < tables.size(); ++row) {
+        const table & t = tables[row];
+        if ((size_t) t.layer >= st->layers.size()) {
+            continue; // steering was cleared; this graph will not be reused
+        }
+        const layer_steering & ls  = st->layers[t.layer];
+        float *                dst = host.data() + row * n_expert;
+        switch (t.kind) {
+            case table_kind::logit_bias: std::copy_n(ls.logit_bias.data(), n_expert, dst); break;
+            case table_kind::force:      std::copy_n(ls.force.data(), n_expert, dst); break;
+            case table_kind::keep:       std::copy_n(ls.keep.data(), n_expert, dst); break;
+            case table_kind::gain:       std::copy_n(ls.gain.data(), n_expert, dst); break;
+            case table_kind::selection: {
+                std::vector<float> & model_b = st->model_selection_bias[t.layer];
+                if (model_b.empty()) {
+                    model_b.resize(ggml_nelements(t.model_selection));
+                    ggml_backend_tensor_get(t.model_selection, model_b.data(), 0, ggml_nbytes(t.model_selection));
+                }
+                for (size_t e = 0; e < n_expert; ++e) {
+                    dst[e] = model_b[e] + ls.selection[e];
+                }
+                break;
             }
-            scratch.resize(ls.selection.size());
-            for (size_t e = 0; e < scratch.size(); ++e) {
-                scratch[e] = model_b[e] + ls.selection[e];
-            }
-            set_values(n.selection, scratch);
         }
     }
+    ggml_backend_tensor_set(values, host.data(), 0, ggml_nbytes(values));
 }
 
 steer_input & input_of(const llm_graph_context & g) {
@@ -93,10 +102,27 @@ steer_input & input_of(const llm_graph_context & g) {
     return *static_cast<steer_input *>(added);
 }
 
-ggml_tensor * new_input(const llm_graph_context & g, int64_t n, const char * name, int il) {
-    ggml_tensor * t = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_F32, n);
-    ggml_set_input(t);
+// A [n_expert] row of the packed steering input for layer il.
+ggml_tensor * new_table(const llm_graph_context & g, table_kind kind, int il, const char * name,
+                        ggml_tensor * model_selection = nullptr) {
+    steer_input & in = input_of(g);
+    if (in.values == nullptr) {
+        int64_t rows = 0; // an upper bound: a hook may add no node (e.g. an arch without exp_probs_b)
+        for (const layer_steering & ls : g.mote->layers) {
+            rows += ls.has_logit_bias + ls.has_force + ls.has_selection + ls.has_keep + ls.has_gain;
+        }
+        in.values = ggml_new_tensor_2d(g.ctx0, GGML_TYPE_F32, g.mote->n_expert, rows);
+        ggml_set_input(in.values);
+        ggml_set_name(in.values, "mote_steering");
+    }
+    const size_t row = in.tables.size();
+    GGML_ASSERT((int64_t) row < in.values->ne[1]);
+    in.tables.push_back({ il, kind, model_selection });
+    ggml_tensor * t = ggml_view_1d(g.ctx0, in.values, in.values->ne[0], row * in.values->nb[1]);
     ggml_format_name(t, "%s-%d", name, il);
+    // expanded now, so that the view node sits ahead of the router's nodes: CUDA fuses the router
+    // only when its nodes are adjacent
+    ggml_build_forward_expand(g.gf, t);
     return t;
 }
 
@@ -154,11 +180,9 @@ ggml_tensor * steer_logits(const llm_graph_context & g, ggml_tensor * logits, in
     if (ls == nullptr || (!ls->has_logit_bias && !ls->has_force) || logits->ne[0] != g.mote->n_expert || logits->ne[1] == 0) {
         return logits;
     }
-    auto & nodes = input_of(g).layers[il];
     ggml_tensor * out = logits;
     if (ls->has_logit_bias) {
-        nodes.logit_bias = new_input(g, g.mote->n_expert, "mote_logit_bias", il);
-        out = ggml_add(g.ctx0, out, nodes.logit_bias);
+        out = ggml_add(g.ctx0, out, new_table(g, table_kind::logit_bias, il, "mote_logit_bias"));
     }
     if (ls->has_force) {
         // out + force * (max(out) + eps - out): forced experts take the token's top logit
@@ -167,11 +191,11 @@ ggml_tensor * steer_logits(const llm_graph_context & g, ggml_tensor * logits, in
         if (!ggml_is_contiguous(out)) {
             out = ggml_cont(g.ctx0, out);
         }
-        nodes.force = new_input(g, n_expert, "mote_force", il);
+        ggml_tensor * force  = new_table(g, table_kind::force, il, "mote_force");
         ggml_tensor * top_id = ggml_argsort_top_k(g.ctx0, out, 1);                                       // [1, n_tokens]
         ggml_tensor * top    = ggml_get_rows(g.ctx0, ggml_reshape_3d(g.ctx0, out, 1, n_expert, n_tokens), top_id); // [1, 1, n_tokens]
         top = ggml_scale_bias(g.ctx0, ggml_reshape_2d(g.ctx0, top, 1, n_tokens), 1.0f, kForceEpsilon);
-        ggml_tensor * lift = ggml_mul(g.ctx0, ggml_sub(g.ctx0, out, top), nodes.force);
+        ggml_tensor * lift = ggml_mul(g.ctx0, ggml_sub(g.ctx0, out, top), force);
         out = ggml_sub(g.ctx0, out, lift);
     }
     g.cb(out, "mote_logits", il);
@@ -183,10 +207,7 @@ ggml_tensor * selection_bias(const llm_graph_context & g, ggml_tensor * exp_prob
     if (ls == nullptr || !ls->has_selection || exp_probs_b == nullptr || ggml_nelements(exp_probs_b) != g.mote->n_expert) {
         return exp_probs_b;
     }
-    auto & nodes = input_of(g).layers[il];
-    nodes.model_selection = exp_probs_b;
-    nodes.selection       = new_input(g, g.mote->n_expert, "mote_selection_bias", il);
-    return nodes.selection;
+    return new_table(g, table_kind::selection, il, "mote_selection_bias", exp_probs_b);
 }
 
 ggml_tensor * drop_weights(const llm_graph_context & g, ggml_tensor * weights, ggml_tensor * selected,
@@ -195,9 +216,8 @@ ggml_tensor * drop_weights(const llm_graph_context & g, ggml_tensor * weights, g
     if (ls == nullptr || !ls->has_keep || weights->ne[2] == 0) {
         return weights;
     }
-    auto & nodes = input_of(g).layers[il];
-    nodes.keep = new_input(g, g.mote->n_expert, "mote_keep", il);
-    ggml_tensor * w = ggml_mul(g.ctx0, weights, per_selected(g.ctx0, nodes.keep, selected));
+    ggml_tensor * keep = new_table(g, table_kind::keep, il, "mote_keep");
+    ggml_tensor * w    = ggml_mul(g.ctx0, weights, per_selected(g.ctx0, keep, selected));
     if (gating == LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX_WEIGHT && !norm_w) {
         // the softmax over the selected logits already normalised: renormalise over the survivors
         const int64_t n_used   = w->ne[1];
@@ -218,21 +238,23 @@ ggml_tensor * finish_weights(const llm_graph_context & g, ggml_tensor * weights,
     }
     const layer_steering * ls = steering_of(g, il);
     if (ls != nullptr && ls->has_gain) {
-        auto & nodes = input_of(g).layers[il];
-        nodes.gain = new_input(g, st->n_expert, "mote_gain", il);
-        weights    = ggml_mul(g.ctx0, weights, per_selected(g.ctx0, nodes.gain, selected));
+        ggml_tensor * gain = new_table(g, table_kind::gain, il, "mote_gain");
+        weights = ggml_mul(g.ctx0, weights, per_selected(g.ctx0, gain, selected));
         g.cb(weights, "mote_weights_gain", il);
     }
     if (st->capture.active && probs->ne[1] == st->n_expert) {
-        auto & nodes = input_of(g).layers[il];
-        set_tap(g, nodes.tap_ids, selected, "mote_tap_ids", il);
-        set_tap(g, nodes.tap_weights, weights, "mote_tap_weights", il);
+        // the router's nodes enter the graph first, in upstream's order, so that CUDA still fuses
+        // them; the taps follow
+        ggml_build_forward_expand(g.gf, weights);
+        auto & taps = input_of(g).taps[il];
+        set_tap(g, taps.ids, selected, "mote_tap_ids", il);
+        set_tap(g, taps.weights, weights, "mote_tap_weights", il);
         if (st->capture.flags & MOTE_CAPTURE_PROBS) {
             ggml_tensor * p = ggml_reshape_2d(g.ctx0, probs, probs->ne[1], probs->ne[2]);
             if (gating == LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX_WEIGHT) {
                 p = ggml_soft_max(g.ctx0, p); // probs are raw logits for this gating
             }
-            set_tap(g, nodes.tap_probs, p, "mote_tap_probs", il);
+            set_tap(g, taps.probs, p, "mote_tap_probs", il);
         }
     }
     return weights;
@@ -240,9 +262,17 @@ ggml_tensor * finish_weights(const llm_graph_context & g, ggml_tensor * weights,
 
 namespace {
 
-template <typename T> std::vector<T> read_tensor(const ggml_tensor * t) {
+// Queues the copy of a tap into host memory on the backend that computed it; the caller
+// synchronises once for all taps (a synchronised copy per tap would stall a GPU decode step once
+// per layer).
+template <typename T> std::vector<T> queue_read(ggml_backend_sched_t sched, ggml_tensor * t) {
     std::vector<T> out(ggml_nelements(t));
-    ggml_backend_tensor_get(t, out.data(), 0, ggml_nbytes(t));
+    ggml_backend_t backend = ggml_backend_sched_get_tensor_backend(sched, t);
+    if (backend != nullptr) {
+        ggml_backend_tensor_get_async(backend, t, out.data(), 0, ggml_nbytes(t));
+    } else {
+        ggml_backend_tensor_get(t, out.data(), 0, ggml_nbytes(t));
+    }
     return out;
 }
 
@@ -277,7 +307,7 @@ void after_ubatch(const llama_context * lctx, ggml_backend_sched_t sched, const 
     if (in == nullptr) {
         return;
     }
-    ggml_backend_sched_synchronize(sched);
+    ggml_backend_sched_synchronize(sched); // the ubatch is computed before any tap is read
 
     capture_state & cap = st->capture;
     const bool trace = cap.flags & MOTE_CAPTURE_TRACE;
@@ -290,22 +320,38 @@ void after_ubatch(const llama_context * lctx, ggml_backend_sched_t sched, const 
         }
     }
 
+    struct layer_read {
+        std::vector<int32_t> ids;
+        std::vector<float>   weights;
+        std::vector<float>   probs;
+    };
+    std::vector<layer_read> reads(st->n_layer);
     for (int32_t il = 0; il < st->n_layer; ++il) {
-        const auto & nodes = in->layers[il];
-        if (nodes.tap_ids == nullptr) {
+        const auto & taps = in->taps[il];
+        if (taps.ids == nullptr) {
             continue;
         }
-        const int64_t n_used = nodes.tap_ids->ne[0];
-        const int64_t rows   = nodes.tap_ids->ne[1];
+        const int64_t rows = taps.ids->ne[1];
         if (rows != (int64_t) ubatch.n_tokens && rows != (int64_t) output_tokens.size()) {
             continue; // rows cannot be attributed to tokens
         }
-        const auto ids     = read_tensor<int32_t>(nodes.tap_ids);
-        const auto weights = read_tensor<float>(nodes.tap_weights);
-        std::vector<float> probs;
-        if (nodes.tap_probs != nullptr) {
-            probs = read_tensor<float>(nodes.tap_probs);
+        reads[il].ids     = queue_read<int32_t>(sched, taps.ids);
+        reads[il].weights = queue_read<float>(sched, taps.weights);
+        if (taps.probs != nullptr) {
+            reads[il].probs = queue_read<float>(sched, taps.probs);
         }
+    }
+    ggml_backend_sched_synchronize(sched);
+
+    for (int32_t il = 0; il < st->n_layer; ++il) {
+        if (reads[il].ids.empty()) {
+            continue;
+        }
+        const auto & ids     = reads[il].ids;
+        const auto & weights = reads[il].weights;
+        const auto & probs   = reads[il].probs;
+        const int64_t n_used = in->taps[il].ids->ne[0];
+        const int64_t rows   = in->taps[il].ids->ne[1];
         for (int64_t r = 0; r < rows; ++r) {
             const uint32_t i = rows == (int64_t) ubatch.n_tokens ? (uint32_t) r : output_tokens[r];
             const llama_pos pos = ubatch.pos[i];

@@ -7,6 +7,17 @@ from mote_local import tiny
 from mote_local.engine import Model
 
 
+def pytest_addoption(parser):
+    parser.addoption("--n-gpu-layers", type=int, default=0,
+                     help="offload this many layers in the models the engine tests load (a GPU build's check)")
+
+
+@pytest.fixture(scope="session")
+def model_options(request) -> dict:
+    """Options every engine test passes to Model: the GPU offload asked for on the command line."""
+    return {"n_gpu_layers": request.config.getoption("--n-gpu-layers")}
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("models")
@@ -24,11 +35,11 @@ _models: dict[str, Model] = {}
 
 
 @pytest.fixture(scope="session")
-def load(tiny_path):
+def load(tiny_path, model_options):
     """load(arch) -> a Model shared by the tests of the session."""
     def get(arch: str) -> Model:
         if arch not in _models:
-            _models[arch] = Model(tiny_path(arch))
+            _models[arch] = Model(tiny_path(arch), **model_options)
         return _models[arch]
     yield get
     for m in _models.values():

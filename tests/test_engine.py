@@ -168,21 +168,21 @@ def test_strength_scales_bias(load, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_gain_zero_equals_removing_the_experts_output(load, tiny_path, tmp_path, arch):
+def test_gain_zero_equals_removing_the_experts_output(load, tiny_path, tmp_path, model_options, arch):
     model = load(arch)
     _, base, _ = routed(model)
     layer = model.layout.moe_layers[-1]
     expert = busiest_expert(base, layer)
     gained, _, _ = routed(model, [Entry(layer, expert, Mode.GAIN, 0.0)])
     zeroed_path = copy_with_zeroed_expert_output(tiny_path(arch), tmp_path / "zeroed.gguf", layer, expert)
-    with Model(zeroed_path) as zeroed:
+    with Model(zeroed_path, **model_options) as zeroed:
         reference, _, _ = routed(zeroed)
     assert np.array_equal(gained, reference)
     doubled, _, _ = routed(model, [Entry(layer, expert, Mode.GAIN, 2.0)])
     assert not np.array_equal(doubled, gained)
 
 
-def test_capture_attributes_sequences_in_one_batch(load):
+def test_capture_attributes_sequences_in_one_batch(load, model_options):
     model = load("qwen3moe")
     prompts = [model.tokenize(PROMPT), model.tokenize("the old man said hello to the small dog")]
     alone = []
@@ -200,7 +200,10 @@ def test_capture_attributes_sequences_in_one_batch(load):
         got = cap.stats(label)
         np.testing.assert_array_equal(got.counts, ref.counts)
         np.testing.assert_array_equal(got.tokens, ref.tokens)
-        np.testing.assert_allclose(got.weight_sums, ref.weight_sums, rtol=1e-4)
+        # a GPU picks other matmul kernels for other batch shapes, so weights there differ in the third
+        # digit; the counts, which attribution decides, stay exact
+        rtol = 1e-2 if model_options["n_gpu_layers"] else 1e-4
+        np.testing.assert_allclose(got.weight_sums, ref.weight_sums, rtol=rtol)
 
 
 def test_capture_position_window_and_probs(load):
