@@ -24,6 +24,13 @@ from mote_local.engine import Model, Session
 from mote_local.steering import Entry, Mode
 
 
+def bench_model(arch: str = "qwen3moe", n_layer: int = 8, n_embd: int = 1024, n_expert: int = 64,
+                n_expert_used: int = 8, n_ff_exp: int = 512, qtype: str = "q8_0"):
+    """The benchmark's model from the factory (cached): a realistic MoE shape, several hundred MB."""
+    return tiny.tiny_model(arch, n_layer=n_layer, n_embd=n_embd, n_head=16, n_head_kv=4, n_expert=n_expert,
+                           n_expert_used=n_expert_used, n_ff_exp=n_ff_exp, n_ff=4 * n_ff_exp, n_ctx=1024, qtype=qtype)
+
+
 def steering_profile(model: Model) -> list[Entry]:
     """A realistic profile: in every MoE layer two experts off, one forced, three biased."""
     entries = []
@@ -67,9 +74,8 @@ def main() -> None:
     args = ap.parse_args()
 
     t0 = time.perf_counter()
-    path = tiny.tiny_model(args.arch, n_layer=args.n_layer, n_embd=args.n_embd, n_head=16, n_head_kv=4,
-                           n_expert=args.n_expert, n_expert_used=args.n_expert_used, n_ff_exp=args.n_ff_exp,
-                           n_ff=4 * args.n_ff_exp, n_ctx=1024, qtype=args.qtype)
+    path = bench_model(args.arch, args.n_layer, args.n_embd, args.n_expert, args.n_expert_used, args.n_ff_exp,
+                       args.qtype)
     print(f"model: {path} ({path.stat().st_size / 2**20:.0f} MiB, ready in {time.perf_counter() - t0:.1f} s)")
 
     model = Model(path, n_gpu_layers=args.n_gpu_layers)

@@ -5,13 +5,13 @@ One run, same random Qwen3-MoE weights on both sides (built with transformers, c
 llama.cpp's convert_hf_to_gguf.py, quantized with llama_model_quantize), same prompts, same token ids:
 
   prompt scope     transformers bf16/f32 batched forward with a hook on every ``mlp.gate``   vs
-                   mote_local.ftri.capture_activations at f32 / Q8_0 / Q4_K_M (batch sizes, and the model
-                   option use_extra_bufts=False), plus prototypes of levers the product does not expose
-                   (a unified KV cache, larger ubatches) through the public Session/Capture API only, and a
-                   timing of what logits for every token cost (the "routing-only mode" lever)
+                   mote_local.ftri.capture_activations at f32 / Q8_0 / Q4_K_M as `mote ftri` runs it
+                   (batch_size 32, Model options ftri.CAPTURE_MODEL_OPTIONS), the levers beside it (batch
+                   size, llama.cpp's weight repacking), a prototype of one the product does not expose
+                   (larger ubatches) through the public Session/Capture API, and a timing of what logits for
+                   every token cost (the "routing-only mode" lever)
   generated scope  transformers ``generate`` (greedy, batched, left padding, same hooks)      vs
-                   capture_activations(scope="generated"), plus a prototype that decodes many sequences
-                   per call and counts while generating
+                   capture_activations(scope="generated"): batched greedy generation, counted while generating
   fidelity         per-token top-k sets and fTRI top-N (mean_diff) rankings: llama.cpp f32 vs transformers
                    f32, Q8_0 / Q4_K_M vs f32, transformers bf16 vs f32
 
@@ -348,61 +348,6 @@ def worker_mote_logits_cost(cfg: dict) -> dict:
             "saving": 1 - out["last"] / out["all"]}
 
 
-def worker_mote_gen_batched(cfg: dict) -> dict:
-    """Prototype of generated-scope capture with many sequences per decode: greedy (argmax of the logits,
-    as the greedy sampler does), capture bound to the generated positions only, so the routing is counted
-    while generating (no teacher-forced second pass). Each generated token is fed back once, so all of them
-    are routed (one extra LM head per sequence)."""
-    seqs, _ = _load_ids(cfg)
-    seqs = seqs[:cfg["n_prompts"]]
-    model, load_s = _mote_model(cfg)
-    layout = model.layout
-    n_seq, new = cfg["n_seq"], cfg["new_tokens"]
-
-    def run(prompts: list[list[int]]):
-        longest = max(len(p) for p in prompts)
-        counts = np.zeros((len(prompts), layout.n_layer, layout.n_expert), dtype=np.int64)
-        gens: list[list[int]] = []
-        n_ctx = n_seq * (longest + new + 1) + 16
-        with model.session(n_ctx=n_ctx, n_seq_max=n_seq, n_batch=min(n_ctx, 2048), n_ubatch=512,
-                           kv_unified=cfg.get("kv_unified", False)) as s, s.capture(label=None) as cap:
-            for start in range(0, len(prompts), n_seq):
-                batch = prompts[start:start + n_seq]
-                cap.unbind_all()
-                for seq, p in enumerate(batch):
-                    cap.bind(seq, start + seq, len(p))  # count generated positions only
-                s.reset()
-                logits = s.decode([(i, p, 0) for i, p in enumerate(batch)])
-                last = np.cumsum([len(p) for p in batch]) - 1
-                tok = logits[last].argmax(axis=1)
-                out = [[int(t)] for t in tok]
-                for step in range(new):
-                    logits = s.decode([(i, [int(tok[i])], len(p) + step) for i, p in enumerate(batch)])
-                    if step < new - 1:
-                        tok = logits.argmax(axis=1)
-                        for i, t in enumerate(tok):
-                            out[i].append(int(t))
-                gens += out
-            for label in cap.labels:
-                counts[label] = cap.stats(label).counts
-        return counts, gens
-
-    run(seqs[:n_seq])  # warm-up
-    t0 = time.perf_counter()
-    counts, gens = run(seqs)
-    wall = time.perf_counter() - t0
-    rss = peak_rss_mb()
-    n_gen = sum(len(g) for g in gens)
-    np.savez_compressed(cfg["out_npz"], counts=counts)
-    # after timing: the continuations Session.generate gives (what capture_activations routes), for comparison
-    with model.session(n_ctx=1024) as s:
-        reference = [s.generate(p, max_tokens=new, add_bos=False).tokens for p in seqs]
-    model.close()
-    same = [g[:len(r)] == r for g, r in zip(gens, reference)]
-    return {"tok_s": n_gen / wall, "wall_s": wall, "tokens": n_gen, "load_s": load_s, "rss_mb": rss,
-            "same_as_generate": float(np.mean(same))}
-
-
 WORKERS = {name[len("worker_"):]: fn for name, fn in globals().items() if name.startswith("worker_")}
 
 
@@ -477,7 +422,9 @@ def ftri_compare(ca: np.ndarray, cb: np.ndarray, is_behavior: np.ndarray, top: i
             "counts_identical": float((ca == cb).all(axis=(1, 2)).mean())}  # prompts with identical count maps
 
 
-NO_REPACK = {"use_extra_bufts": False}
+def capture_options() -> dict:
+    from mote_local.ftri import CAPTURE_MODEL_OPTIONS
+    return dict(CAPTURE_MODEL_OPTIONS)
 
 
 def main() -> None:
@@ -553,21 +500,18 @@ def main() -> None:
     for dtype in ("bf16", "f32"):
         R[f"hf_{dtype}"] = run("hf_prompt", hf_dir=str(workdir / f"hf-{dtype}"), dtype=dtype, batch=args.hf_batch,
                                out_npz=npz(f"hf_{dtype}"), **common)
-    # mote-local, the product path (capture_activations; batch_size and Model options are the user's to set)
-    product = [("f32", 32, {}), ("q8_0", 32, {}), ("q4_k_m", 8, {}), ("q4_k_m", 32, {}), ("q4_k_m", 8, NO_REPACK),
-               ("q4_k_m", 32, NO_REPACK)]
+    # mote-local, the product path: capture_activations as `mote ftri` runs it, and the levers beside it
+    cap = capture_options()
+    product = [("f32", 32, cap), ("q8_0", 32, cap), ("q4_k_m", 32, cap), ("q4_k_m", 8, cap), ("q4_k_m", 32, {})]
     for q, bs, mp in product:
-        key = f"ftri_{q}_b{bs}" + ("_norepack" if mp else "")
+        key = f"ftri_{q}_b{bs}" + ("" if mp == cap else "_repack")
         R[key] = {**run("mote_ftri", gguf=str(ggufs[q]), scope="prompt", batch_size=bs, model_params=mp,
                         out_npz=npz(key), **common), "q": q, "bs": bs, "mp": mp}
-    # levers the product does not expose, through the public Session/Capture API (Q4_K_M)
-    levers = [dict(batch_size=32, n_ubatch=512, kv_unified=True),
-              dict(batch_size=32, n_ubatch=512, kv_unified=True, model_params=NO_REPACK),
-              dict(batch_size=64, n_ubatch=2048, n_batch=2048, kv_unified=True, model_params=NO_REPACK)]
-    for i, lv in enumerate(levers):
-        R[f"proto_{i}"] = {**run("mote_session", gguf=q4, out_npz=npz(f"proto_{i}"), **lv, **common), "cfg": lv}
+    # a lever the product does not expose, through the public Session/Capture API (Q4_K_M)
+    lever = dict(batch_size=64, n_ubatch=2048, n_batch=2048, kv_unified=True, model_params=cap)
+    R["proto_0"] = {**run("mote_session", gguf=q4, out_npz=npz("proto_0"), **lever, **common), "cfg": lever}
     R["logits_cost"] = run("mote_logits_cost", gguf=q4, batch_size=32, n_ubatch=512, kv_unified=True,
-                           model_params=NO_REPACK, n_prompts=min(len(ids), 96), **common)
+                           model_params=cap, n_prompts=min(len(ids), 96), **common)
 
     # 4. fidelity traces on the first prompts: llama.cpp with flash attention off, every quantization
     for q in QTYPES:
@@ -583,12 +527,9 @@ def main() -> None:
     gen = dict(n_prompts=args.gen_prompts, new_tokens=args.new_tokens)
     R["hf_gen"] = run("hf_generate", hf_dir=str(workdir / "hf-bf16"), dtype="bf16", batch=args.hf_gen_batch,
                       out_npz=npz("hf_gen"), **gen, **common)
-    for mp in ({}, NO_REPACK):
-        key = "ftri_gen" + ("_norepack" if mp else "")
-        R[key] = run("mote_ftri", gguf=q4, scope="generated", batch_size=8, model_params=mp, out_npz=npz(key),
-                     **gen, **common)
-    R["proto_gen"] = run("mote_gen_batched", gguf=q4, n_seq=args.gen_prompts, model_params=NO_REPACK,
-                         kv_unified=True, out_npz=npz("proto_gen"), **gen, **common)
+    for bs in (args.gen_prompts, 8):
+        R[f"gen_b{bs}"] = {**run("mote_ftri", gguf=q4, scope="generated", batch_size=bs, model_params=cap,
+                                 out_npz=npz(f"gen_b{bs}"), **gen, **common), "bs": bs}
 
     total_s = time.perf_counter() - t_start
     report = analyse_results(args, argv, spec, build, sizes, ids, is_behavior, R, workdir, total_s)
@@ -599,7 +540,7 @@ def main() -> None:
 
 
 def _mp_desc(mp: dict) -> str:
-    return ", `Model(use_extra_bufts=False)`" if mp else ""
+    return "" if mp else ", weights repacked (plain `Model()` options)"
 
 
 def analyse_results(args, argv, spec, build, sizes, ids, is_behavior, R, workdir: Path, total_s: float) -> str:
@@ -650,41 +591,33 @@ def analyse_results(args, argv, spec, build, sizes, ids, is_behavior, R, workdir
         f"`{hf_bf16.get('experts_implementation')}`, attention `{hf_bf16.get('attn_implementation')}`: the defaults)",
         hf_bf16)
     row(f"transformers f32, batch {args.hf_batch}, same hooks", R["hf_f32"])
-    products = {key: r for key, r in R.items() if key.startswith("ftri_") and "gen" not in key}
+    products = {key: r for key, r in R.items() if key.startswith("ftri_")}
     for key, r in products.items():
-        row(f"mote-local `capture_activations` {r['q'].upper()}, batch_size {r['bs']}{_mp_desc(r['mp'])}", r)
-    protos = {key: r for key, r in R.items() if key.startswith("proto_") and key != "proto_gen"}
-    for key, r in protos.items():
-        row(f"prototype Q4_K_M: {_proto_desc(r['cfg'])}", r)
+        row(f"mote-local `capture_activations` {r['q'].upper()}, batch_size {r['bs']}{_mp_desc(r['mp'])}"
+            + (" (= `mote ftri`)" if r["bs"] == 32 and r["mp"] else ""), r)
+    proto = R["proto_0"]
+    row(f"prototype Q4_K_M: {_proto_desc(proto['cfg'])}", proto)
     w("")
     q4p = {key: r for key, r in products.items() if r["q"] == "q4_k_m"}
     ok = lambda r: r["tok_s"] >= base_tps and r["rss_mb"] <= 0.2 * base_rss  # noqa: E731
     best_key = max(q4p, key=lambda key: (ok(q4p[key]), q4p[key]["tok_s"]))
     best = q4p[best_key]
-    default = q4p["ftri_q4_k_m_b8"]
+    default = q4p["ftri_q4_k_m_b32"]
     ratio, mem = best["tok_s"] / base_tps, best["rss_mb"] / base_rss
     w(f"- **Target ≥ 1.0× transformers-bf16 throughput at ≤ 20% of its peak memory (Q4_K_M).** Best product "
       f"configuration: `capture_activations(batch_size={best['bs']})`{_mp_desc(best['mp'])} = {ratio:.2f}× at "
       f"{100 * mem:.0f}% of the memory: throughput {verdict(ratio >= 1.0)} (stretch 1.5×: {verdict(ratio >= 1.5)}), "
-      f"memory {verdict(mem <= 0.20)}. With the defaults (`mote ftri`: batch_size 8, default model options): "
+      f"memory {verdict(mem <= 0.20)}. With `mote ftri`'s defaults (batch_size 32, `CAPTURE_MODEL_OPTIONS`): "
       f"{default['tok_s'] / base_tps:.2f}× at {100 * default['rss_mb'] / base_rss:.0f}%: throughput "
       f"{verdict(default['tok_s'] >= base_tps)}, memory {verdict(default['rss_mb'] <= 0.2 * base_rss)}.")
-    bp_key = max(protos, key=lambda key: protos[key]["tok_s"])
-    bp = protos[bp_key]
-    w(f"- Best prototype ({_proto_desc(bp['cfg'])}): {bp['tok_s'] / base_tps:.2f}× at "
-      f"{100 * bp['rss_mb'] / base_rss:.0f}% of the memory, {bp['tok_s'] / best['tok_s']:.2f}× the best product "
-      f"configuration.")
     ratio_of = lambda a, b: R[a]["tok_s"] / R[b]["tok_s"]  # noqa: E731
-    w(f"- Levers, measured in this run (Q4_K_M): unified KV cache (`kv_unified=True`; today each sequence gets its "
-      f"own KV stream, and llama.cpp then splits a batch of unequal prompts into equal-length slices, i.e. many "
-      f"small ubatches) {ratio_of('proto_0', 'ftri_q4_k_m_b32'):.2f}× with weight repacking, "
-      f"{ratio_of('proto_1', 'ftri_q4_k_m_b32_norepack'):.2f}× without; no weight repacking "
-      f"(`use_extra_bufts=False`: llama.cpp's repacked Q4_K kernels are slower for MoE `mul_mat_id` here, and the "
-      f"repacked copy sits beside the mapped file) {ratio_of('ftri_q4_k_m_b8_norepack', 'ftri_q4_k_m_b8'):.2f}× "
-      f"(batch_size 8) and {ratio_of('ftri_q4_k_m_b32_norepack', 'ftri_q4_k_m_b32'):.2f}× (batch_size 32) at "
-      f"{R['ftri_q4_k_m_b8_norepack']['rss_mb']:.0f} instead of {R['ftri_q4_k_m_b8']['rss_mb']:.0f} MiB; "
-      f"64 sequences per decode with n_ubatch 2048 instead of 32 with 512 (unified, no repacking) "
-      f"{ratio_of('proto_2', 'proto_1'):.2f}×. Threads: 2 = the cores; nothing to gain there.")
+    w(f"- Levers, measured in this run (Q4_K_M, against `mote ftri`'s configuration): llama.cpp's weight "
+      f"repacking (plain `Model()` options; its repacked Q4_K kernels are slower for MoE `mul_mat_id` here, and "
+      f"the repacked copy sits beside the mapped file) {ratio_of('ftri_q4_k_m_b32_repack', 'ftri_q4_k_m_b32'):.2f}× "
+      f"at {R['ftri_q4_k_m_b32_repack']['rss_mb']:.0f} instead of {R['ftri_q4_k_m_b32']['rss_mb']:.0f} MiB; "
+      f"batch_size 8 {ratio_of('ftri_q4_k_m_b8', 'ftri_q4_k_m_b32'):.2f}×; prototype with 64 sequences per decode "
+      f"and n_ubatch 2048 {ratio_of('proto_0', 'ftri_q4_k_m_b32'):.2f}×. Threads: 2 = the cores; nothing to gain "
+      f"there.")
     lc = R["logits_cost"]
     gain = (f"at most {100 * lc['saving']:.0f}% to gain" if lc["saving"] > 0.02 else
             "no gain measurable above the noise")
@@ -695,7 +628,7 @@ def analyse_results(args, argv, spec, build, sizes, ids, is_behavior, R, workdir
     w("")
 
     # generated scope
-    hg, pg = R["hf_gen"], R["proto_gen"]
+    hg = R["hf_gen"]
     w(f"### Generated scope ({args.gen_prompts} prompts × {args.new_tokens} new tokens, greedy; throughput over "
       f"generated tokens, end to end)")
     w("")
@@ -703,24 +636,19 @@ def analyse_results(args, argv, spec, build, sizes, ids, is_behavior, R, workdir
     w("|---|---:|---:|---:|")
     w(f"| transformers bf16 `generate`, batch {args.hf_gen_batch}, left padding, same hooks | {hg['tok_s']:.1f} | "
       f"1.00× | {hg['rss_mb']:.0f} |")
-    for key, mp in (("ftri_gen", {}), ("ftri_gen_norepack", NO_REPACK)):
-        r = R[key]
-        w(f"| mote-local `capture_activations(scope=\"generated\")` Q4_K_M{_mp_desc(mp)} | {r['tok_s']:.1f} | "
-          f"{r['tok_s'] / hg['tok_s']:.2f}× | {r['rss_mb']:.0f} |")
-    w(f"| prototype Q4_K_M{_mp_desc(NO_REPACK)}: {args.gen_prompts} sequences per decode, `kv_unified=True`, "
-      f"counted while generating "
-      f"| {pg['tok_s']:.1f} | {pg['tok_s'] / hg['tok_s']:.2f}× | {pg['rss_mb']:.0f} |")
+    gens = {key: r for key, r in R.items() if key.startswith("gen_b")}
+    for key, r in gens.items():
+        w(f"| mote-local `capture_activations(scope=\"generated\", batch_size={r['bs']})` Q4_K_M"
+          + (" (= `mote ftri`)" if r["bs"] == 32 else "")
+          + f" | {r['tok_s']:.1f} | {r['tok_s'] / hg['tok_s']:.2f}× | {r['rss_mb']:.0f} |")
     w("")
-    g_best = max(R["ftri_gen"]["tok_s"], R["ftri_gen_norepack"]["tok_s"]) / hg["tok_s"]
-    w(f"- **Target ≥ 3× transformers `generate`.** Product path: {g_best:.2f}× {verdict(g_best >= 3)} (it "
-      f"generates one prompt at a time, then routes prompt + continuation again, batched). Batched prototype: "
-      f"{pg['tok_s'] / hg['tok_s']:.2f}× {verdict(pg['tok_s'] / hg['tok_s'] >= 3)}; its greedy continuations equal "
-      f"`Session.generate`'s for {100 * pg['same_as_generate']:.0f}% of the prompts"
-      + (" (100% with one sequence per decode: several sequences in one batch change llama.cpp's float "
-         "accumulation order, and a random model's near-tied logits let greedy paths part)"
-         if pg["same_as_generate"] < 1 else "") + f". transformers routes "
+    g = R["gen_b32"]["tok_s"] / hg["tok_s"] if "gen_b32" in R else max(r["tok_s"] for r in gens.values()) / hg["tok_s"]
+    w(f"- **Target ≥ 3× transformers `generate`.** `mote ftri --scope generated` (batched greedy generation, "
+      f"`Session.generate_batch`, counted while generating): {g:.2f}× {verdict(g >= 3)}. transformers routes "
       f"{args.new_tokens - 1} of the {args.new_tokens} generated tokens (the last never enters the model), "
-      f"mote-local all {args.new_tokens}.")
+      f"mote-local all {args.new_tokens}. Several sequences in one batch change llama.cpp's float accumulation "
+      f"order, so on a random model, whose logits nearly tie, a batched greedy continuation can part from a "
+      f"one-at-a-time one (on the planted model they are identical: a test).")
     w("")
 
     # fidelity
@@ -736,7 +664,7 @@ def analyse_results(args, argv, spec, build, sizes, ids, is_behavior, R, workdir
       f"flash attention off and, unless said, its default f16 KV cache; the quantized models are compared with f32 "
       f"under the same settings. fTRI: mean_diff ranking (positive sign, as `mote ftri` ranks) over all {len(ids)} "
       f"prompts from the per-prompt counts of the prompt-scope runs above (llama.cpp: `capture_activations`, "
-      f"batch_size 32, default options, flash attention auto), top-{args.top} sets compared.")
+      f"batch_size 32, `mote ftri`'s options, flash attention auto), top-{args.top} sets compared.")
     w("")
     w(f"| comparison | top-{k} set identical | mean set overlap | tokens identical in all layers | "
       f"fTRI top-{args.top} overlap | fTRI score corr | count corr |")
@@ -759,7 +687,7 @@ def analyse_results(args, argv, spec, build, sizes, ids, is_behavior, R, workdir
           f"{100 * st['token_all_layers']:.1f}% | {f['top_overlap']}/{args.top} | {f['score_corr']:.3f} | "
           f"{f['count_corr']:.4f} |")
     w("")
-    same_q4 = ftri_compare(cnt["ftri_q4_k_m_b32"], cnt["ftri_q4_k_m_b32_norepack"], is_behavior, args.top, k)
+    same_q4 = ftri_compare(cnt["ftri_q4_k_m_b32"], cnt["ftri_q4_k_m_b32_repack"], is_behavior, args.top, k)
     f32 = ftri_compare(cnt["ftri_f32_b32"], chf["f32"], is_behavior, args.top, k)
     w(f"- Count maps per prompt identical between `capture_activations` f32 (flash attention auto) and transformers "
       f"f32: {100 * f32['counts_identical']:.0f}% of the prompts.")
@@ -771,8 +699,7 @@ def analyse_results(args, argv, spec, build, sizes, ids, is_behavior, R, workdir
 
 
 def _proto_desc(c: dict) -> str:
-    return (f"{c['batch_size']} sequences per decode, n_ubatch {c['n_ubatch']}, `kv_unified=True`"
-            + (", `use_extra_bufts=False`" if c.get("model_params") else ""))
+    return f"{c['batch_size']} sequences per decode, n_ubatch {c['n_ubatch']}"
 
 
 def _cpu_name() -> str:

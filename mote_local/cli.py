@@ -223,7 +223,7 @@ def run(model: Path, prompt: str, n_predict: int, temp: float, top_k: int, top_p
 @click.option("--chat/--raw", "chat", default=True, show_default=True,
               help="Wrap prompts in the model's chat template.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("ftri-out"), show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per decode call.")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Prompts per decode call.")
 @click.option("--n-boot", type=int, default=200, show_default=True, help="Bootstrap replicates.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @engine_options
@@ -240,7 +240,7 @@ def ftri(model: Path, prompts_file: Path, baseline_prompts: Path | None, behavio
     warn_quantization(layout)
     prompt_set = combine(prompts_file, baseline_prompts) if baseline_prompts else load_prompt_set(prompts_file)
     behavior_prompts, baseline_set = select_classes(prompt_set, behavior, baseline)
-    with Model(model, n_gpu_layers=n_gpu_layers, verbose=verbose) as m:
+    with Model(model, n_gpu_layers=n_gpu_layers, verbose=verbose, **ftri_mod.CAPTURE_MODEL_OPTIONS) as m:
         run, results = ftri_mod.run_ftri(m, behavior_prompts, baseline_set, methods=methods, scope=scope,
                                          chat=chat, top=top, n_boot=n_boot, seed=seed, batch_size=batch_size,
                                          n_ctx=context_size(layout, ctx_size))

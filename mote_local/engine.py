@@ -428,6 +428,55 @@ class Session:
         self.reset()
         return self.decode([(i, seq, 0) for i, seq in enumerate(sequences)])
 
+    def generate_batch(self, prompts: Sequence[Sequence[int]], *, max_tokens: int = 32,
+                       on_token: Callable[[int, int, int], None] | None = None) -> list[Generation]:
+        """Greedy continuations of several fresh sequences (ids 0..n-1) decoded together: one decode
+        call per step for every sequence still generating.
+
+        on_token(seq_id, token, pos) is called for each generated token before it is decoded (so a
+        capture binding changed there applies to that token). Every generated token is decoded, as
+        in generate(). Several sequences in one batch change llama.cpp's float accumulation order, so
+        a continuation may part from generate()'s where two logits nearly tie. Decode-scoped steering
+        applies while generating; thinking-scoped entries are not switched per sequence. Ctrl-C
+        returns what was generated so far, each Generation marked interrupted.
+        """
+        prompts = [list(p) for p in prompts]
+        if not prompts or not all(prompts):
+            raise InputError("generate_batch needs one or more non-empty prompts")
+        if len(prompts) > self.n_seq_max:
+            raise InputError(f"{len(prompts)} sequences but this session has n_seq_max={self.n_seq_max}: "
+                             "open the session with a larger n_seq_max")
+        out: list[list[int]] = [[] for _ in prompts]
+        pos = [len(p) for p in prompts]
+        interrupted = False
+        try:
+            self._set_phase(Scope.PREFILL)
+            self.reset()
+            logits = self.decode([(i, p, 0) for i, p in enumerate(prompts)], outputs="last")
+            if len(logits) != len(prompts):  # capture made every token an output: keep each last row
+                logits = logits[np.cumsum([len(p) for p in prompts]) - 1]
+            live = list(range(len(prompts)))
+            self._set_phase(Scope.DECODE)
+            for _ in range(max_tokens):
+                feed = []
+                for i, token in zip(live, np.argmax(logits, axis=1).tolist()):
+                    if self.model.is_eog(token) or pos[i] >= self.n_ctx:
+                        continue
+                    out[i].append(token)
+                    if on_token is not None:
+                        on_token(i, token, pos[i])
+                    feed.append((i, [token], pos[i]))
+                    pos[i] += 1
+                if not feed:
+                    break
+                logits = self.decode(feed, outputs="last")
+                live = [i for i, _, _ in feed]
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            self._set_phase(Scope.PREFILL)
+        return [Generation(self.model.detokenize(o), o, p, interrupted) for o, p in zip(out, prompts)]
+
     def generate(self, prompt: str | Sequence[int], *, max_tokens: int = 32, temperature: float = 0.0,
                  top_k: int = 40, top_p: float = 0.95, seed: int = 0, add_bos: bool = True,
                  on_token: Callable[[str], None] | None = None) -> Generation:

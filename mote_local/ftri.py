@@ -25,6 +25,14 @@ from .steering import Entry, Mode
 
 SCOPES = ("prompt", "target", "generated", "thinking")
 
+# Options for a Model loaded to capture routing on the CPU: llama.cpp's repacked quantized weights
+# are slower for MoE expert matmuls and sit in memory beside the mapped file (bench/RESULTS.md:
+# Q4_K_M capture 1.15-1.28x faster at 63% of the memory without them).
+CAPTURE_MODEL_OPTIONS = {"use_extra_bufts": False}
+
+# Tokens one batch's KV cache may hold: bounds the memory of batches of long prompts.
+MAX_BATCH_TOKENS = 16384
+
 
 @dataclass
 class CaptureRun:
@@ -44,63 +52,67 @@ def _prompt_text(model: Model, prompt: Prompt, chat: bool) -> tuple[str, bool]:
     return prompt.text, True
 
 
-def _spans(model: Model, prompts: Sequence[Prompt], scope: str, chat: bool, n_ctx: int, max_new_tokens: int,
-           show: bool) -> tuple[list[list[int]], list[tuple[int, int]], list[str], bool]:
-    """Token sequences to route, the [begin, end) positions to count in each, the texts, and whether
-    Ctrl-C stopped the generation early (then only the prompts before it are returned).
+def _sequences(model: Model, prompts: Sequence[Prompt], scope: str, chat: bool, n_ctx: int, max_new_tokens: int
+               ) -> tuple[list[list[int]], list[tuple[int, int]], list[str]]:
+    """Token sequences to decode, the [begin, end) positions to count in each, and the texts fed.
 
-    Generated scopes generate first, then route prompt + generation teacher-forced: the same
-    causal computation as during generation, but batched.
+    Generated scopes decode the prompts and count what the model generates from them (their spans
+    are placeholders: the tokens are not known yet).
     """
-    from tqdm import tqdm
-
+    generating = scope in ("generated", "thinking")
     sequences, spans, texts = [], [], []
-    gen_session = model.session(n_ctx=n_ctx) if scope in ("generated", "thinking") else None
+    for p in prompts:
+        text, add_bos = _prompt_text(model, p, chat)
+        toks = model.tokenize(text, add_bos=add_bos)
+        if len(toks) + (max_new_tokens if generating else 0) > n_ctx:
+            raise MoteError(f"prompt {len(texts) + 1} ({p.cls}: {p.text[:40]!r}…) needs "
+                            f"{len(toks)} tokens{' plus the generation' if generating else ''}, more than "
+                            f"the context of {n_ctx}: shorten it or raise --ctx-size")
+        texts.append(text)
+        if scope == "target":
+            if p.response is None:
+                raise MoteError(f"scope 'target' needs a paired response for every prompt; "
+                                f"{p.text!r} (class {p.cls}) has none")
+            resp = model.tokenize(p.response, add_bos=False)
+            sequences.append(toks + resp)
+            spans.append((len(toks), len(toks) + len(resp)))
+        else:
+            sequences.append(toks)
+            spans.append((0, len(toks)) if scope == "prompt" else (len(toks), -1))
+    return sequences, spans, texts
+
+
+def _generate_counting(model: Model, s, cap, sequences: list[list[int]], labels: range, scope: str,
+                       max_new_tokens: int) -> bool:
+    """Generates from one batch of prompts while the capture counts the generated tokens (all of
+    them, or those between the think markers). Returns whether Ctrl-C stopped it."""
     think_open, think_close = model.think_markers
-    try:
-        for p in tqdm(prompts, desc="generating", unit="prompt", disable=not show or gen_session is None):
-            text, add_bos = _prompt_text(model, p, chat)
-            toks = model.tokenize(text, add_bos=add_bos)
-            if len(toks) + (max_new_tokens if gen_session is not None else 0) > n_ctx:
-                raise MoteError(f"prompt {len(texts) + 1} ({p.cls}: {p.text[:40]!r}…) needs "
-                                f"{len(toks)} tokens{' plus the generation' if gen_session else ''}, more than "
-                                f"the context of {n_ctx}: shorten it or raise --ctx-size")
-            if gen_session is not None:
-                gen = gen_session.generate(toks, max_tokens=max_new_tokens, add_bos=False)
-                if gen.interrupted:
-                    return sequences, spans, texts, True
-            texts.append(text)
-            if scope == "prompt":
-                sequences.append(toks)
-                spans.append((0, len(toks)))
-            elif scope == "target":
-                if p.response is None:
-                    raise MoteError(f"scope 'target' needs a paired response for every prompt; "
-                                    f"{p.text!r} (class {p.cls}) has none")
-                resp = model.tokenize(p.response, add_bos=False)
-                sequences.append(toks + resp)
-                spans.append((len(toks), len(toks) + len(resp)))
-            else:
-                out = gen.tokens
-                begin, end = len(toks), len(toks) + len(out)
-                if scope == "thinking":
-                    inside = [i for i, t in enumerate(out) if t == think_open]
-                    close = [i for i, t in enumerate(out) if t == think_close]
-                    begin = len(toks) + inside[0] + 1 if inside else end
-                    end = len(toks) + (close[0] if close and (not inside or close[0] > inside[0]) else len(out))
-                sequences.append(toks + out)
-                spans.append((begin, max(begin, end)))
-    finally:
-        if gen_session is not None:
-            gen_session.close()
-    return sequences, spans, texts, False
+    opened: dict[int, int] = {}
+    if scope == "generated":
+        for seq, label in enumerate(labels):
+            cap.bind(seq, label, len(sequences[seq]))
+
+    def follow_markers(seq: int, token: int, pos: int) -> None:
+        # counts the tokens strictly between the first <think> and the first </think> after it
+        if token == think_open and seq not in opened:
+            opened[seq] = pos + 1
+            cap.bind(seq, labels[seq], pos + 1)
+        elif token == think_close and seq in opened:
+            cap.bind(seq, labels[seq], opened[seq], max(opened[seq], pos))
+            opened[seq] = -1  # closed: a later <think> opens nothing
+
+    gens = s.generate_batch(sequences, max_tokens=max_new_tokens,
+                            on_token=follow_markers if scope == "thinking" else None)
+    return gens[0].interrupted
 
 
 def capture_activations(model: Model, behavior: Sequence[Prompt], baseline: Sequence[Prompt], *,
-                        scope: str = "prompt", chat: bool = True, batch_size: int = 8, max_new_tokens: int = 32,
+                        scope: str = "prompt", chat: bool = True, batch_size: int = 32, max_new_tokens: int = 32,
                         n_ctx: int = 4096, show_progress: bool | None = None) -> CaptureRun:
     """Routing of every prompt, counted over the scope's tokens. Ctrl-C keeps what was captured.
 
+    Up to batch_size prompts (fewer when long: MAX_BATCH_TOKENS) share one decode call; generated
+    scopes make one decode call per generated token for the whole batch.
     A prompt (plus its generation) longer than n_ctx tokens is refused with an error naming it.
     """
     from tqdm import tqdm
@@ -116,33 +128,42 @@ def capture_activations(model: Model, behavior: Sequence[Prompt], baseline: Sequ
     prompts = [p for _, _, p in order]
     flags = np.array([cls == 0 for _, cls, _ in order])
     show = sys.stderr.isatty() if show_progress is None else show_progress
-    sequences, spans, texts, partial = _spans(model, prompts, scope, chat, n_ctx, max_new_tokens, show)
-    if not sequences:
-        raise MoteError("interrupted before any prompt was captured: nothing to score")
-    with tqdm(total=len(prompts), desc=f"fTRI capture ({scope} tokens)", unit="prompt", disable=not show) as bar:
-        longest = max(len(s) for s in sequences)
-        counts = np.zeros((len(prompts), layout.n_layer, layout.n_expert), dtype=np.int64)
-        weights = np.zeros(counts.shape, dtype=np.float64)
-        tokens = np.zeros((len(prompts), layout.n_layer), dtype=np.int64)
-        done = 0
-        batch_ctx = batch_size * longest + 16  # one unified KV cache holds the whole batch
-        with model.session(n_ctx=batch_ctx, n_seq_max=batch_size, n_batch=min(batch_ctx, 2048)) as s, \
-                s.capture(label=None) as cap:
-            try:
-                for start in range(0, len(sequences), batch_size):
-                    batch = range(start, min(start + batch_size, len(sequences)))
-                    cap.unbind_all()
+    generating = scope in ("generated", "thinking")
+    sequences, spans, texts = _sequences(model, prompts, scope, chat, n_ctx, max_new_tokens)
+    counts = np.zeros((len(prompts), layout.n_layer, layout.n_expert), dtype=np.int64)
+    weights = np.zeros(counts.shape, dtype=np.float64)
+    tokens = np.zeros((len(prompts), layout.n_layer), dtype=np.int64)
+    done, partial = 0, False
+    longest = max(len(q) for q in sequences) + (max_new_tokens if generating else 0)
+    batch_size = max(1, min(batch_size, MAX_BATCH_TOKENS // longest))
+    batch_ctx = batch_size * longest + 16
+    # one KV cache for the whole batch: with a cache per sequence llama.cpp splits a batch of prompts
+    # of unequal length into many small ubatches
+    with tqdm(total=len(prompts), desc=f"fTRI capture ({scope} tokens)", unit="prompt", disable=not show) as bar, \
+            model.session(n_ctx=batch_ctx, n_seq_max=batch_size, n_batch=min(batch_ctx, 2048), kv_unified=True) as s, \
+            s.capture(label=None) as cap:
+        try:
+            for start in range(0, len(sequences), batch_size):
+                batch = range(start, min(start + batch_size, len(sequences)))
+                cap.unbind_all()
+                if generating:
+                    if _generate_counting(model, s, cap, [sequences[i] for i in batch], batch, scope, max_new_tokens):
+                        partial = True
+                        break
+                else:
                     for seq, idx in enumerate(batch):
                         cap.bind(seq, idx, *spans[idx])
                     s.route([sequences[idx] for idx in batch])
-                    done = batch.stop
-                    bar.update(len(batch))
-            except KeyboardInterrupt:
-                partial = True
-            for label in cap.labels:
-                st = cap.stats(label)
-                counts[label], weights[label], tokens[label] = st.counts, st.weight_sums, st.tokens
+                done = batch.stop
+                bar.update(len(batch))
+        except KeyboardInterrupt:
+            partial = True
+        for label in cap.labels:
+            st = cap.stats(label)
+            counts[label], weights[label], tokens[label] = st.counts, st.weight_sums, st.tokens
     keep = slice(0, done)
+    if done == 0:
+        raise MoteError("interrupted before any prompt was captured: nothing to score")
     if flags[keep].all() or not flags[keep].any():
         raise MoteError("interrupted before both classes had a captured prompt: nothing to score")
     act = Activations(counts=counts[keep], tokens=tokens[keep], weight_sums=weights[keep], is_behavior=flags[keep])
@@ -237,7 +258,7 @@ def write_outputs(out: Path, run: CaptureRun, results: dict[str, FtriResult], mo
 
 def run_ftri(model: Model, behavior: Sequence[Prompt], baseline: Sequence[Prompt], *, methods: Sequence[str],
              scope: str = "prompt", chat: bool = True, top: int = 10, n_boot: int = 200, seed: int = 0,
-             batch_size: int = 8, max_new_tokens: int = 32, n_ctx: int = 4096, show_progress: bool | None = None
+             batch_size: int = 32, max_new_tokens: int = 32, n_ctx: int = 4096, show_progress: bool | None = None
              ) -> tuple[CaptureRun, dict[str, FtriResult]]:
     run = capture_activations(model, behavior, baseline, scope=scope, chat=chat, batch_size=batch_size,
                               max_new_tokens=max_new_tokens, n_ctx=n_ctx, show_progress=show_progress)

@@ -116,3 +116,29 @@ def test_target_scope_counts_only_the_response_tokens(model, tmp_path):
     expected = [len(model.tokenize(p.response, add_bos=False)) for p in run.prompts]
     for layer in model.layout.moe_layers:
         assert run.activations.tokens[:, layer].tolist() == expected
+
+
+def _chat_tokens(model, prompts):
+    return [model.tokenize(model.format_chat([{"role": "user", "content": p.text}]), add_bos=False) for p in prompts]
+
+
+def test_generate_batch_matches_one_at_a_time(model, classes):
+    prompts = _chat_tokens(model, classes[0][:4] + classes[1][:4])
+    with model.session(n_ctx=1024, n_seq_max=len(prompts), kv_unified=True) as s:
+        batch = s.generate_batch(prompts, max_tokens=12)
+        single = [s.generate(p, max_tokens=12, add_bos=False) for p in prompts]
+    assert [g.tokens for g in batch] == [g.tokens for g in single]
+    assert [planted.is_refusal(g.text) for g in batch] == [True] * 4 + [False] * 4
+    assert len({len(g.tokens) for g in batch}) > 1  # sequences stop at their own end of text
+
+
+def test_thinking_scope_counts_the_tokens_between_the_markers(model, classes, monkeypatch):
+    behavior, baseline = classes[0][:1], classes[1][:1]
+    with model.session(n_ctx=256) as s:
+        reply = s.generate(_chat_tokens(model, behavior)[0], max_tokens=12, add_bos=False).tokens
+    # two tokens of the reply play <think> and </think>: their first occurrences at 1 and 5
+    opener, closer = reply[1], reply[5]
+    assert opener not in reply[:1] + reply[2:6] and closer not in reply[:5]
+    monkeypatch.setattr(Model, "think_markers", property(lambda self: (opener, closer)))
+    run = ftri.capture_activations(model, behavior, baseline, scope="thinking", show_progress=False)
+    assert run.activations.tokens[0, model.layout.moe_layers].tolist() == [3] * len(model.layout.moe_layers)

@@ -34,7 +34,7 @@ from hypothesis.extra import numpy as hnp
 from mote_local import ftri, planted, report, tiny
 from mote_local import layout as layout_mod
 from mote_local.cli import main
-from mote_local.engine import Generation, Model, Session
+from mote_local.engine import Model, Session
 from mote_local.errors import ModelFileError, NotMoeError, SteeringError
 from mote_local.evaluate import EvalResult, evaluate
 from mote_local.ftri_stats import METHODS, Activations, FtriResult, analyse
@@ -703,22 +703,24 @@ def test_ctrl_c_during_mote_eval_keeps_partial_results(planted_path, tmp_path, e
 
 def test_ctrl_c_during_ftri_generation_is_honoured(load, monkeypatch):
     model = load("qwen3moe")
-    real = Session.generate
+    real = Session.generate_batch
     calls = []
 
-    def generate(self, *a, **kw):
+    def generate_batch(self, prompts, **kw):
         calls.append(1)
-        g = real(self, *a, **kw)
-        if len(calls) == 3:  # what Session.generate returns when Ctrl-C arrives inside it
-            return Generation(g.text[:1], g.tokens[:1], g.prompt_tokens, interrupted=True)
-        return g
+        if len(calls) == 2:  # Ctrl-C arrives inside the second batch's generation
+            def ctrl_c(*_):
+                raise KeyboardInterrupt
+            kw["on_token"] = ctrl_c
+        return real(self, prompts, **kw)
 
-    monkeypatch.setattr(Session, "generate", generate)
+    monkeypatch.setattr(Session, "generate_batch", generate_batch)
     behaviour = [Prompt(f"what happened in the city {w}", "b") for w in ("today", "yesterday", "now")]
     baseline = [Prompt(f"the dog ran {w}", "n") for w in ("home", "away", "fast")]
     run = ftri.capture_activations(model, behaviour, baseline, scope="generated", chat=False, max_new_tokens=4,
-                                   show_progress=False)
-    assert run.partial and len(run.prompts) < 6
+                                   batch_size=2, show_progress=False)
+    assert run.partial and run.activations.n_prompts == 2  # the first batch, complete
+    assert (run.activations.tokens[:, model.layout.moe_layers] > 0).all()
 
 
 _KILL_PROFILE = """
