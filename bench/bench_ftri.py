@@ -527,7 +527,7 @@ def main() -> None:
     gen = dict(n_prompts=args.gen_prompts, new_tokens=args.new_tokens)
     R["hf_gen"] = run("hf_generate", hf_dir=str(workdir / "hf-bf16"), dtype="bf16", batch=args.hf_gen_batch,
                       out_npz=npz("hf_gen"), **gen, **common)
-    for bs in (args.gen_prompts, 8):
+    for bs in sorted({args.gen_prompts, 8}, reverse=True):
         R[f"gen_b{bs}"] = {**run("mote_ftri", gguf=q4, scope="generated", batch_size=bs, model_params=cap,
                                  out_npz=npz(f"gen_b{bs}"), **gen, **common), "bs": bs}
 
@@ -557,9 +557,9 @@ def analyse_results(args, argv, spec, build, sizes, ids, is_behavior, R, workdir
     w(f"Command: `python bench/bench_ftri.py{(' ' + argv) if argv else ''}` from the repository root "
       f"({time.strftime('%Y-%m-%d')}); whole run {total_s / 60:.1f} min"
       + (" (model build reused from the cache)." if build.get("reused") else " including the model build."))
-    w(f"Machine: {_cpu_name()}, {os.cpu_count()} cores, {_mem_gib():.0f} GiB RAM, shared with other jobs: 1-min load "
-      f"average {min(loads):.1f}–{max(loads):.1f} around the workers (2.0 = both cores busy), so absolute figures "
-      f"carry contention noise. threads={args.threads} on both sides. Python {platform.python_version()}, torch "
+    w(f"Machine: {_cpu_name()}, {os.cpu_count()} cores, {_mem_gib():.0f} GiB RAM, 1-min load average "
+      f"{min(loads):.1f}–{max(loads):.1f} around the workers (2.0 = both cores busy, which a worker alone does; "
+      f"more means other jobs), so absolute figures carry run-to-run noise. threads={args.threads} on both sides. Python {platform.python_version()}, torch "
       f"{_version('torch')}, transformers {_version('transformers')}, llama.cpp of llama-cpp-python 0.3.36 "
       f"(mote_local_engine). Every configuration ran in its own process after a warm-up batch; throughput "
       f"counts the timed pass only (model load excluded); memory is that process's peak RSS (getrusage).")
