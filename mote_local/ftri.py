@@ -87,19 +87,22 @@ def _generate_counting(model: Model, s, cap, sequences: list[list[int]], labels:
     """Generates from one batch of prompts while the capture counts the generated tokens (all of
     them, or those between the think markers). Returns whether Ctrl-C stopped it."""
     think_open, think_close = model.think_markers
-    opened: dict[int, int] = {}
+    opened: dict[int, int] = {}  # seq -> first position inside its thinking span
+    closed: set[int] = set()
     if scope == "generated":
         for seq, label in enumerate(labels):
             cap.bind(seq, label, len(sequences[seq]))
 
     def follow_markers(seq: int, token: int, pos: int) -> None:
         # counts the tokens strictly between the first <think> and the first </think> after it
+        if seq in closed:
+            return
         if token == think_open and seq not in opened:
             opened[seq] = pos + 1
             cap.bind(seq, labels[seq], pos + 1)
         elif token == think_close and seq in opened:
-            cap.bind(seq, labels[seq], opened[seq], max(opened[seq], pos))
-            opened[seq] = -1  # closed: a later <think> opens nothing
+            cap.bind(seq, labels[seq], opened[seq], pos)
+            closed.add(seq)
 
     gens = s.generate_batch(sequences, max_tokens=max_new_tokens,
                             on_token=follow_markers if scope == "thinking" else None)

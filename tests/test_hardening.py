@@ -640,9 +640,14 @@ def planted_path(model_dir) -> Path:
 
 
 def _interrupt_after(env, args, marker: str, patch: str, after: int, timeout: float = 240):
-    """Runs the CLI with `patch`, sends SIGINT once `marker` appeared `after` times on stderr."""
+    """Runs the CLI with `patch`, sends SIGINT once `marker` appeared `after` times on stderr.
+
+    The child starts with SIGINT at its default, as under a terminal: a test run started in the
+    background of a non-interactive shell inherits SIGINT ignored, and Python would keep ignoring it.
+    """
     proc = subprocess.Popen([sys.executable, "-c", _WITH_PATCH.format(patch=patch), *map(str, args)], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     watchdog = threading.Timer(timeout, proc.kill)
     watchdog.start()
     seen, lines = 0, []
