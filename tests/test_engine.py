@@ -351,6 +351,10 @@ def test_decode_input_errors(load):
             s.logits([model.n_vocab + 5])
         with pytest.raises(ValueError, match="n_seq_max"):
             s.route([[1, 2], [3, 4]])
+        with pytest.raises(ValueError, match="n_seq_max"):
+            s.generate_batch([[1, 2], [3, 4]])
+        with pytest.raises(ValueError, match="non-empty"):
+            s.generate_batch([[]])
 
 
 def test_another_llama_cpp_python_in_the_environment_is_ignored(tmp_path, tiny_path, load):
