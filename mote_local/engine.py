@@ -84,7 +84,7 @@ class Model:
     @functools.cached_property
     def fingerprint(self) -> Fingerprint:
         """What a profile made for this model records (computed once)."""
-        return Fingerprint.of(self.path)
+        return Fingerprint.of_layout(self.layout)
 
     @property
     def bos_token(self) -> int:

@@ -13,10 +13,11 @@ before llama.cpp sees it. Two kinds of file must never reach llama.cpp:
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import gguf
@@ -66,6 +67,8 @@ class MoeLayout:
     file_type: str
     size_bytes: int
     context_length: int  # the training context (0 when the file does not say)
+    data_offset: int = 0  # where the tensor data starts: everything above is the header read here
+    router_spans: tuple[tuple[int, int], ...] = ()  # (file offset, bytes) of each MoE layer's router tensor
 
     @property
     def is_moe(self) -> bool:
@@ -304,8 +307,38 @@ def open_gguf(p: Path, error: type[Exception] = ModelFileError) -> gguf.GGUFRead
 
 # ---------------------------------------------------------------------------------------------- layout
 
+# Layouts already read in this process, by resolved path: (digest of the file's header, layout). gguf's
+# reader takes seconds on a 150k-token vocabulary, and one command reads a model's layout several times.
+_LAYOUTS: dict[Path, tuple[bytes, MoeLayout]] = {}
+_LAYOUTS_KEPT = 8
+
+
+def _header_digest(p: Path, end: int) -> bytes:
+    with open(p, "rb") as f:
+        return hashlib.blake2b(f.read(end), digest_size=16).digest()
+
+
 def read_layout(path: str | os.PathLike) -> MoeLayout:
+    """The MoE layout of a GGUF model, validated so that llama.cpp will not abort on the file.
+
+    A file read before in this process is not parsed again while its size and header (all that the
+    layout depends on) are unchanged.
+    """
     p = check_model_file(path)
+    key = p.resolve()
+    cached = _LAYOUTS.get(key)
+    if (cached is not None and cached[1].size_bytes == p.stat().st_size
+            and _header_digest(p, cached[1].data_offset) == cached[0]):
+        return replace(cached[1], path=p)
+    layout = _parse_layout(p)
+    _LAYOUTS.pop(key, None)
+    _LAYOUTS[key] = (_header_digest(p, layout.data_offset), layout)
+    while len(_LAYOUTS) > _LAYOUTS_KEPT:
+        _LAYOUTS.pop(next(iter(_LAYOUTS)))
+    return layout
+
+
+def _parse_layout(p: Path) -> MoeLayout:
     reader = open_gguf(p)
     arch = _field(reader, gguf.Keys.General.ARCHITECTURE)
     if not isinstance(arch, str):
@@ -385,6 +418,9 @@ def read_layout(path: str | os.PathLike) -> MoeLayout:
         norm_weights=bool(norm) if norm is not None else default_norm,
         n_shared_experts=shared, n_expert_groups=groups, n_group_used=group_used,
         file_type=file_type_name, size_bytes=p.stat().st_size, context_length=max(context_length, 0),
+        data_offset=int(reader.data_offset),
+        router_spans=tuple((int(tensors[f"{router.format(bid=il)}.weight"].data_offset),
+                            int(tensors[f"{router.format(bid=il)}.weight"].n_bytes)) for il in moe_layers),
     )
 
 

@@ -89,7 +89,6 @@ _CONFLICTS = {frozenset(pair) for pair in [
     (Mode.BIAS, Mode.MASK), (Mode.BIAS, Mode.FORCE), (Mode.GAIN, Mode.MASK), (Mode.GAIN, Mode.DROP)]}
 _SELECTION = (Mode.MASK, Mode.DROP, Mode.FORCE)
 _MAX_INDEX = 2**31 - 1  # layers and experts are stored as I32 in GGUF
-_ROUTER = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.FFN_GATE_INP] + ".weight"
 
 #: CLI flag kind -> mode (``--off`` is the user's word for mask)
 SPEC_KINDS: dict[str, Mode] = {"off": Mode.MASK, "drop": Mode.DROP, "force": Mode.FORCE,
@@ -140,11 +139,17 @@ class Fingerprint:
     @classmethod
     def of(cls, path: str | os.PathLike[str]) -> Fingerprint:
         """The fingerprint of a MoE GGUF model."""
-        layout = read_layout(path).require_moe()
-        tensors = {t.name: t for t in gguf.GGUFReader(layout.path).tensors}
+        return cls.of_layout(read_layout(path))
+
+    @classmethod
+    def of_layout(cls, layout: MoeLayout) -> Fingerprint:
+        """The fingerprint of the model whose layout was read: hashes its router tensors' bytes."""
+        layout = layout.require_moe()
         h = hashlib.sha256()
-        for il in layout.moe_layers:
-            h.update(tensors[_ROUTER.format(bid=il)].data.tobytes())
+        with open(layout.path, "rb") as f:
+            for offset, n_bytes in layout.router_spans:
+                f.seek(offset)
+                h.update(f.read(n_bytes))
         return cls(layout.arch, layout.n_layer, layout.n_expert, layout.n_expert_used, h.hexdigest())
 
     def mismatch(self, other: Fingerprint) -> str | None:
@@ -306,7 +311,7 @@ class Profile:
         layout.require_moe()
         model = layout.path.name
         if self.fingerprint is not None and not force:
-            problem = self.fingerprint.mismatch(Fingerprint.of(layout.path))
+            problem = self.fingerprint.mismatch(Fingerprint.of_layout(layout))
             if problem:
                 raise ProfileMismatchError(f"{self._label()} does not fit {model}: {problem}. Use a profile made "
                                            "for this model, or pass --force to apply it anyway")

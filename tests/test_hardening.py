@@ -8,6 +8,7 @@ subprocess, so that a regression shows as a failed test with the signal, not as 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -376,6 +377,7 @@ def test_moe_arch_with_unknown_gating_is_shown_as_unknown_and_still_steers(grani
 
 def test_unknown_gating_via_patched_defaults(tiny_path, monkeypatch):
     """The same code path on a tiny qwen3moe whose architecture is taken out of the defaults table."""
+    monkeypatch.setattr(layout_mod, "_LAYOUTS", {})  # layouts read before knew the defaults
     monkeypatch.delitem(layout_mod.ARCH_ROUTER_DEFAULTS, "qwen3moe")
     assert read_layout(tiny_path("qwen3moe")).gating is None
     r = invoke("inspect", tiny_path("qwen3moe"))
@@ -390,6 +392,31 @@ def test_validation_accepts_every_good_file(tiny_path, model_dir):
         assert read_layout(tiny_path("qwen3moe", qtype=qtype)).is_moe
     path, _ = planted.planted_model(cache_dir=model_dir)
     assert read_layout(path).is_moe
+
+
+def test_a_layout_is_parsed_once_per_version_of_the_file(tiny_path, tmp_path, monkeypatch):
+    monkeypatch.setattr(layout_mod, "_LAYOUTS", {})
+    parsed = []
+    parse = layout_mod._parse_layout
+    monkeypatch.setattr(layout_mod, "_parse_layout", lambda p: parsed.append(p) or parse(p))
+    path = tmp_path / "model.gguf"
+    shutil.copyfile(tiny_path("qwen3moe"), path)
+    first = read_layout(path)
+    with Model(path) as model:
+        assert model.fingerprint == Fingerprint.of(path)
+    assert read_layout(path) == first and len(parsed) == 1
+    # the fingerprint hashes the router tensors' bytes, as gguf's reader sees them
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    routers = b"".join(tensors[f"blk.{il}.ffn_gate_inp.weight"].data.tobytes() for il in first.moe_layers)
+    assert Fingerprint.of(path).router_sha256 == hashlib.sha256(routers).hexdigest()
+    # the header changed in place, same size: parsed again, and the corrupt value is caught again
+    data = bytearray(path.read_bytes())
+    at = data.index(b"qwen3moe.expert_count") + len(b"qwen3moe.expert_count") + 4  # after the value type
+    data[at:at + 4] = struct.pack("<I", 9999)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match="expert"):
+        read_layout(path)
+    assert len(parsed) == 2
 
 
 def test_validation_is_cheap_on_a_large_vocabulary(tiny_path):
