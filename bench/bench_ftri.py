@@ -384,7 +384,7 @@ class Runner:
 
 
 def _describe(cfg: dict) -> str:
-    keys = ("dtype", "gguf", "batch", "batch_size", "n_ubatch", "kv_unified", "flash_attn", "scope", "n_seq", "trace",
+    keys = ("dtype", "gguf", "batch", "batch_size", "n_ubatch", "kv_unified", "flash_attn", "scope", "trace",
             "model_params", "n_prompts")
     parts = []
     for k in keys:

@@ -413,6 +413,11 @@ class Session:
             batch.close()
         return np.concatenate(logits) if logits else np.zeros((0, self.model.n_vocab), dtype=np.float32)
 
+    def _check_sequence_count(self, n: int) -> None:
+        if n > self.n_seq_max:
+            raise InputError(f"{n} sequences but this session has n_seq_max={self.n_seq_max}: "
+                             "open the session with a larger n_seq_max")
+
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Next-token logits [len(tokens), n_vocab] for every position of one fresh sequence (prefill)."""
         self._set_phase(Scope.PREFILL)
@@ -421,9 +426,7 @@ class Session:
 
     def route(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
         """Decodes several fresh sequences (ids 0..n-1) in one batch, every token an output."""
-        if len(sequences) > self.n_seq_max:
-            raise InputError(f"{len(sequences)} sequences but this session has n_seq_max={self.n_seq_max}: "
-                             "open the session with a larger n_seq_max")
+        self._check_sequence_count(len(sequences))
         self._set_phase(Scope.PREFILL)
         self.reset()
         return self.decode([(i, seq, 0) for i, seq in enumerate(sequences)])
@@ -443,9 +446,7 @@ class Session:
         prompts = [list(p) for p in prompts]
         if not prompts or not all(prompts):
             raise InputError("generate_batch needs one or more non-empty prompts")
-        if len(prompts) > self.n_seq_max:
-            raise InputError(f"{len(prompts)} sequences but this session has n_seq_max={self.n_seq_max}: "
-                             "open the session with a larger n_seq_max")
+        self._check_sequence_count(len(prompts))
         out: list[list[int]] = [[] for _ in prompts]
         pos = [len(p) for p in prompts]
         interrupted = False

@@ -50,7 +50,8 @@ from .atomic import atomic_write_text
 from .engine import Model, Session
 from .errors import MoteError
 from .layout import MoeLayout
-from .steering import VALUED_MODES, Entry, Mode, Scope
+from .profile import entry_to_json
+from .steering import VALUED_MODES, Entry, Mode
 
 __all__ = [
     "DEFAULT_PHRASES", "JUDGE_QUESTION", "Z95", "CONDITIONS",
@@ -737,15 +738,6 @@ def find_super_experts(model: Model | str | os.PathLike, text: str | os.PathLike
 # Evaluation
 # --------------------------------------------------------------------------------------------------------
 
-def _entry_dict(e: Entry) -> dict[str, Any]:
-    d: dict[str, Any] = {"layer": e.layer, "expert": e.expert, "mode": e.mode.value}
-    if e.mode in VALUED_MODES:
-        d["value"] = "-inf" if e.value == -math.inf else e.value
-    if e.scope is not Scope.ALL:
-        d["scope"] = e.scope.value
-    return d
-
-
 def _pair(v: Any) -> tuple[float, float] | None:
     return None if v is None else (float(v[0]), float(v[1]))
 
@@ -862,7 +854,7 @@ def _describe_profile(entries: Sequence[Entry], strength: float, name: str, desc
     for layer, _ in sorted({(e.layer, e.expert) for e in entries}):
         per_layer[str(layer)] += 1
     return {"name": name, "description": description, "strength": strength,
-            "entries": [_entry_dict(e) for e in entries], "n_entries": len(entries),
+            "entries": [entry_to_json(e) for e in entries], "n_entries": len(entries),
             "n_experts": len({(e.layer, e.expert) for e in entries}), "experts_per_layer": dict(per_layer),
             "modes": dict(modes)}
 
@@ -1004,7 +996,7 @@ def evaluate(model: Model | str | os.PathLike, prompts: Sequence[Any], profile_e
     def stats(cname: str, label: str, cent: list[Entry], cseed: int | None, gens: list[dict]) -> ConditionResult:
         n, hits = len(gens), sum(g["detected"] for g in gens)
         kl, ppl = costs.get(cname, (None, None))
-        return ConditionResult(name=cname, label=label, entries=[_entry_dict(e) for e in cent], strength=strength,
+        return ConditionResult(name=cname, label=label, entries=[entry_to_json(e) for e in cent], strength=strength,
                                n=n, hits=hits, rate=hits / n if n else None,
                                ci=wilson_interval(hits, n) if n else None, kl=kl, perplexity=ppl, seed=cseed)
 

@@ -352,7 +352,7 @@ class Profile:
                 "strength": self.strength,
                 "fingerprint": asdict(self.fingerprint) if self.fingerprint else None}
         lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in head.items()]
-        rows = [json.dumps(_entry_to_json(e)) for e in self.entries]
+        rows = [json.dumps(entry_to_json(e)) for e in self.entries]
         lines.append('  "entries": ' + ("[\n" + ",\n".join(f"    {r}" for r in rows) + "\n  ]" if rows else "[]"))
         lines.append('  "metadata": ' + json.dumps(self.metadata, indent=2).replace("\n", "\n  "))
         return "{\n" + ",\n".join(lines) + "\n}\n"
@@ -655,7 +655,8 @@ def _no_constants(v: object, path: str) -> None:
             _no_constants(item, f"{path}[{i}]")
 
 
-def _entry_to_json(e: Entry) -> dict[str, Any]:
+def entry_to_json(e: Entry) -> dict[str, Any]:
+    """An entry as the profile format writes it (value only for valued modes, scope only when not all)."""
     row: dict[str, Any] = {"layer": e.layer, "expert": e.expert, "mode": e.mode.value}
     if e.mode in VALUED_MODES:
         row["value"] = "-inf" if e.value == -math.inf else e.value
