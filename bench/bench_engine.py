@@ -19,9 +19,9 @@ import time
 
 import numpy as np
 
-from mote_local import tiny
-from mote_local.engine import Model, Session
-from mote_local.steering import Entry, Mode
+from mote_local.engine.model import Model, Session
+from mote_local.steering.entries import Entry, Mode
+from mote_local.synthetic import tiny
 
 
 def bench_model(arch: str = "qwen3moe", n_layer: int = 8, n_embd: int = 1024, n_expert: int = 64,

@@ -5,7 +5,7 @@ One run, same random Qwen3-MoE weights on both sides (built with transformers, c
 llama.cpp's convert_hf_to_gguf.py, quantized with llama_model_quantize), same prompts, same token ids:
 
   prompt scope     transformers bf16/f32 batched forward with a hook on every ``mlp.gate``   vs
-                   mote_local.ftri.capture_activations at f32 / Q8_0 / Q4_K_M as `mote ftri` runs it
+                   mote_local.ftri.runner.capture_activations at f32 / Q8_0 / Q4_K_M as `mote ftri` runs it
                    (batch_size 32, Model options ftri.CAPTURE_MODEL_OPTIONS), the levers beside it (batch
                    size, llama.cpp's weight repacking), a prototype of one the product does not expose
                    (larger ubatches) through the public Session/Capture API, and a timing of what logits for
@@ -66,8 +66,7 @@ def peak_rss_mb() -> float:
 def make_prompts(n_per_class: int, seed: int = 7) -> tuple[list[str], list[str]]:
     """Behaviour prompts lean on a topic vocabulary, baseline prompts use the general one; 9..58 words
     (10..59 tokens: the words are single tokens of the BPE, plus the final punctuation; no BOS is added)."""
-    from mote_local import tiny
-
+    from mote_local.synthetic import tiny
     words = list(tiny.WORDS)
     rng = random.Random(seed)
     topic = rng.sample(words, 40)
@@ -87,8 +86,7 @@ def make_prompts(n_per_class: int, seed: int = 7) -> tuple[list[str], list[str]]
 # ------------------------------------------------------------------------------------------------------
 
 def worker_build(cfg: dict) -> dict:
-    from mote_local import tiny
-
+    from mote_local.synthetic import tiny
     work = Path(cfg["workdir"])
     spec = hfq.HfSpec(**cfg["spec"])
     t = {}
@@ -108,7 +106,7 @@ def worker_build(cfg: dict) -> dict:
 def worker_tokenize(cfg: dict) -> dict:
     """Token ids as capture_activations(chat=False) makes them (in a worker, so that the orchestrating process
     stays small: a child's peak RSS starts from its parent's RSS at fork time)."""
-    from mote_local.engine import Model
+    from mote_local.engine.model import Model
 
     with Model(cfg["gguf"], vocab_only=True) as m:
         return {"ids": [m.tokenize(t, add_bos=True) for t in cfg["texts"]]}
@@ -227,7 +225,7 @@ def worker_hf_generate(cfg: dict) -> dict:
 # --- mote-local --------------------------------------------------------------------------------------
 
 def _mote_model(cfg: dict):
-    from mote_local.engine import Model
+    from mote_local.engine.model import Model
 
     t0 = time.perf_counter()
     model = Model(cfg["gguf"], **cfg.get("model_params", {}))
@@ -244,8 +242,8 @@ def _prompt_objs(cfg: dict):
 
 
 def worker_mote_ftri(cfg: dict) -> dict:
-    """The product path: mote_local.ftri.capture_activations, as `mote ftri` runs it."""
-    from mote_local.ftri import capture_activations
+    """The product path: mote_local.ftri.runner.capture_activations, as `mote ftri` runs it."""
+    from mote_local.ftri.runner import capture_activations
 
     beh, base, data = _prompt_objs(cfg)
     n = cfg.get("n_prompts")
@@ -407,7 +405,7 @@ def top_sets_agreement(a: np.ndarray, b: np.ndarray) -> dict:
 
 def ftri_compare(ca: np.ndarray, cb: np.ndarray, is_behavior: np.ndarray, top: int, k: int) -> dict:
     """fTRI (mean_diff, positive sign, as `mote ftri` ranks) on two count sets of the same prompts."""
-    from mote_local.ftri_stats import Activations, analyse
+    from mote_local.ftri.stats import Activations, analyse
 
     results = []
     for c in (ca, cb):
@@ -423,7 +421,7 @@ def ftri_compare(ca: np.ndarray, cb: np.ndarray, is_behavior: np.ndarray, top: i
 
 
 def capture_options() -> dict:
-    from mote_local.ftri import CAPTURE_MODEL_OPTIONS
+    from mote_local.ftri.runner import CAPTURE_MODEL_OPTIONS
     return dict(CAPTURE_MODEL_OPTIONS)
 
 

@@ -29,9 +29,9 @@ def decode_once(arch: str, overrides: dict, condition: str, cache: Path) -> None
     """The profiled process: one prefill of 16 tokens under the condition."""
     import contextlib
 
-    from mote_local import tiny
-    from mote_local.engine import Model
-    from mote_local.steering import Entry, Mode
+    from mote_local.engine.model import Model
+    from mote_local.steering.entries import Entry, Mode
+    from mote_local.synthetic import tiny
 
     model = Model(tiny.tiny_model(arch, cache_dir=cache, **overrides), n_gpu_layers=99)
     values = {"bias": 1.0, "gain": 0.5}

@@ -15,8 +15,9 @@ import contextlib
 import time
 
 from bench_engine import bench_model, steering_profile
-from mote_local.engine import Model
-from mote_local.steering import Entry, Mode
+
+from mote_local.engine.model import Model
+from mote_local.steering.entries import Entry, Mode
 
 
 def main() -> None:

@@ -17,6 +17,14 @@ class SteeringError(MoteError, ValueError):
     """A steering entry or profile is invalid for the model."""
 
 
+class ProfileError(SteeringError):
+    """A profile is malformed, contradictory, or does not fit the model."""
+
+
+class ProfileMismatchError(ProfileError):
+    """The profile was made for a different model (its fingerprint differs)."""
+
+
 class InputError(MoteError, ValueError):
     """Input the engine cannot take: too long for the context, token ids out of range, empty."""
 

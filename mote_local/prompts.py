@@ -31,7 +31,7 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from .errors import MoteError
+from mote_local.errors import MoteError
 
 __all__ = ["MAX_PROMPTS", "Prompt", "PromptSet", "PromptSetError", "combine", "expand_template",
            "load_prompt_set", "select_classes"]

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from mote_local import tiny
-from mote_local.engine import Model
+from mote_local.engine.model import Model
+from mote_local.synthetic import tiny
 
 
 def pytest_addoption(parser):

@@ -5,11 +5,11 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from mote_local import tiny
-from mote_local.cli import main
-from mote_local.layout import read_layout
-from mote_local.profile import Profile
-from mote_local.steering import Entry, Mode
+from mote_local.cli.commands import main
+from mote_local.modelfile.layout import read_layout
+from mote_local.steering.entries import Entry, Mode
+from mote_local.steering.profile import Profile
+from mote_local.synthetic import tiny
 
 PROMPT = "what happened in the city yesterday"
 

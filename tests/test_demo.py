@@ -5,10 +5,10 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from mote_local import planted
-from mote_local.cli import main
-from mote_local.profile import Profile
-from mote_local.steering import Mode
+from mote_local.cli.commands import main
+from mote_local.steering.entries import Mode
+from mote_local.steering.profile import Profile
+from mote_local.synthetic import planted
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,12 @@ import math
 
 import numpy as np
 import pytest
-
-from mote_local import tiny
-from mote_local.engine import Model
-from mote_local.errors import CaptureError, ModelFileError, NotMoeError, SteeringError
-from mote_local.steering import Entry, Mode
-
 from conftest import copy_with_zeroed_expert_output
+
+from mote_local.engine.model import Model
+from mote_local.errors import CaptureError, ModelFileError, NotMoeError, SteeringError
+from mote_local.steering.entries import Entry, Mode
+from mote_local.synthetic import tiny
 
 ARCHS = tiny.ARCHS
 PROMPT = "what happened in the city yesterday and why did the people leave the old house so early"
@@ -236,7 +235,7 @@ def test_two_sessions_steer_independently_and_changes_apply_next_call(load):
 
 
 def test_value_changes_keep_graph_reuse(load):
-    from mote_local._native import llama
+    from mote_local.engine.binding import llama
     model = load("qwen3moe")
     layer = model.layout.moe_layers[0]
     toks = model.tokenize(PROMPT)
@@ -364,7 +363,7 @@ def test_another_llama_cpp_python_in_the_environment_is_ignored(tmp_path, tiny_p
     fake = tmp_path / "site" / "llama_cpp"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError('the user llama_cpp was imported')\n")
-    code = ("from mote_local.engine import Model\n"
+    code = ("from mote_local.engine.model import Model\n"
             f"m = Model({str(tiny_path('qwen3moe'))!r})\n"
             "s = m.session(n_ctx=64)\nprint(len(s.logits(m.tokenize('hello there'))))\n"
             "import sys; assert 'llama_cpp' not in sys.modules\n")
@@ -375,7 +374,7 @@ def test_another_llama_cpp_python_in_the_environment_is_ignored(tmp_path, tiny_p
 
 
 def test_phase_scoped_entries_switch_between_prefill_and_decode(load):
-    from mote_local.steering import Scope
+    from mote_local.steering.entries import Scope
     model = load("qwen3moe")
     layer = model.layout.moe_layers[0]
     toks = model.tokenize(PROMPT)

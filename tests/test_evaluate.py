@@ -1,5 +1,5 @@
 """Evaluation and reports: detectors, intervals, control profiles, capability cost, the super-expert guard, the
-report files; the planted model's acceptance test when mote_local.planted is available."""
+report files; the planted model's acceptance test when mote_local.synthetic.planted is available."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mote_local import evaluate as ev
-from mote_local import report, tiny
-from mote_local.engine import Generation, Model, Session
-from mote_local.profile import Profile
-from mote_local.steering import Entry, Mode, Scope
+from mote_local.engine.model import Generation, Model, Session
+from mote_local.evaluation import evaluate as ev
+from mote_local.evaluation import report
+from mote_local.steering.entries import Entry, Mode, Scope
+from mote_local.steering.profile import Profile
+from mote_local.synthetic import tiny
 
 PROMPTS = ["what happened in the city yesterday", "tell me a story about the king", "why did the people leave"]
 
@@ -452,7 +453,7 @@ def test_super_expert_cache_is_per_model_file(tiny_path, tmp_path):
 
 @pytest.fixture(scope="module")
 def planted(model_dir):
-    from mote_local import planted as planted_mod
+    from mote_local.synthetic import planted as planted_mod
     path, truth = planted_mod.planted_model(model_dir)
     return path, truth, planted_mod
 

@@ -5,12 +5,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mote_local import ftri, planted
-from mote_local.cli import main
-from mote_local.engine import Model
+from mote_local.cli.commands import main
+from mote_local.engine.model import Model
 from mote_local.errors import MoteError
-from mote_local.profile import Profile
+from mote_local.ftri import runner as ftri
 from mote_local.prompts import load_prompt_set, select_classes
+from mote_local.steering.profile import Profile
+from mote_local.synthetic import planted
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def test_exported_profile_removes_the_refusals(model, planted_files, classes):
 
 
 def test_interrupted_capture_keeps_partial_results(model, classes, monkeypatch):
-    from mote_local.engine import Session
+    from mote_local.engine.model import Session
     calls = {"n": 0}
     route = Session.route
 

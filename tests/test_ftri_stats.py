@@ -11,7 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from mote_local.ftri_stats import METHODS, Activations, FtriResult, RankedExpert, analyse, score
+from mote_local.ftri.stats import (
+    METHODS,
+    Activations,
+    FtriResult,
+    RankedExpert,
+    analyse,
+    score,
+)
 
 
 def hand_case() -> Activations:

@@ -32,17 +32,26 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from mote_local import ftri, planted, report, tiny
-from mote_local import layout as layout_mod
-from mote_local.cli import main
-from mote_local.engine import Model, Session
+from mote_local.cli.commands import main
+from mote_local.engine.model import Model, Session
 from mote_local.errors import ModelFileError, NotMoeError, SteeringError
-from mote_local.evaluate import EvalResult, evaluate
-from mote_local.ftri_stats import METHODS, Activations, FtriResult, analyse
-from mote_local.layout import read_layout
-from mote_local.profile import Fingerprint, Profile, ProfileError, ProfileMismatchError
-from mote_local.prompts import Prompt, PromptSet, PromptSetError, load_prompt_set, select_classes
-from mote_local.steering import Entry, Mode, Scope
+from mote_local.evaluation import report
+from mote_local.evaluation.evaluate import EvalResult, evaluate
+from mote_local.ftri import runner as ftri
+from mote_local.ftri.stats import METHODS, Activations, FtriResult, analyse
+from mote_local.modelfile import layout as layout_mod
+from mote_local.modelfile.fingerprint import Fingerprint
+from mote_local.modelfile.layout import read_layout
+from mote_local.prompts import (
+    Prompt,
+    PromptSet,
+    PromptSetError,
+    load_prompt_set,
+    select_classes,
+)
+from mote_local.steering.entries import Entry, Mode, Scope
+from mote_local.steering.profile import Profile, ProfileError, ProfileMismatchError
+from mote_local.synthetic import planted, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "what happened in the city yesterday"
@@ -69,7 +78,7 @@ def env(tmp_path_factory) -> dict[str, str]:
 
 
 # runs the CLI in a subprocess after the patch code given (a Python snippet), e.g. a slowed-down decode
-_WITH_PATCH = "import sys\n{patch}\nfrom mote_local.cli import main\nmain(sys.argv[1:], prog_name='mote')\n"
+_WITH_PATCH = "import sys\n{patch}\nfrom mote_local.cli.commands import main\nmain(sys.argv[1:], prog_name='mote')\n"
 
 
 def mote(env, *args, patch: str | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -277,7 +286,7 @@ def test_every_bad_model_file_gets_a_clear_model_file_error(bad_models):
 
 def test_bad_model_files_never_abort_the_process(bad_models, env):
     """Model(path) on every bad file, in one child process: each raises ModelFileError; none aborts."""
-    code = ("import json, sys\nfrom mote_local.engine import Model\n"
+    code = ("import json, sys\nfrom mote_local.engine.model import Model\n"
             "for name, path in json.loads(sys.argv[1]):\n"
             "    try:\n        Model(path).close(); print(json.dumps([name, 'loaded', '']), flush=True)\n"
             "    except Exception as e:\n        print(json.dumps([name, type(e).__name__, str(e)]), flush=True)\n")
@@ -696,10 +705,10 @@ def _interrupt_after(env, args, marker: str, patch: str, after: int, timeout: fl
     return proc.returncode, out, "".join(lines)
 
 
-_SLOW_ROUTE = ("import time\nfrom mote_local.engine import Session\n_route = Session.route\n"
+_SLOW_ROUTE = ("import time\nfrom mote_local.engine.model import Session\n_route = Session.route\n"
                "def route(self, seqs):\n    print('ROUTE', file=sys.stderr, flush=True)\n    time.sleep(0.2)\n"
                "    return _route(self, seqs)\nSession.route = route\n")
-_SLOW_GENERATE = ("import time\nfrom mote_local.engine import Session\n_generate = Session.generate\n"
+_SLOW_GENERATE = ("import time\nfrom mote_local.engine.model import Session\n_generate = Session.generate\n"
                   "def generate(self, *a, **k):\n    print('GENERATE', file=sys.stderr, flush=True)\n"
                   "    time.sleep(0.1)\n    return _generate(self, *a, **k)\nSession.generate = generate\n")
 
@@ -757,8 +766,8 @@ def test_ctrl_c_during_ftri_generation_is_honoured(load, monkeypatch):
 
 _KILL_PROFILE = """
 import sys
-from mote_local.profile import Profile
-from mote_local.steering import Entry, Mode
+from mote_local.steering.profile import Profile
+from mote_local.steering.entries import Entry, Mode
 entries = tuple(Entry(l, e, Mode.BIAS, -0.5) for l in range(48) for e in range(512))
 for i in range(1, 10**6):
     Profile(entries, name=f"v{i}", metadata={"pad": "x" * 100000}).save(sys.argv[1])
@@ -789,8 +798,8 @@ def test_sigkill_mid_write_never_leaves_a_torn_profile(tmp_path, env, suffix):
 
 _KILL_REPORT = """
 import sys
-from mote_local.evaluate import EvalResult
-from mote_local.report import write_report
+from mote_local.evaluation.evaluate import EvalResult
+from mote_local.evaluation.report import write_report
 result = EvalResult.from_json(open(sys.argv[1]).read())
 for i in range(1, 10**6):
     result.elapsed_s = float(i)

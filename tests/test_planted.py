@@ -1,4 +1,4 @@
-"""The planted-behaviour model (mote_local.planted): its truth, its files, and its behaviour on the real engine."""
+"""The planted-behaviour model (mote_local.synthetic.planted): its truth, its files, and its behaviour on the real engine."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import time
 import numpy as np
 import pytest
 
-from mote_local import planted, tiny
-from mote_local.engine import Model
-from mote_local.steering import Entry, Mode
+from mote_local.engine.model import Model
+from mote_local.steering.entries import Entry, Mode
+from mote_local.synthetic import planted, tiny
 
 MAX_TOKENS = 10  # both sentences are 7-8 tokens and EOS
 PROMPTS = planted.prompt_sets()

@@ -14,9 +14,11 @@ from hypothesis import strategies as st
 from mote_local import atomic
 from mote_local.atomic import atomic_path, atomic_write_bytes, atomic_write_text
 from mote_local.errors import NotMoeError, SteeringError
-from mote_local.layout import read_layout
-from mote_local.profile import Fingerprint, Profile, ProfileError, ProfileMismatchError, parse_spec
-from mote_local.steering import Entry, Mode, Scope
+from mote_local.modelfile.fingerprint import Fingerprint
+from mote_local.modelfile.layout import read_layout
+from mote_local.steering.entries import Entry, Mode, Scope
+from mote_local.steering.profile import Profile, ProfileError, ProfileMismatchError
+from mote_local.steering.spec import parse_spec
 
 INF = math.inf
 SHA_A = "a" * 64

@@ -9,8 +9,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mote_local.prompts import (Prompt, PromptSet, PromptSetError, combine, expand_template, load_prompt_set,
-                                select_classes)
+from mote_local.prompts import (
+    Prompt,
+    PromptSet,
+    PromptSetError,
+    combine,
+    expand_template,
+    load_prompt_set,
+    select_classes,
+)
 
 EXAMPLE_TOML = """\
 seed = 0

@@ -13,9 +13,9 @@ from typing import Sequence
 
 import click
 
-from .errors import MoteError
-from .layout import MoeLayout, read_layout
-from .steering import Entry, Scope
+from mote_local.errors import MoteError
+from mote_local.modelfile.layout import MoeLayout, read_layout
+from mote_local.steering.entries import Entry, Scope
 
 STEER_FLAGS = ("off", "drop", "force", "bias", "gain")
 
@@ -71,7 +71,8 @@ def steering_options(f):
 def build_profile(layout: MoeLayout, profiles: Sequence[Path], specs: dict[str, Sequence[str]],
                   strength: float | None, scope: str | None, force: bool):
     """The composition of the profile files and the command-line entries, validated for the model."""
-    from .profile import Profile, parse_spec
+    from mote_local.steering.profile import Profile
+    from mote_local.steering.spec import parse_spec
 
     total = None
     for path in profiles:
@@ -106,7 +107,7 @@ def inspect(model: Path, as_json: bool, super_experts: bool, text: Path | None) 
     """Describe MODEL's experts: architecture, MoE layers, experts, top-k, gating, quantization."""
     layout = read_layout(model)
     if super_experts:
-        from .evaluate import find_super_experts
+        from mote_local.evaluation.evaluate import find_super_experts
 
         found = find_super_experts(layout.require_moe().path, text)
         if as_json:
@@ -150,7 +151,7 @@ def inspect(model: Path, as_json: bool, super_experts: bool, text: Path | None) 
 
 def warn_super_experts(layout: MoeLayout, profile) -> None:
     """Warns when a profile switches off an expert that `mote inspect --super-experts` flagged."""
-    from .evaluate import super_experts_switched_off
+    from mote_local.evaluation.evaluate import super_experts_switched_off
 
     for layer, expert in super_experts_switched_off(layout.path, profile.entries, profile.strength):
         click.echo(f"warning: the profile switches off layer {layer} expert {expert}, a super-expert of "
@@ -182,7 +183,7 @@ def run(model: Path, prompt: str, n_predict: int, temp: float, top_k: int, top_p
         compare: bool, profiles, strength, scope, force_profile, n_gpu_layers: int, ctx_size: int, verbose: bool,
         **specs) -> None:
     """Generate from MODEL with experts switched off, forced on, biased or scaled."""
-    from .engine import Model
+    from mote_local.engine.model import Model
 
     layout = read_layout(model).require_moe()
     profile = build_profile(layout, profiles, specs, strength, scope, force_profile)
@@ -231,10 +232,10 @@ def ftri(model: Path, prompts_file: Path, baseline_prompts: Path | None, behavio
          top: int, per_layer_cap, off_mode: str, chat: bool, out: Path, batch_size: int, n_boot: int, seed: int,
          n_gpu_layers: int, ctx_size: int, verbose: bool) -> None:
     """Find the experts of MODEL that fire differently on behaviour prompts than on baseline ones."""
-    from . import ftri as ftri_mod
-    from .engine import Model
-    from .planted import read_truth
-    from .prompts import combine, load_prompt_set, select_classes
+    from mote_local.engine.model import Model
+    from mote_local.ftri import runner as ftri_mod
+    from mote_local.prompts import combine, load_prompt_set, select_classes
+    from mote_local.synthetic.planted import read_truth
 
     layout = read_layout(model).require_moe()
     warn_quantization(layout)
@@ -276,8 +277,8 @@ def profile() -> None:
 @click.argument("path", type=click.Path(path_type=Path))
 def profile_show(path: Path) -> None:
     """Print a profile's entries, strength and the model it was made for."""
-    from .chat import describe
-    from .profile import Profile
+    from mote_local.cli.chat import describe
+    from mote_local.steering.profile import Profile
 
     p = Profile.load(path)
     click.echo(f"{path}: {p.name or 'unnamed'}" + (f" — {p.description}" if p.description else ""))
@@ -293,7 +294,7 @@ def profile_show(path: Path) -> None:
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="The merged profile (.json/.gguf).")
 def profile_merge(paths: Sequence[Path], out: Path) -> None:
     """Compose profiles (biases add, gains multiply) into one."""
-    from .profile import Profile
+    from mote_local.steering.profile import Profile
 
     merged = Profile.load(paths[0])
     for path in paths[1:]:
@@ -307,7 +308,7 @@ def profile_merge(paths: Sequence[Path], out: Path) -> None:
 @click.argument("dst", type=click.Path(path_type=Path))
 def profile_convert(src: Path, dst: Path) -> None:
     """Convert between JSON and GGUF (by the file suffixes)."""
-    from .profile import Profile
+    from mote_local.steering.profile import Profile
 
     Profile.load(src).save(dst)
     click.echo(f"wrote {dst}")
@@ -319,14 +320,14 @@ def profile_convert(src: Path, dst: Path) -> None:
 @click.option("--force", is_flag=True, help="Accept a profile made for another model (limits still apply).")
 def profile_validate(path: Path, model: Path, force: bool) -> None:
     """Check that a profile can steer MODEL."""
-    from .profile import Profile
+    from mote_local.steering.profile import Profile
 
     Profile.load(path).validate(read_layout(model), force=force)
     click.echo(f"{path} fits {model}")
 
 
 def detector_for(detector_file: Path | None, judge: Path | None):
-    from .evaluate import Detector, JudgeDetector
+    from mote_local.evaluation.evaluate import Detector, JudgeDetector
 
     if judge is not None:
         return JudgeDetector(judge)
@@ -355,10 +356,10 @@ def eval_command(model: Path, prompts_file: Path, classes, profiles, strength, s
                  detector_file, judge, neutral, n_random: int, max_tokens: int, seed: int, chat: bool, out: Path,
                  n_gpu_layers: int, ctx_size: int, verbose: bool, **specs) -> None:
     """Measure how a profile moves a behaviour against random and forced controls, and what it costs."""
-    from .engine import Model
-    from .evaluate import evaluate
-    from .prompts import load_prompt_set
-    from .report import format_table, write_report
+    from mote_local.engine.model import Model
+    from mote_local.evaluation.evaluate import evaluate
+    from mote_local.evaluation.report import format_table, write_report
+    from mote_local.prompts import load_prompt_set
 
     layout = read_layout(model).require_moe()
     profile = build_profile(layout, profiles, specs, strength, scope, force_profile)
@@ -388,12 +389,12 @@ def demo(out: Path, top: int) -> None:
     the behaviour, a random control does not. Nothing is downloaded."""
     import time
 
-    from . import ftri as ftri_mod
-    from . import planted
-    from .engine import Model
-    from .evaluate import evaluate
-    from .prompts import load_prompt_set, select_classes
-    from .report import format_table, write_report
+    from mote_local.engine.model import Model
+    from mote_local.evaluation.evaluate import evaluate
+    from mote_local.evaluation.report import format_table, write_report
+    from mote_local.ftri import runner as ftri_mod
+    from mote_local.prompts import load_prompt_set, select_classes
+    from mote_local.synthetic import planted
 
     started = time.perf_counter()
     path, truth = planted.planted_model()
@@ -442,8 +443,8 @@ def warn_quantization(layout: MoeLayout) -> None:
 def chat(model: Path, n_predict: int, temp: float, seed: int, profiles, strength, scope, force_profile,
          n_gpu_layers: int, ctx_size: int, verbose: bool, **specs) -> None:
     """Chat with MODEL and toggle its experts live (/help inside lists the commands)."""
-    from .chat import Chat
-    from .engine import Model
+    from mote_local.cli.chat import Chat
+    from mote_local.engine.model import Model
 
     layout = read_layout(model).require_moe()
     profile = build_profile(layout, profiles, specs, strength, scope, force_profile)
@@ -463,6 +464,3 @@ def _read_line(prompt: str) -> str:
         raise EOFError
     return line
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,12 +16,12 @@ from typing import Sequence
 
 import numpy as np
 
-from .atomic import atomic_path, atomic_write_text
-from .engine import Model
-from .errors import MoteError
-from .ftri_stats import Activations, FtriResult, RankedExpert, analyse
-from .prompts import Prompt
-from .steering import Entry, Mode
+from mote_local.atomic import atomic_path, atomic_write_text
+from mote_local.engine.model import Model
+from mote_local.errors import MoteError
+from mote_local.ftri.stats import Activations, FtriResult, RankedExpert, analyse
+from mote_local.prompts import Prompt
+from mote_local.steering.entries import Entry, Mode
 
 SCOPES = ("prompt", "target", "generated", "thinking")
 
@@ -177,7 +177,7 @@ def profile_from_ranking(ranked: Sequence[RankedExpert], model: Model, *, positi
                          negative: str = "force", name: str = "ftri", metadata: dict | None = None):
     """Experts that fire more on the behaviour are switched off (positive mode), those that fire
     less are forced on (negative mode)."""
-    from .profile import Profile
+    from mote_local.steering.profile import Profile
 
     entries = []
     for r in ranked:

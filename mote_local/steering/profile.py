@@ -48,7 +48,6 @@ may carry several entries (a bias and a gain, or different modes in different sc
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
@@ -63,20 +62,20 @@ from typing import Any
 import gguf
 import numpy as np
 
-from .atomic import atomic_path, atomic_write_text
-from .errors import SteeringError
-from .layout import MoeLayout, open_gguf, read_layout
-from .steering import NATIVE_MODE, VALUED_MODES, Entry, Mode, Scope, applies_in
+from mote_local.atomic import atomic_path, atomic_write_text
+from mote_local.errors import ProfileError, ProfileMismatchError, SteeringError
+from mote_local.modelfile.fingerprint import Fingerprint, differences
+from mote_local.modelfile.layout import MoeLayout, open_gguf
+from mote_local.steering.entries import (
+    NATIVE_MODE,
+    VALUED_MODES,
+    Entry,
+    Mode,
+    Scope,
+    applies_in,
+)
 
-__all__ = ["Fingerprint", "Profile", "ProfileError", "ProfileMismatchError", "parse_spec", "SPEC_KINDS"]
-
-
-class ProfileError(SteeringError):
-    """A profile is malformed, contradictory, or does not fit the model."""
-
-
-class ProfileMismatchError(ProfileError):
-    """The profile was made for a different model (its fingerprint differs)."""
+__all__ = ["Profile", "ProfileError", "ProfileMismatchError"]
 
 
 FORMAT = "mote-profile"
@@ -89,11 +88,6 @@ _CONFLICTS = {frozenset(pair) for pair in [
     (Mode.BIAS, Mode.MASK), (Mode.BIAS, Mode.FORCE), (Mode.GAIN, Mode.MASK), (Mode.GAIN, Mode.DROP)]}
 _SELECTION = (Mode.MASK, Mode.DROP, Mode.FORCE)
 _MAX_INDEX = 2**31 - 1  # layers and experts are stored as I32 in GGUF
-
-#: CLI flag kind -> mode (``--off`` is the user's word for mask)
-SPEC_KINDS: dict[str, Mode] = {"off": Mode.MASK, "drop": Mode.DROP, "force": Mode.FORCE,
-                               "bias": Mode.BIAS, "gain": Mode.GAIN}
-
 
 class GgufKeys:
     ARCH = "moteprofile"
@@ -110,63 +104,6 @@ class GgufKeys:
 
 _MODE_ORDER = sorted(NATIVE_MODE, key=NATIVE_MODE.__getitem__)
 _SCOPE_ORDER = list(Scope)
-
-
-@dataclass(frozen=True)
-class Fingerprint:
-    """What identifies the model a profile was made for: its shape and a hash of its router weights.
-
-    Routers (``blk.N.ffn_gate_inp.weight``) are kept unquantized by llama.cpp's quantizer, so every
-    quantization of one model shares its fingerprint, while a fine-tune or another checkpoint does not.
-    """
-
-    arch: str
-    n_layer: int
-    n_expert: int
-    n_expert_used: int
-    router_sha256: str
-
-    def __post_init__(self):
-        if not isinstance(self.arch, str) or not self.arch:
-            raise ProfileError(f"arch must be a non-empty string, got {self.arch!r}")
-        for name in ("n_layer", "n_expert", "n_expert_used"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63:
-                raise ProfileError(f"{name} must be an integer >= 0, got {v!r}")
-        if not isinstance(self.router_sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", self.router_sha256):
-            raise ProfileError(f"router_sha256 must be 64 lowercase hex digits, got {self.router_sha256!r}")
-
-    @classmethod
-    def of(cls, path: str | os.PathLike[str]) -> Fingerprint:
-        """The fingerprint of a MoE GGUF model."""
-        return cls.of_layout(read_layout(path))
-
-    @classmethod
-    def of_layout(cls, layout: MoeLayout) -> Fingerprint:
-        """The fingerprint of the model whose layout was read: hashes its router tensors' bytes."""
-        layout = layout.require_moe()
-        h = hashlib.sha256()
-        with open(layout.path, "rb") as f:
-            for offset, n_bytes in layout.router_spans:
-                f.seek(offset)
-                h.update(f.read(n_bytes))
-        return cls(layout.arch, layout.n_layer, layout.n_expert, layout.n_expert_used, h.hexdigest())
-
-    def mismatch(self, other: Fingerprint) -> str | None:
-        """None when ``other`` (the model's) equals this (the profile's); else what differs, in words."""
-        diff = _differences(self, other)
-        if not diff:
-            return None
-        return f"the profile was made for a model with {diff[0]}; this model has {diff[1]}"
-
-
-def _differences(a: Fingerprint, b: Fingerprint) -> tuple[str, str] | None:
-    words = {"arch": "arch {}", "n_layer": "{} layers", "n_expert": "{} experts",
-             "n_expert_used": "{} experts used per token", "router_sha256": "router weights sha256 {:.12}…"}
-    names = [f.name for f in fields(Fingerprint) if getattr(a, f.name) != getattr(b, f.name)]
-    if not names:
-        return None
-    return tuple(", ".join(words[n].format(getattr(fp, n)) for n in names) for fp in (a, b))
 
 
 @dataclass(frozen=True)
@@ -236,7 +173,7 @@ class Profile:
             return NotImplemented
         a, b = self.fingerprint, other.fingerprint
         if a is not None and b is not None and a != b:
-            mine, theirs = _differences(a, b)
+            mine, theirs = differences(a, b)
             raise ProfileMismatchError(f"cannot compose {self._label()} and {other._label()}: they were made for "
                                        f"different models ({mine} vs {theirs})")
         merged: dict[tuple, Entry] = {}
@@ -475,55 +412,6 @@ class Profile:
 
     def _label(self) -> str:
         return f"profile {self.name!r}" if self.name else "the profile"
-
-
-def parse_spec(kind: str, text: str, scope: Scope | str = Scope.ALL) -> list[Entry]:
-    """Entries from a CLI flag value: ``off``/``drop``/``force`` take ``LAYER:EXPERT[,LAYER:EXPERT...]``,
-    ``bias``/``gain`` take ``LAYER:EXPERT=VALUE[,...]`` (a bias may be ``-inf``)."""
-    if kind not in SPEC_KINDS:
-        raise ProfileError(f"unknown steering flag --{kind}; expected one of "
-                           f"{', '.join('--' + k for k in SPEC_KINDS)}")
-    try:
-        scope = Scope(scope)
-    except ValueError:
-        raise ProfileError(f"unknown scope {scope!r}; expected one of {', '.join(s.value for s in Scope)}") from None
-    mode = SPEC_KINDS[kind]
-    valued = mode in VALUED_MODES
-    form = "LAYER:EXPERT=VALUE" if valued else "LAYER:EXPERT"
-    example = {"bias": "3:17=-2.5", "gain": "3:17=0.5"}.get(kind, "3:17,4:2")
-
-    def bad(item: str, why: str) -> ProfileError:
-        return ProfileError(f"--{kind} {item!r}: {why}; expected {form}[,{form}...] (LAYER:EXPERT[=VALUE]), "
-                            f"e.g. --{kind} {example}")
-
-    if not text.strip():
-        raise bad(text, "empty")
-    entries = []
-    for item in (s.strip() for s in text.split(",")):
-        if not item:
-            raise bad(text, "empty item (a stray comma?)")
-        target, eq, raw = item.partition("=")
-        if valued and not eq:
-            raise bad(item, "a value is required")
-        if eq and not valued:
-            raise bad(item, f"--{kind} takes no value")
-        layer, colon, expert = (s.strip() for s in target.partition(":"))
-        if not colon:
-            raise bad(item, "missing ':' between layer and expert")
-        for what, digits in (("layer", layer), ("expert", expert)):
-            if not re.fullmatch(r"[0-9]+", digits):
-                raise bad(item, f"{what} {digits!r} is not a non-negative integer")
-        value = 0.0
-        if valued:
-            try:
-                value = float(raw)
-            except ValueError:
-                raise bad(item, f"{raw.strip()!r} is not a number") from None
-        try:
-            entries.append(Entry(int(layer), int(expert), mode, value, scope))
-        except SteeringError as err:
-            raise bad(item, str(err)) from None
-    return entries
 
 
 # entries

@@ -23,12 +23,19 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from . import _native
-from ._native import llama, llama_chat_format, llama_internals
-from .errors import CaptureError, EngineError, InputError, ModelFileError, SteeringError
-from .layout import MoeLayout, read_layout
-from .profile import Fingerprint, Profile, ProfileMismatchError
-from .steering import Entry, Scope
+from mote_local.engine import binding
+from mote_local.engine.binding import llama, llama_chat_format, llama_internals
+from mote_local.errors import (
+    CaptureError,
+    EngineError,
+    InputError,
+    ModelFileError,
+    SteeringError,
+)
+from mote_local.modelfile.fingerprint import Fingerprint
+from mote_local.modelfile.layout import MoeLayout, read_layout
+from mote_local.steering.entries import Entry, Scope
+from mote_local.steering.profile import Profile, ProfileMismatchError
 
 # the phases a generation passes through; "all" entries apply in each
 PHASES = (Scope.PREFILL, Scope.DECODE, Scope.THINKING)
@@ -55,13 +62,13 @@ class Model:
         params.n_gpu_layers = n_gpu_layers
         _apply_params(params, model_params, "model")
         self.verbose = verbose
-        _native.set_verbose(verbose)  # llama.cpp's log is process-wide: the last model loaded decides
+        binding.set_verbose(verbose)  # llama.cpp's log is process-wide: the last model loaded decides
         try:
             self._model = llama_internals.LlamaModel(path_model=str(self.path), params=params, verbose=verbose)
         except ValueError as err:
             raise ModelFileError(f"llama.cpp could not load {self.path}: {err} "
                                  "(run with verbose=True to see llama.cpp's reason)") from None
-        self.router = _native.router_info(self._model.model)
+        self.router = binding.router_info(self._model.model)
         self.n_vocab = self._model.n_vocab()
 
     # lifetime
@@ -195,22 +202,22 @@ class Capture:
     def bind(self, seq_id: int, label: int, pos_begin: int = 0, pos_end: int | None = None) -> None:
         """Counts tokens of sequence seq_id at positions [pos_begin, pos_end) under label."""
         self._require_active()
-        err = _native.capture_bind(self._session._ctx_ptr, seq_id, label, pos_begin, -1 if pos_end is None else pos_end)
+        err = binding.capture_bind(self._session._ctx_ptr, seq_id, label, pos_begin, -1 if pos_end is None else pos_end)
         if err:
             raise CaptureError(err)
 
     def unbind_all(self) -> None:
         self._require_active()
-        _native.capture_unbind_all(self._session._ctx_ptr)
+        binding.capture_unbind_all(self._session._ctx_ptr)
 
     def reset(self) -> None:
         """Forgets what was counted so far; bindings stay."""
         self._require_active()
-        _native.capture_reset(self._session._ctx_ptr)
+        binding.capture_reset(self._session._ctx_ptr)
 
     @property
     def labels(self) -> list[int]:
-        return _native.capture_labels(self._session._ctx_ptr) if self.active else sorted(self._stats)
+        return binding.capture_labels(self._session._ctx_ptr) if self.active else sorted(self._stats)
 
     def stats(self, label: int = 0) -> RoutingStats:
         if not self.active:
@@ -219,7 +226,7 @@ class Capture:
             return self._stats[label]
         layout = self._session.model.layout
         try:
-            counts, weights, probs, tokens = _native.capture_read(
+            counts, weights, probs, tokens = binding.capture_read(
                 self._session._ctx_ptr, label, layout.n_layer, layout.n_expert, self.probs)
         except KeyError as err:
             raise CaptureError(str(err.args[0])) from None
@@ -232,7 +239,7 @@ class Capture:
             assert self._trace is not None
             return self._trace
         layout = self._session.model.layout
-        meta, ids, weights, probs = _native.capture_trace(
+        meta, ids, weights, probs = binding.capture_trace(
             self._session._ctx_ptr, layout.n_expert_used, layout.n_expert, self.probs)
         return RoutingTrace(meta[:, 0], meta[:, 1], meta[:, 2], meta[:, 3], ids, weights, probs)
 
@@ -245,7 +252,7 @@ class Capture:
         self._stats = {label: self.stats(label) for label in self.labels}
         self._trace = self.trace() if self.trace_enabled else None
         self.active = False
-        _native.capture_stop(self._session._ctx_ptr)
+        binding.capture_stop(self._session._ctx_ptr)
 
 
 class Session:
@@ -310,7 +317,7 @@ class Session:
             profile = Profile(profile.entries, float(strength), profile.fingerprint, profile.name)
         self.model.check_entries(profile.entries)
         for phase in PHASES:  # validate every phase's set now, so that a later switch cannot fail
-            err = _native.steer_set(self._ctx_ptr, [e.native() for e in profile.for_scope(phase)], profile.strength)
+            err = binding.steer_set(self._ctx_ptr, [e.native() for e in profile.for_scope(phase)], profile.strength)
             if err:
                 self._applied = None
                 self._set_phase(self._phase)  # restore what was in effect
@@ -320,7 +327,7 @@ class Session:
         self._set_phase(self._phase)
 
     def clear_steering(self) -> None:
-        _native.steer_clear(self._ctx_ptr)
+        binding.steer_clear(self._ctx_ptr)
         self._profile, self._applied = Profile(), ()
 
     def _set_phase(self, phase: Scope) -> None:
@@ -329,7 +336,7 @@ class Session:
         active = self._profile.for_scope(phase)
         if active == self._applied:
             return
-        err = _native.steer_set(self._ctx_ptr, [e.native() for e in active], self._profile.strength)
+        err = binding.steer_set(self._ctx_ptr, [e.native() for e in active], self._profile.strength)
         if err:  # validated in steer(); reaching this is a bug
             raise SteeringError(err)
         self._applied = active
@@ -345,8 +352,8 @@ class Session:
         if self._capture is not None and self._capture.active:
             raise CaptureError("a capture is already running on this session")
         self.model.layout.require_moe()
-        flags = (_native.CAPTURE_PROBS if probs else 0) | (_native.CAPTURE_TRACE if trace else 0)
-        err = _native.capture_start(self._ctx_ptr, flags)
+        flags = (binding.CAPTURE_PROBS if probs else 0) | (binding.CAPTURE_TRACE if trace else 0)
+        err = binding.capture_start(self._ctx_ptr, flags)
         if err:
             raise CaptureError(err)
         cap = self._capture = Capture(self, probs, trace)

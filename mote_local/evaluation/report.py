@@ -2,7 +2,7 @@
 
     out = write_report("eval-out", result, ftri_heatmap=Path("ftri/heatmap.png"), ftri_table=table_text)
 
-writes ``eval-out/report.json`` (the :class:`~mote_local.evaluate.EvalResult`, readable back with
+writes ``eval-out/report.json`` (the :class:`~mote_local.evaluation.evaluate.EvalResult`, readable back with
 ``EvalResult.from_json``), ``report.md``, ``behaviour.png`` (behaviour rate per condition with its Wilson 95%
 interval, and KL per condition) and ``report.html`` (everything in one file, images embedded), each written
 atomically. Model text is escaped everywhere it is shown.
@@ -18,8 +18,8 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from .atomic import atomic_write_bytes, atomic_write_text
-from .evaluate import ConditionResult, EvalResult
+from mote_local.atomic import atomic_write_bytes, atomic_write_text
+from mote_local.evaluation.evaluate import ConditionResult, EvalResult
 
 __all__ = ["format_table", "table_rows", "plot_png", "write_report", "markdown_report", "html_report"]
 

@@ -13,10 +13,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .engine import Generation, Model, RoutingStats, Session
-from .errors import MoteError
-from .profile import Profile, parse_spec
-from .steering import Entry, Mode, Scope
+from mote_local.engine.model import Generation, Model, RoutingStats, Session
+from mote_local.errors import MoteError
+from mote_local.steering.entries import Entry, Mode, Scope
+from mote_local.steering.profile import Profile
+from mote_local.steering.spec import parse_spec
 
 HELP = """commands:
   /off L:E[,L:E…]     switch experts off (mask)        /drop L:E[,…]   drop their weight (k-1 experts)
@@ -63,7 +64,7 @@ class Chat:
     # steering
     def steer(self, profile: Profile) -> None:
         """Applies a profile; on error the engine keeps the previous steering and so does the chat."""
-        from .evaluate import super_experts_switched_off
+        from mote_local.evaluation.evaluate import super_experts_switched_off
 
         self.session.steer(profile)
         self.state.profile = profile

@@ -1,7 +1,7 @@
 """A tiny MoE GGUF with a planted "refusal" behaviour whose experts are known: ground truth for fTRI.
 
 ``write_planted_model(path)`` builds, by hand and deterministically (no training, about a second), a
-``qwen3moe`` model on :mod:`mote_local.tiny`'s word-level vocabulary. Greedy generation answers every prompt
+``qwen3moe`` model on :mod:`mote_local.synthetic.tiny`'s word-level vocabulary. Greedy generation answers every prompt
 with one of two sentences:
 
 * a prompt that mentions a trigger topic ("protest", "riot", ...) gets ``REFUSAL_TEXT``
@@ -60,13 +60,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-import numpy as np
-
 import gguf
+import numpy as np
 from gguf import MODEL_TENSOR as MT
 
-from . import tiny
-from .steering import Entry, Mode
+from mote_local.steering.entries import Entry, Mode
+from mote_local.synthetic import tiny
 
 try:  # Python 3.11+
     import tomllib
@@ -251,7 +250,7 @@ def prompts_path() -> Path:
 
 
 def neutral_text_path() -> Path:
-    """The packaged neutral text (one sentence per line; :mod:`mote_local.evaluate`'s default for KL and
+    """The packaged neutral text (one sentence per line; :mod:`mote_local.evaluation.evaluate`'s default for KL and
     perplexity). The generator adds its words to the vocabulary and its bigrams to the head, so the planted
     model predicts it well (perplexity ~5) and the cost of switching experts off shows on it."""
     return _data("neutral.txt")
@@ -281,7 +280,7 @@ def chat_prompt(prompt: str) -> str:
 
 
 def neutral_text() -> str:
-    """The packaged neutral text as :func:`mote_local.evaluate.load_neutral_text` reads it: its lines joined
+    """The packaged neutral text as :func:`mote_local.evaluation.evaluate.load_neutral_text` reads it: its lines joined
     into one paragraph."""
     lines = neutral_text_path().read_text(encoding="utf-8").splitlines()
     return " ".join(line.strip() for line in lines if line.strip())
@@ -547,7 +546,7 @@ def _cache_key(seed: int) -> str:
 
 def planted_model(cache_dir: str | os.PathLike[str] | None = None, seed: int = 0) -> tuple[Path, PlantedTruth]:
     """(path, truth) of the cached planted model, generated if missing. The cache key covers this module,
-    :mod:`mote_local.tiny`, the prompt files and the gguf version. Default cache: ``$MOTE_CACHE_DIR`` or
+    :mod:`mote_local.synthetic.tiny`, the prompt files and the gguf version. Default cache: ``$MOTE_CACHE_DIR`` or
     ``~/.cache/mote-local/models``."""
     root = Path(cache_dir) if cache_dir is not None else tiny.default_cache_dir()
     path = root / f"planted-{ARCH}-{_cache_key(seed)}.gguf"

@@ -11,12 +11,14 @@ import sys
 
 import numpy as np
 
-from .errors import EngineError
+from mote_local.errors import EngineError
 
 try:
-    from mote_local_engine.llama_cpp import llama_cpp as llama  # the pinned bindings, private copy
     from mote_local_engine.llama_cpp import _internals as llama_internals
     from mote_local_engine.llama_cpp import llama_chat_format
+    from mote_local_engine.llama_cpp import (
+        llama_cpp as llama,  # the pinned bindings, private copy
+    )
 except (ImportError, OSError, RuntimeError) as err:  # not built, or the shared library failed to load
     raise EngineError(f"mote-local's engine is not available ({err}); install the package with "
                       "`pip install .` from the repository so that it builds the patched llama.cpp") from err

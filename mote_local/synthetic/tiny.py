@@ -23,17 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 import gguf
-from gguf import GGMLQuantizationType as QT
+import numpy as np
 from gguf import MODEL_TENSOR as MT
+from gguf import GGMLQuantizationType as QT
 
-from .atomic import atomic_path
+from mote_local.atomic import atomic_path
 
 # gguf 0.17 lacks gpt-oss and the expert-group keys; fail at import rather than mid-write.
 if not (hasattr(gguf.MODEL_ARCH, "GPT_OSS") and hasattr(gguf.GGUFWriter, "add_expert_group_count")):
-    raise ImportError("mote_local.tiny needs gguf>=0.18 (gpt-oss arch and expert-group keys)")
+    raise ImportError("mote_local.synthetic.tiny needs gguf>=0.18 (gpt-oss arch and expert-group keys)")
 
 __all__ = [
     "ARCHS",

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 
-from .errors import SteeringError
+from mote_local.errors import SteeringError
 
 
 class Mode(str, Enum):

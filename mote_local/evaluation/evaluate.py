@@ -46,12 +46,12 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .atomic import atomic_write_text
-from .engine import Model, Session
-from .errors import MoteError
-from .layout import MoeLayout
-from .profile import entry_to_json
-from .steering import VALUED_MODES, Entry, Mode
+from mote_local.atomic import atomic_write_text
+from mote_local.engine.model import Model, Session
+from mote_local.errors import MoteError
+from mote_local.modelfile.layout import MoeLayout
+from mote_local.steering.entries import VALUED_MODES, Entry, Mode
+from mote_local.steering.profile import entry_to_json
 
 __all__ = [
     "DEFAULT_PHRASES", "JUDGE_QUESTION", "Z95", "CONDITIONS",
@@ -383,7 +383,7 @@ def forced_counterpart(entries: Iterable[Entry], strength: float = 1.0) -> list[
 
 def _check_entries(entries: Iterable[Entry], layout: MoeLayout, strength: float, what: str) -> None:
     """Raises EvalError when the entries cannot steer the model of ``layout``."""
-    from .profile import Profile, ProfileError
+    from mote_local.steering.profile import Profile, ProfileError
 
     try:
         Profile(tuple(entries), strength=strength).validate(layout)

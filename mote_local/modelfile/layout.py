@@ -22,7 +22,7 @@ from pathlib import Path
 
 import gguf
 
-from .errors import ModelFileError, NotMoeError
+from mote_local.errors import ModelFileError, NotMoeError
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSIONS = (2, 3)   # the versions llama.cpp and gguf-py read
