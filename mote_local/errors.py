@@ -35,3 +35,11 @@ class CaptureError(MoteError, RuntimeError):
 
 class EngineError(MoteError, RuntimeError):
     """The engine failed (decode error, missing native library)."""
+
+
+class EvalError(MoteError, ValueError):
+    """An evaluation cannot run as asked (no prompts, a profile without room for a random control, ...)."""
+
+
+class DetectorError(MoteError, ValueError):
+    """A behaviour detector is invalid (a bad regular expression, an empty phrase list, a judge without yes/no)."""

@@ -13,12 +13,13 @@ PACKAGE = Path(mote_local.__file__).parent
 
 # lowest first; a module may import its own layer's package and anything below
 LAYERS = [
-    {"errors", "atomic", "cache", "prompts"},
+    {"errors"},
+    {"atomic", "cache", "progress", "prompts"},
     {"modelfile"},
     {"steering"},
     {"engine", "synthetic"},
     {"ftri", "evaluation"},
-    {"cli"},
+    {"cli", "serve"},
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 

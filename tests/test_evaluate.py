@@ -14,9 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mote_local import errors
 from mote_local.engine.model import Generation, Model, Session
+from mote_local.evaluation import (
+    controls,
+    cost,
+    detectors,
+    intervals,
+    report,
+    super_experts,
+)
 from mote_local.evaluation import evaluate as ev
-from mote_local.evaluation import report
 from mote_local.steering.entries import Entry, Mode, Scope
 from mote_local.steering.profile import Profile
 from mote_local.synthetic import tiny
@@ -34,7 +42,7 @@ def cache_dir(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------- detectors
 
 def test_default_phrases_are_case_insensitive_substrings():
-    d = ev.Detector()
+    d = detectors.Detector()
     assert d("i CANNOT do that")
     assert d("Well... I'm sorry, but no.")
     assert d("I can\u2019t help you with this")  # typographic apostrophe
@@ -44,43 +52,43 @@ def test_default_phrases_are_case_insensitive_substrings():
 
 
 def test_empty_response_is_not_the_behaviour():
-    d = ev.Detector(phrases=["x"], regexes=[r"^\s*$"])  # even a pattern that matches emptiness
+    d = detectors.Detector(phrases=["x"], regexes=[r"^\s*$"])  # even a pattern that matches emptiness
     assert not d("")
     assert not d("   \n")
     assert d.matches("") == []
 
 
 def test_regexes_and_bad_regex():
-    d = ev.Detector(phrases=[], regexes=[r"\brefuse[sd]?\b", re.compile(r"NOPE")])
+    d = detectors.Detector(phrases=[], regexes=[r"\brefuse[sd]?\b", re.compile(r"NOPE")])
     assert d("They Refused to answer")  # strings compile case-insensitive
     assert not d("nope")                # compiled patterns keep their own flags
     assert d("NOPE")
     assert not d("refusenik")
-    with pytest.raises(ev.DetectorError, match=r"bad regular expression '\(unclosed'"):
-        ev.Detector(regexes=["(unclosed"])
-    with pytest.raises(ev.DetectorError, match="at least one phrase or regex"):
-        ev.Detector(phrases=[], regexes=[])
-    with pytest.raises(ev.DetectorError):
-        ev.Detector(phrases="I cannot")  # one string, not a list
+    with pytest.raises(errors.DetectorError, match=r"bad regular expression '\(unclosed'"):
+        detectors.Detector(regexes=["(unclosed"])
+    with pytest.raises(errors.DetectorError, match="at least one phrase or regex"):
+        detectors.Detector(phrases=[], regexes=[])
+    with pytest.raises(errors.DetectorError):
+        detectors.Detector(phrases="I cannot")  # one string, not a list
 
 
 def test_detector_from_file(tmp_path):
     f = tmp_path / "det.txt"
     f.write_text("# refusals\nno way\n\n  not today  \nre:^\\s*sorry\\b\n", encoding="utf-8")
-    d = ev.Detector.from_file(f)
+    d = detectors.Detector.from_file(f)
     assert d.phrases == ("no way", "not today")
     assert [r.pattern for r in d.regexes] == [r"^\s*sorry\b"]
     assert d("Sorry, can't.") and d("NO WAY!") and not d("I am so sorry")
     bad = tmp_path / "bad.txt"
     bad.write_text("fine\nre:[oops\n", encoding="utf-8")
-    with pytest.raises(ev.DetectorError, match=r"bad\.txt:2: bad regular expression '\[oops'"):
-        ev.Detector.from_file(bad)
+    with pytest.raises(errors.DetectorError, match=r"bad\.txt:2: bad regular expression '\[oops'"):
+        detectors.Detector.from_file(bad)
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing\n\n", encoding="utf-8")
-    with pytest.raises(ev.DetectorError, match="no phrases"):
-        ev.Detector.from_file(empty)
-    with pytest.raises(ev.DetectorError, match="not found"):
-        ev.Detector.from_file(tmp_path / "missing.txt")
+    with pytest.raises(errors.DetectorError, match="no phrases"):
+        detectors.Detector.from_file(empty)
+    with pytest.raises(errors.DetectorError, match="not found"):
+        detectors.Detector.from_file(tmp_path / "missing.txt")
 
 
 def _judge_model(path: Path, answer: str) -> Path:
@@ -106,7 +114,7 @@ def _judge_model(path: Path, answer: str) -> Path:
 def test_judge_reads_yes_or_no_logits(model_dir):
     yes = _judge_model(model_dir / "judge-yes.gguf", "yes")
     no = _judge_model(model_dir / "judge-no.gguf", "no")
-    with ev.JudgeDetector(yes, n_ctx=256) as judge:
+    with detectors.JudgeDetector(yes, n_ctx=256) as judge:
         vocab = tiny.make_vocab()
         assert vocab.id_of("\u2581yes") in judge.yes_ids and vocab.id_of("\u2581No") in judge.no_ids
         y, n = judge.scores("the king left the city", "tell me a story")
@@ -115,13 +123,13 @@ def test_judge_reads_yes_or_no_logits(model_dir):
         assert judge.detect("the king left the city") is True  # deterministic: same verdict again
         assert not judge("")  # empty: never the behaviour, not shown to the judge
         assert judge.describe()["kind"] == "judge"
-    with ev.JudgeDetector(no, n_ctx=256) as judge:
+    with detectors.JudgeDetector(no, n_ctx=256) as judge:
         assert not judge("the king left the city", "tell me a story")
 
 
 def test_judge_on_a_plain_tiny_model_follows_its_logits(load):
     model = load("qwen3moe")
-    judge = ev.JudgeDetector(model, n_ctx=256)  # a loaded model stays open
+    judge = detectors.JudgeDetector(model, n_ctx=256)  # a loaded model stays open
     y, n = judge.scores("we went home early")
     assert judge("we went home early") == (y > n)
     judge.close()
@@ -131,14 +139,14 @@ def test_judge_on_a_plain_tiny_model_follows_its_logits(load):
 # ---------------------------------------------------------------------------------------------- intervals
 
 def test_wilson_and_newcombe_known_values():
-    lo, hi = ev.wilson_interval(0, 10)
+    lo, hi = intervals.wilson_interval(0, 10)
     assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
-    lo, hi = ev.wilson_interval(5, 10)
+    lo, hi = intervals.wilson_interval(5, 10)
     assert (lo, hi) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
-    assert ev.wilson_interval(10, 10)[1] == 1.0
-    assert ev.wilson_interval(0, 0) == (0.0, 1.0)
+    assert intervals.wilson_interval(10, 10)[1] == 1.0
+    assert intervals.wilson_interval(0, 0) == (0.0, 1.0)
     # Newcombe (1998), Table II example: 56/70 vs 48/80 -> 0.0524 to 0.3339 (method 10)
-    lo, hi = ev.newcombe_interval(56, 70, 48, 80)
+    lo, hi = intervals.newcombe_interval(56, 70, 48, 80)
     assert (lo, hi) == (pytest.approx(0.0524, abs=1e-4), pytest.approx(0.3339, abs=1e-4))
 
 
@@ -160,44 +168,44 @@ def test_random_control_matches_size_layers_and_modes(load):
     own = {(e.layer, e.expert) for e in PROFILE}
     draws = []
     for seed in range(6):
-        ctl = ev.random_control(PROFILE, layout, seed)
+        ctl = controls.random_control(PROFILE, layout, seed)
         assert shape(ctl) == shape(PROFILE)
         assert len({(e.layer, e.expert) for e in ctl}) == len(own)
         assert not own & {(e.layer, e.expert) for e in ctl}
         # the bias and gain that shared one expert still share one
         assert len({e.expert for e in ctl if e.mode in (Mode.BIAS, Mode.GAIN)}) == 1
-        assert ctl == ev.random_control(PROFILE, layout, seed)  # deterministic by seed
+        assert ctl == controls.random_control(PROFILE, layout, seed)  # deterministic by seed
         draws.append(tuple(ctl))
     assert len(set(draws)) > 1
-    ctl = ev.random_control(PROFILE, layout, 0, exclude=[(2, x) for x in range(8) if x not in (4, 7)])
+    ctl = controls.random_control(PROFILE, layout, 0, exclude=[(2, x) for x in range(8) if x not in (4, 7)])
     assert [e.expert for e in ctl if e.layer == 2] == [7]
-    with pytest.raises(ev.EvalError, match="layer 3: the profile steers 5 of 8 experts"):
-        ev.random_control([Entry(3, x, Mode.DROP) for x in range(5)], layout, 0)
+    with pytest.raises(errors.EvalError, match="layer 3: the profile steers 5 of 8 experts"):
+        controls.random_control([Entry(3, x, Mode.DROP) for x in range(5)], layout, 0)
 
 
 def test_forced_counterpart():
     entries = [Entry(1, 2, Mode.MASK), Entry(2, 4, Mode.DROP, scope=Scope.DECODE), Entry(3, 1, Mode.BIAS, -math.inf),
                Entry(3, 2, Mode.BIAS, 1.0), Entry(0, 0, Mode.GAIN, 2.0)]
-    assert ev.forced_counterpart(entries) == [Entry(1, 2, Mode.FORCE), Entry(2, 4, Mode.FORCE, scope=Scope.DECODE),
+    assert controls.forced_counterpart(entries) == [Entry(1, 2, Mode.FORCE), Entry(2, 4, Mode.FORCE, scope=Scope.DECODE),
                                               Entry(3, 1, Mode.FORCE)]
-    assert ev.off_experts(entries) == [(1, 2), (2, 4), (3, 1)]
-    assert ev.forced_counterpart([Entry(3, 2, Mode.BIAS, 1.0)]) == []
+    assert controls.off_experts(entries) == [(1, 2), (2, 4), (3, 1)]
+    assert controls.forced_counterpart([Entry(3, 2, Mode.BIAS, 1.0)]) == []
 
 
 # ---------------------------------------------------------------------------------------------- cost
 
 def test_kl_is_zero_unsteered_and_positive_when_a_busy_expert_is_masked(load):
     model = load("qwen3moe")
-    chunks = ev._chunks(model, ev.load_neutral_text(), 64, 127)  # BOS + 2 x 63
+    chunks = cost.text_chunks(model, cost.load_neutral_text(), 64, 127)  # BOS + 2 x 63
     assert len(chunks) == 2 and all(len(c) <= 64 and c[0] == model.bos_token for c in chunks)
     layer = model.layout.moe_layers[1]
     with model.session(n_ctx=128) as s:
         with s.capture() as cap:
             s.logits(chunks[0])
         busy = int(np.argmax(cap.stats().counts[layer]))
-        cost = ev.capability_cost(s, chunks, {"unsteered": ([], 1.0), "mask": ([Entry(layer, busy, Mode.MASK)], 1.0)})
-    kl0, ppl0 = cost["unsteered"]
-    kl1, ppl1 = cost["mask"]
+        costs = cost.capability_cost(s, chunks, {"unsteered": ([], 1.0), "mask": ([Entry(layer, busy, Mode.MASK)], 1.0)})
+    kl0, ppl0 = costs["unsteered"]
+    kl1, ppl1 = costs["mask"]
     assert kl0 == 0.0
     assert kl1 > 1e-3
     for ppl in (ppl0, ppl1):
@@ -206,21 +214,21 @@ def test_kl_is_zero_unsteered_and_positive_when_a_busy_expert_is_masked(load):
 
 def test_log_softmax_is_stable():
     big = np.array([[1e4, 0.0, -1e4], [0.0, 0.0, 0.0]], dtype=np.float32)
-    lp = ev._log_softmax64(big)
+    lp = cost._log_softmax64(big)
     assert np.all(np.isfinite(lp[:, :2])) and lp[0, 0] == 0.0
     assert np.allclose(lp[1], -math.log(3))
 
 
 def test_neutral_text_sources(tmp_path):
-    text = ev.load_neutral_text()
+    text = cost.load_neutral_text()
     assert 20 <= text.count(".") <= 40 and "\n" not in text  # the default's lines, joined
     f = tmp_path / "mine.txt"
     f.write_text("One line.\nTwo lines.\n", encoding="utf-8")
-    assert ev._resolve_text(f) == ("One line.\nTwo lines.\n", str(f))  # a file, as it is
-    assert ev._resolve_text("just text")[0] == "just text"
+    assert cost.resolve_text(f) == ("One line.\nTwo lines.\n", str(f))  # a file, as it is
+    assert cost.resolve_text("just text")[0] == "just text"
     (tmp_path / "empty.txt").write_text("  \n", encoding="utf-8")
-    with pytest.raises(ev.EvalError, match="empty"):
-        ev.load_neutral_text(tmp_path / "empty.txt")
+    with pytest.raises(errors.EvalError, match="empty"):
+        cost.load_neutral_text(tmp_path / "empty.txt")
 
 
 def test_infinite_cost_survives_json_and_table():
@@ -346,11 +354,11 @@ def test_evaluate_warns_about_super_experts_and_keeps_controls_off_them(load, mo
 
 def test_evaluate_bad_input(load):
     model = load("qwen3moe")
-    with pytest.raises(ev.EvalError, match="no entries"):
+    with pytest.raises(errors.EvalError, match="no entries"):
         ev.evaluate(model, PROMPTS, [])
-    with pytest.raises(ev.EvalError, match="no prompts"):
+    with pytest.raises(errors.EvalError, match="no prompts"):
         ev.evaluate(model, [], TINY_PROFILE)
-    with pytest.raises(ev.EvalError, match="forces 3 experts"):
+    with pytest.raises(errors.EvalError, match="forces 3 experts"):
         ev.evaluate(model, PROMPTS, [Entry(1, x, Mode.FORCE) for x in range(3)])
 
 
@@ -419,34 +427,34 @@ def test_format_table(tiny_result):
 
 def test_find_super_experts_and_cache(load, cache_dir):
     model = load("qwen3moe")
-    assert ev.cached_super_experts(model.path) is None
+    assert super_experts.cached_super_experts(model.path) is None
     t = time.perf_counter()
-    found = ev.find_super_experts(model, layers=[1, 2], max_tokens=48, show_progress=False)
+    found = super_experts.find_super_experts(model, layers=[1, 2], max_tokens=48, show_progress=False)
     first = time.perf_counter() - t
     kl, flagged = found
     assert kl.shape == (model.layout.n_layer, model.layout.n_expert)
     assert np.all(np.isfinite(kl[[1, 2]])) and np.all(np.isnan(kl[[0, 3]])) and np.all(kl[[1, 2]] >= 0)
     assert found.median == pytest.approx(float(np.median(kl[[1, 2]])))
     assert all(kl[l, x] > max(10 * found.median, 0.1) for l, x in flagged)
-    assert ev.super_experts_cache_path(model.path).parent == cache_dir / "super-experts"
-    assert ev.cached_super_experts(model.path) == set(flagged)
+    assert super_experts.super_experts_cache_path(model.path).parent == cache_dir / "super-experts"
+    assert super_experts.cached_super_experts(model.path) == set(flagged)
     t = time.perf_counter()
-    again = ev.find_super_experts(model, layers=[1, 2], max_tokens=48, show_progress=False)
+    again = super_experts.find_super_experts(model, layers=[1, 2], max_tokens=48, show_progress=False)
     assert time.perf_counter() - t < first / 2
     assert np.array_equal(again.kl, kl, equal_nan=True)
     # a low bar flags something, and the cache follows the newest run
-    low = ev.find_super_experts(model, layers=[1, 2], max_tokens=48, factor=1.0, floor=0.0, show_progress=False)
-    assert low.flagged and ev.cached_super_experts(model.path) == set(low.flagged)
+    low = super_experts.find_super_experts(model, layers=[1, 2], max_tokens=48, factor=1.0, floor=0.0, show_progress=False)
+    assert low.flagged and super_experts.cached_super_experts(model.path) == set(low.flagged)
 
 
 def test_super_expert_cache_is_per_model_file(tiny_path, tmp_path):
     src = tiny_path("qwen3moe")
     copy = tmp_path / "copy.gguf"
     copy.write_bytes(src.read_bytes())
-    ev.find_super_experts(copy, layers=[3], max_tokens=16, show_progress=False)
-    assert ev.cached_super_experts(copy) is not None
+    super_experts.find_super_experts(copy, layers=[3], max_tokens=16, show_progress=False)
+    assert super_experts.cached_super_experts(copy) is not None
     os.utime(copy, ns=(time.time_ns(), time.time_ns() + 10**9))  # the file changed: the cache no longer applies
-    assert ev.cached_super_experts(copy) is None
+    assert super_experts.cached_super_experts(copy) is None
 
 
 # ---------------------------------------------------------------------------------------------- planted model
@@ -470,7 +478,7 @@ def test_planted_acceptance(planted):
     prompts = [p for p in behaviour if p.text.endswith("yesterday?")][:4] \
         + [p for p in baseline if p.text.endswith("yesterday?")][:4]
     with Model(path) as model:
-        supers = ev.find_super_experts(model, max_tokens=32, show_progress=False)
+        supers = super_experts.find_super_experts(model, max_tokens=32, show_progress=False)
         r = ev.evaluate(model, prompts, truth.entries(Mode.DROP), n_random=2, max_tokens=4,
                         max_neutral_tokens=64, show_progress=False)
     rates = {c.name: c.rate for c in r.conditions}

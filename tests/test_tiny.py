@@ -10,7 +10,7 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-from mote_local import tiny  # noqa: E402
+from mote_local.synthetic import tiny  # noqa: E402
 
 ALL = (*tiny.ARCHS, tiny.DENSE)
 QT = gguf.GGMLQuantizationType

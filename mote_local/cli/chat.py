@@ -64,7 +64,7 @@ class Chat:
     # steering
     def steer(self, profile: Profile) -> None:
         """Applies a profile; on error the engine keeps the previous steering and so does the chat."""
-        from mote_local.evaluation.evaluate import super_experts_switched_off
+        from mote_local.evaluation.super_experts import super_experts_switched_off
 
         self.session.steer(profile)
         self.state.profile = profile

@@ -20,12 +20,26 @@ from mote_local.steering.entries import Entry, Scope
 STEER_FLAGS = ("off", "drop", "force", "bias", "gain")
 
 
+class OneLineUsageError(click.UsageError):
+    """A usage error (a bad flag or value) shown as one line that points to --help, not the whole usage text."""
+
+    def show(self, file=None) -> None:
+        where = f" (see '{self.ctx.command_path} --help')" if self.ctx is not None else ""
+        click.echo(f"Error: {self.format_message()}{where}", file=file, err=file is None)
+
+
 class MoteGroup(click.Group):
-    """Turns mote-local's errors into one-line messages and a non-zero exit, never a traceback."""
+    """Turns mote-local's errors and bad flags into one-line messages and a non-zero exit, never a traceback."""
+
+    group_class = type  # subgroups (mote profile) behave alike
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.exceptions.NoArgsIsHelpError:
+            raise  # `mote profile` alone prints its help
+        except click.UsageError as err:
+            raise OneLineUsageError(err.format_message(), err.ctx) from None
         except MoteError as err:
             raise click.ClickException(str(err)) from None
         except OSError as err:  # disk full, permission denied on --out, …
@@ -44,10 +58,12 @@ def model_argument(f):
 
 
 def engine_options(f):
-    f = click.option("--n-gpu-layers", "-ngl", type=int, default=0, show_default=True,
+    f = click.option("--n-gpu-layers", "-ngl", type=click.IntRange(min=0), default=0, show_default=True,
                      help="Layers to offload to the GPU (GPU builds).")(f)
-    f = click.option("--ctx-size", "-c", type=int, default=4096, show_default=True,
-                     help="Context size (capped at the model's training context).")(f)
+    f = click.option("--ctx-size", "-c", type=click.IntRange(min=0), default=4096, show_default=True,
+                     help="Context size (capped at the model's training context; 0: that context).")(f)
+    f = click.option("--threads", "-t", type=click.IntRange(min=1), default=None,
+                     help="CPU threads for generation and prompt processing (default: every core).")(f)
     f = click.option("--verbose", is_flag=True, help="Show llama.cpp's log.")(f)
     return f
 
@@ -70,13 +86,17 @@ def steering_options(f):
 
 def build_profile(layout: MoeLayout, profiles: Sequence[Path], specs: dict[str, Sequence[str]],
                   strength: float | None, scope: str | None, force: bool):
-    """The composition of the profile files and the command-line entries, validated for the model."""
+    """The composition of the profile files and the command-line entries, validated for the model; a profile
+    file made for another model only with ``force`` (--force-profile)."""
+    from mote_local.cli.guards import check_fits, load_profile
     from mote_local.steering.profile import Profile
     from mote_local.steering.spec import parse_spec
 
     total = None
     for path in profiles:
-        p = Profile.load(path)
+        p = load_profile(path)
+        if not force:
+            check_fits(p, layout, str(path), "pass --force-profile")
         total = p if total is None else total + p
     entries: list[Entry] = []
     for kind in STEER_FLAGS:
@@ -91,9 +111,7 @@ def build_profile(layout: MoeLayout, profiles: Sequence[Path], specs: dict[str, 
         return None
     if strength is not None:
         total = replace(total, strength=strength)
-    total.validate(layout, force=force)
-    warn_super_experts(layout, total)
-    return total
+    return total.validate(layout, force=True)  # each file's fit was checked above; the model's limits apply
 
 
 @main.command()
@@ -107,7 +125,7 @@ def inspect(model: Path, as_json: bool, super_experts: bool, text: Path | None) 
     """Describe MODEL's experts: architecture, MoE layers, experts, top-k, gating, quantization."""
     layout = read_layout(model)
     if super_experts:
-        from mote_local.evaluation.evaluate import find_super_experts
+        from mote_local.evaluation.super_experts import find_super_experts
 
         found = find_super_experts(layout.require_moe().path, text)
         if as_json:
@@ -149,17 +167,37 @@ def inspect(model: Path, as_json: bool, super_experts: bool, text: Path | None) 
         click.echo(f"{k:>15}  {v}")
 
 
-def warn_super_experts(layout: MoeLayout, profile) -> None:
-    """Warns when a profile switches off an expert that `mote inspect --super-experts` flagged."""
-    from mote_local.evaluation.evaluate import super_experts_switched_off
+def warn_super_experts(model, profile, profiles: Sequence[Path], specs: dict[str, Sequence[str]],
+                       threads: int | None) -> None:
+    """Warns, naming the flag or the profile file, when the steering switches off a super-expert (checked on
+    the model: no earlier `mote inspect --super-experts` needed)."""
+    from mote_local.cli.guards import super_expert_note, super_experts_off
+    from mote_local.evaluation.controls import off_experts
+    from mote_local.steering.spec import parse_spec
 
-    for layer, expert in super_experts_switched_off(layout.path, profile.entries, profile.strength):
-        click.echo(f"warning: the profile switches off layer {layer} expert {expert}, a super-expert of "
-                   f"{layout.path.name}: the model may collapse", err=True)
+    check = super_experts_off(model, profile, threads)
+    for layer, expert in check.flagged:
+        origin = next((f"--{kind} {text}" for kind in STEER_FLAGS for text in specs.get(kind, ())
+                       if (layer, expert) in off_experts(parse_spec(kind, text), profile.strength)),
+                      "the profile " + ", ".join(map(str, profiles)))
+        click.echo(f"warning: {origin} switches off layer {layer} expert {expert}: "
+                   f"{super_expert_note(model, check, layer, expert)}; the model may collapse", err=True)
 
 
 def context_size(layout: MoeLayout, asked: int) -> int:
-    return min(asked, layout.context_length) if layout.context_length else asked
+    """The context to open: -c capped at the model's training context; -c 0 is that context (llama.cpp's habit)."""
+    if asked == 0 and not layout.context_length:
+        raise click.UsageError(f"-c 0 asks for the training context of {layout.path.name}, which the file does not "
+                               "give: pass the context size, e.g. -c 4096")
+    return min(asked or layout.context_length, layout.context_length) if layout.context_length else asked
+
+
+SAMPLER_SEED = click.IntRange(0, 2**32 - 1)  # llama.cpp's sampler seeds are 32-bit
+
+
+def tokens_to_generate(n_predict: int, n_ctx: int) -> int:
+    """-n as llama.cpp reads it: -1 is until the end of generation, bounded by the context."""
+    return n_ctx if n_predict < 0 else n_predict
 
 
 def _span(layers: Sequence[int]) -> str:
@@ -170,32 +208,42 @@ def _span(layers: Sequence[int]) -> str:
 @main.command()
 @model_argument
 @click.option("--prompt", "-p", required=True, help="Prompt text.")
-@click.option("--n-predict", "-n", type=int, default=64, show_default=True, help="Tokens to generate.")
-@click.option("--temp", type=float, default=0.0, show_default=True, help="Temperature (0: greedy).")
-@click.option("--top-k", type=int, default=40, show_default=True)
-@click.option("--top-p", type=float, default=0.95, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--n-predict", "-n", type=click.IntRange(min=-1), default=64, show_default=True,
+              help="Tokens to generate (-1: until the end of generation, bounded by the context).")
+@click.option("--temp", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Temperature (0: greedy).")
+@click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True,
+              help="Sample among the K most likely tokens (0: all).")
+@click.option("--top-p", type=click.FloatRange(0, 1), default=0.95, show_default=True,
+              help="Sample among the most likely tokens that make up this probability.")
+@click.option("--seed", type=SAMPLER_SEED, default=0, show_default=True)
 @click.option("--chat/--raw", "chat", default=False, help="Wrap the prompt in the model's chat template.")
 @click.option("--compare", is_flag=True, help="Print the unsteered and the steered output for the same seed.")
 @steering_options
 @engine_options
 def run(model: Path, prompt: str, n_predict: int, temp: float, top_k: int, top_p: float, seed: int, chat: bool,
-        compare: bool, profiles, strength, scope, force_profile, n_gpu_layers: int, ctx_size: int, verbose: bool,
-        **specs) -> None:
+        compare: bool, profiles, strength, scope, force_profile, n_gpu_layers: int, ctx_size: int, threads,
+        verbose: bool, **specs) -> None:
     """Generate from MODEL with experts switched off, forced on, biased or scaled."""
     from mote_local.engine.model import Model
 
     layout = read_layout(model).require_moe()
+    n_ctx = context_size(layout, ctx_size)
     profile = build_profile(layout, profiles, specs, strength, scope, force_profile)
+    if n_predict == 0:
+        click.echo("nothing generated: -n 0 asks for no tokens (-n -1 generates until the end)", err=True)
+        return
     with Model(model, n_gpu_layers=n_gpu_layers, verbose=verbose) as m, \
-            m.session(n_ctx=context_size(layout, ctx_size)) as s:
+            m.session(n_ctx=n_ctx, n_threads=threads) as s:
+        if profile is not None:
+            warn_super_experts(m, profile, profiles, specs, threads)
         text = m.format_chat([{"role": "user", "content": prompt}]) if chat else prompt
-        options = dict(max_tokens=n_predict, temperature=temp, top_k=top_k, top_p=top_p, seed=seed,
-                       add_bos=not chat)
+        options = dict(max_tokens=tokens_to_generate(n_predict, s.n_ctx), temperature=temp, top_k=top_k,
+                       top_p=top_p, seed=seed, add_bos=not chat)
         if compare:
             plain = s.generate(text, **options)
         if profile is not None:
-            s.steer(profile)
+            s.steer(profile, force=force_profile)
         out = s.generate(text, **options)
     if compare:
         click.echo(click.style("unsteered:", bold=True) + plain.text)
@@ -327,7 +375,7 @@ def profile_validate(path: Path, model: Path, force: bool) -> None:
 
 
 def detector_for(detector_file: Path | None, judge: Path | None):
-    from mote_local.evaluation.evaluate import Detector, JudgeDetector
+    from mote_local.evaluation.detectors import Detector, JudgeDetector
 
     if judge is not None:
         return JudgeDetector(judge)

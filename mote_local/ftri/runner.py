@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -20,10 +19,12 @@ from mote_local.atomic import atomic_path, atomic_write_text
 from mote_local.engine.model import Model
 from mote_local.errors import MoteError
 from mote_local.ftri.stats import Activations, FtriResult, RankedExpert, analyse
+from mote_local.progress import progress_bar
 from mote_local.prompts import Prompt
 from mote_local.steering.entries import Entry, Mode
 
 SCOPES = ("prompt", "target", "generated", "thinking")
+FTRI_FORMAT = "mote-ftri"  # the "format" of ftri.json
 
 # Options for a Model loaded to capture routing on the CPU: llama.cpp's repacked quantized weights
 # are slower for MoE expert matmuls and sit in memory beside the mapped file (bench/RESULTS.md:
@@ -111,17 +112,22 @@ def _generate_counting(model: Model, s, cap, sequences: list[list[int]], labels:
 
 def capture_activations(model: Model, behavior: Sequence[Prompt], baseline: Sequence[Prompt], *,
                         scope: str = "prompt", chat: bool = True, batch_size: int = 32, max_new_tokens: int = 32,
-                        n_ctx: int = 4096, show_progress: bool | None = None) -> CaptureRun:
+                        n_ctx: int = 4096, show_progress: bool | None = None, n_threads: int | None = None
+                        ) -> CaptureRun:
     """Routing of every prompt, counted over the scope's tokens. Ctrl-C keeps what was captured.
 
     Up to batch_size prompts (fewer when long: MAX_BATCH_TOKENS) share one decode call; generated
     scopes make one decode call per generated token for the whole batch.
-    A prompt (plus its generation) longer than n_ctx tokens is refused with an error naming it.
+    A prompt (plus its generation) longer than n_ctx tokens is refused with an error naming it, and so is the
+    thinking scope on a model whose vocabulary has no think markers (it would count nothing).
     """
-    from tqdm import tqdm
-
     if scope not in SCOPES:
         raise MoteError(f"unknown scope {scope!r}: choose one of {', '.join(SCOPES)}")
+    if scope == "thinking" and None in model.think_markers:
+        missing = [m for m, t in zip(("<think>", "</think>"), model.think_markers) if t is None]
+        raise MoteError(f"scope 'thinking' counts the tokens between <think> and </think>, but {model.path.name} "
+                        f"has no single token for {' or '.join(missing)}: it does not think in marked spans; "
+                        "choose another scope (prompt, target, generated)")
     if not behavior or not baseline:
         raise MoteError("fTRI needs at least one behaviour prompt and one baseline prompt")
     layout = model.layout.require_moe()
@@ -130,7 +136,6 @@ def capture_activations(model: Model, behavior: Sequence[Prompt], baseline: Sequ
                    key=lambda t: (t[0], t[1]))
     prompts = [p for _, _, p in order]
     flags = np.array([cls == 0 for _, cls, _ in order])
-    show = sys.stderr.isatty() if show_progress is None else show_progress
     generating = scope in ("generated", "thinking")
     sequences, spans, texts = _sequences(model, prompts, scope, chat, n_ctx, max_new_tokens)
     counts = np.zeros((len(prompts), layout.n_layer, layout.n_expert), dtype=np.int64)
@@ -142,8 +147,9 @@ def capture_activations(model: Model, behavior: Sequence[Prompt], baseline: Sequ
     batch_ctx = batch_size * longest + 16
     # one KV cache for the whole batch: with a cache per sequence llama.cpp splits a batch of prompts
     # of unequal length into many small ubatches
-    with tqdm(total=len(prompts), desc=f"fTRI capture ({scope} tokens)", unit="prompt", disable=not show) as bar, \
-            model.session(n_ctx=batch_ctx, n_seq_max=batch_size, n_batch=min(batch_ctx, 2048), kv_unified=True) as s, \
+    with progress_bar(len(prompts), f"fTRI capture ({scope} tokens)", "prompt", show_progress) as bar, \
+            model.session(n_ctx=batch_ctx, n_seq_max=batch_size, n_batch=min(batch_ctx, 2048), kv_unified=True,
+                          n_threads=n_threads) as s, \
             s.capture(label=None) as cap:
         try:
             for start in range(0, len(sequences), batch_size):
@@ -231,7 +237,7 @@ def write_outputs(out: Path, run: CaptureRun, results: dict[str, FtriResult], mo
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     summary = {
-        "format": "mote-ftri", "version": 1, "model": str(model.path), "arch": model.layout.arch,
+        "format": FTRI_FORMAT, "version": 1, "model": str(model.path), "arch": model.layout.arch,
         "scope": run.scope, "partial": run.partial, "n_behavior": int(run.activations.n_behavior),
         "n_baseline": int(run.activations.n_baseline), "moe_layers": list(model.layout.moe_layers),
         "results": {m: r.to_dict() for m, r in results.items()},
@@ -261,10 +267,11 @@ def write_outputs(out: Path, run: CaptureRun, results: dict[str, FtriResult], mo
 
 def run_ftri(model: Model, behavior: Sequence[Prompt], baseline: Sequence[Prompt], *, methods: Sequence[str],
              scope: str = "prompt", chat: bool = True, top: int = 10, n_boot: int = 200, seed: int = 0,
-             batch_size: int = 32, max_new_tokens: int = 32, n_ctx: int = 4096, show_progress: bool | None = None
-             ) -> tuple[CaptureRun, dict[str, FtriResult]]:
+             batch_size: int = 32, max_new_tokens: int = 32, n_ctx: int = 4096, show_progress: bool | None = None,
+             n_threads: int | None = None) -> tuple[CaptureRun, dict[str, FtriResult]]:
     run = capture_activations(model, behavior, baseline, scope=scope, chat=chat, batch_size=batch_size,
-                              max_new_tokens=max_new_tokens, n_ctx=n_ctx, show_progress=show_progress)
+                              max_new_tokens=max_new_tokens, n_ctx=n_ctx, show_progress=show_progress,
+                              n_threads=n_threads)
     results = {m: analyse(run.activations, m, n_boot=n_boot, top_n=top, sign="positive", seed=seed)
                for m in methods}
     return run, results
