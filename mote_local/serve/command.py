@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from mote_local.errors import MoteError
+
 __all__ = ["serve_command", "run_server"]
 
 
@@ -51,7 +53,11 @@ def serve_command(model: Path, profiles, force_profile: bool, host: str, port: i
 
 def run_server(settings, *, sock: socket.socket | None = None, announce=None) -> None:
     """Loads the model, serves until SIGINT/SIGTERM, then stops the engine and frees it."""
-    import uvicorn
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as err:
+        raise MoteError(f"mote serve needs {err.name}: pip install 'mote-local[serve]'") from None
 
     from mote_local.serve.app import Backend, create_app
 
