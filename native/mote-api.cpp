@@ -7,10 +7,13 @@
 #include "llama-model.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 
 namespace mote {
@@ -45,9 +48,11 @@ context_state & state_for_write(const llama_context * lctx) {
         slot->n_expert      = (int32_t) hp.n_expert;
         slot->n_expert_used = (int32_t) hp.n_expert_used_max();
         slot->model_selection_bias.resize(hp.n_layer_all);
+        slot->routers.assign(hp.n_layer_all, mote_layer_router{});
     }
     return *slot;
 }
+
 
 const char * mode_name(int32_t mode) {
     switch (mode) {
@@ -60,127 +65,275 @@ const char * mode_name(int32_t mode) {
     }
 }
 
-// Compiles entries into per-layer arrays; returns -1 (with the error set) on the first bad entry.
-int32_t compile(const llama_hparams & hp, const mote_entry * entries, int32_t n_entries, float strength,
-                std::vector<layer_steering> & out) {
-    const int32_t n_layer  = (int32_t) hp.n_layer_all;
-    const int32_t n_expert = (int32_t) hp.n_expert;
-    if (n_expert == 0) {
-        return fail("the model has no experts (a dense model): steering needs a Mixture-of-Experts model");
+const char * scope_name(int32_t scope) {
+    switch (scope) {
+        case MOTE_SCOPE_ALL:      return "all";
+        case MOTE_SCOPE_PREFILL:  return "prefill";
+        case MOTE_SCOPE_DECODE:   return "decode";
+        case MOTE_SCOPE_THINKING: return "thinking";
+        default:                  return "unknown";
+    }
+}
+
+// The shape rules are checked against: a model's router, or what a graph showed.
+struct shape_view {
+    bool                 known = false; // false: only the rules that need no model
+    int32_t              n_layer = 0, n_expert = 0, n_expert_groups = 0, n_group_used = 0;
+    std::vector<int32_t> n_used;     // [n_layer] experts selected per token
+    std::vector<uint8_t> moe_layers; // [n_layer]
+};
+
+std::string layer_list(const shape_view & s) {
+    std::string out;
+    int32_t first = -1;
+    for (int32_t il = 0; il <= s.n_layer; ++il) {
+        const bool on = il < s.n_layer && s.moe_layers[il];
+        if (on && first < 0) {
+            first = il;
+        } else if (!on && first >= 0) {
+            out += (out.empty() ? "" : ", ") + std::to_string(first) + (il - 1 > first ? ".." + std::to_string(il - 1) : "");
+            first = -1;
+        }
+    }
+    return out.empty() ? "none" : out;
+}
+
+// The steering contract's rules. On one expert, only bias + gain and drop + gain combine: every other pair of
+// modes is a contradiction. Per layer: at most k forced experts, masks leave at least k selectable, forced
+// experts within the groups a token keeps.
+bool combinable(int32_t a, int32_t b) {
+    auto pair = [&](int32_t x, int32_t y) { return (a == x && b == y) || (a == y && b == x); };
+    return pair(MOTE_MODE_BIAS, MOTE_MODE_GAIN) || pair(MOTE_MODE_DROP, MOTE_MODE_GAIN);
+}
+
+// thinking is decoding too: decode entries apply inside thinking spans
+bool applies_in(int32_t scope, int32_t phase) {
+    return scope == MOTE_SCOPE_ALL || scope == phase || (phase == MOTE_SCOPE_THINKING && scope == MOTE_SCOPE_DECODE);
+}
+
+// Validates entries for every phase and, when `out` is given, compiles each phase's arrays. Returns -1
+// (with the error set) on the first violation.
+int32_t check(const shape_view & shape, const mote_entry * entries, int32_t n_entries, float strength,
+              std::array<phase_steering, std::size(kPhases)> * out) {
+    if (n_entries < 0 || (entries == nullptr && n_entries > 0)) {
+        return fail("steering: null entries");
+    }
+    if (shape.known && shape.n_expert == 0) {
+        return fail("this model has no experts (a dense model): steering needs a Mixture-of-Experts model");
     }
     if (!std::isfinite(strength)) {
         return fail("strength must be a finite number, got %g", strength);
     }
-    out.assign(n_layer, {});
-    for (auto & ls : out) {
-        ls.logit_bias.assign(n_expert, 0.0f);
-        ls.force.assign(n_expert, 0.0f);
-        ls.selection.assign(n_expert, 0.0f);
-        ls.keep.assign(n_expert, 1.0f);
-        ls.gain.assign(n_expert, 1.0f);
-    }
-    // modes set per (layer, expert), as bits of enum mote_mode
-    std::vector<uint8_t> seen((size_t) n_layer * n_expert, 0);
-    constexpr uint8_t kSelection = 1u << MOTE_MODE_MASK | 1u << MOTE_MODE_DROP | 1u << MOTE_MODE_FORCE;
-
     for (int32_t i = 0; i < n_entries; ++i) {
         const mote_entry & en = entries[i];
-        if (en.layer < 0 || en.layer >= n_layer) {
-            return fail("layer %d is out of range: the model has layers 0..%d", en.layer, n_layer - 1);
+        if (en.layer < 0) {
+            return fail("layer %d is out of range: layers are numbered from 0", en.layer);
         }
-        if (en.expert < 0 || en.expert >= n_expert) {
-            return fail("expert %d is out of range: the model has experts 0..%d per layer", en.expert, n_expert - 1);
+        if (en.expert < 0 || (shape.known && en.expert >= shape.n_expert)) {
+            return shape.known ? fail("expert %d is out of range: this model has experts 0..%d per layer", en.expert,
+                                      shape.n_expert - 1)
+                               : fail("expert %d is out of range: experts are numbered from 0", en.expert);
         }
         if (en.mode < MOTE_MODE_MASK || en.mode > MOTE_MODE_GAIN) {
             return fail("unknown steering mode %d for layer %d expert %d", en.mode, en.layer, en.expert);
         }
-        uint8_t & modes = seen[(size_t) en.layer * n_expert + en.expert];
-        const uint8_t bit = 1u << en.mode;
-        if (modes & bit) {
-            return fail("duplicate %s entry for layer %d expert %d", mode_name(en.mode), en.layer, en.expert);
+        if (en.scope < MOTE_SCOPE_ALL || en.scope > MOTE_SCOPE_THINKING) {
+            return fail("unknown steering scope %d for layer %d expert %d", en.scope, en.layer, en.expert);
         }
-        const bool contradictory =
-            ((bit & kSelection) && (modes & kSelection)) ||
-            (en.mode == MOTE_MODE_BIAS && (modes & (1u << MOTE_MODE_MASK | 1u << MOTE_MODE_FORCE))) ||
-            ((en.mode == MOTE_MODE_MASK || en.mode == MOTE_MODE_FORCE) && (modes & 1u << MOTE_MODE_BIAS)) ||
-            (en.mode == MOTE_MODE_GAIN && (modes & (1u << MOTE_MODE_MASK | 1u << MOTE_MODE_DROP))) ||
-            ((en.mode == MOTE_MODE_MASK || en.mode == MOTE_MODE_DROP) && (modes & 1u << MOTE_MODE_GAIN));
-        if (contradictory) {
-            return fail("contradictory entries for layer %d expert %d: %s cannot be combined with an earlier entry",
-                        en.layer, en.expert, mode_name(en.mode));
+        if (shape.known && (en.layer >= shape.n_layer || !shape.moe_layers[en.layer])) {
+            return fail("layer %d is not an MoE layer of this model: its MoE layers are %s", en.layer,
+                        layer_list(shape).c_str());
         }
-        modes |= bit;
-
-        layer_steering & ls = out[en.layer];
-        const int32_t e = en.expert;
-        switch (en.mode) {
-            case MOTE_MODE_MASK:
-                ls.logit_bias[e] = -INFINITY;
-                ls.selection[e]  = -INFINITY;
-                break;
-            case MOTE_MODE_DROP:
-                ls.keep[e] = 0.0f;
-                break;
-            case MOTE_MODE_FORCE:
-                ls.force[e]     = 1.0f;
-                ls.selection[e] = kForceSelection;
-                break;
-            case MOTE_MODE_BIAS:
-                if (std::isnan(en.value) || en.value == INFINITY) {
-                    return fail("bias for layer %d expert %d must be finite or -inf, got %g", en.layer, e, en.value);
-                }
-                if (en.value == -INFINITY) {
-                    if (strength < 0.0f) {
-                        return fail("a -inf bias (layer %d expert %d) cannot be scaled by a negative strength", en.layer, e);
-                    }
-                    if (strength > 0.0f) {
-                        ls.logit_bias[e] = -INFINITY;
-                        ls.selection[e]  = -INFINITY;
-                    }
-                } else {
-                    ls.logit_bias[e] = en.value * strength;
-                }
-                break;
-            case MOTE_MODE_GAIN:
-                if (!std::isfinite(en.value) || en.value < 0.0f) {
-                    return fail("gain for layer %d expert %d must be a finite number >= 0, got %g", en.layer, e, en.value);
-                }
-                ls.gain[e] = en.value;
-                break;
+        if (en.mode == MOTE_MODE_BIAS) {
+            if (std::isnan(en.value) || en.value == INFINITY) {
+                return fail("bias for layer %d expert %d must be finite or -inf, got %g", en.layer, en.expert, en.value);
+            }
+            if (std::isfinite(en.value) && !std::isfinite(en.value * strength)) {
+                return fail("bias %g for layer %d expert %d times strength %g overflows a 32-bit float", en.value,
+                            en.layer, en.expert, strength);
+            }
+            if (en.value == -INFINITY && strength < 0.0f) {
+                return fail("a -inf bias (layer %d expert %d) cannot be scaled by a negative strength", en.layer,
+                            en.expert);
+            }
+        }
+        if (en.mode == MOTE_MODE_GAIN && (!std::isfinite(en.value) || en.value < 0.0f)) {
+            return fail("gain for layer %d expert %d must be a finite number >= 0, got %g", en.layer, en.expert,
+                        en.value);
         }
     }
 
-    for (int32_t il = 0; il < n_layer; ++il) {
-        const int32_t n_used = (int32_t) hp.n_expert_used(il);
-        layer_steering & ls = out[il];
-        int32_t n_forced = 0, n_masked = 0;
-        std::vector<bool> forced_groups(std::max<uint32_t>(hp.n_expert_groups, 1), false);
-        for (int32_t e = 0; e < n_expert; ++e) {
-            n_forced += ls.force[e] != 0.0f;
-            n_masked += ls.logit_bias[e] == -INFINITY;
-            if (ls.force[e] != 0.0f && hp.n_expert_groups > 1) {
-                forced_groups[e / (n_expert / hp.n_expert_groups)] = true;
+    for (size_t p = 0; p < std::size(kPhases); ++p) {
+        const int32_t phase  = kPhases[p];
+        const char *  during = n_entries > 0 && std::all_of(entries, entries + n_entries, [](const mote_entry & e) {
+            return e.scope == MOTE_SCOPE_ALL;
+        }) ? "" : (phase == MOTE_SCOPE_PREFILL ? " during prefill" : phase == MOTE_SCOPE_DECODE ? " during decode" : " during thinking");
+        // entries of this phase by (layer, expert)
+        std::map<std::pair<int32_t, int32_t>, std::vector<const mote_entry *>> on;
+        for (int32_t i = 0; i < n_entries; ++i) {
+            if (applies_in(entries[i].scope, phase)) {
+                on[{ entries[i].layer, entries[i].expert }].push_back(&entries[i]);
             }
-            ls.has_logit_bias |= ls.logit_bias[e] != 0.0f;
-            ls.has_selection |= ls.selection[e] != 0.0f;
-            ls.has_keep |= ls.keep[e] != 1.0f;
-            ls.has_gain |= ls.gain[e] != 1.0f;
         }
-        ls.has_force = n_forced > 0;
-        if (n_forced > n_used) {
-            return fail("layer %d forces %d experts but the model selects only %d per token", il, n_forced, n_used);
+        for (const auto & kv : on) {
+            const auto & list = kv.second;
+            for (size_t a = 0; a < list.size(); ++a) {
+                for (size_t b = 0; b < a; ++b) {
+                    const mote_entry & x = *list[b];
+                    const mote_entry & y = *list[a];
+                    if (x.mode == y.mode) {
+                        // the same selection twice is one; a bias or gain of another scope adds to (multiplies)
+                        // this phase's; two of one scope are a mistake
+                        if (x.scope == y.scope && (x.mode == MOTE_MODE_BIAS || x.mode == MOTE_MODE_GAIN)) {
+                            return fail("two %s entries for layer %d expert %d%s%s%s: give one (sum the biases, "
+                                        "multiply the gains), or compose two profiles with +", mode_name(x.mode),
+                                        x.layer, x.expert, x.scope == MOTE_SCOPE_ALL ? "" : " (",
+                                        x.scope == MOTE_SCOPE_ALL ? "" : scope_name(x.scope),
+                                        x.scope == MOTE_SCOPE_ALL ? "" : ")");
+                        }
+                        continue;
+                    }
+                    if (!combinable(x.mode, y.mode)) {
+                        return fail("contradictory entries for layer %d expert %d: %s (%s) cannot be combined with %s "
+                                    "(%s); keep one of them (on one expert only bias + gain and drop + gain combine)",
+                                    x.layer, x.expert, mode_name(x.mode), scope_name(x.scope), mode_name(y.mode),
+                                    scope_name(y.scope));
+                    }
+                }
+            }
         }
-        if (n_expert - n_masked < n_used) {
-            return fail("layer %d masks %d of %d experts, leaving fewer than the %d each token needs", il, n_masked,
-                        n_expert, n_used);
+        if (!shape.known) {
+            continue;
         }
-        const int32_t n_forced_groups = (int32_t) std::count(forced_groups.begin(), forced_groups.end(), true);
-        if (hp.n_expert_groups > 1 && n_forced_groups > (int32_t) hp.n_group_used) {
-            return fail("layer %d forces experts in %d expert groups but the router keeps only %u groups per token", il,
-                        n_forced_groups, hp.n_group_used);
+        // per-layer limits
+        std::vector<int32_t> n_forced(shape.n_layer, 0), n_masked(shape.n_layer, 0);
+        std::vector<std::vector<bool>> forced_groups(shape.n_layer);
+        for (const auto & kv : on) {
+            for (const mote_entry * e : kv.second) {
+                const bool masks = e->mode == MOTE_MODE_MASK ||
+                                   (e->mode == MOTE_MODE_BIAS && e->value == -INFINITY && strength > 0.0f);
+                n_masked[e->layer] += masks;
+                if (e->mode == MOTE_MODE_FORCE) {
+                    n_forced[e->layer] += 1;
+                    if (shape.n_expert_groups > 1) {
+                        auto & groups = forced_groups[e->layer];
+                        groups.resize(shape.n_expert_groups, false);
+                        groups[e->expert / (shape.n_expert / shape.n_expert_groups)] = true;
+                    }
+                }
+            }
+        }
+        for (int32_t il = 0; il < shape.n_layer; ++il) {
+            const int32_t k = shape.n_used[il];
+            if (n_forced[il] > k) {
+                return fail("layer %d forces %d experts%s but this model selects only %d per token: force at most %d",
+                            il, n_forced[il], during, k, k);
+            }
+            if (shape.n_expert - n_masked[il] < k) {
+                return fail("layer %d masks %d of %d experts%s, leaving fewer than the %d each token needs: mask at "
+                            "most %d per layer", il, n_masked[il], shape.n_expert, during, k, shape.n_expert - k);
+            }
+            const int32_t groups = (int32_t) std::count(forced_groups[il].begin(), forced_groups[il].end(), true);
+            if (shape.n_expert_groups > 1 && groups > shape.n_group_used) {
+                return fail("layer %d forces experts in %d expert groups%s but this model keeps only %d groups per "
+                            "token: force experts of at most %d groups", il, groups, during, shape.n_group_used,
+                            shape.n_group_used);
+            }
+        }
+        if (out == nullptr) {
+            continue;
+        }
+        phase_steering & layers = (*out)[p];
+        layers.clear();
+        if (on.empty()) {
+            continue; // idle in this phase: the graph stays upstream's
+        }
+        layers.assign(shape.n_layer, {});
+        for (auto & ls : layers) {
+            ls.logit_bias.assign(shape.n_expert, 0.0f);
+            ls.force.assign(shape.n_expert, 0.0f);
+            ls.selection.assign(shape.n_expert, 0.0f);
+            ls.keep.assign(shape.n_expert, 1.0f);
+            ls.gain.assign(shape.n_expert, 1.0f);
+        }
+        for (const auto & kv : on) {
+            for (const mote_entry * en : kv.second) {
+                layer_steering & ls = layers[en->layer];
+                const int32_t    e  = en->expert;
+                switch (en->mode) {
+                    case MOTE_MODE_MASK:
+                        ls.logit_bias[e] = -INFINITY;
+                        ls.selection[e]  = -INFINITY;
+                        break;
+                    case MOTE_MODE_DROP:
+                        ls.keep[e] = 0.0f;
+                        break;
+                    case MOTE_MODE_FORCE:
+                        ls.force[e]     = 1.0f;
+                        ls.selection[e] = kForceSelection;
+                        break;
+                    case MOTE_MODE_BIAS:
+                        if (en->value == -INFINITY) {
+                            if (strength > 0.0f) {
+                                ls.logit_bias[e] = -INFINITY;
+                                ls.selection[e]  = -INFINITY;
+                            }
+                        } else {
+                            ls.logit_bias[e] += en->value * strength;
+                        }
+                        break;
+                    case MOTE_MODE_GAIN:
+                        ls.gain[e] *= en->value;
+                        break;
+                }
+            }
+        }
+        for (auto & ls : layers) {
+            for (int32_t e = 0; e < shape.n_expert; ++e) {
+                ls.has_logit_bias |= ls.logit_bias[e] != 0.0f;
+                ls.has_force |= ls.force[e] != 0.0f;
+                ls.has_selection |= ls.selection[e] != 0.0f;
+                ls.has_keep |= ls.keep[e] != 1.0f;
+                ls.has_gain |= ls.gain[e] != 1.0f;
+            }
         }
     }
     return 0;
+}
+
+// The shape of what a context's graph routes: MoE layers are those whose graph called the router.
+shape_view shape_of(const llama_context * lctx, const context_state & st) {
+    const llama_hparams & hp = lctx->get_model().hparams;
+    shape_view s;
+    s.known           = true;
+    s.n_layer         = st.n_layer;
+    s.n_expert        = st.n_expert;
+    s.n_expert_groups = (int32_t) hp.n_expert_groups;
+    s.n_group_used    = (int32_t) hp.n_group_used;
+    s.n_used.resize(st.n_layer);
+    s.moe_layers.resize(st.n_layer);
+    for (int32_t il = 0; il < st.n_layer; ++il) {
+        const mote_layer_router & r = st.routers[il];
+        s.moe_layers[il] = r.n_calls > 0 && r.n_expert == st.n_expert;
+        s.n_used[il]     = r.n_expert_used > 0 ? r.n_expert_used : (int32_t) hp.n_expert_used(il);
+    }
+    return s;
+}
+
+bool routes_anything(const context_state & st) {
+    return std::any_of(st.routers.begin(), st.routers.end(), [](const mote_layer_router & r) { return r.n_calls > 0; });
+}
+
+// Why capture or steering cannot work on this context, or nullptr.
+const char * unroutable(const context_state & st) {
+    if (st.n_expert == 0) {
+        return "this model has no experts (a dense model)";
+    }
+    if (!routes_anything(st)) {
+        return "the engine's graph for this model routes no token through its experts (its expert tensors are "
+               "loaded but unused by this architecture's graph)";
+    }
+    return nullptr;
 }
 
 } // namespace
@@ -189,6 +342,13 @@ context_state * state_of(const llama_context * lctx) {
     std::lock_guard<std::mutex> lock(g_registry_mutex);
     const auto it = g_registry.find(lctx);
     return it == g_registry.end() ? nullptr : it->second.get();
+}
+
+context_state * state_for_graph(const llama_context * lctx) {
+    context_state & st = state_for_write(lctx);
+    st.build_layer = -1;
+    st.build_call  = 0;
+    return &st;
 }
 
 void release(const llama_context * lctx) {
@@ -224,6 +384,38 @@ int32_t mote_get_router_info(const llama_model * model, struct mote_router_info 
     return 0;
 }
 
+int32_t mote_get_layer_router(const llama_context * ctx, int32_t layer, struct mote_layer_router * out) {
+    const context_state * st = ctx ? state_of(ctx) : nullptr;
+    if (st == nullptr || out == nullptr) {
+        return fail("mote_get_layer_router: the context has built no graph yet");
+    }
+    if (layer < 0 || layer >= st->n_layer) {
+        return fail("layer %d is out of range: the model has layers 0..%d", layer, st->n_layer - 1);
+    }
+    *out = st->routers[layer];
+    return 0;
+}
+
+int32_t mote_steer_check(const struct mote_shape * shape, const mote_entry * entries, int32_t n_entries, float strength) {
+    shape_view s;
+    if (shape != nullptr) {
+        if (shape->n_layer < 0 || shape->n_expert < 0 || shape->n_expert_used < 0) {
+            return fail("mote_steer_check: bad shape");
+        }
+        s.known           = true;
+        s.n_layer         = shape->n_layer;
+        s.n_expert        = shape->n_expert;
+        s.n_expert_groups = shape->n_expert_groups;
+        s.n_group_used    = shape->n_group_used;
+        s.n_used.assign(shape->n_layer, shape->n_expert_used);
+        s.moe_layers.assign(shape->n_layer, 1);
+        if (shape->moe_layers != nullptr) {
+            std::copy_n(shape->moe_layers, shape->n_layer, s.moe_layers.begin());
+        }
+    }
+    return check(s, entries, n_entries, strength, nullptr);
+}
+
 int32_t mote_steer_set(llama_context * ctx, const mote_entry * entries, int32_t n_entries, float strength) {
     if (ctx == nullptr || (entries == nullptr && n_entries > 0) || n_entries < 0) {
         return fail("mote_steer_set: null context or entries");
@@ -232,39 +424,56 @@ int32_t mote_steer_set(llama_context * ctx, const mote_entry * entries, int32_t 
         mote_steer_clear(ctx);
         return 0;
     }
-    std::vector<layer_steering> layers;
-    if (compile(ctx->get_model().hparams, entries, n_entries, strength, layers) != 0) {
+    context_state & st = state_for_write(ctx);
+    if (const char * why = unroutable(st)) {
+        return fail("cannot steer: %s", why);
+    }
+    std::array<phase_steering, std::size(kPhases)> compiled;
+    if (check(shape_of(ctx, st), entries, n_entries, strength, &compiled) != 0) {
         return -1; // previous steering stays in place
     }
-    context_state & st = state_for_write(ctx);
-    st.layers    = std::move(layers);
-    st.n_entries = n_entries;
+    st.compiled = std::move(compiled);
+    st.entries.assign(entries, entries + n_entries);
+    return 0;
+}
+
+int32_t mote_steer_phase(llama_context * ctx, int32_t phase) {
+    if (ctx == nullptr || phase < MOTE_SCOPE_PREFILL || phase > MOTE_SCOPE_THINKING) {
+        return fail("mote_steer_phase: phase must be prefill (1), decode (2) or thinking (3), got %d", phase);
+    }
+    state_for_write(ctx).phase = phase;
     return 0;
 }
 
 void mote_steer_clear(llama_context * ctx) {
     if (context_state * st = ctx ? state_of(ctx) : nullptr) {
-        st->layers.clear();
-        st->n_entries = 0;
+        for (auto & c : st->compiled) {
+            c.clear();
+        }
+        st->entries.clear();
     }
 }
 
 int32_t mote_steer_count(const llama_context * ctx) {
     const context_state * st = ctx ? state_of(ctx) : nullptr;
-    return st ? st->n_entries : 0;
+    if (st == nullptr) {
+        return 0;
+    }
+    return (int32_t) std::count_if(st->entries.begin(), st->entries.end(),
+                                   [st](const mote_entry & e) { return applies_in(e.scope, st->phase); });
 }
 
 int32_t mote_capture_start(llama_context * ctx, int32_t flags) {
     if (ctx == nullptr) {
         return fail("mote_capture_start: null context");
     }
-    if (ctx->get_model().hparams.n_expert == 0) {
-        return fail("the model has no experts (a dense model): routing capture needs a Mixture-of-Experts model");
-    }
-    if (flags & ~(MOTE_CAPTURE_PROBS | MOTE_CAPTURE_TRACE)) {
+    if (flags & ~(MOTE_CAPTURE_PROBS | MOTE_CAPTURE_TRACE | MOTE_CAPTURE_OUTPUT_NORMS)) {
         return fail("unknown capture flags 0x%x", (unsigned) flags);
     }
     context_state & st = state_for_write(ctx);
+    if (const char * why = unroutable(st)) {
+        return fail("cannot capture routing: %s", why);
+    }
     st.capture        = {};
     st.capture.active = true;
     st.capture.flags  = flags;
@@ -310,17 +519,25 @@ int32_t mote_capture_labels(const llama_context * ctx, int32_t * out, int32_t ca
     return n;
 }
 
-int32_t mote_capture_read(const llama_context * ctx, int32_t label, int64_t * counts, double * weight_sums,
-                          double * prob_sums, int64_t * tokens) {
+int32_t mote_capture_read(const llama_context * ctx, int32_t label, int32_t n_layer, int32_t n_expert, int64_t * counts,
+                          double * weight_sums, double * prob_sums, double * output_norms, int64_t * tokens) {
     const context_state * st = ctx ? state_of(ctx) : nullptr;
-    const auto it = st ? st->capture.stats.find(label) : decltype(st->capture.stats)::const_iterator{};
-    if (st == nullptr || it == st->capture.stats.end()) {
+    if (st == nullptr || n_layer != st->n_layer || n_expert != st->n_expert) {
+        return fail("mote_capture_read: buffers for %d layers x %d experts do not match the model's %d x %d", n_layer,
+                    n_expert, st ? st->n_layer : 0, st ? st->n_expert : 0);
+    }
+    const auto it = st->capture.stats.find(label);
+    if (it == st->capture.stats.end()) {
         return fail("no routing was captured for label %d", label);
     }
     const label_stats & s = it->second;
+    if ((prob_sums && s.prob_sums.empty()) || (output_norms && s.output_norms.empty())) {
+        return fail("mote_capture_read: probabilities or output norms were not captured (capture flags)");
+    }
     if (counts) std::copy(s.counts.begin(), s.counts.end(), counts);
     if (weight_sums) std::copy(s.weight_sums.begin(), s.weight_sums.end(), weight_sums);
     if (prob_sums) std::copy(s.prob_sums.begin(), s.prob_sums.end(), prob_sums);
+    if (output_norms) std::copy(s.output_norms.begin(), s.output_norms.end(), output_norms);
     if (tokens) std::copy(s.tokens.begin(), s.tokens.end(), tokens);
     return 0;
 }
@@ -330,12 +547,20 @@ int64_t mote_capture_trace_rows(const llama_context * ctx) {
     return st ? (int64_t) st->capture.trace_meta.size() / 4 : 0;
 }
 
-int32_t mote_capture_trace_read(const llama_context * ctx, int32_t * meta, int32_t * ids, float * weights, float * probs) {
+int32_t mote_capture_trace_read(const llama_context * ctx, int64_t rows, int32_t n_expert_used, int32_t n_expert,
+                                int32_t * meta, int32_t * ids, float * weights, float * probs) {
     const context_state * st = ctx ? state_of(ctx) : nullptr;
     if (st == nullptr) {
         return fail("no routing trace on this context");
     }
     const capture_state & c = st->capture;
+    const int64_t have = (int64_t) c.trace_meta.size() / 4;
+    if (rows != have || n_expert_used != st->n_expert_used || n_expert != st->n_expert ||
+        (probs && (int64_t) c.trace_probs.size() != have * n_expert)) {
+        return fail("mote_capture_trace_read: buffers for %lld rows x %d (of %d experts) do not match the trace's "
+                    "%lld x %d (of %d)", (long long) rows, n_expert_used, n_expert, (long long) have,
+                    st->n_expert_used, st->n_expert);
+    }
     if (meta) std::copy(c.trace_meta.begin(), c.trace_meta.end(), meta);
     if (ids) std::copy(c.trace_ids.begin(), c.trace_ids.end(), ids);
     if (weights) std::copy(c.trace_weights.begin(), c.trace_weights.end(), weights);

@@ -18,6 +18,9 @@ namespace mote {
 
 // A forced expert's logit is lifted to the token's maximum plus this.
 static constexpr float kForceEpsilon = 1e-3f;
+// Subtracted from forced experts' logits when looking for the best remaining one: finite, so a
+// token whose other experts are all masked still gets a finite lift.
+static constexpr float kForceExclude = 1e30f;
 
 namespace {
 
@@ -36,6 +39,7 @@ public:
         ggml_tensor * ids     = nullptr; // I32 [n_expert_used, rows]
         ggml_tensor * weights = nullptr; // F32 [n_expert_used, rows]
         ggml_tensor * probs   = nullptr; // F32 [n_expert, rows]
+        ggml_tensor * norms   = nullptr; // F32 [n_expert_used, rows]: L2 norm of each selected expert's output
     };
 
     steer_input(context_state * st, int32_t n_layer) : st(st), taps(n_layer) {}
@@ -64,12 +68,13 @@ void steer_input::set_input(const llama_ubatch * ubatch) {
     }
     const size_t n_expert = (size_t) values->ne[0];
     host.assign(ggml_nelements(values), 0.0f);
+    const phase_steering & layers = st->layers();
     for (size_t row = 0; row < tables.size(); ++row) {
         const table & t = tables[row];
-        if ((size_t) t.layer >= st->layers.size()) {
+        if ((size_t) t.layer >= layers.size()) {
             continue; // steering was cleared; this graph will not be reused
         }
-        const layer_steering & ls  = st->layers[t.layer];
+        const layer_steering & ls  = layers[t.layer];
         float *                dst = host.data() + row * n_expert;
         switch (t.kind) {
             case table_kind::logit_bias: std::copy_n(ls.logit_bias.data(), n_expert, dst); break;
@@ -102,22 +107,28 @@ steer_input & input_of(const llm_graph_context & g) {
     return *static_cast<steer_input *>(added);
 }
 
-// A [n_expert] row of the packed steering input for layer il.
+// The [n_expert] row of the packed steering input that holds table `kind` of layer il.
 ggml_tensor * new_table(const llm_graph_context & g, table_kind kind, int il, const char * name,
                         ggml_tensor * model_selection = nullptr) {
     steer_input & in = input_of(g);
     if (in.values == nullptr) {
         int64_t rows = 0; // an upper bound: a hook may add no node (e.g. an arch without exp_probs_b)
-        for (const layer_steering & ls : g.mote->layers) {
+        for (const layer_steering & ls : g.mote->layers()) {
             rows += ls.has_logit_bias + ls.has_force + ls.has_selection + ls.has_keep + ls.has_gain;
         }
         in.values = ggml_new_tensor_2d(g.ctx0, GGML_TYPE_F32, g.mote->n_expert, rows);
         ggml_set_input(in.values);
         ggml_set_name(in.values, "mote_steering");
     }
-    const size_t row = in.tables.size();
-    GGML_ASSERT((int64_t) row < in.values->ne[1]);
-    in.tables.push_back({ il, kind, model_selection });
+    // a layer that calls its router more than once (grovemoe) reads the same row again
+    size_t row = 0;
+    while (row < in.tables.size() && !(in.tables[row].layer == il && in.tables[row].kind == kind)) {
+        ++row;
+    }
+    if (row == in.tables.size()) {
+        GGML_ASSERT((int64_t) row < in.values->ne[1]); // rows were counted from the same flags
+        in.tables.push_back({ il, kind, model_selection });
+    }
     ggml_tensor * t = ggml_view_1d(g.ctx0, in.values, in.values->ne[0], row * in.values->nb[1]);
     ggml_format_name(t, "%s-%d", name, il);
     // expanded now, so that the view node sits ahead of the router's nodes: CUDA fuses the router
@@ -137,10 +148,21 @@ ggml_tensor * per_selected(ggml_context * ctx, ggml_tensor * table, ggml_tensor 
 // The layer's steering when it has any, else nullptr.
 const layer_steering * steering_of(const llm_graph_context & g, int il) {
     const context_state * st = g.mote;
-    if (st == nullptr || st->layers.empty() || il < 0 || il >= st->n_layer) {
+    if (st == nullptr || st->layers().empty() || il < 0 || il >= st->n_layer) {
         return nullptr;
     }
-    return &st->layers[il];
+    return &st->layers()[il];
+}
+
+// The router of layer il, when the call being built is the layer's first: weight-level steering
+// (drop, gain) and capture act on the first call only; a later call of the same layer routes other
+// experts from the same logits (grovemoe's adjugate experts) and gets the logit-level steering.
+mote_layer_router * first_call(const llm_graph_context & g, int il) {
+    context_state * st = g.mote;
+    if (st == nullptr || il < 0 || il >= st->n_layer || st->build_layer != il || st->build_call != 1) {
+        return nullptr;
+    }
+    return &st->routers[il];
 }
 
 void set_tap(const llm_graph_context & g, ggml_tensor *& slot, ggml_tensor * src, const char * name, int il) {
@@ -162,7 +184,7 @@ uint64_t graph_key(const context_state * st) {
         h *= 1099511628211ull;
     };
     bool any = false;
-    for (const layer_steering & ls : st->layers) {
+    for (const layer_steering & ls : st->layers()) {
         const uint64_t bits = (uint64_t) ls.has_logit_bias | (uint64_t) ls.has_force << 1 |
                               (uint64_t) ls.has_selection << 2 | (uint64_t) ls.has_keep << 3 | (uint64_t) ls.has_gain << 4;
         any |= bits != 0;
@@ -176,8 +198,24 @@ uint64_t graph_key(const context_state * st) {
 }
 
 ggml_tensor * steer_logits(const llm_graph_context & g, ggml_tensor * logits, int il) {
+    context_state * st = g.mote;
+    if (st == nullptr || il < 0 || il >= st->n_layer) {
+        return logits;
+    }
+    if (st->build_layer == il) {
+        st->build_call += 1;
+    } else {
+        st->build_layer = il;
+        st->build_call  = 1;
+    }
+    mote_layer_router & r = st->routers[il];
+    r.n_calls = std::max(r.n_calls, st->build_call);
+    if (st->build_call == 1) {
+        r.n_expert = (int32_t) logits->ne[0];
+    }
+
     const layer_steering * ls = steering_of(g, il);
-    if (ls == nullptr || (!ls->has_logit_bias && !ls->has_force) || logits->ne[0] != g.mote->n_expert || logits->ne[1] == 0) {
+    if (ls == nullptr || (!ls->has_logit_bias && !ls->has_force) || logits->ne[0] != st->n_expert || logits->ne[1] == 0) {
         return logits;
     }
     ggml_tensor * out = logits;
@@ -185,24 +223,31 @@ ggml_tensor * steer_logits(const llm_graph_context & g, ggml_tensor * logits, in
         out = ggml_add(g.ctx0, out, new_table(g, table_kind::logit_bias, il, "mote_logit_bias"));
     }
     if (ls->has_force) {
-        // out + force * (max(out) + eps - out): forced experts take the token's top logit
+        // forced experts take the best remaining (unmasked, unforced) logit + eps:
+        //   out * (1 - force) + force * top
+        // written so that a masked expert's -inf is never multiplied by 0
         const int64_t n_expert = out->ne[0];
         const int64_t n_tokens = out->ne[1];
         if (!ggml_is_contiguous(out)) {
             out = ggml_cont(g.ctx0, out);
         }
-        ggml_tensor * force  = new_table(g, table_kind::force, il, "mote_force");
-        ggml_tensor * top_id = ggml_argsort_top_k(g.ctx0, out, 1);                                       // [1, n_tokens]
-        ggml_tensor * top    = ggml_get_rows(g.ctx0, ggml_reshape_3d(g.ctx0, out, 1, n_expert, n_tokens), top_id); // [1, 1, n_tokens]
-        top = ggml_scale_bias(g.ctx0, ggml_reshape_2d(g.ctx0, top, 1, n_tokens), 1.0f, kForceEpsilon);
-        ggml_tensor * lift = ggml_mul(g.ctx0, ggml_sub(g.ctx0, out, top), force);
-        out = ggml_sub(g.ctx0, out, lift);
+        ggml_tensor * force     = new_table(g, table_kind::force, il, "mote_force");
+        ggml_tensor * remaining = ggml_add(g.ctx0, out, ggml_scale(g.ctx0, force, -kForceExclude));
+        ggml_tensor * top_id    = ggml_argsort_top_k(g.ctx0, remaining, 1); // [1, n_tokens]
+        ggml_tensor * top       = ggml_get_rows(g.ctx0, ggml_reshape_3d(g.ctx0, remaining, 1, n_expert, n_tokens), top_id);
+        top = ggml_scale_bias(g.ctx0, ggml_reshape_2d(g.ctx0, top, 1, n_tokens), 1.0f, kForceEpsilon); // [1, n_tokens]
+        ggml_tensor * kept   = ggml_mul(g.ctx0, out, ggml_scale_bias(g.ctx0, force, -1.0f, 1.0f));
+        ggml_tensor * lifted = ggml_mul(g.ctx0, ggml_repeat(g.ctx0, top, out), force);
+        out = ggml_add(g.ctx0, kept, lifted);
     }
     g.cb(out, "mote_logits", il);
     return out;
 }
 
 ggml_tensor * selection_bias(const llm_graph_context & g, ggml_tensor * exp_probs_b, int il) {
+    if (mote_layer_router * r = first_call(g, il)) {
+        r->selection_bias = exp_probs_b != nullptr;
+    }
     const layer_steering * ls = steering_of(g, il);
     if (ls == nullptr || !ls->has_selection || exp_probs_b == nullptr || ggml_nelements(exp_probs_b) != g.mote->n_expert) {
         return exp_probs_b;
@@ -213,7 +258,7 @@ ggml_tensor * selection_bias(const llm_graph_context & g, ggml_tensor * exp_prob
 ggml_tensor * drop_weights(const llm_graph_context & g, ggml_tensor * weights, ggml_tensor * selected,
                            llama_expert_gating_func_type gating, bool norm_w, int il) {
     const layer_steering * ls = steering_of(g, il);
-    if (ls == nullptr || !ls->has_keep || weights->ne[2] == 0) {
+    if (ls == nullptr || !ls->has_keep || weights->ne[2] == 0 || first_call(g, il) == nullptr) {
         return weights;
     }
     ggml_tensor * keep = new_table(g, table_kind::keep, il, "mote_keep");
@@ -231,9 +276,18 @@ ggml_tensor * drop_weights(const llm_graph_context & g, ggml_tensor * weights, g
 }
 
 ggml_tensor * finish_weights(const llm_graph_context & g, ggml_tensor * weights, ggml_tensor * selected,
-                             ggml_tensor * probs, llama_expert_gating_func_type gating, int il) {
+                             ggml_tensor * probs, llama_expert_gating_func_type gating, bool norm_w, float w_scale,
+                             int il) {
+    mote_layer_router * r = first_call(g, il);
+    if (r == nullptr) {
+        return weights;
+    }
+    r->n_expert_used = (int32_t) weights->ne[1];
+    r->gating        = (int32_t) gating;
+    r->norm_w        = norm_w;
+    r->w_scale       = w_scale;
     context_state * st = g.mote;
-    if (st == nullptr || il < 0 || il >= st->n_layer || weights->ne[2] == 0) {
+    if (weights->ne[2] == 0) {
         return weights;
     }
     const layer_steering * ls = steering_of(g, il);
@@ -258,6 +312,22 @@ ggml_tensor * finish_weights(const llm_graph_context & g, ggml_tensor * weights,
         }
     }
     return weights;
+}
+
+void tap_expert_outputs(const llm_graph_context & g, ggml_tensor * experts, int il) {
+    const context_state * st = g.mote;
+    if (first_call(g, il) == nullptr || !st->capture.active || !(st->capture.flags & MOTE_CAPTURE_OUTPUT_NORMS) ||
+        experts->ne[2] == 0) {
+        return;
+    }
+    auto & taps = input_of(g).taps[il];
+    if (taps.ids == nullptr) {
+        return; // no routing tap in this layer: norms could not be attributed
+    }
+    // [n_embd, n_expert_used, n_tokens] -> [n_expert_used, n_tokens]
+    ggml_tensor * sq    = ggml_sqr(g.ctx0, ggml_cont(g.ctx0, experts));
+    ggml_tensor * norms = ggml_sqrt(g.ctx0, ggml_sum_rows(g.ctx0, sq));
+    set_tap(g, taps.norms, ggml_reshape_2d(g.ctx0, norms, experts->ne[1], experts->ne[2]), "mote_tap_norms", il);
 }
 
 namespace {
@@ -285,6 +355,9 @@ label_stats & stats_for(context_state & st, int32_t label) {
         s.tokens.assign(st.n_layer, 0);
         if (st.capture.flags & MOTE_CAPTURE_PROBS) {
             s.prob_sums.assign(n, 0.0);
+        }
+        if (st.capture.flags & MOTE_CAPTURE_OUTPUT_NORMS) {
+            s.output_norms.assign(n, 0.0);
         }
     }
     return s;
@@ -324,6 +397,7 @@ void after_ubatch(const llama_context * lctx, ggml_backend_sched_t sched, const 
         std::vector<int32_t> ids;
         std::vector<float>   weights;
         std::vector<float>   probs;
+        std::vector<float>   norms;
     };
     std::vector<layer_read> reads(st->n_layer);
     for (int32_t il = 0; il < st->n_layer; ++il) {
@@ -340,6 +414,9 @@ void after_ubatch(const llama_context * lctx, ggml_backend_sched_t sched, const 
         if (taps.probs != nullptr) {
             reads[il].probs = queue_read<float>(sched, taps.probs);
         }
+        if (taps.norms != nullptr && taps.norms->ne[1] == rows) {
+            reads[il].norms = queue_read<float>(sched, taps.norms);
+        }
     }
     ggml_backend_sched_synchronize(sched);
 
@@ -350,6 +427,7 @@ void after_ubatch(const llama_context * lctx, ggml_backend_sched_t sched, const 
         const auto & ids     = reads[il].ids;
         const auto & weights = reads[il].weights;
         const auto & probs   = reads[il].probs;
+        const auto & norms   = reads[il].norms;
         const int64_t n_used = in->taps[il].ids->ne[0];
         const int64_t rows   = in->taps[il].ids->ne[1];
         for (int64_t r = 0; r < rows; ++r) {
@@ -369,6 +447,9 @@ void after_ubatch(const llama_context * lctx, ggml_backend_sched_t sched, const 
                     if (e >= 0 && e < st->n_expert) {
                         ls.counts[base + e] += 1;
                         ls.weight_sums[base + e] += weights[r * n_used + j];
+                        if (!norms.empty() && !ls.output_norms.empty()) {
+                            ls.output_norms[base + e] += (double) weights[r * n_used + j] * norms[r * n_used + j];
+                        }
                     }
                 }
                 if (!probs.empty() && !ls.prob_sums.empty()) {

@@ -3,9 +3,10 @@
 
 #include "mote.h"
 
+#include <array>
 #include <cstdint>
+#include <iterator>
 #include <map>
-#include <mutex>
 #include <unordered_map>
 #include <vector>
 
@@ -14,7 +15,7 @@ namespace mote {
 // Steering arrays of one layer; a flag is set only when its array differs from identity, and the
 // flags alone decide which graph nodes exist (values change without a graph rebuild).
 struct layer_steering {
-    bool has_logit_bias = false; // mask, bias, or the force epsilon
+    bool has_logit_bias = false; // mask or bias
     bool has_force      = false;
     bool has_selection  = false; // mask or force, folded into exp_probs_b
     bool has_keep       = false; // drop
@@ -27,6 +28,12 @@ struct layer_steering {
     std::vector<float> gain;       // [n_expert]
 };
 
+// The compiled steering of one phase: empty when no entry applies in it.
+using phase_steering = std::vector<layer_steering>;
+
+// Phases a generation passes through (enum mote_scope without ALL).
+constexpr int32_t kPhases[] = { MOTE_SCOPE_PREFILL, MOTE_SCOPE_DECODE, MOTE_SCOPE_THINKING };
+
 struct seq_binding {
     int32_t label;
     int32_t pos_begin;
@@ -34,10 +41,11 @@ struct seq_binding {
 };
 
 struct label_stats {
-    std::vector<int64_t> counts;      // [n_layer * n_expert]
-    std::vector<double>  weight_sums; // [n_layer * n_expert]
-    std::vector<double>  prob_sums;   // [n_layer * n_expert], with MOTE_CAPTURE_PROBS
-    std::vector<int64_t> tokens;      // [n_layer]
+    std::vector<int64_t> counts;       // [n_layer * n_expert]
+    std::vector<double>  weight_sums;  // [n_layer * n_expert]
+    std::vector<double>  prob_sums;    // [n_layer * n_expert], with MOTE_CAPTURE_PROBS
+    std::vector<double>  output_norms; // [n_layer * n_expert], with MOTE_CAPTURE_OUTPUT_NORMS
+    std::vector<int64_t> tokens;       // [n_layer]
 };
 
 struct capture_state {
@@ -57,13 +65,24 @@ struct context_state {
     int32_t n_expert      = 0;
     int32_t n_expert_used = 0;
 
-    std::vector<layer_steering> layers; // empty while steering is idle
-    int32_t n_entries = 0;
+    // steering: the entries as given, compiled once per phase; `phase` selects the one in effect
+    std::vector<mote_entry>                       entries;
+    std::array<phase_steering, std::size(kPhases)> compiled;
+    int32_t                                       phase = MOTE_SCOPE_PREFILL;
 
     capture_state capture;
 
     // The model's exp_probs_b per layer, read once from the backend when first folded.
     std::vector<std::vector<float>> model_selection_bias;
+
+    // What the graph builds showed about each layer's router; and, during a build, the layer of the
+    // router call being built and its index within the layer (1 for the first call).
+    std::vector<mote_layer_router> routers;
+    int32_t                        build_layer = -1;
+    int32_t                        build_call  = 0;
+
+    // the steering in effect, empty while idle
+    const phase_steering & layers() const { return compiled[phase - MOTE_SCOPE_PREFILL]; }
 };
 
 } // namespace mote

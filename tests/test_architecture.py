@@ -15,6 +15,7 @@ PACKAGE = Path(mote_local.__file__).parent
 LAYERS = [
     {"errors"},
     {"atomic", "cache", "progress", "prompts"},
+    {"binding"},
     {"modelfile"},
     {"steering"},
     {"engine", "synthetic"},

@@ -235,7 +235,7 @@ def test_two_sessions_steer_independently_and_changes_apply_next_call(load):
 
 
 def test_value_changes_keep_graph_reuse(load):
-    from mote_local.engine.binding import llama
+    from mote_local.binding import llama
     model = load("qwen3moe")
     layer = model.layout.moe_layers[0]
     toks = model.tokenize(PROMPT)

@@ -19,6 +19,7 @@ The sdist comes from $MOTE_LLAMA_SDIST when set (offline builds), else from the 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
 import shutil
@@ -120,14 +121,33 @@ def apply_patches(llama_dir: Path, patches: list[Path] | None = None) -> list[st
     return applied
 
 
+_PATCHED_FILES = re.compile(r"^\+\+\+ b/(\S+)", re.M)
+STAMP = ".mote-patches"  # the patch series a tree was patched with, and the files it touched
+
+
+def _series() -> tuple[str, list[str]]:
+    """(digest of patches/, the upstream files they touch)."""
+    texts = [p.read_text() for p in patch_files()]
+    touched = sorted({f for text in texts for f in _PATCHED_FILES.findall(text)})
+    return hashlib.sha256("\0".join(texts).encode()).hexdigest(), touched
+
+
 def prepare(dest: Path) -> Path:
-    """The patched llama.cpp source tree under dest (extracted once, patched idempotently)."""
+    """The patched llama.cpp source tree under dest (extracted once, patched idempotently). A tree patched
+    by another version of patches/ gets the files that series touched back from the sdist first."""
     root = dest / SDIST_ROOT
-    if not (root / LLAMA_CPP_SUBDIR / "CMakeLists.txt").is_file():
+    llama_dir = root / LLAMA_CPP_SUBDIR
+    if not (llama_dir / "CMakeLists.txt").is_file():
         dest.mkdir(parents=True, exist_ok=True)
         extract(fetch(), dest, (LLAMA_CPP_SUBDIR + "/", "llama_cpp/"))
-    llama_dir = root / LLAMA_CPP_SUBDIR
+    digest, touched = _series()
+    stamp = llama_dir / STAMP
+    if stamp.is_file():
+        old_digest, *old_touched = stamp.read_text().split("\n")
+        if old_digest != digest:
+            extract(fetch(), dest, tuple(f"{LLAMA_CPP_SUBDIR}/{f}" for f in sorted(set(old_touched) | set(touched)) if f))
     apply_patches(llama_dir)
+    stamp.write_text("\n".join([digest, *touched]))
     return llama_dir
 
 

@@ -15,16 +15,21 @@ private copy of its bindings that the build vendors (mote_local_engine.llama_cpp
 
 from __future__ import annotations
 
+import codecs
+import collections
 import contextlib
+import ctypes
 import functools
 import os
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from mote_local.engine import binding
-from mote_local.engine.binding import llama, llama_chat_format, llama_internals
+from mote_local import binding
+from mote_local.binding import llama, llama_chat_format, llama_internals
 from mote_local.errors import (
     CaptureError,
     EngineError,
@@ -34,11 +39,9 @@ from mote_local.errors import (
 )
 from mote_local.modelfile.fingerprint import Fingerprint
 from mote_local.modelfile.layout import MoeLayout, read_layout
-from mote_local.steering.entries import Entry, Scope
+from mote_local.steering import rules
+from mote_local.steering.entries import NATIVE_SCOPE, Entry, Scope
 from mote_local.steering.profile import Profile, ProfileMismatchError
-
-# the phases a generation passes through; "all" entries apply in each
-PHASES = (Scope.PREFILL, Scope.DECODE, Scope.THINKING)
 
 # llama.cpp's llama_flash_attn_type
 FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
@@ -70,10 +73,24 @@ class Model:
                                  "(run with verbose=True to see llama.cpp's reason)") from None
         self.router = binding.router_info(self._model.model)
         self.n_vocab = self._model.n_vocab()
+        self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()
+        self._closed = False
 
     # lifetime
     def close(self) -> None:
-        self._model.close()  # closes the sessions' contexts first (registered on the model)
+        """Frees the model, after closing its sessions (a context is freed before its model); idempotent."""
+        for session in list(self._sessions):
+            session.close(reason="its model was closed")
+        self._closed = True
+        self._model.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _require_open(self) -> None:
+        if self._closed:
+            raise EngineError(f"the model {self.path.name} is closed: load it again with Model(...)")
 
     def __enter__(self) -> "Model":
         return self
@@ -83,10 +100,23 @@ class Model:
 
     # vocabulary
     def tokenize(self, text: str, *, add_bos: bool = True, special: bool = True) -> list[int]:
+        self._require_open()
         return self._model.tokenize(text.encode("utf-8"), add_bos, special)
 
     def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
-        return self._model.detokenize(list(tokens), special).decode("utf-8", errors="replace")
+        """The tokens' pieces joined; bytes that are not UTF-8 become U+FFFD."""
+        return b"".join(self.token_bytes(t, special=special) for t in tokens).decode("utf-8", errors="replace")
+
+    def token_bytes(self, token: int, *, special: bool = False) -> bytes:
+        """One token's piece as llama.cpp renders it: raw bytes, since a character may span tokens."""
+        self._require_open()
+        size = 64  # llama-cpp-python's own helper cuts pieces at 32 bytes; real vocabularies have longer ones
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = llama.llama_token_to_piece(self._model.vocab, token, buf, size, 0, special)
+            if n >= 0:
+                return buf.raw[:n]
+            size = -n
 
     @functools.cached_property
     def fingerprint(self) -> Fingerprint:
@@ -115,45 +145,122 @@ class Model:
         """
         template = self.chat_template
         if not template:
-            return "\n".join(m["content"] for m in messages) + "\n"
+            return _plain_text(messages)
         formatter = llama_chat_format.Jinja2ChatFormatter(
             template=template, eos_token=self._token_text(llama.llama_vocab_eos(self._model.vocab)),
             bos_token=self._token_text(self.bos_token), add_generation_prompt=True)
         return formatter(messages=list(messages)).prompt
 
+    def prompt_tokens(self, conversation: str | Sequence[dict[str, str]], *, chat: bool = True) -> list[int]:
+        """What the model is given for a conversation (one user message as text, or messages), ready for the
+        assistant's turn: the one path from a conversation to tokens, which every command takes.
+
+        With ``chat``, the chat template's text (format_chat), else the plain text; tokenized with a BOS token
+        where the vocabulary asks for one (tokenizer.ggml.add_bos_token) unless the text starts with it
+        already, as templates that write ``{{ bos_token }}`` do.
+        """
+        messages = [{"role": "user", "content": conversation}] if isinstance(conversation, str) else conversation
+        text = self.format_chat(messages) if chat else _plain_text(messages)
+        bos = self._token_text(self.bos_token)
+        return self.tokenize(text, add_bos=not (bos and text.startswith(bos)))
+
     def _token_text(self, token: int) -> str:
         return self._model.token_get_text(token) if token >= 0 else ""
 
-    @property
-    def think_markers(self) -> tuple[int | None, int | None]:
-        """Token ids of <think> and </think> when the vocabulary has them as single tokens."""
-        def single(text: str) -> int | None:
-            ids = self.tokenize(text, add_bos=False, special=True)
-            return ids[0] if len(ids) == 1 else None
-        return single("<think>"), single("</think>")
+    @functools.cached_property
+    def think_markers(self) -> ThinkMarkers | None:
+        """What opens and closes a thinking span, in tokens: gpt-oss's analysis channel where the chat
+        template speaks harmony, else <think> … </think>; None when those markers are not single tokens."""
+        harmony = "<|channel|>" in (self.chat_template or "")
+        specials = ("<|channel|>", "<|message|>", "<|end|>") if harmony else ("<think>", "</think>")
+        if any(len(self.tokenize(s, add_bos=False)) != 1 for s in specials):
+            return None
+        opener = self.tokenize("<|channel|>analysis<|message|>" if harmony else "<think>", add_bos=False)
+        return ThinkMarkers(tuple(opener), self.tokenize(specials[-1], add_bos=False)[0])
 
     def session(self, **ctx_params) -> "Session":
+        self._require_open()
         return Session(self, **ctx_params)
 
-    def check_entries(self, entries: Iterable[Entry]) -> list[Entry]:
-        """Entries validated against this model's layout (the engine checks the rest)."""
-        layout = self.layout.require_moe()
-        checked = []
+    def check_entries(self, entries: Iterable[Entry], strength: float = 1.0) -> list[Entry]:
+        """Entries checked by the engine's steering rules against this model's router, applying nothing."""
+        entries = list(entries)
         for e in entries:
             if not isinstance(e, Entry):
                 raise SteeringError(f"expected a steering Entry, got {e!r}")
-            if e.layer not in layout.moe_layers:
-                raise SteeringError(f"layer {e.layer} is not an MoE layer of {layout.path.name}: its MoE layers are "
-                                    f"{_ranges(layout.moe_layers)}")
-            if not 0 <= e.expert < layout.n_expert:
-                raise SteeringError(f"expert {e.expert} is out of range: {layout.path.name} has experts "
-                                    f"0..{layout.n_expert - 1} per layer")
-            checked.append(e)
-        return checked
+        rules.check(entries, strength, self.layout)
+        return entries
+
+    @functools.cached_property
+    def routers(self) -> tuple[LayerRouter, ...]:
+        """What the engine's graph does in each layer (built once in a small context and asked, not guessed
+        from GGUF keys): layers whose graph never calls the router have n_calls == 0."""
+        self._require_open()
+        with self.session(n_ctx=64, n_batch=32, n_threads=1) as probe:
+            return tuple(LayerRouter.of(binding.layer_router(probe._ctx_ptr, il)) for il in range(self.router.n_layer))
 
 
-def _ranges(values: Sequence[int]) -> str:
-    return f"{values[0]}..{values[-1]}" if list(values) == list(range(values[0], values[-1] + 1)) else str(list(values))
+# llama.cpp's llama_expert_gating_func_type
+GATING_NAMES = {0: "none", 1: "softmax", 2: "sigmoid", 3: "softmax over the selected logits", 4: "sqrt-softplus"}
+
+
+@dataclass(frozen=True)
+class LayerRouter:
+    """One layer's router as the engine's graph runs it."""
+
+    n_calls: int          # router calls in the layer (0: the layer routes nothing)
+    n_expert: int
+    n_expert_used: int
+    gating: str           # GATING_NAMES
+    norm_w: bool          # selected weights normalised to sum 1
+    w_scale: float        # factor on the weights (1.0: none)
+    selection_bias: bool  # a per-expert selection bias (exp_probs_b) is added before top-k
+
+    @classmethod
+    def of(cls, r) -> "LayerRouter":
+        return cls(r.n_calls, r.n_expert, r.n_expert_used, GATING_NAMES.get(r.gating, f"type {r.gating}"),
+                   bool(r.norm_w), r.w_scale if r.w_scale != 0.0 else 1.0, bool(r.selection_bias))
+
+
+def _plain_text(messages: Sequence[dict[str, str]]) -> str:
+    """A conversation without a template: the messages' text, one per line (a single prompt stays as it is)."""
+    return "\n".join(m["content"] for m in messages)
+
+
+@dataclass(frozen=True)
+class ThinkMarkers:
+    """The tokens that open a thinking span and the one token that closes it."""
+
+    opener: tuple[int, ...]
+    closer: int
+
+    def tracker(self, prompt: Sequence[int] = ()) -> "ThinkTracker":
+        """A tracker that has seen the prompt: a template that opens the reply with the opener (DeepSeek-R1's
+        ``<think>``) starts the generation inside the span."""
+        tracker = ThinkTracker(self)
+        for token in prompt:
+            tracker.feed(token)
+        return tracker
+
+
+class ThinkTracker:
+    """Follows a token stream through thinking spans; ``inside`` says whether the tokens fed so far end inside
+    one (after the opener's last token, up to the closer): the tokens fed while it is True and that leave it
+    True lie strictly between the markers."""
+
+    def __init__(self, markers: ThinkMarkers):
+        self.markers = markers
+        self.inside = False
+        self._recent: collections.deque[int] = collections.deque(maxlen=len(markers.opener))
+
+    def feed(self, token: int) -> None:
+        if self.inside:
+            self.inside = token != self.markers.closer
+            return
+        self._recent.append(token)
+        if tuple(self._recent) == self.markers.opener:
+            self.inside = True
+            self._recent.clear()
 
 
 @dataclass
@@ -173,6 +280,9 @@ class RoutingStats:
     prob_sums: np.ndarray | None   # float64 [n_layer, n_expert], with probs=True
     tokens: np.ndarray             # int64 [n_layer]: tokens counted in each layer
     moe_layers: tuple[int, ...]
+    # float64 [n_layer, n_expert], with output_norms=True: sum over routed tokens of the final gate weight x the
+    # L2 norm of the expert's output before weighting (the REAP / EASY-EP family's output-aware quantity)
+    output_norm_sums: np.ndarray | None = None
 
 
 @dataclass
@@ -191,9 +301,10 @@ class RoutingTrace:
 class Capture:
     """Routing capture on a session; results stay readable after the `with` block ends."""
 
-    def __init__(self, session: "Session", probs: bool, trace: bool):
+    def __init__(self, session: "Session", probs: bool, trace: bool, output_norms: bool = False):
         self._session = session
         self.probs = probs
+        self.output_norms = output_norms
         self.trace_enabled = trace
         self.active = False
         self._stats: dict[int, RoutingStats] = {}
@@ -202,35 +313,43 @@ class Capture:
     def bind(self, seq_id: int, label: int, pos_begin: int = 0, pos_end: int | None = None) -> None:
         """Counts tokens of sequence seq_id at positions [pos_begin, pos_end) under label."""
         self._require_active()
-        err = binding.capture_bind(self._session._ctx_ptr, seq_id, label, pos_begin, -1 if pos_end is None else pos_end)
+        with self._session._exclusive():
+            err = binding.capture_bind(self._session._ctx_ptr, seq_id, label, pos_begin,
+                                       -1 if pos_end is None else pos_end)
         if err:
             raise CaptureError(err)
 
     def unbind_all(self) -> None:
         self._require_active()
-        binding.capture_unbind_all(self._session._ctx_ptr)
+        with self._session._exclusive():
+            binding.capture_unbind_all(self._session._ctx_ptr)
 
     def reset(self) -> None:
         """Forgets what was counted so far; bindings stay."""
         self._require_active()
-        binding.capture_reset(self._session._ctx_ptr)
+        with self._session._exclusive():
+            binding.capture_reset(self._session._ctx_ptr)
 
     @property
     def labels(self) -> list[int]:
-        return binding.capture_labels(self._session._ctx_ptr) if self.active else sorted(self._stats)
+        if not self.active:
+            return sorted(self._stats)
+        with self._session._exclusive():
+            return binding.capture_labels(self._session._ctx_ptr)
 
     def stats(self, label: int = 0) -> RoutingStats:
         if not self.active:
             if label not in self._stats:
                 raise CaptureError(f"no routing was captured for label {label}")
             return self._stats[label]
-        layout = self._session.model.layout
-        try:
-            counts, weights, probs, tokens = binding.capture_read(
-                self._session._ctx_ptr, label, layout.n_layer, layout.n_expert, self.probs)
-        except KeyError as err:
-            raise CaptureError(str(err.args[0])) from None
-        return RoutingStats(counts, weights, probs, tokens, layout.moe_layers)
+        router = self._session.model.router
+        with self._session._exclusive():
+            try:
+                counts, weights, probs, norms, tokens = binding.capture_read(
+                    self._session._ctx_ptr, label, router.n_layer, router.n_expert, self.probs, self.output_norms)
+            except KeyError as err:
+                raise CaptureError(str(err.args[0])) from None
+        return RoutingStats(counts, weights, probs, tokens, self._session.model.layout.moe_layers, norms)
 
     def trace(self) -> RoutingTrace:
         if not self.trace_enabled:
@@ -238,9 +357,10 @@ class Capture:
         if not self.active:
             assert self._trace is not None
             return self._trace
-        layout = self._session.model.layout
-        meta, ids, weights, probs = binding.capture_trace(
-            self._session._ctx_ptr, layout.n_expert_used, layout.n_expert, self.probs)
+        router = self._session.model.router
+        with self._session._exclusive():
+            meta, ids, weights, probs = binding.capture_trace(
+                self._session._ctx_ptr, router.n_expert_used, router.n_expert, self.probs)
         return RoutingTrace(meta[:, 0], meta[:, 1], meta[:, 2], meta[:, 3], ids, weights, probs)
 
     def _require_active(self) -> None:
@@ -253,6 +373,16 @@ class Capture:
         self._trace = self.trace() if self.trace_enabled else None
         self.active = False
         binding.capture_stop(self._session._ctx_ptr)
+
+
+def _serialised(method):
+    """A Session method that uses the engine: serialised with every other call on the session (a session is
+    safe to share across threads), and refused once the session or its model is closed."""
+    @functools.wraps(method)
+    def wrapper(self: "Session", *args, **kwargs):
+        with self._exclusive():
+            return method(self, *args, **kwargs)
+    return wrapper
 
 
 class Session:
@@ -278,19 +408,39 @@ class Session:
         except ValueError as err:
             raise EngineError(f"llama.cpp could not create a context ({err}); try a smaller n_ctx") from None
         self._ctx_ptr = self._ctx.ctx
+        self._lock = threading.RLock()
+        self._closed_because: str | None = None
+        model._sessions.add(self)
         # llama.cpp may adjust what was asked for (e.g. n_batch is capped by n_ctx)
         self.n_ctx = self._ctx.n_ctx()
         self.n_batch = llama.llama_n_batch(self._ctx_ptr)
         self.n_seq_max = llama.llama_n_seq_max(self._ctx_ptr)
         self._profile = Profile()
         self._phase = Scope.PREFILL
-        self._applied: tuple[Entry, ...] | None = ()
         self._capture: Capture | None = None
 
-    def close(self) -> None:
-        if self._capture is not None and self._capture.active:
-            self._capture._finish()
-        self._ctx.close()
+    def close(self, *, reason: str = "it was closed") -> None:
+        """Frees the context (idempotent); every later call raises an error that says why."""
+        with self._lock:
+            if self._closed_because is not None:
+                return
+            if self._capture is not None and self._capture.active:
+                self._capture._finish()
+            self._closed_because = reason
+            self._ctx.close()
+            self._ctx_ptr = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed_because is not None
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        with self._lock:
+            if self._closed_because is not None:
+                raise EngineError(f"this session cannot be used: {self._closed_because}; open a new one with "
+                                  "model.session()")
+            yield
 
     def __enter__(self) -> "Session":
         return self
@@ -299,6 +449,7 @@ class Session:
         self.close()
 
     # steering
+    @_serialised
     def steer(self, steering: Profile | Iterable[Entry], strength: float | None = None, *,
               force: bool = False) -> None:
         """Replaces this session's steering; on error the previous steering stays in place.
@@ -315,31 +466,23 @@ class Session:
                                            "pass force=True to apply it anyway")
         if strength is not None:
             profile = Profile(profile.entries, float(strength), profile.fingerprint, profile.name)
-        self.model.check_entries(profile.entries)
-        for phase in PHASES:  # validate every phase's set now, so that a later switch cannot fail
-            err = binding.steer_set(self._ctx_ptr, [e.native() for e in profile.for_scope(phase)], profile.strength)
-            if err:
-                self._applied = None
-                self._set_phase(self._phase)  # restore what was in effect
-                raise SteeringError(err)
+        self.model.layout.require_moe()
+        # the engine checks every phase against what its graph routes, and keeps the old steering on error
+        err = binding.steer_set(self._ctx_ptr, [e.native() for e in profile.entries], profile.strength)
+        if err:
+            raise SteeringError(rules.name_model(err, self.model.path.name))
         self._profile = profile
-        self._applied = None
-        self._set_phase(self._phase)
 
+    @_serialised
     def clear_steering(self) -> None:
         binding.steer_clear(self._ctx_ptr)
-        self._profile, self._applied = Profile(), ()
+        self._profile = Profile()
 
     def _set_phase(self, phase: Scope) -> None:
-        """Puts the entries that apply in `phase` into the engine (a no-op when they are unchanged)."""
-        self._phase = phase
-        active = self._profile.for_scope(phase)
-        if active == self._applied:
-            return
-        err = binding.steer_set(self._ctx_ptr, [e.native() for e in active], self._profile.strength)
-        if err:  # validated in steer(); reaching this is a bug
-            raise SteeringError(err)
-        self._applied = active
+        """Selects which scoped entries the engine applies from the next decode."""
+        if phase is not self._phase:
+            binding.steer_phase(self._ctx_ptr, NATIVE_SCOPE[phase])
+            self._phase = phase
 
     @property
     def steering(self) -> Profile:
@@ -347,34 +490,41 @@ class Session:
 
     # capture
     @contextlib.contextmanager
-    def capture(self, *, probs: bool = False, trace: bool = False, label: int | None = 0) -> Iterator[Capture]:
-        """Captures routing inside the block. Sequence 0 counts under `label` unless label is None."""
-        if self._capture is not None and self._capture.active:
-            raise CaptureError("a capture is already running on this session")
-        self.model.layout.require_moe()
-        flags = (binding.CAPTURE_PROBS if probs else 0) | (binding.CAPTURE_TRACE if trace else 0)
-        err = binding.capture_start(self._ctx_ptr, flags)
-        if err:
-            raise CaptureError(err)
-        cap = self._capture = Capture(self, probs, trace)
-        cap.active = True
+    def capture(self, *, probs: bool = False, trace: bool = False, output_norms: bool = False,
+                label: int | None = 0) -> Iterator[Capture]:
+        """Captures routing inside the block. Sequence 0 counts under `label` unless label is None.
+        output_norms also sums, per expert, gate weight x the L2 norm of its output (RoutingStats.output_norm_sums)."""
+        with self._exclusive():
+            if self._capture is not None and self._capture.active:
+                raise CaptureError("a capture is already running on this session")
+            self.model.layout.require_moe()
+            flags = ((binding.CAPTURE_PROBS if probs else 0) | (binding.CAPTURE_TRACE if trace else 0)
+                     | (binding.CAPTURE_OUTPUT_NORMS if output_norms else 0))
+            err = binding.capture_start(self._ctx_ptr, flags)
+            if err:
+                raise CaptureError(rules.name_model(err, self.model.path.name))
+            cap = self._capture = Capture(self, probs, trace, output_norms)
+            cap.active = True
         try:
             if label is not None:
                 cap.bind(0, label)
             yield cap
         finally:
-            if cap.active:
-                cap._finish()
+            with self._lock:
+                if cap.active and not self.closed:
+                    cap._finish()
 
     @property
     def capturing(self) -> bool:
         return self._capture is not None and self._capture.active
 
     # evaluation
+    @_serialised
     def reset(self) -> None:
         """Forgets the context's memory (KV cache) of all sequences."""
         llama.llama_memory_clear(self._ctx.memory, True)
 
+    @_serialised
     def decode(self, sequences: Sequence[tuple[int, Sequence[int], int]], *, outputs: str = "all") -> np.ndarray:
         """Decodes (seq_id, tokens, first position) sequences together, in chunks of n_batch tokens.
 
@@ -425,12 +575,14 @@ class Session:
             raise InputError(f"{n} sequences but this session has n_seq_max={self.n_seq_max}: "
                              "open the session with a larger n_seq_max")
 
+    @_serialised
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Next-token logits [len(tokens), n_vocab] for every position of one fresh sequence (prefill)."""
         self._set_phase(Scope.PREFILL)
         self.reset()
         return self.decode([(0, tokens, 0)])
 
+    @_serialised
     def route(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
         """Decodes several fresh sequences (ids 0..n-1) in one batch, every token an output."""
         self._check_sequence_count(len(sequences))
@@ -438,6 +590,7 @@ class Session:
         self.reset()
         return self.decode([(i, seq, 0) for i, seq in enumerate(sequences)])
 
+    @_serialised
     def generate_batch(self, prompts: Sequence[Sequence[int]], *, max_tokens: int = 32,
                        on_token: Callable[[int, int, int], None] | None = None) -> list[Generation]:
         """Greedy continuations of several fresh sequences (ids 0..n-1) decoded together: one decode
@@ -485,13 +638,16 @@ class Session:
             self._set_phase(Scope.PREFILL)
         return [Generation(self.model.detokenize(o), o, p, interrupted) for o, p in zip(out, prompts)]
 
+    @_serialised
     def generate(self, prompt: str | Sequence[int], *, max_tokens: int = 32, temperature: float = 0.0,
                  top_k: int = 40, top_p: float = 0.95, seed: int = 0, add_bos: bool = True,
                  on_token: Callable[[str], None] | None = None) -> Generation:
         """Greedy (temperature 0) or seeded sampled continuation of a fresh sequence.
 
-        on_token receives each generated token's text as it comes (streaming). A KeyboardInterrupt
-        stops generation and returns what was generated so far, with `interrupted` set.
+        on_token receives the generated text as it comes (streaming), in whole characters: a character
+        whose bytes span tokens arrives once complete. Thinking-scoped steering applies while the tokens
+        are inside the model's thinking markers (from the prompt on, where the template opens the span).
+        A KeyboardInterrupt stops generation and returns what was generated so far, with `interrupted` set.
         """
         prompt_tokens = self.model.tokenize(prompt, add_bos=add_bos) if isinstance(prompt, str) else list(prompt)
         if not prompt_tokens:
@@ -507,8 +663,9 @@ class Session:
         self.reset()
         out: list[int] = []
         interrupted = False
-        think_open, think_close = self.model.think_markers
-        thinking = False
+        markers = self.model.think_markers
+        thinking = markers.tracker(prompt_tokens) if markers is not None else None
+        text = codecs.getincrementaldecoder("utf-8")("replace")
         try:
             self._set_phase(Scope.PREFILL)
             self.decode([(0, prompt_tokens, 0)], outputs="last")
@@ -519,12 +676,13 @@ class Session:
                 if self.model.is_eog(token):
                     break
                 out.append(token)
-                if on_token is not None:
-                    on_token(self.model.detokenize([token]))
+                if on_token is not None and (piece := text.decode(self.model.token_bytes(token))):
+                    on_token(piece)
                 if pos >= self.n_ctx:
                     break
-                thinking = (thinking or token == think_open) and token != think_close
-                self._set_phase(Scope.THINKING if thinking else Scope.DECODE)
+                if thinking is not None:
+                    thinking.feed(token)
+                self._set_phase(Scope.THINKING if thinking is not None and thinking.inside else Scope.DECODE)
                 self.decode([(0, [token], pos)])
                 pos += 1
         except KeyboardInterrupt:
@@ -532,4 +690,6 @@ class Session:
         finally:
             sampler.close()
             self._set_phase(Scope.PREFILL)
+        if on_token is not None and (rest := text.decode(b"", final=True)):
+            on_token(rest)  # an incomplete character at the end, as U+FFFD
         return Generation(self.model.detokenize(out), out, prompt_tokens, interrupted)

@@ -31,9 +31,11 @@ def applies_in(scope: Scope, phase: Scope) -> bool:
     return scope in (Scope.ALL, phase) or (phase is Scope.THINKING and scope is Scope.DECODE)
 
 
-# the engine's enum mote_mode
+# the engine's enum mote_mode and enum mote_scope
 NATIVE_MODE = {Mode.MASK: 0, Mode.DROP: 1, Mode.FORCE: 2, Mode.BIAS: 3, Mode.GAIN: 4}
+NATIVE_SCOPE = {Scope.ALL: 0, Scope.PREFILL: 1, Scope.DECODE: 2, Scope.THINKING: 3}
 VALUED_MODES = (Mode.BIAS, Mode.GAIN)
+FLOAT32_MAX = 3.4028234663852886e38  # the engine holds values as 32-bit floats
 
 
 @dataclass(frozen=True, order=True)
@@ -57,9 +59,12 @@ class Entry:
         if self.mode is Mode.GAIN and not (math.isfinite(value) and value >= 0):
             raise SteeringError(f"gain for layer {self.layer} expert {self.expert} must be a finite number >= 0, "
                                 f"got {value}")
+        if math.isfinite(value) and abs(value) > FLOAT32_MAX:
+            raise SteeringError(f"{self.mode.value} {value:g} for layer {self.layer} expert {self.expert} is beyond "
+                                f"the engine's 32-bit float range (±{FLOAT32_MAX:.4g})")
         if self.mode not in VALUED_MODES and value != 0.0:
             raise SteeringError(f"{self.mode.value} takes no value (layer {self.layer} expert {self.expert})")
         object.__setattr__(self, "value", value)
 
-    def native(self) -> tuple[int, int, int, float]:
-        return (self.layer, self.expert, NATIVE_MODE[self.mode], self.value)
+    def native(self) -> tuple[int, int, int, float, int]:
+        return (self.layer, self.expert, NATIVE_MODE[self.mode], self.value, NATIVE_SCOPE[self.scope])

@@ -66,6 +66,7 @@ from mote_local.atomic import atomic_path, atomic_write_text
 from mote_local.errors import ProfileError, ProfileMismatchError, SteeringError
 from mote_local.modelfile.fingerprint import Fingerprint, differences
 from mote_local.modelfile.layout import MoeLayout, open_gguf
+from mote_local.steering import rules
 from mote_local.steering.entries import (
     NATIVE_MODE,
     VALUED_MODES,
@@ -81,11 +82,6 @@ __all__ = ["Profile", "ProfileError", "ProfileMismatchError"]
 FORMAT = "mote-profile"
 VERSION = 1
 
-# Pairs of modes the engine refuses on one (layer, expert): one selection mode at a time, and no bias or gain
-# where it could have no effect.
-_CONFLICTS = {frozenset(pair) for pair in [
-    (Mode.MASK, Mode.DROP), (Mode.MASK, Mode.FORCE), (Mode.DROP, Mode.FORCE),
-    (Mode.BIAS, Mode.MASK), (Mode.BIAS, Mode.FORCE), (Mode.GAIN, Mode.MASK), (Mode.GAIN, Mode.DROP)]}
 _SELECTION = (Mode.MASK, Mode.DROP, Mode.FORCE)
 _MAX_INDEX = 2**31 - 1  # layers and experts are stored as I32 in GGUF
 
@@ -110,10 +106,9 @@ _SCOPE_ORDER = list(Scope)
 class Profile:
     """Steering entries plus a strength (scales every bias), the model they were made for, and notes.
 
-    Entries are sorted on construction and checked by the rules the engine enforces, in every phase (the
-    ``all`` entries together with each scope's): one selection mode (mask/drop/force) per expert, no bias
-    with mask or force, no gain with mask or drop, and no two bias or gain entries for the same expert and
-    scope.
+    Entries are sorted on construction and checked, in every phase, by the engine's steering rules
+    (:mod:`mote_local.steering.rules`: on one expert only bias + gain and drop + gain combine; no two bias or
+    gain entries for the same expert and scope); :meth:`validate` adds a model's ranges and limits.
     """
 
     entries: tuple[Entry, ...] = ()
@@ -129,11 +124,10 @@ class Profile:
         if isinstance(s, bool) or not isinstance(s, Real) or not math.isfinite(s):
             raise ProfileError(f"strength must be a finite number, got {s!r}")
         object.__setattr__(self, "strength", float(s))
-        if self.strength < 0:
-            for e in self.entries:
-                if e.mode is Mode.BIAS and e.value == -math.inf:
-                    raise ProfileError(f"a -inf bias ({_where(e)}) cannot be scaled by a negative strength: "
-                                       "use -profile to invert it (a -inf bias becomes a force)")
+        if self.strength < 0 and any(e.mode is Mode.BIAS and e.value == -math.inf for e in self.entries):
+            raise ProfileError("a -inf bias cannot be scaled by a negative strength: use -profile to invert it "
+                               "(a -inf bias becomes a force)")
+        rules.check(self.entries, self.strength, error=ProfileError)
         if self.fingerprint is not None and not isinstance(self.fingerprint, Fingerprint):
             raise ProfileError(f"fingerprint must be a Fingerprint or None, got {self.fingerprint!r}")
         for name in ("name", "description"):
@@ -252,34 +246,7 @@ class Profile:
             if problem:
                 raise ProfileMismatchError(f"{self._label()} does not fit {model}: {problem}. Use a profile made "
                                            "for this model, or pass --force to apply it anyway")
-        for e in self.entries:
-            if e.layer not in layout.moe_layers:
-                raise ProfileError(f"layer {e.layer} is not an MoE layer of {model}: its MoE layers are "
-                                   f"{_ranges(layout.moe_layers)}")
-            if e.expert >= layout.n_expert:
-                raise ProfileError(f"expert {e.expert} is out of range: {model} has experts "
-                                   f"0..{layout.n_expert - 1} per layer")
-        k, groups = layout.n_expert_used, layout.n_expert_groups
-        for phase in sorted({e.scope for e in self.entries} - {Scope.ALL}) or [Scope.ALL]:
-            during = "" if phase is Scope.ALL else f" during {phase.value}"
-            for layer, rows in itertools.groupby(self.for_scope(phase), key=lambda e: e.layer):
-                rows = list(rows)
-                forced = [e.expert for e in rows if e.mode is Mode.FORCE]
-                masked = {e.expert for e in rows if e.mode is Mode.MASK
-                          or (e.mode is Mode.BIAS and e.value == -math.inf and self.strength > 0)}
-                if len(forced) > k:
-                    raise ProfileError(f"layer {layer} forces {len(forced)} experts{during} but {model} selects only "
-                                       f"{k} per token: force at most {k} experts per layer")
-                if layout.n_expert - len(masked) < k:
-                    raise ProfileError(f"layer {layer} masks {len(masked)} of {layout.n_expert} experts{during}, "
-                                       f"leaving fewer than the {k} each token needs: mask at most "
-                                       f"{layout.n_expert - k} per layer")
-                if groups > 1:
-                    used = {e // (layout.n_expert // groups) for e in forced}
-                    if len(used) > layout.n_group_used:
-                        raise ProfileError(f"layer {layer} forces experts in {len(used)} expert groups{during} but "
-                                           f"{model} keeps only {layout.n_group_used} groups per token: force "
-                                           f"experts of at most {layout.n_group_used} groups")
+        rules.check(self.entries, self.strength, layout, error=ProfileError)
         return self
 
     # JSON
@@ -421,7 +388,7 @@ def _where(e: Entry) -> str:
 
 
 def _normalise(entries: Iterable[Entry]) -> tuple[Entry, ...]:
-    """Sorted, identical selection entries merged, checked against the engine's rules in every phase."""
+    """Sorted, with repeated identical selection entries kept once (the rules are the engine's: see __post_init__)."""
     entries = tuple(entries)
     for e in entries:
         if not isinstance(e, Entry):
@@ -429,29 +396,11 @@ def _normalise(entries: Iterable[Entry]) -> tuple[Entry, ...]:
         for what in ("layer", "expert"):
             if not 0 <= getattr(e, what) <= _MAX_INDEX:
                 raise ProfileError(f"{what} must be in 0..{_MAX_INDEX}, got {getattr(e, what)}")
-    out: dict[tuple, Entry] = {}
+    out: list[Entry] = []
     for e in sorted(entries):
-        key = (e.layer, e.expert, e.mode, e.scope)
-        if key in out:
-            if e.mode in _SELECTION:
-                continue
-            raise ProfileError(f"two {e.mode.value} entries for {_where(e)}: give one (sum the biases, multiply "
-                               "the gains), or compose two profiles with +")
-        out[key] = e
-    result = tuple(out.values())
-    for phase in ({e.scope for e in result} - {Scope.ALL}) or {Scope.ALL}:
-        seen: dict[tuple[int, int], list[Entry]] = {}
-        for e in result:
-            if not applies_in(e.scope, phase):
-                continue
-            earlier = seen.setdefault((e.layer, e.expert), [])
-            for o in earlier:
-                if frozenset((o.mode, e.mode)) in _CONFLICTS:
-                    raise ProfileError(f"contradictory entries for layer {e.layer} expert {e.expert}: "
-                                       f"{o.mode.value} ({o.scope.value}) cannot be combined with {e.mode.value} "
-                                       f"({e.scope.value}); keep one of them")
-            earlier.append(e)
-    return result
+        if not (out and e == out[-1] and e.mode in _SELECTION):
+            out.append(e)
+    return tuple(out)
 
 
 def _combine(a: Entry, b: Entry) -> Entry:
@@ -469,11 +418,6 @@ def _compose_metadata(a: dict, b: dict) -> dict:
     if len(kept) == 2 and a != b:
         return {"composed_of": [a, b]}
     return dict(kept[0]) if kept else {}
-
-
-def _ranges(values: tuple[int, ...]) -> str:
-    contiguous = list(values) == list(range(values[0], values[-1] + 1))
-    return f"{values[0]}..{values[-1]}" if contiguous else ", ".join(map(str, values))
 
 
 # JSON schema checks: each names the JSON path of what it rejects

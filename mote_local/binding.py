@@ -1,7 +1,8 @@
 """The one module that binds native/mote.h (steering and routing capture in the patched engine).
 
 Each binding carries the C prototype it mirrors. Raw ctypes stays in here: the rest of the package
-calls the small Python functions at the bottom.
+calls the small Python functions at the bottom. It sits below the model-file and steering layers
+because the steering rules live in the native code (``steer_check``) and profiles are checked there.
 """
 
 from __future__ import annotations
@@ -25,16 +26,33 @@ except (ImportError, OSError, RuntimeError) as err:  # not built, or the shared 
 
 _lib = llama._lib
 
-MOTE_ABI_VERSION = 1
+MOTE_ABI_VERSION = 2
 MODE_MASK, MODE_DROP, MODE_FORCE, MODE_BIAS, MODE_GAIN = range(5)
+SCOPE_ALL, SCOPE_PREFILL, SCOPE_DECODE, SCOPE_THINKING = range(4)
 CAPTURE_PROBS = 1
 CAPTURE_TRACE = 2
+CAPTURE_OUTPUT_NORMS = 4
 
 
-# struct mote_entry { int32_t layer; int32_t expert; int32_t mode; float value; };
+# struct mote_entry { int32_t layer; int32_t expert; int32_t mode; float value; int32_t scope; };
 class mote_entry(ctypes.Structure):
     _fields_ = [("layer", ctypes.c_int32), ("expert", ctypes.c_int32), ("mode", ctypes.c_int32),
-                ("value", ctypes.c_float)]
+                ("value", ctypes.c_float), ("scope", ctypes.c_int32)]
+
+
+# struct mote_shape { int32_t n_layer, n_expert, n_expert_used, n_expert_groups, n_group_used;
+#                     const uint8_t * moe_layers; };
+class mote_shape(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int32) for name in
+                ("n_layer", "n_expert", "n_expert_used", "n_expert_groups", "n_group_used")] + \
+               [("moe_layers", ctypes.POINTER(ctypes.c_uint8))]
+
+
+# struct mote_layer_router { int32_t n_calls, n_expert, n_expert_used, gating, norm_w; float w_scale;
+#                            int32_t selection_bias; };
+class mote_layer_router(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int32) for name in ("n_calls", "n_expert", "n_expert_used", "gating", "norm_w")] + \
+               [("w_scale", ctypes.c_float), ("selection_bias", ctypes.c_int32)]
 
 
 # struct mote_router_info { int32_t n_layer, n_expert, n_expert_used, n_expert_groups, n_group_used, gating; };
@@ -60,8 +78,15 @@ _abi_version = _bind("mote_abi_version", [], _i32)
 _last_error = _bind("mote_last_error", [], ctypes.c_char_p)
 # int32_t mote_get_router_info(const struct llama_model * model, struct mote_router_info * out);
 _router_info = _bind("mote_get_router_info", [llama.llama_model_p_ctypes, _P(mote_router_info)], _i32)
+# int32_t mote_get_layer_router(const struct llama_context * ctx, int32_t layer, struct mote_layer_router * out);
+_layer_router = _bind("mote_get_layer_router", [_ctx, _i32, _P(mote_layer_router)], _i32)
+# int32_t mote_steer_check(const struct mote_shape * shape, const struct mote_entry * entries, int32_t n_entries,
+#                          float strength);
+_steer_check = _bind("mote_steer_check", [_P(mote_shape), _P(mote_entry), _i32, _f32], _i32)
 # int32_t mote_steer_set(struct llama_context * ctx, const struct mote_entry * entries, int32_t n_entries, float strength);
 _steer_set = _bind("mote_steer_set", [_ctx, _P(mote_entry), _i32, _f32], _i32)
+# int32_t mote_steer_phase(struct llama_context * ctx, int32_t phase);
+_steer_phase = _bind("mote_steer_phase", [_ctx, _i32], _i32)
 # void mote_steer_clear(struct llama_context * ctx);
 _steer_clear = _bind("mote_steer_clear", [_ctx], None)
 # int32_t mote_steer_count(const struct llama_context * ctx);
@@ -76,15 +101,15 @@ _capture_bind = _bind("mote_capture_bind", [_ctx, _i32, _i32, _i32, _i32], _i32)
 _capture_unbind_all = _bind("mote_capture_unbind_all", [_ctx], None)
 # int32_t mote_capture_labels(const struct llama_context * ctx, int32_t * out, int32_t cap);
 _capture_labels = _bind("mote_capture_labels", [_ctx, _P(_i32), _i32], _i32)
-# int32_t mote_capture_read(const struct llama_context * ctx, int32_t label, int64_t * counts, double * weight_sums,
-#                           double * prob_sums, int64_t * tokens);
-_capture_read = _bind("mote_capture_read", [_ctx, _i32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                            ctypes.c_void_p], _i32)
+# int32_t mote_capture_read(const struct llama_context * ctx, int32_t label, int32_t n_layer, int32_t n_expert,
+#                           int64_t * counts, double * weight_sums, double * prob_sums, double * output_norms,
+#                           int64_t * tokens);
+_capture_read = _bind("mote_capture_read", [_ctx, _i32, _i32, _i32] + [ctypes.c_void_p] * 5, _i32)
 # int64_t mote_capture_trace_rows(const struct llama_context * ctx);
 _capture_trace_rows = _bind("mote_capture_trace_rows", [_ctx], _i64)
-# int32_t mote_capture_trace_read(const struct llama_context * ctx, int32_t * meta, int32_t * ids, float * weights, float * probs);
-_capture_trace_read = _bind("mote_capture_trace_read", [_ctx, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                                        ctypes.c_void_p], _i32)
+# int32_t mote_capture_trace_read(const struct llama_context * ctx, int64_t rows, int32_t n_expert_used,
+#                                 int32_t n_expert, int32_t * meta, int32_t * ids, float * weights, float * probs);
+_capture_trace_read = _bind("mote_capture_trace_read", [_ctx, _i64, _i32, _i32] + [ctypes.c_void_p] * 4, _i32)
 # void mote_capture_reset(struct llama_context * ctx);
 _capture_reset = _bind("mote_capture_reset", [_ctx], None)
 
@@ -127,10 +152,37 @@ def router_info(model) -> mote_router_info:
     return info
 
 
-def steer_set(ctx, entries: list[tuple[int, int, int, float]], strength: float) -> str | None:
-    """Applies entries (all or nothing); returns the engine's error message, or None."""
-    array = (mote_entry * len(entries))(*[mote_entry(*e) for e in entries])
-    return None if _steer_set(ctx, array, len(entries), strength) == 0 else last_error()
+def layer_router(ctx, layer: int) -> mote_layer_router:
+    out = mote_layer_router()
+    if _layer_router(ctx, layer, ctypes.byref(out)) != 0:
+        raise EngineError(last_error())
+    return out
+
+
+def _entries(entries: list[tuple[int, int, int, float, int]]):
+    return (mote_entry * len(entries))(*[mote_entry(*e) for e in entries])
+
+
+def steer_check(shape: dict | None, entries: list[tuple[int, int, int, float, int]], strength: float) -> str | None:
+    """The engine's steering rules applied to entries (layer, expert, mode, value, scope) for a router shape
+    (n_layer, n_expert, n_expert_used, n_expert_groups, n_group_used, moe_layers), or without one (None);
+    returns the reason they are refused, or None."""
+    native_shape = None
+    if shape is not None:
+        layers = (ctypes.c_uint8 * shape["n_layer"])(*[int(il in shape["moe_layers"]) for il in range(shape["n_layer"])])
+        native_shape = ctypes.byref(mote_shape(shape["n_layer"], shape["n_expert"], shape["n_expert_used"],
+                                               shape["n_expert_groups"], shape["n_group_used"], layers))
+    return None if _steer_check(native_shape, _entries(entries), len(entries), strength) == 0 else last_error()
+
+
+def steer_set(ctx, entries: list[tuple[int, int, int, float, int]], strength: float) -> str | None:
+    """Applies entries (all or nothing, every phase validated); returns the engine's error message, or None."""
+    return None if _steer_set(ctx, _entries(entries), len(entries), strength) == 0 else last_error()
+
+
+def steer_phase(ctx, phase: int) -> None:
+    if _steer_phase(ctx, phase) != 0:
+        raise EngineError(last_error())
 
 
 def steer_clear(ctx) -> None:
@@ -172,16 +224,23 @@ def _ptr(a: np.ndarray) -> ctypes.c_void_p:
     return a.ctypes.data_as(ctypes.c_void_p)
 
 
-def capture_read(ctx, label: int, n_layer: int, n_expert: int, probs: bool):
-    """(counts, weight_sums, prob_sums or None, tokens) of one label, as numpy arrays."""
+def _opt(a: np.ndarray | None) -> ctypes.c_void_p | None:
+    return None if a is None else _ptr(a)
+
+
+def capture_read(ctx, label: int, n_layer: int, n_expert: int, probs: bool, output_norms: bool):
+    """(counts, weight_sums, prob_sums or None, output_norm_sums or None, tokens) of one label, as numpy
+    arrays sized by the engine's own dimensions (the engine refuses buffers of another size)."""
     counts = np.zeros((n_layer, n_expert), dtype=np.int64)
     weights = np.zeros((n_layer, n_expert), dtype=np.float64)
     prob_sums = np.zeros((n_layer, n_expert), dtype=np.float64) if probs else None
+    norm_sums = np.zeros((n_layer, n_expert), dtype=np.float64) if output_norms else None
     tokens = np.zeros(n_layer, dtype=np.int64)
-    rc = _capture_read(ctx, label, _ptr(counts), _ptr(weights), _ptr(prob_sums) if probs else None, _ptr(tokens))
+    rc = _capture_read(ctx, label, n_layer, n_expert, _ptr(counts), _ptr(weights), _opt(prob_sums), _opt(norm_sums),
+                       _ptr(tokens))
     if rc != 0:
         raise KeyError(last_error())
-    return counts, weights, prob_sums, tokens
+    return counts, weights, prob_sums, norm_sums, tokens
 
 
 def capture_trace(ctx, n_expert_used: int, n_expert: int, probs: bool):
@@ -191,6 +250,6 @@ def capture_trace(ctx, n_expert_used: int, n_expert: int, probs: bool):
     ids = np.zeros((rows, n_expert_used), dtype=np.int32)
     weights = np.zeros((rows, n_expert_used), dtype=np.float32)
     p = np.zeros((rows, n_expert), dtype=np.float32) if probs else None
-    if _capture_trace_read(ctx, _ptr(meta), _ptr(ids), _ptr(weights), _ptr(p) if probs else None) != 0:
+    if _capture_trace_read(ctx, rows, n_expert_used, n_expert, _ptr(meta), _ptr(ids), _ptr(weights), _opt(p)) != 0:
         raise EngineError(last_error())
     return meta, ids, weights, p
