@@ -485,12 +485,62 @@ def profile_files(tiny_path, tmp_path_factory) -> dict[str, tuple[Path, str]]:
         "truncated GGUF": (text("cut.gguf", gguf_bytes[:len(gguf_bytes) // 2]), "truncated"),
         "garbage GGUF": (text("garbage.gguf", b"\x00\x01junk" * 50), "not a GGUF file"),
         "a model given as a profile": (qwen, "not a mote profile"),
-        "made for another model": (other.save(d / "other.json"), "Use a profile made for this model"),
-        "made for another model (GGUF)": (other.save(d / "other.gguf"), "Use a profile made for this model"),
+        "made for another model": (other.save(d / "other.json"), "or pass --force-profile to apply it anyway"),
+        "made for another model (GGUF)": (other.save(d / "other.gguf"), "or pass --force-profile to apply it anyway"),
         "empty": (text("empty.json", ""), "is empty"),
         "unknown suffix": (text("profile.txt", good.to_json()), "cannot tell the profile format"),
         "a directory": (d, "cannot tell the profile format"),
     })
+
+
+# every numeric option of every command, out of its range: refused in one line naming the flag, before any work
+NUMERIC_FLAGS = counted("numeric flags", {
+    "run -n -2": (["run", "{model}", "-p", "x", "-n", "-2"], "'--n-predict' / '-n': -2"),
+    "run --temp -1": (["run", "{model}", "-p", "x", "--temp", "-1"], "'--temp': -1"),
+    "run --top-k -1": (["run", "{model}", "-p", "x", "--top-k", "-1"], "'--top-k': -1"),
+    "run --top-p 1.5": (["run", "{model}", "-p", "x", "--top-p", "1.5"], "'--top-p': 1.5"),
+    "run --seed -1": (["run", "{model}", "-p", "x", "--seed", "-1"], "'--seed': -1"),
+    "run --seed 2**32": (["run", "{model}", "-p", "x", "--seed", str(2**32)], "'--seed': 4294967296"),
+    "run -c -1": (["run", "{model}", "-p", "x", "-c", "-1"], "'--ctx-size' / '-c': -1"),
+    "run -ngl -1": (["run", "{model}", "-p", "x", "-ngl", "-1"], "'--n-gpu-layers' / '-ngl': -1"),
+    "run -t 0": (["run", "{model}", "-p", "x", "-t", "0"], "'--threads' / '-t': 0"),
+    "run -n x": (["run", "{model}", "-p", "x", "-n", "x"], "'x' is not a valid integer"),
+    "chat -n -2": (["chat", "{model}", "-n", "-2"], "'--n-predict' / '-n': -2"),
+    "chat --temp -0.5": (["chat", "{model}", "--temp", "-0.5"], "'--temp': -0.5"),
+    "chat -t 0": (["chat", "{model}", "-t", "0"], "'--threads' / '-t': 0"),
+    "ftri --top 0": (["ftri", "{model}", "--prompts", "{prompts}", "--top", "0"], "'--top': 0"),
+    "ftri --n-boot 0": (["ftri", "{model}", "--prompts", "{prompts}", "--n-boot", "0"], "'--n-boot': 0"),
+    "ftri --n-boot 10**6": (["ftri", "{model}", "--prompts", "{prompts}", "--n-boot", "1000000"],
+                            "'--n-boot': 1000000"),
+    "ftri --per-layer-cap 0": (["ftri", "{model}", "--prompts", "{prompts}", "--per-layer-cap", "0"],
+                               "'--per-layer-cap': 0"),
+    "ftri --batch-size 0": (["ftri", "{model}", "--prompts", "{prompts}", "--batch-size", "0"], "'--batch-size': 0"),
+    "ftri --batch-size 257": (["ftri", "{model}", "--prompts", "{prompts}", "--batch-size", "257"],
+                              "'--batch-size': 257"),
+    "ftri --seed -1": (["ftri", "{model}", "--prompts", "{prompts}", "--seed", "-1"], "'--seed': -1"),
+    "ftri -t 0": (["ftri", "{model}", "--prompts", "{prompts}", "-t", "0"], "'--threads' / '-t': 0"),
+    "eval --n-random -1": (["eval", "{model}", "--prompts", "{prompts}", "--off", "0:1", "--n-random", "-1"],
+                           "'--n-random': -1"),
+    "eval -n 0": (["eval", "{model}", "--prompts", "{prompts}", "--off", "0:1", "-n", "0"],
+                  "'--max-tokens' / '-n': 0"),
+    "eval --seed -1": (["eval", "{model}", "--prompts", "{prompts}", "--off", "0:1", "--seed", "-1"], "'--seed': -1"),
+    "eval -c -1": (["eval", "{model}", "--prompts", "{prompts}", "--off", "0:1", "-c", "-1"],
+                   "'--ctx-size' / '-c': -1"),
+    "demo --top 0": (["demo", "--top", "0"], "'--top': 0"),
+    "inspect -t 0": (["inspect", "{model}", "--super-experts", "-t", "0"], "'--threads' / '-t': 0"),
+})
+
+
+@pytest.mark.parametrize("case", list(NUMERIC_FLAGS))
+def test_cli_refuses_numbers_out_of_range_in_one_line_before_any_work(tiny_path, tmp_path, monkeypatch, case):
+    args, needle = NUMERIC_FLAGS[case]
+    model_loaded = []
+    monkeypatch.setattr(Model, "__init__", lambda *a, **k: model_loaded.append(a))
+    monkeypatch.chdir(tmp_path)
+    r = invoke(*(a.format(model=tiny_path("qwen3moe"), prompts=planted.prompts_path()) for a in args))
+    line = assert_one_line_error(r.exit_code, r.stderr, needle)
+    assert "Invalid value for" in line and "--help" in line
+    assert model_loaded == [] and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("case", list(STEERING_FLAGS))
@@ -718,12 +768,12 @@ def test_ctrl_c_during_mote_ftri_keeps_partial_results(planted_path, tmp_path, e
     code, stdout, stderr = _interrupt_after(env, ["ftri", planted_path, "--prompts", planted.prompts_path(),
                                                   "--batch-size", "2", "--n-boot", "10", "--top", "2", "--out", out],
                                             "ROUTE", _SLOW_ROUTE, after=3)
-    assert code == 0, stderr[-3000:]
+    assert code == 130, stderr[-3000:]  # interrupted is not success, though the partial results are kept
     assert "interrupted: scored the 4 prompts captured so far (marked partial)" in stderr
     summary = json.loads((out / "ftri.json").read_text())
     assert summary["partial"] is True and summary["n_behavior"] == 2 and summary["n_baseline"] == 2
     assert FtriResult.from_dict(summary["results"]["mean_diff"]).scores.shape[1] > 0
-    Profile.load(out / "profile.json")
+    assert Profile.load(out / "profile.json").metadata["partial"] is True
     assert not list(out.glob(".*tmp*"))
 
 

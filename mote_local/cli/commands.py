@@ -62,10 +62,14 @@ def engine_options(f):
                      help="Layers to offload to the GPU (GPU builds).")(f)
     f = click.option("--ctx-size", "-c", type=click.IntRange(min=0), default=4096, show_default=True,
                      help="Context size (capped at the model's training context; 0: that context).")(f)
-    f = click.option("--threads", "-t", type=click.IntRange(min=1), default=None,
-                     help="CPU threads for generation and prompt processing (default: every core).")(f)
+    f = threads_option(f)
     f = click.option("--verbose", is_flag=True, help="Show llama.cpp's log.")(f)
     return f
+
+
+def threads_option(f):
+    return click.option("--threads", "-t", type=click.IntRange(min=1), default=None,
+                        help="CPU threads for generation and prompt processing (default: every core).")(f)
 
 
 def steering_options(f):
@@ -88,7 +92,7 @@ def build_profile(layout: MoeLayout, profiles: Sequence[Path], specs: dict[str, 
                   strength: float | None, scope: str | None, force: bool):
     """The composition of the profile files and the command-line entries, validated for the model; a profile
     file made for another model only with ``force`` (--force-profile)."""
-    from mote_local.cli.guards import check_fits, load_profile
+    from mote_local.cli.shared import check_fits, load_profile
     from mote_local.steering.profile import Profile
     from mote_local.steering.spec import parse_spec
 
@@ -121,13 +125,14 @@ def build_profile(layout: MoeLayout, profiles: Sequence[Path], specs: dict[str, 
               help="Also find experts whose removal alone collapses the model on neutral text (cached).")
 @click.option("--text", type=click.Path(path_type=Path), default=None,
               help="Neutral text for --super-experts (default: the packaged one).")
-def inspect(model: Path, as_json: bool, super_experts: bool, text: Path | None) -> None:
+@threads_option
+def inspect(model: Path, as_json: bool, super_experts: bool, text: Path | None, threads) -> None:
     """Describe MODEL's experts: architecture, MoE layers, experts, top-k, gating, quantization."""
     layout = read_layout(model)
     if super_experts:
         from mote_local.evaluation.super_experts import find_super_experts
 
-        found = find_super_experts(layout.require_moe().path, text)
+        found = find_super_experts(layout.require_moe().path, text, n_threads=threads)
         if as_json:
             click.echo(json.dumps({"super_experts": found.flagged, "median_kl": found.median,
                                    "factor": found.factor, "floor": found.floor}, indent=2))
@@ -171,7 +176,7 @@ def warn_super_experts(model, profile, profiles: Sequence[Path], specs: dict[str
                        threads: int | None) -> None:
     """Warns, naming the flag or the profile file, when the steering switches off a super-expert (checked on
     the model: no earlier `mote inspect --super-experts` needed)."""
-    from mote_local.cli.guards import super_expert_note, super_experts_off
+    from mote_local.cli.shared import super_expert_note, super_experts_off
     from mote_local.evaluation.controls import off_experts
     from mote_local.steering.spec import parse_spec
 
@@ -193,11 +198,17 @@ def context_size(layout: MoeLayout, asked: int) -> int:
 
 
 SAMPLER_SEED = click.IntRange(0, 2**32 - 1)  # llama.cpp's sampler seeds are 32-bit
+MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ: sequences in one context
+MAX_BOOTSTRAP = 10_000  # replicates × layers × experts floats are held at once
+INTERRUPTED = 130  # the exit status of a run that Ctrl-C cut short (the shell's 128 + SIGINT)
 
 
-def tokens_to_generate(n_predict: int, n_ctx: int) -> int:
-    """-n as llama.cpp reads it: -1 is until the end of generation, bounded by the context."""
-    return n_ctx if n_predict < 0 else n_predict
+def output_directory(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    """--out names a directory (created if missing); a file there is refused before any work starts."""
+    if value is not None and value.exists() and not value.is_dir():
+        raise click.BadParameter(f"{value} is a file; {param.opts[0]} names a directory for the output files "
+                                 "(created if missing)", ctx, param)
+    return value
 
 
 def _span(layers: Sequence[int]) -> str:
@@ -225,6 +236,7 @@ def run(model: Path, prompt: str, n_predict: int, temp: float, top_k: int, top_p
         compare: bool, profiles, strength, scope, force_profile, n_gpu_layers: int, ctx_size: int, threads,
         verbose: bool, **specs) -> None:
     """Generate from MODEL with experts switched off, forced on, biased or scaled."""
+    from mote_local.cli.shared import tokens_to_generate
     from mote_local.engine.model import Model
 
     layout = read_layout(model).require_moe()
@@ -237,14 +249,14 @@ def run(model: Path, prompt: str, n_predict: int, temp: float, top_k: int, top_p
             m.session(n_ctx=n_ctx, n_threads=threads) as s:
         if profile is not None:
             warn_super_experts(m, profile, profiles, specs, threads)
-        text = m.format_chat([{"role": "user", "content": prompt}]) if chat else prompt
+        tokens = m.prompt_tokens(prompt, chat=chat)
         options = dict(max_tokens=tokens_to_generate(n_predict, s.n_ctx), temperature=temp, top_k=top_k,
-                       top_p=top_p, seed=seed, add_bos=not chat)
+                       top_p=top_p, seed=seed)
         if compare:
-            plain = s.generate(text, **options)
+            plain = s.generate(tokens, **options)
         if profile is not None:
             s.steer(profile, force=force_profile)
-        out = s.generate(text, **options)
+        out = s.generate(tokens, **options)
     if compare:
         click.echo(click.style("unsteered:", bold=True) + plain.text)
         click.echo(click.style("steered:  ", bold=True) + out.text)
@@ -257,7 +269,7 @@ def run(model: Path, prompt: str, n_predict: int, temp: float, top_k: int, top_p
 @click.option("--prompts", "prompts_file", required=True, type=click.Path(path_type=Path),
               help="Prompt set: a TOML/YAML file with classes, or a plain file (one prompt per line).")
 @click.option("--baseline-prompts", type=click.Path(path_type=Path), default=None,
-              help="A plain file of baseline prompts when --prompts is a plain file of behaviour prompts.")
+              help="A plain file of baseline prompts (one per line); the behaviour class then comes from --prompts.")
 @click.option("--behavior", default=None, help="Class that elicits the behaviour (default: the first).")
 @click.option("--baseline", default=None, help="Baseline class (default: the second).")
 @click.option("--scope", type=click.Choice(["prompt", "target", "generated", "thinking"]), default="prompt",
@@ -265,20 +277,39 @@ def run(model: Path, prompt: str, n_predict: int, temp: float, top_k: int, top_p
 @click.option("--method", "methods", multiple=True, default=("mean_diff",), show_default=True,
               type=click.Choice(["mean_diff", "risk_diff", "log_odds", "weight_mass"]),
               help="Scoring method; repeatable (the first one makes the profile).")
-@click.option("--top", type=int, default=10, show_default=True, help="Experts in the ranking and the profile.")
-@click.option("--per-layer-cap", type=int, default=None, help="At most this many profile experts per layer.")
+@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Experts in the ranking, and at most in the profile (only experts with evidence qualify).")
+@click.option("--sign", type=click.Choice(["positive", "negative", "abs"]), default="positive", show_default=True,
+              help="Which experts the profile steers: more active on the behaviour (switched off), less active "
+                   "(forced on), or both.")
+@click.option("--threshold", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="An expert qualifies when its interval lies wholly beyond ±THRESHOLD (0: excludes 0).")
+@click.option("--evidence", type=click.Choice(["simultaneous", "per-expert"]), default="simultaneous",
+              show_default=True, help="The interval that must clear the threshold: the band over all experts at "
+                                      "once, or each expert's own.")
+@click.option("--force-positive", is_flag=True,
+              help="Force the experts more active on the behaviour on instead of switching them off.")
+@click.option("--graded", type=float, default=None, metavar="ALPHA",
+              help="Export router biases b = -ALPHA x log odds ratio instead (scaled by --strength where used).")
+@click.option("--include-super-experts", is_flag=True,
+              help="Let the profile steer experts flagged as super-experts (mote inspect --super-experts).")
+@click.option("--per-layer-cap", type=click.IntRange(min=1), default=None,
+              help="At most this many profile experts per layer.")
 @click.option("--off-mode", type=click.Choice(["drop", "mask"]), default="drop", show_default=True,
               help="How the profile switches off experts that fire more on the behaviour.")
 @click.option("--chat/--raw", "chat", default=True, show_default=True,
               help="Wrap prompts in the model's chat template.")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("ftri-out"), show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Prompts per decode call.")
-@click.option("--n-boot", type=int, default=200, show_default=True, help="Bootstrap replicates.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("ftri-out"), show_default=True,
+              callback=output_directory, help="Directory for ftri.json, the CSVs, heatmaps and profile.json.")
+@click.option("--batch-size", type=click.IntRange(1, MAX_SEQUENCES), default=32, show_default=True,
+              help="Prompts per decode call.")
+@click.option("--n-boot", type=click.IntRange(1, MAX_BOOTSTRAP), default=200, show_default=True,
+              help="Bootstrap replicates.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @engine_options
 def ftri(model: Path, prompts_file: Path, baseline_prompts: Path | None, behavior, baseline, scope, methods,
          top: int, per_layer_cap, off_mode: str, chat: bool, out: Path, batch_size: int, n_boot: int, seed: int,
-         n_gpu_layers: int, ctx_size: int, verbose: bool) -> None:
+         n_gpu_layers: int, ctx_size: int, threads, verbose: bool, **export_options) -> None:
     """Find the experts of MODEL that fire differently on behaviour prompts than on baseline ones."""
     from mote_local.engine.model import Model
     from mote_local.ftri import runner as ftri_mod
@@ -286,34 +317,57 @@ def ftri(model: Path, prompts_file: Path, baseline_prompts: Path | None, behavio
     from mote_local.synthetic.planted import read_truth
 
     layout = read_layout(model).require_moe()
+    n_ctx = context_size(layout, ctx_size)
     warn_quantization(layout)
-    prompt_set = combine(prompts_file, baseline_prompts) if baseline_prompts else load_prompt_set(prompts_file)
+    if baseline_prompts is None:
+        prompt_set = load_prompt_set(prompts_file)
+    else:  # the file's class is the baseline
+        if baseline is not None:
+            raise click.UsageError("--baseline names a class of --prompts and --baseline-prompts gives a file of "
+                                   "baseline prompts: give one of them")
+        names = load_prompt_set(baseline_prompts).names
+        if len(names) != 1:
+            raise click.UsageError(f"--baseline-prompts {baseline_prompts} has classes {', '.join(names)}: give a "
+                                   "plain file (one prompt per line), or choose a class of --prompts with --baseline")
+        baseline = names[0]
+        prompt_set = combine(prompts_file, baseline_prompts)
     behavior_prompts, baseline_set = select_classes(prompt_set, behavior, baseline)
     with Model(model, n_gpu_layers=n_gpu_layers, verbose=verbose, **ftri_mod.CAPTURE_MODEL_OPTIONS) as m:
         run, results = ftri_mod.run_ftri(m, behavior_prompts, baseline_set, methods=methods, scope=scope,
                                          chat=chat, top=top, n_boot=n_boot, seed=seed, batch_size=batch_size,
-                                         n_ctx=context_size(layout, ctx_size))
-        primary = results[methods[0]]
-        ranked = primary.ranked(top, per_layer_cap=per_layer_cap, layers=layout.moe_layers)
-        profile = ftri_mod.profile_from_ranking(ranked, m, positive=off_mode, metadata={
-            "source": "mote ftri", "method": methods[0], "scope": scope, "prompts": str(prompts_file)})
-        paths = ftri_mod.write_outputs(out, run, results, m, top, per_layer_cap, profile)
+                                         n_ctx=n_ctx, n_threads=threads, sign=export_options["sign"])
+        from mote_local.evaluation.super_experts import cached_super_experts
+        from mote_local.ftri.stats import score
+
+        graded = export_options["graded"] is not None
+        export = ftri_mod.export_profile(
+            results[methods[0]], m, top=top, per_layer_cap=per_layer_cap, off_mode=off_mode,
+            log_ratio=score(run.activations, "log_odds") if graded else None,
+            super_experts=cached_super_experts(model) or (), metadata={
+                "source": "mote ftri", "method": methods[0], "scope": scope, "prompts": str(prompts_file),
+                "partial": run.partial}, **export_options)
+        ranked = export.chosen
+        paths = ftri_mod.write_outputs(out, run, results, m, top, per_layer_cap, export)
     try:
         planted = set(read_truth(model).planted)  # a planted model knows its answer
     except ValueError:
         planted = set()
     if run.partial:
         click.echo(f"interrupted: scored the {len(run.prompts)} prompts captured so far (marked partial)", err=True)
-    click.echo(f"fTRI on {layout.path.name}: {run.activations.n_behavior} behaviour vs "
-               f"{run.activations.n_baseline} baseline prompts, {scope} tokens")
+    click.echo(f"fTRI on {layout.path.name}: {run.activations.n_behavior} behaviour ({behavior_prompts[0].cls}) vs "
+               f"{run.activations.n_baseline} baseline ({baseline_set[0].cls}) prompts, {scope} tokens")
     for method in methods:
         click.echo(f"\n{method}:")
         click.echo(ftri_mod.ranking_table(results[method], results[method].ranked(top, layers=layout.moe_layers),
-                                          planted))
+                                          planted, threshold=export_options["threshold"],
+                                          evidence=export_options["evidence"]))
+    click.echo("\n" + export.summary())
     if planted:
         found = planted & {(r.layer, r.expert) for r in ranked}
         click.echo(f"\nplanted experts in the top {top}: {len(found)} of {len(planted)}")
     click.echo(f"\nwrote {paths['json']}, {paths['profile']} and heatmaps in {out}")
+    if run.partial:
+        raise click.exceptions.Exit(INTERRUPTED)
 
 
 @main.group()
@@ -326,9 +380,9 @@ def profile() -> None:
 def profile_show(path: Path) -> None:
     """Print a profile's entries, strength and the model it was made for."""
     from mote_local.cli.chat import describe
-    from mote_local.steering.profile import Profile
+    from mote_local.cli.shared import load_profile
 
-    p = Profile.load(path)
+    p = load_profile(path)
     click.echo(f"{path}: {p.name or 'unnamed'}" + (f" — {p.description}" if p.description else ""))
     fp = p.fingerprint
     click.echo(f"made for: {fp.arch}, {fp.n_layer} layers, {fp.n_expert} experts, top-{fp.n_expert_used}, "
@@ -342,12 +396,12 @@ def profile_show(path: Path) -> None:
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="The merged profile (.json/.gguf).")
 def profile_merge(paths: Sequence[Path], out: Path) -> None:
     """Compose profiles (biases add, gains multiply) into one."""
-    from mote_local.steering.profile import Profile
+    from mote_local.cli.shared import load_profile, profile_target
 
-    merged = Profile.load(paths[0])
+    merged = load_profile(paths[0])
     for path in paths[1:]:
-        merged = merged + Profile.load(path)
-    merged.save(out)
+        merged = merged + load_profile(path)
+    merged.save(profile_target(out))
     click.echo(f"wrote {out} ({len(merged.entries)} entries)")
 
 
@@ -356,21 +410,24 @@ def profile_merge(paths: Sequence[Path], out: Path) -> None:
 @click.argument("dst", type=click.Path(path_type=Path))
 def profile_convert(src: Path, dst: Path) -> None:
     """Convert between JSON and GGUF (by the file suffixes)."""
-    from mote_local.steering.profile import Profile
+    from mote_local.cli.shared import load_profile, profile_target
 
-    Profile.load(src).save(dst)
+    load_profile(src).save(profile_target(dst))
     click.echo(f"wrote {dst}")
 
 
 @profile.command("validate")
 @click.argument("path", type=click.Path(path_type=Path))
 @model_argument
-@click.option("--force", is_flag=True, help="Accept a profile made for another model (limits still apply).")
-def profile_validate(path: Path, model: Path, force: bool) -> None:
+@click.option("--force-profile", is_flag=True, help="Accept a profile made for another model (limits still apply).")
+def profile_validate(path: Path, model: Path, force_profile: bool) -> None:
     """Check that a profile can steer MODEL."""
-    from mote_local.steering.profile import Profile
+    from mote_local.cli.shared import check_fits, load_profile
 
-    Profile.load(path).validate(read_layout(model), force=force)
+    p, layout = load_profile(path), read_layout(model).require_moe()
+    if not force_profile:
+        check_fits(p, layout, str(path), "pass --force-profile")
+    p.validate(layout, force=True)
     click.echo(f"{path} fits {model}")
 
 
@@ -388,40 +445,74 @@ def detector_for(detector_file: Path | None, judge: Path | None):
               help="Prompts to generate for: a plain file or a TOML/YAML prompt set.")
 @click.option("--class", "classes", multiple=True, help="Only these classes of the prompt set (repeatable).")
 @steering_options
+@click.option("--sweep", "sweep_sizes", default=None, metavar="N,N,…",
+              help="Instead of one profile, switch off the top N experts of an fTRI ranking (--ftri) for each N, "
+                   "e.g. 1,2,5,10,20: behaviour rate vs N with random and forced controls at each N.")
+@click.option("--ftri", "ftri_path", type=click.Path(path_type=Path), default=None,
+              help="The fTRI result (ftri.json, or the --out folder of `mote ftri`) whose ranking --sweep follows.")
+@click.option("--ftri-method", default=None, help="Which of its methods ranks the experts (default: its first).")
+@click.option("--sweep-mode", type=click.Choice(["drop", "mask"]), default="drop", show_default=True,
+              help="How --sweep switches experts off.")
+@click.option("--include-super-experts", is_flag=True,
+              help="Let --sweep switch off experts flagged as super-experts (left out of the ranking otherwise).")
 @click.option("--detector", "detector_file", type=click.Path(path_type=Path), default=None,
               help="Behaviour phrases, one per line ('re:' lines are regexes); default: refusal phrasings.")
 @click.option("--judge", type=click.Path(path_type=Path), default=None,
               help="A GGUF judge model that answers yes/no instead of the phrase detector.")
 @click.option("--neutral", type=click.Path(path_type=Path), default=None,
               help="Neutral text for KL and perplexity (default: the packaged one).")
-@click.option("--n-random", type=int, default=3, show_default=True, help="Random control profiles (seeds).")
-@click.option("--max-tokens", "-n", type=int, default=32, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--n-random", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Random control profiles (seeds).")
+@click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--chat/--raw", "chat", default=True, show_default=True)
+@click.option("--collapse-kl", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Flag a condition as collapsed when its mean KL on the neutral text exceeds this (nats).")
+@click.option("--collapse-ppl", type=click.FloatRange(min=1), default=10.0, show_default=True,
+              help="... or when its perplexity exceeds this many times the unsteered one.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("mote-eval"), show_default=True)
 @engine_options
-def eval_command(model: Path, prompts_file: Path, classes, profiles, strength, scope, force_profile,
-                 detector_file, judge, neutral, n_random: int, max_tokens: int, seed: int, chat: bool, out: Path,
-                 n_gpu_layers: int, ctx_size: int, verbose: bool, **specs) -> None:
-    """Measure how a profile moves a behaviour against random and forced controls, and what it costs."""
+def eval_command(model: Path, prompts_file: Path, classes, profiles, strength, scope, force_profile, sweep_sizes,
+                 ftri_path, ftri_method, sweep_mode, include_super_experts, detector_file, judge, neutral,
+                 n_random: int, max_tokens: int, seed: int, chat: bool, collapse_kl: float, collapse_ppl: float,
+                 out: Path, n_gpu_layers: int, ctx_size: int, verbose: bool, **specs) -> None:
+    """Measure how a profile moves a behaviour against random and forced controls, and what it costs; or, with
+    --sweep, how the behaviour falls as the top N experts of an fTRI ranking are switched off."""
     from mote_local.engine.model import Model
     from mote_local.evaluation.evaluate import evaluate
     from mote_local.evaluation.report import format_table, write_report
     from mote_local.prompts import load_prompt_set
 
     layout = read_layout(model).require_moe()
-    profile = build_profile(layout, profiles, specs, strength, scope, force_profile)
-    if profile is None:
-        raise click.UsageError("give a profile (--profile) or steering flags (--off, --drop, …) to evaluate")
+    steering = bool(profiles) or any(specs.get(k) for k in STEER_FLAGS)
+    if sweep_sizes is None and (ftri_path or ftri_method):
+        raise click.UsageError("--ftri gives the ranking for --sweep: add --sweep N,N,… (e.g. 1,2,5,10,20)")
+    if sweep_sizes is not None:
+        if steering:
+            raise click.UsageError("--sweep switches off the top N experts of an fTRI ranking: give it --ftri, "
+                                   "not a profile or steering flags")
+        if ftri_path is None:
+            raise click.UsageError("--sweep needs the fTRI ranking to follow: --ftri DIR (the --out of `mote ftri`)")
+        profile = None
+    else:
+        profile = build_profile(layout, profiles, specs, strength, scope, force_profile)
+        if profile is None:
+            raise click.UsageError("give a profile (--profile) or steering flags (--off, --drop, …) to evaluate, "
+                                   "or --sweep with --ftri")
     prompt_set = load_prompt_set(prompts_file)
     unknown = set(classes) - set(prompt_set.names)
     if unknown:
         raise click.UsageError(f"unknown class(es) {', '.join(sorted(unknown))}: "
                                f"{prompts_file} has {', '.join(prompt_set.names)}")
     prompts = [p for name in (classes or prompt_set.names) for p in prompt_set.prompts(name)]
+    common = dict(neutral_text=neutral, detector=detector_for(detector_file, judge), n_random=n_random, seed=seed,
+                  max_tokens=max_tokens, chat=chat, collapse_kl=collapse_kl, collapse_perplexity_ratio=collapse_ppl)
+    if profile is None:
+        _eval_sweep(model, layout, prompts, sweep_sizes, ftri_path, ftri_method, sweep_mode, include_super_experts,
+                    common, out, n_gpu_layers, verbose)
+        return
     with Model(model, n_gpu_layers=n_gpu_layers, verbose=verbose) as m:
-        result = evaluate(m, prompts, profile, neutral_text=neutral, detector=detector_for(detector_file, judge),
-                          n_random=n_random, seed=seed, max_tokens=max_tokens, chat=chat)
+        result = evaluate(m, prompts, profile, **common)
     html = write_report(out, result)
     click.echo(format_table(result))
     if result.partial:
@@ -429,10 +520,42 @@ def eval_command(model: Path, prompts_file: Path, classes, profiles, strength, s
     click.echo(f"\nreport: {html}")
 
 
+def _eval_sweep(model: Path, layout: MoeLayout, prompts, sizes_text: str, ftri_path: Path, ftri_method: str | None,
+                mode: str, include_super_experts: bool, common: dict, out: Path, n_gpu_layers: int,
+                verbose: bool) -> None:
+    """`mote eval --sweep`: the paper's curve, one table and one plot."""
+    from mote_local.engine.model import Model
+    from mote_local.evaluation.super_experts import cached_super_experts
+    from mote_local.evaluation.sweep import Ranking, parse_sweep, sweep, sweep_table, write_sweep_report
+    from mote_local.ftri.runner import read_ranking
+
+    sizes = parse_sweep(sizes_text)
+    flagged = () if include_super_experts else (cached_super_experts(model) or ())
+    r = read_ranking(ftri_path, layout.moe_layers, method=ftri_method, exclude=flagged)
+    ranking = Ranking(r["experts"], r["evidence"], r["source"], r["method"], r["left_out"])
+    with Model(model, n_gpu_layers=n_gpu_layers, verbose=verbose) as m:
+        result = sweep(m, prompts, ranking, sizes, mode=mode, exclude_super_experts=not include_super_experts,
+                       **common)
+    html = write_sweep_report(out, result)
+    click.echo(f"sweep on {layout.path.name}: top N experts of the {ranking.method} ranking switched off "
+               f"({mode}), {len(prompts)} prompts")
+    click.echo(sweep_table(result))
+    for note in result.settings["notes"]:
+        click.echo(f"note: {note}")
+    if result.partial:
+        click.echo("interrupted: the report holds what was measured so far (marked partial)", err=True)
+    click.echo(f"\nreport: {html}")
+
+
 @main.command()
-@click.option("--out", type=click.Path(path_type=Path), default=Path("mote-demo"), show_default=True)
-@click.option("--top", type=int, default=2, show_default=True, help="Experts the demo switches off.")
-def demo(out: Path, top: int) -> None:
+@click.option("--out", type=click.Path(path_type=Path), default=Path("mote-demo"), show_default=True,
+              callback=output_directory, help="Directory for the report.")
+@click.option("--top", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Experts the demo switches off.")
+@click.option("--export", "export_dir", type=click.Path(path_type=Path), default=None, callback=output_directory,
+              help="Instead of the demo, write its model and prompt set into this directory (planted.gguf, "
+                   "prompts.toml), to try every command on them.")
+def demo(out: Path, top: int, export_dir: Path | None) -> None:
     """The whole story on a built-in model: fTRI finds the planted experts, switching them off removes
     the behaviour, a random control does not. Nothing is downloaded."""
     import time
@@ -444,9 +567,14 @@ def demo(out: Path, top: int) -> None:
     from mote_local.prompts import load_prompt_set, select_classes
     from mote_local.synthetic import planted
 
+    if export_dir is not None:
+        model_file, prompts_file = planted.export(export_dir)
+        click.echo(f"wrote {model_file}\n      a tiny {planted.ARCH} model with a refusal planted in two experts"
+                   f"\nwrote {prompts_file}\n      its prompt set: trigger and neutral classes")
+        return
     started = time.perf_counter()
     path, truth = planted.planted_model()
-    click.echo(f"model: {path.name} — a tiny {truth.arch} model with a refusal planted in experts "
+    click.echo(f"model: {path} — a tiny {truth.arch} model with a refusal planted in experts "
                f"{', '.join(f'{l}:{e}' for l, e in truth.planted)} (the demo does not tell fTRI)")
     prompt_set = load_prompt_set(planted.prompts_path())
     behavior, baseline = select_classes(prompt_set, "trigger", "neutral")
@@ -483,26 +611,31 @@ def warn_quantization(layout: MoeLayout) -> None:
 
 @main.command()
 @model_argument
-@click.option("--n-predict", "-n", type=int, default=128, show_default=True, help="Tokens per reply at most.")
-@click.option("--temp", type=float, default=0.0, show_default=True, help="Temperature (0: greedy).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--n-predict", "-n", type=click.IntRange(min=-1), default=128, show_default=True,
+              help="Tokens per reply at most (-1: until the reply ends, bounded by the context).")
+@click.option("--temp", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Temperature (0: greedy).")
+@click.option("--seed", type=SAMPLER_SEED, default=0, show_default=True)
 @steering_options
 @engine_options
 def chat(model: Path, n_predict: int, temp: float, seed: int, profiles, strength, scope, force_profile,
-         n_gpu_layers: int, ctx_size: int, verbose: bool, **specs) -> None:
+         n_gpu_layers: int, ctx_size: int, threads, verbose: bool, **specs) -> None:
     """Chat with MODEL and toggle its experts live (/help inside lists the commands)."""
-    from mote_local.cli.chat import Chat
+    from mote_local.cli.chat import Chat, history_path, terminal_reader
     from mote_local.engine.model import Model
 
+    if n_predict == 0:
+        raise click.UsageError("-n 0 would make every reply empty: give -n N, or -n -1 for replies until they end")
     layout = read_layout(model).require_moe()
+    n_ctx = context_size(layout, ctx_size)
     profile = build_profile(layout, profiles, specs, strength, scope, force_profile)
     with Model(model, n_gpu_layers=n_gpu_layers, verbose=verbose) as m, \
-            m.session(n_ctx=context_size(layout, ctx_size)) as s:
-        session = Chat(m, s, max_tokens=n_predict, temperature=temp, seed=seed,
+            m.session(n_ctx=n_ctx, n_threads=threads) as s:
+        session = Chat(m, s, max_tokens=n_predict, temperature=temp, seed=seed, n_threads=threads,
                        write=lambda text="", end="\n": click.echo(text, nl=end == "\n"))
         if profile is not None:
             session.steer(profile)
-        session.loop(_read_line)
+        session.loop(terminal_reader(history_path()) if sys.stdin.isatty() else _read_line)
 
 
 def _read_line(prompt: str) -> str:
@@ -511,4 +644,9 @@ def _read_line(prompt: str) -> str:
     if not line:
         raise EOFError
     return line
+
+
+from mote_local.serve.command import serve_command  # noqa: E402  (`mote serve`; the web stack loads when it runs)
+
+main.add_command(serve_command)
 

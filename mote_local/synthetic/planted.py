@@ -48,6 +48,8 @@ How it works (dims of the residual stream; every weight not named here is zero):
 
 from __future__ import annotations
 
+import errno
+import filecmp
 import hashlib
 import importlib.metadata
 import importlib.resources
@@ -55,6 +57,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +67,7 @@ import gguf
 import numpy as np
 from gguf import MODEL_TENSOR as MT
 
+from mote_local.atomic import atomic_path
 from mote_local.steering.entries import Entry, Mode
 from mote_local.synthetic import tiny
 
@@ -79,6 +83,7 @@ __all__ = [
     "PlantedTruth",
     "write_planted_model",
     "planted_model",
+    "export",
     "read_truth",
     "prompts_path",
     "neutral_text_path",
@@ -553,3 +558,24 @@ def planted_model(cache_dir: str | os.PathLike[str] | None = None, seed: int = 0
     if path.exists():
         return path, read_truth(path)
     return path, write_planted_model(path, seed)
+
+
+EXPORT_MODEL, EXPORT_PROMPTS = "planted.gguf", "prompts.toml"  # the names the README's walk-through uses
+
+
+def export(directory: str | os.PathLike[str], seed: int = 0) -> tuple[Path, Path]:
+    """Copies the planted model and its prompt set into ``directory`` (created if missing) as planted.gguf and
+    prompts.toml; returns their absolute paths. A different file already there is refused, never overwritten
+    (an identical one is left as it is)."""
+    target = Path(directory).expanduser().resolve()
+    model, _ = planted_model(seed=seed)
+    pairs = [(model, target / EXPORT_MODEL), (prompts_path(), target / EXPORT_PROMPTS)]
+    for src, dst in pairs:
+        if dst.exists() and not (dst.is_file() and filecmp.cmp(src, dst, shallow=False)):
+            raise FileExistsError(errno.EEXIST, f"{dst} already exists and is not the planted {dst.suffix[1:]} file: "
+                                  "export into another directory, or move it away")
+    target.mkdir(parents=True, exist_ok=True)
+    for src, dst in pairs:
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
+    return pairs[0][1], pairs[1][1]

@@ -1,0 +1,73 @@
+"""What the command line and the chat REPL share: the checks before they steer a model (that a file is a
+steering profile and not, say, fTRI's result file; that a profile was made for this model; which super-experts a
+steering switches off; where a profile may be saved) and how many tokens -n asks for. Messages name the way out
+in the caller's own words: a flag on the command line, a command in the REPL."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from mote_local.engine.model import Model
+from mote_local.errors import ProfileError, ProfileMismatchError
+from mote_local.evaluation.controls import off_experts
+from mote_local.evaluation.super_experts import SuperExpertCheck, check_super_experts
+from mote_local.ftri.runner import FTRI_FORMAT
+from mote_local.modelfile.fingerprint import Fingerprint
+from mote_local.modelfile.layout import MoeLayout
+from mote_local.steering.profile import Profile
+
+
+def load_profile(path: str | os.PathLike) -> Profile:
+    """Profile.load, which also recognises the fTRI result file and points to the profile written beside it."""
+    try:
+        return Profile.load(path)
+    except ProfileError:
+        if _is_ftri_result(Path(path)):
+            raise ProfileError(f"{path} is an fTRI result, not a steering profile: use "
+                               f"{Path(path).with_name('profile.json')}, which the same fTRI run wrote") from None
+        raise
+
+
+def _is_ftri_result(path: Path) -> bool:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and doc.get("format") == FTRI_FORMAT
+
+
+def check_fits(profile: Profile, layout: MoeLayout, what: str, override: str) -> None:
+    """Raises ProfileMismatchError when the profile was made for another model; ``what`` names the profile and
+    ``override`` says how to apply it anyway (e.g. "pass --force-profile")."""
+    if profile.fingerprint is None:
+        return
+    problem = profile.fingerprint.mismatch(Fingerprint.of_layout(layout))
+    if problem:
+        raise ProfileMismatchError(f"{what} does not fit {layout.path.name}: {problem}. Use a profile made for "
+                                   f"this model, or {override} to apply it anyway")
+
+
+def profile_target(path: str | os.PathLike) -> Path:
+    """Where to save a profile: its directory must exist (a typo must not create a directory tree)."""
+    target = Path(path).expanduser()
+    if not target.parent.is_dir():
+        raise ProfileError(f"cannot save {target}: the directory {target.parent} does not exist; create it first "
+                           "or save elsewhere")
+    return target
+
+
+def super_experts_off(model: Model, profile: Profile, n_threads: int | None = None) -> SuperExpertCheck:
+    """The super-experts among the experts the profile switches off (checked on the model, cached)."""
+    return check_super_experts(model, off_experts(profile.entries, profile.strength), n_threads=n_threads)
+
+
+def super_expert_note(model: Model, check: SuperExpertCheck, layer: int, expert: int) -> str:
+    return (f"layer {layer} expert {expert} is a super-expert of {model.path.name} (switched off alone it costs "
+            f"{check.kl[(layer, expert)]:.3g} nats of KL on neutral text; a typical expert {check.median:.2g})")
+
+
+def tokens_to_generate(n_predict: int, n_ctx: int) -> int:
+    """-n as llama.cpp reads it: -1 is until the end of generation, bounded by the context."""
+    return n_ctx if n_predict < 0 else n_predict
