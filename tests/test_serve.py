@@ -339,7 +339,7 @@ def test_isolation_alone_vs_batched_with_differently_steered_neighbours(http, tr
     alone = {(p, i): _ask(http, prompts[p], steerings[i]) for p, i in pairs}
     assert len({a["text"] for a in alone.values()}) >= 2  # the steerings do change outputs
     rng = random.Random(17)
-    server.scheduler.peak_groups = 0
+    server.scheduler.peak_groups = server.scheduler.mixed_steps = 0
     for _ in range(6):
         mix = rng.sample(pairs, 6)
         barrier = threading.Barrier(len(mix))
@@ -361,3 +361,7 @@ def test_isolation_alone_vs_batched_with_differently_steered_neighbours(http, tr
                 np.testing.assert_allclose(got["routing"][key], want["routing"][key], rtol=1e-5, atol=1e-6,
                                            err_msg=f"{where}: routing {key} changed in a batch")
     assert server.scheduler.peak_groups >= 3
+    if server.scheduler.per_sequence:  # the engine steers each sequence: differently steered requests batch
+        assert server.scheduler.mixed_steps > 0
+    else:  # it steers the whole context: a decode call never holds two steerings
+        assert server.scheduler.mixed_steps == 0

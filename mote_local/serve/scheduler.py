@@ -159,6 +159,7 @@ class Scheduler:
         self.steps = 0                 # decode calls so far
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self.peak_groups = 0           # most distinct steerings in flight at once
+        self.mixed_steps = 0           # decode calls that held differently steered requests
         self._thread = threading.Thread(target=self._run, name="mote-serve-engine", daemon=True)
 
     # public side (any thread)
@@ -275,6 +276,7 @@ class Scheduler:
         self._now = next(self._clock)
         self.steps += 1
         self.batch_sizes[len(batch)] += 1
+        self.mixed_steps += len({s.key for s in batch}) > 1
         for slot, row in zip(batch, logits):
             slot.pos += len(slot.feed)
             slot.served = self._now
