@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from mote_local.cli.commands import main
-from mote_local.engine.model import Model
+from mote_local.engine.model import Model, ThinkMarkers
 from mote_local.errors import MoteError
 from mote_local.ftri import runner as ftri
 from mote_local.prompts import load_prompt_set, select_classes
@@ -140,6 +140,6 @@ def test_thinking_scope_counts_the_tokens_between_the_markers(model, classes, mo
     # two tokens of the reply play <think> and </think>: their first occurrences at 1 and 5
     opener, closer = reply[1], reply[5]
     assert opener not in reply[:1] + reply[2:6] and closer not in reply[:5]
-    monkeypatch.setattr(Model, "think_markers", property(lambda self: (opener, closer)))
+    monkeypatch.setattr(Model, "think_markers", property(lambda self: ThinkMarkers((opener,), closer)))
     run = ftri.capture_activations(model, behavior, baseline, scope="thinking", show_progress=False)
     assert run.activations.tokens[0, model.layout.moe_layers].tolist() == [3] * len(model.layout.moe_layers)

@@ -171,9 +171,7 @@ class JudgeDetector:
             parts.append(f"Response: {body}")
             content = "\n\n".join(parts)
             if self.model.chat_template:
-                text = self.model.format_chat([{"role": "user", "content": content}])
-                bos = self.model._token_text(self.model.bos_token)
-                toks = self.model.tokenize(text, add_bos=not (bos and text.startswith(bos)))
+                toks = self.model.prompt_tokens(content)
             else:
                 toks = self.model.tokenize(content + "\nAnswer:")
             if len(toks) < self.n_ctx:

@@ -208,14 +208,6 @@ def _prompt_text(prompt: Any) -> str:
     return text
 
 
-def _prompt_tokens(model: Model, text: str, chat: bool) -> list[int]:
-    if chat and model.chat_template:
-        formatted = model.format_chat([{"role": "user", "content": text}])
-        bos = model._token_text(model.bos_token)
-        return model.tokenize(formatted, add_bos=not (bos and formatted.startswith(bos)))
-    return model.tokenize(text, add_bos=True)
-
-
 def evaluate(model: Model | str | os.PathLike, prompts: Sequence[Any], profile_entries: Any,
              strength: float = 1.0, *, neutral_text: str | os.PathLike | None = None, detector: Any = None,
              n_random: int = 3, seed: int = 0, max_tokens: int = 32, chat: bool = True,
@@ -294,7 +286,7 @@ def evaluate(model: Model | str | os.PathLike, prompts: Sequence[Any], profile_e
         except EvalError as err:
             notes.append(f"forced: skipped, {err}")
 
-    prompt_tokens = [_prompt_tokens(model, t, chat) for t in texts]
+    prompt_tokens = [model.prompt_tokens(t, chat=chat) for t in texts]
     neutral_source = None
     chunks: list[list[int]] = []
     if measure_cost:

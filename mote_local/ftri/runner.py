@@ -44,13 +44,9 @@ class CaptureRun:
     texts: list[str]             # what was fed to the model (after the chat template)
 
 
-def _prompt_text(model: Model, prompt: Prompt, chat: bool) -> tuple[str, bool]:
-    """The text to tokenize and whether a BOS token must be added."""
-    if chat and model.chat_template:
-        text = model.format_chat([{"role": "user", "content": prompt.text}])
-        bos = model._token_text(model.bos_token)
-        return text, not (bos and text.startswith(bos))
-    return prompt.text, True
+def _prompt_text(model: Model, prompt: Prompt, chat: bool) -> str:
+    """The text the model is given for a prompt (recorded; the tokens come from model.prompt_tokens)."""
+    return model.format_chat([{"role": "user", "content": prompt.text}]) if chat else prompt.text
 
 
 def _sequences(model: Model, prompts: Sequence[Prompt], scope: str, chat: bool, n_ctx: int, max_new_tokens: int
@@ -63,8 +59,8 @@ def _sequences(model: Model, prompts: Sequence[Prompt], scope: str, chat: bool, 
     generating = scope in ("generated", "thinking")
     sequences, spans, texts = [], [], []
     for p in prompts:
-        text, add_bos = _prompt_text(model, p, chat)
-        toks = model.tokenize(text, add_bos=add_bos)
+        text = _prompt_text(model, p, chat)
+        toks = model.prompt_tokens(p.text, chat=chat)
         if len(toks) + (max_new_tokens if generating else 0) > n_ctx:
             raise MoteError(f"prompt {len(texts) + 1} ({p.cls}: {p.text[:40]!r}…) needs "
                             f"{len(toks)} tokens{' plus the generation' if generating else ''}, more than "
@@ -87,21 +83,28 @@ def _generate_counting(model: Model, s, cap, sequences: list[list[int]], labels:
                        max_new_tokens: int) -> bool:
     """Generates from one batch of prompts while the capture counts the generated tokens (all of
     them, or those between the think markers). Returns whether Ctrl-C stopped it."""
-    think_open, think_close = model.think_markers
     opened: dict[int, int] = {}  # seq -> first position inside its thinking span
     closed: set[int] = set()
     if scope == "generated":
         for seq, label in enumerate(labels):
             cap.bind(seq, label, len(sequences[seq]))
+    if scope == "thinking":  # a template may open the span in the prompt (DeepSeek-R1's "<think>\n")
+        trackers = [model.think_markers.tracker(tokens) for tokens in sequences]
+        for seq, tracker in enumerate(trackers):
+            if tracker.inside:
+                opened[seq] = len(sequences[seq])
+                cap.bind(seq, labels[seq], opened[seq])
 
     def follow_markers(seq: int, token: int, pos: int) -> None:
-        # counts the tokens strictly between the first <think> and the first </think> after it
+        # counts the tokens strictly between the first opener and the first closer after it
         if seq in closed:
             return
-        if token == think_open and seq not in opened:
+        was_inside = trackers[seq].inside
+        trackers[seq].feed(token)
+        if trackers[seq].inside and not was_inside:
             opened[seq] = pos + 1
             cap.bind(seq, labels[seq], pos + 1)
-        elif token == think_close and seq in opened:
+        elif was_inside and not trackers[seq].inside:
             cap.bind(seq, labels[seq], opened[seq], pos)
             closed.add(seq)
 
@@ -123,11 +126,10 @@ def capture_activations(model: Model, behavior: Sequence[Prompt], baseline: Sequ
     """
     if scope not in SCOPES:
         raise MoteError(f"unknown scope {scope!r}: choose one of {', '.join(SCOPES)}")
-    if scope == "thinking" and None in model.think_markers:
-        missing = [m for m, t in zip(("<think>", "</think>"), model.think_markers) if t is None]
-        raise MoteError(f"scope 'thinking' counts the tokens between <think> and </think>, but {model.path.name} "
-                        f"has no single token for {' or '.join(missing)}: it does not think in marked spans; "
-                        "choose another scope (prompt, target, generated)")
+    if scope == "thinking" and model.think_markers is None:
+        raise MoteError(f"scope 'thinking' counts the tokens between <think> and </think> (or in gpt-oss's analysis "
+                        f"channel), but {model.path.name} has no single tokens for those markers: it does not think "
+                        "in marked spans; choose another scope (prompt, target, generated)")
     if not behavior or not baseline:
         raise MoteError("fTRI needs at least one behaviour prompt and one baseline prompt")
     layout = model.layout.require_moe()

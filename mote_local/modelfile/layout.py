@@ -13,6 +13,7 @@ before llama.cpp sees it. Two kinds of file must never reach llama.cpp:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import mmap
 import os
@@ -21,6 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import gguf
+import numpy as np
 
 from mote_local.errors import ModelFileError, NotMoeError
 
@@ -109,19 +111,14 @@ def check_model_file(path: str | os.PathLike) -> Path:
     return p
 
 
-def _field(reader: gguf.GGUFReader, key: str, default=None):
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
-
-
 # ---------------------------------------------------------------------------------------------- structure
 
 class _Broken(Exception):
     """What is wrong with a GGUF file, in words (without the file name)."""
 
 
-# byte size of each scalar GGUF value type; 8 is STRING, 9 ARRAY
-_SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+# struct format of each scalar GGUF value type; 8 is STRING, 9 ARRAY
+_SCALAR_FORMAT = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY, _UINT32 = 8, 9, 4
 
 
@@ -165,13 +162,16 @@ class _Cursor:
     def unpack(self, fmt: str):
         return struct.unpack_from(fmt, self.buf, self.take(struct.calcsize(fmt)))[0]
 
-    def string(self, what: str) -> str:
+    def raw_string(self, what: str) -> bytes:
         n = self.unpack("<Q")
         if n > self.size:
             raise _Broken(f"has a corrupt {self.where}: {what} claims a length of {n} bytes; {_FIX_CORRUPT}")
         start = self.take(n)
+        return bytes(self.buf[start:start + n])
+
+    def string(self, what: str) -> str:
         try:
-            return bytes(self.buf[start:start + n]).decode("utf-8")
+            return self.raw_string(what).decode("utf-8")
         except UnicodeDecodeError:
             raise _Broken(f"has a corrupt {self.where}: {what} is not UTF-8 text; {_FIX_CORRUPT}") from None
 
@@ -200,115 +200,193 @@ def _tensor_layout(tensors: list[tuple[str, int, int]], data_start: int, alignme
                           f"data is there); {_FIX_TRUNCATED}")
 
 
-def _scan(p: Path) -> None:
-    """Walks the whole GGUF structure with bounds checks; raises _Broken saying where it is broken."""
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # ggml order: the row length first
+    type: gguf.GGMLQuantizationType
+    offset: int             # in the file
+    n_bytes: int
+
+
+@dataclass(frozen=True)
+class GgufHeader:
+    """What a GGUF file says before its tensor data, read in one bounds-checked pass.
+
+    ``values`` holds every single value and every array of up to ``SMALL_ARRAY`` numbers (per-layer
+    hyperparameters) as Python values; longer arrays (a vocabulary, its scores and merges) are stepped over
+    unless asked for by key, then they are in ``arrays``: strings as raw bytes (a token need not be UTF-8),
+    numbers as a numpy array.
+    """
+
+    values: dict[str, object]
+    arrays: dict[str, tuple[bytes, ...] | np.ndarray]
+    tensors: tuple[TensorInfo, ...]
+    data_offset: int
+
+    def tensor(self, name: str) -> TensorInfo | None:
+        return self._by_name.get(name)
+
+    @functools.cached_property
+    def _by_name(self) -> dict[str, TensorInfo]:
+        return {t.name: t for t in self.tensors}
+
+
+SMALL_ARRAY = 4096
+_U64 = struct.Struct("<Q")
+
+
+def _string_array(cur: _Cursor, count: int, keep: bool) -> tuple[bytes, ...] | None:
+    """Steps over `count` strings (the hot loop of a 150k-token vocabulary); their bytes when `keep`."""
+    buf, size, pos = cur.buf, cur.size, cur.pos
+    unpack, kept = _U64.unpack_from, []
+    for _ in range(count):
+        start = pos + 8
+        if start > size:
+            break
+        end = start + unpack(buf, pos)[0]
+        if end > size:
+            break
+        if keep:
+            kept.append(buf[start:end])
+        pos = end
+    else:
+        cur.pos = pos
+        return tuple(kept) if keep else None
+    cur.pos = pos
+    cur.raw_string("a string value")  # the broken entry, read again for the message
+    raise AssertionError("unreachable: the entry above is broken")
+
+
+def _read_header(p: Path, arrays: tuple[str, ...] = ()) -> GgufHeader:
+    """Walks the whole GGUF header with bounds checks and checks the tensor table against the file;
+    raises _Broken saying where it is broken."""
     size = p.stat().st_size
-    with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        _check_header(buf[:24], size)
-        _, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-        cur = _Cursor(buf, size, 24, "metadata")
-        alignment = gguf.GGUF_DEFAULT_ALIGNMENT
-        keys = set()
-        for i in range(n_kv):
-            cur.where = f"metadata (key #{i + 1} of {n_kv})"
-            key = cur.string("a key name")
-            cur.where = f"metadata (key #{i + 1} of {n_kv}, {key!r})"
-            if not key or key in keys:
-                raise _Broken(f"has a corrupt {cur.where}: {'an empty' if not key else 'a duplicate'} key; "
-                              + _FIX_CORRUPT)
-            keys.add(key)
-            vtype = cur.unpack("<I")
-            count, is_array = 1, vtype == _ARRAY
-            if is_array:
-                vtype, count = cur.unpack("<I"), cur.unpack("<Q")
+    with open(p, "rb") as f:
+        _check_header(f.read(24), size)
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            return _walk(buf, size, arrays)
+
+
+def _walk(buf, size: int, wanted: tuple[str, ...]) -> GgufHeader:
+    _, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+    cur = _Cursor(buf, size, 24, "metadata")
+    alignment = gguf.GGUF_DEFAULT_ALIGNMENT
+    values: dict[str, object] = {}
+    arrays: dict[str, tuple[bytes, ...] | np.ndarray] = {}
+    for i in range(n_kv):
+        cur.where = f"metadata (key #{i + 1} of {n_kv})"
+        key = cur.string("a key name")
+        cur.where = f"metadata (key #{i + 1} of {n_kv}, {key!r})"
+        if not key or key in values or key in arrays:
+            raise _Broken(f"has a corrupt {cur.where}: {'an empty' if not key else 'a duplicate'} key; "
+                          + _FIX_CORRUPT)
+        vtype = cur.unpack("<I")
+        if vtype == _ARRAY:
+            vtype, count = cur.unpack("<I"), cur.unpack("<Q")
+            if count > size:
+                raise _Broken(f"has a corrupt {cur.where}: an array of {count} values; {_FIX_CORRUPT}")
             if vtype == _STRING:
-                for _ in range(count):
-                    cur.string("a string value")
-            elif vtype in _SCALAR_SIZE:
-                if count > size:
-                    raise _Broken(f"has a corrupt {cur.where}: an array of {count} values; {_FIX_CORRUPT}")
-                start = cur.take(_SCALAR_SIZE[vtype] * count)
-                if key == gguf.Keys.General.ALIGNMENT:
-                    if is_array or vtype != _UINT32:
-                        raise _Broken(f"has a corrupt {cur.where}: the alignment must be one uint32; {_FIX_CORRUPT}")
-                    alignment = struct.unpack_from("<I", buf, start)[0]
-                    if alignment == 0 or alignment & (alignment - 1):
-                        raise _Broken(f"has a corrupt {cur.where}: alignment {alignment} is not a power of two; "
-                                      + _FIX_CORRUPT)
+                strings = _string_array(cur, count, key in wanted)
+                if strings is not None:
+                    arrays[key] = strings
+            elif vtype in _SCALAR_FORMAT:
+                fmt = _SCALAR_FORMAT[vtype]
+                start = cur.take(struct.calcsize(fmt) * count)
+                if key in wanted:
+                    arrays[key] = np.frombuffer(buf[start:cur.pos], dtype=np.dtype("<" + fmt))
+                elif count <= SMALL_ARRAY:
+                    values[key] = list(struct.unpack_from(f"<{count}{fmt}", buf, start))
             else:
-                raise _Broken(f"has a corrupt {cur.where}: unknown value type {vtype}; {_FIX_CORRUPT}")
-        tensors: list[tuple[str, int, int]] = []
-        names = set()
-        for i in range(n_tensors):
-            cur.where = f"tensor table (tensor #{i + 1} of {n_tensors})"
-            name = cur.string("a tensor name")
-            cur.where = f"tensor table (tensor #{i + 1} of {n_tensors}, {name!r})"
-            if len(name.encode()) >= GGML_MAX_NAME or name in names:
-                raise _Broken(f"has a corrupt {cur.where}: {'a duplicate' if name in names else 'too long a'} "
-                              f"name; {_FIX_CORRUPT}")
-            names.add(name)
-            n_dims = cur.unpack("<I")
-            if n_dims > GGML_MAX_DIMS:
-                raise _Broken(f"has a corrupt {cur.where}: {n_dims} dimensions (at most {GGML_MAX_DIMS}); "
-                              + _FIX_CORRUPT)
-            dims = [cur.unpack("<q") for _ in range(n_dims)]
-            ttype = cur.unpack("<I")
-            offset = cur.unpack("<Q")
+                raise _Broken(f"has a corrupt {cur.where}: unknown array type {vtype}; {_FIX_CORRUPT}")
+        elif vtype == _STRING:
             try:
-                qtype = gguf.GGMLQuantizationType(ttype)
-                block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-            except (ValueError, KeyError):
-                raise _Broken(f"has a corrupt {cur.where}: unknown tensor type {ttype}; {_FIX_CORRUPT}") from None
-            n_elements = 1
-            for d in dims:
-                n_elements *= d
-            if any(d < 0 for d in dims) or n_elements >= 2**63 or (dims and dims[0] % block):
-                raise _Broken(f"has a corrupt {cur.where}: shape {dims} does not fit type {qtype.name}; "
-                              + _FIX_CORRUPT)
-            tensors.append((name, offset, n_elements // block * type_size))
-        if tensors:
-            _tensor_layout(tensors, _pad(cur.pos, alignment), alignment, size)
+                values[key] = cur.raw_string("a string value").decode("utf-8")
+            except UnicodeDecodeError:
+                raise _Broken(f"has a corrupt metadata value: {key} is not UTF-8 text; {_FIX_CORRUPT}") from None
+        elif vtype in _SCALAR_FORMAT:
+            value = values[key] = cur.unpack("<" + _SCALAR_FORMAT[vtype])
+            if key == gguf.Keys.General.ALIGNMENT:
+                if vtype != _UINT32:
+                    raise _Broken(f"has a corrupt {cur.where}: the alignment must be one uint32; {_FIX_CORRUPT}")
+                if value == 0 or value & (value - 1):
+                    raise _Broken(f"has a corrupt {cur.where}: alignment {value} is not a power of two; "
+                                  + _FIX_CORRUPT)
+                alignment = value
+        else:
+            raise _Broken(f"has a corrupt {cur.where}: unknown value type {vtype}; {_FIX_CORRUPT}")
+    if values.get(gguf.Keys.General.ALIGNMENT, alignment) != alignment:  # an alignment array
+        raise _Broken(f"has a corrupt metadata key {gguf.Keys.General.ALIGNMENT!r}: the alignment must be one "
+                      f"uint32; {_FIX_CORRUPT}")
+    tensors = _tensor_table(cur, n_tensors)
+    data_offset = _pad(cur.pos, alignment)
+    if tensors:
+        _tensor_layout([(name, offset, n_bytes) for name, _, _, offset, n_bytes in tensors], data_offset,
+                       alignment, size)
+    return GgufHeader(values, arrays, tuple(TensorInfo(name, shape, qtype, data_offset + offset, n_bytes)
+                                            for name, shape, qtype, offset, n_bytes in tensors), data_offset)
+
+
+def _tensor_table(cur: _Cursor, n_tensors: int) -> list[tuple[str, tuple[int, ...], gguf.GGMLQuantizationType,
+                                                               int, int]]:
+    """(name, shape, type, offset in the data section, n_bytes) of every tensor, each entry checked alone."""
+    tensors = []
+    names = set()
+    for i in range(n_tensors):
+        cur.where = f"tensor table (tensor #{i + 1} of {n_tensors})"
+        name = cur.string("a tensor name")
+        cur.where = f"tensor table (tensor #{i + 1} of {n_tensors}, {name!r})"
+        if len(name.encode()) >= GGML_MAX_NAME or name in names:
+            raise _Broken(f"has a corrupt {cur.where}: {'a duplicate' if name in names else 'too long a'} "
+                          f"name; {_FIX_CORRUPT}")
+        names.add(name)
+        n_dims = cur.unpack("<I")
+        if n_dims > GGML_MAX_DIMS:
+            raise _Broken(f"has a corrupt {cur.where}: {n_dims} dimensions (at most {GGML_MAX_DIMS}); "
+                          + _FIX_CORRUPT)
+        dims = tuple(cur.unpack("<q") for _ in range(n_dims))
+        ttype = cur.unpack("<I")
+        offset = cur.unpack("<Q")
+        try:
+            qtype = gguf.GGMLQuantizationType(ttype)
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            raise _Broken(f"has a corrupt {cur.where}: unknown tensor type {ttype}; {_FIX_CORRUPT}") from None
+        n_elements = 1
+        for d in dims:
+            n_elements *= d
+        if any(d < 0 for d in dims) or n_elements >= 2**63 or (dims and dims[0] % block):
+            raise _Broken(f"has a corrupt {cur.where}: shape {list(dims)} does not fit type {qtype.name}; "
+                          + _FIX_CORRUPT)
+        tensors.append((name, dims, qtype, offset, n_elements // block * type_size))
+    return tensors
+
+
+def read_header(path: str | os.PathLike, arrays: tuple[str, ...] = (),
+                error: type[Exception] = ModelFileError) -> GgufHeader:
+    """The header of a GGUF file (see GgufHeader); a corrupt or truncated file raises `error` saying where it
+    is broken. Fast on any vocabulary: a 150k-token one is stepped over, not decoded, unless asked for."""
+    p = Path(path)
+    try:
+        return _read_header(p, arrays)
+    except _Broken as err:
+        raise error(f"{p} {err}") from None
 
 
 def open_gguf(p: Path, error: type[Exception] = ModelFileError) -> gguf.GGUFReader:
-    """A reader of the GGUF file p; a corrupt or truncated file raises `error` saying where it is broken."""
+    """gguf-py's reader of the GGUF file p, after read_header has checked its structure."""
+    read_header(p, error=error)
     try:
-        with open(p, "rb") as f:
-            _check_header(f.read(24), p.stat().st_size)
-        reader = gguf.GGUFReader(p)
-    except _Broken as err:
-        raise error(f"{p} {err}") from None
-    except Exception as err:  # the reader raises assorted errors on truncated or corrupt files
-        try:
-            _scan(p)
-        except _Broken as found:
-            raise error(f"{p} {found}") from None
-        except Exception:  # noqa: BLE001 - the reader's own message is the best there is
-            pass
+        return gguf.GGUFReader(p)
+    except Exception as err:  # noqa: BLE001 - checked above; the reader's own message is the best there is
         raise error(f"{p} is not a readable GGUF file ({type(err).__name__}: {err}); "
                     "the file may be truncated or corrupt") from None
-    # the reader decodes string values only when asked: check the single strings now (metadata a caller
-    # reads), so that a corrupt one is this error rather than a UnicodeDecodeError later. Arrays of strings
-    # (vocabularies) are left alone: llama.cpp accepts tokens that are not UTF-8.
-    for name, field in reader.fields.items():
-        if field.types == [gguf.GGUFValueType.STRING]:
-            try:
-                bytes(field.parts[-1]).decode("utf-8")
-            except UnicodeDecodeError:
-                raise error(f"{p} has a corrupt metadata value: {name} is not UTF-8 text; {_FIX_CORRUPT}") from None
-    try:
-        if reader.tensors:
-            _tensor_layout([(t.name, t.data_offset - reader.data_offset, t.n_bytes) for t in reader.tensors],
-                           reader.data_offset, reader.alignment, p.stat().st_size)
-    except _Broken as err:
-        raise error(f"{p} {err}") from None
-    return reader
 
 
 # ---------------------------------------------------------------------------------------------- layout
 
-# Layouts already read in this process, by resolved path: (digest of the file's header, layout). gguf's
-# reader takes seconds on a 150k-token vocabulary, and one command reads a model's layout several times.
+# Layouts already read in this process, by resolved path: (digest of the file's header, layout). One command
+# reads a model's layout several times.
 _LAYOUTS: dict[Path, tuple[bytes, MoeLayout]] = {}
 _LAYOUTS_KEPT = 8
 
@@ -339,18 +417,19 @@ def read_layout(path: str | os.PathLike) -> MoeLayout:
 
 
 def _parse_layout(p: Path) -> MoeLayout:
-    reader = open_gguf(p)
-    arch = _field(reader, gguf.Keys.General.ARCHITECTURE)
+    header = read_header(p, arrays=(gguf.Keys.Tokenizer.LIST,))
+    meta = header.values
+    arch = meta.get(gguf.Keys.General.ARCHITECTURE)
     if not isinstance(arch, str):
         raise ModelFileError(f"{p} has no general.architecture key: not a llama.cpp model")
 
     def key(template: str, default=None):
-        return _field(reader, template.format(arch=arch), default)
+        return meta.get(template.format(arch=arch), default)
 
     def integer(template: str, default: int | None = 0, *, per_layer: bool = False) -> int | None:
         """An integer key; per_layer keys may hold one value per layer (the largest counts)."""
         name = template.format(arch=arch)
-        value = _field(reader, name)
+        value = meta.get(name)
         if value is None:
             return default
         values = value if per_layer and isinstance(value, list) else [value]
@@ -379,13 +458,14 @@ def _parse_layout(p: Path) -> MoeLayout:
     _check_experts(corrupt, arch, n_expert, n_expert_used, groups, group_used)
 
     router = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.FFN_GATE_INP]
-    tensors = {t.name: t for t in reader.tensors}
-    moe_layers = tuple(il for il in range(n_layer) if f"{router.format(bid=il)}.weight" in tensors)
+    routers = {il: header.tensor(f"{router.format(bid=il)}.weight") for il in range(n_layer)}
+    routers = {il: t for il, t in routers.items() if t is not None}
+    moe_layers = tuple(routers)
     if n_expert > 0 and not moe_layers:
         raise ModelFileError(f"{p} declares {n_expert} experts per layer ({arch}.expert_count) but holds no "
                              f"expert router tensor ({router.format(bid='N')}.weight); {_FIX_CORRUPT}")
     for il in moe_layers:
-        shape = [int(d) for d in tensors[f"{router.format(bid=il)}.weight"].shape]
+        shape = list(routers[il].shape)
         if len(shape) < 2 or shape[1] != n_expert:
             raise ModelFileError(f"{p}: router tensor {router.format(bid=il)}.weight has shape {shape}, but "
                                  f"{arch}.expert_count says {n_expert} experts; {_FIX_CORRUPT}")
@@ -401,8 +481,8 @@ def _parse_layout(p: Path) -> MoeLayout:
     if shared is None:
         shexp = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP].format(bid=moe_layers[0]) if moe_layers else ""
         up_shexp = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.FFN_UP_SHEXP].format(bid=moe_layers[0]) if moe_layers else ""
-        shared = 1 if moe_layers and (f"{shexp}.weight" in tensors or f"{up_shexp}.weight" in tensors) else 0
-    file_type = _field(reader, gguf.Keys.General.FILE_TYPE)
+        shared = 1 if moe_layers and (header.tensor(f"{shexp}.weight") or header.tensor(f"{up_shexp}.weight")) else 0
+    file_type = meta.get(gguf.Keys.General.FILE_TYPE)
     try:
         file_type_name = gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_") if file_type is not None else "unknown"
     except (TypeError, ValueError):
@@ -411,29 +491,30 @@ def _parse_layout(p: Path) -> MoeLayout:
     if not 0 <= context_length < 2**31:
         raise ModelFileError(f"{p}: {arch}.context_length is {context_length}, more than llama.cpp can address "
                              f"(2**31 - 1 tokens); {_FIX_CORRUPT}")
-    _check_vocabulary(p, reader)
+    _check_vocabulary(p, header.arrays.get(gguf.Keys.Tokenizer.LIST))
     return MoeLayout(
         path=p, arch=arch, n_layer=n_layer, moe_layers=moe_layers, n_expert=n_expert,
         n_expert_used=n_expert_used, gating=gating,
         norm_weights=bool(norm) if norm is not None else default_norm,
         n_shared_experts=shared, n_expert_groups=groups, n_group_used=group_used,
         file_type=file_type_name, size_bytes=p.stat().st_size, context_length=max(context_length, 0),
-        data_offset=int(reader.data_offset),
-        router_spans=tuple((int(tensors[f"{router.format(bid=il)}.weight"].data_offset),
-                            int(tensors[f"{router.format(bid=il)}.weight"].n_bytes)) for il in moe_layers),
+        data_offset=header.data_offset,
+        router_spans=tuple((t.offset, t.n_bytes) for t in routers.values()),
     )
 
 
-def _check_vocabulary(p: Path, reader: gguf.GGUFReader) -> None:
+def _check_vocabulary(p: Path, tokens: tuple[bytes, ...] | None) -> None:
     """llama.cpp asserts that no two tokens of the vocabulary are the same string; a flipped byte in the token
     list is enough to trip it and abort the process. Tokens are compared as llama.cpp reads them: as C strings
     (up to the first NUL byte), an empty one counting as "[EMPTY_<id>]"."""
-    field = reader.fields.get(gguf.Keys.Tokenizer.LIST)
-    if field is None or field.types != [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING]:
+    if not isinstance(tokens, tuple):
         return  # llama.cpp refuses a missing or mistyped token list with an error of its own
+    words = [t.split(b"\0", 1)[0] if b"\0" in t else t for t in tokens]
+    if len(set(words)) == len(words) and all(words):
+        return  # the common case, at C speed; the loop below names the culprit
     seen: dict[bytes, int] = {}
-    for i, part in enumerate(field.data):
-        word = field.parts[part].tobytes().split(b"\0", 1)[0] or f"[EMPTY_{i}]".encode()
+    for i, word in enumerate(words):
+        word = word or f"[EMPTY_{i}]".encode()
         first = seen.setdefault(word, i)
         if first != i:
             raise ModelFileError(f"{p}: the vocabulary ({gguf.Keys.Tokenizer.LIST}) holds the token "

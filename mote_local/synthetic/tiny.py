@@ -2,8 +2,11 @@
 
 Every architecture the project steers gets a generator here (``ARCHS``), plus a plain dense ``llama``
 model for error paths. The weights are random but reproducible: the same :class:`TinySpec` always gives a
-byte-identical file. All models share one small word-level SentencePiece-style vocabulary (:func:`make_vocab`)
-so that prompts tokenize into readable whole words and later modules can plant behaviour on it.
+byte-identical file. By default all models share one small word-level SentencePiece-style vocabulary
+(:func:`make_vocab`) so that prompts tokenize into readable whole words and later modules can plant behaviour on
+it; ``vocab=<preset>`` gives a model a real tokenizer and chat template instead (:mod:`.real_vocab`: Qwen3's
+151,936 tokens with its thinking template, DeepSeek-R1/V3.1, gpt-oss's harmony format, Mistral), read from
+the pinned llama-cpp-python sdist.
 
 Tensor names and metadata keys come from gguf-py (``gguf.TENSOR_NAMES``, ``GGUFWriter.add_*``); shapes follow
 the loaders of the pinned llama.cpp (``src/models/<arch>.cpp``). Shapes below are written in ggml order
@@ -29,6 +32,8 @@ from gguf import MODEL_TENSOR as MT
 from gguf import GGMLQuantizationType as QT
 
 from mote_local.atomic import atomic_path
+from mote_local.modelfile.layout import read_header
+from mote_local.synthetic import real_vocab
 
 # gguf 0.17 lacks gpt-oss and the expert-group keys; fail at import rather than mid-write.
 if not (hasattr(gguf.MODEL_ARCH, "GPT_OSS") and hasattr(gguf.GGUFWriter, "add_expert_group_count")):
@@ -44,6 +49,7 @@ __all__ = [
     "TinySpec",
     "Vocab",
     "make_vocab",
+    "spec_vocab",
     "spec_for",
     "make_weights",
     "write_model",
@@ -196,6 +202,21 @@ class Vocab:
     def im_end_id(self) -> int:
         return self.id_of(_IM_END)
 
+    def add_to(self, w: gguf.GGUFWriter) -> None:
+        """Writes the tokenizer and the ChatML template into a GGUF being written."""
+        w.add_tokenizer_model("llama")
+        w.add_token_list(list(self.tokens))
+        w.add_token_scores(list(self.scores))
+        w.add_token_types(list(self.types))
+        w.add_bos_token_id(self.bos_id)
+        w.add_eos_token_id(self.eos_id)
+        w.add_unk_token_id(self.unk_id)
+        w.add_eot_token_id(self.im_end_id)  # generation stops at the end of a ChatML turn
+        w.add_add_bos_token(True)
+        w.add_add_eos_token(False)
+        w.add_add_space_prefix(True)
+        w.add_chat_template(CHAT_TEMPLATE)
+
 
 def _capitalized(word: str) -> str:
     return word[:1].upper() + word[1:]
@@ -261,6 +282,11 @@ def make_vocab(extra_words: tuple[str, ...] | list[str] = (), n_vocab: int = 0) 
     return Vocab(tuple(tokens), tuple(scores), tuple(int(t) for t in types), tuple(words))
 
 
+def spec_vocab(spec: "TinySpec") -> Vocab | real_vocab.RealVocab:
+    """The vocabulary a spec's model is written with."""
+    return real_vocab.load(spec.vocab) if spec.vocab else make_vocab(spec.extra_words, spec.n_vocab)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Spec
 # --------------------------------------------------------------------------------------------------------
@@ -290,6 +316,7 @@ class TinySpec:
     q_lora_rank: int = 32       # deepseek2 only; 0 gives the V2-Lite style plain attn_q
     kv_lora_rank: int = 32      # deepseek2 only
     extra_words: tuple[str, ...] = ()
+    vocab: str = ""             # "": the shared word vocabulary; else a real_vocab.PRESETS name
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -329,6 +356,11 @@ def _validate(s: TinySpec) -> None:
         raise bad(f"router_scale must be > 0, got {s.router_scale}")
     if not isinstance(s.extra_words, tuple):
         raise bad("extra_words must be a tuple (the spec is hashed)")
+    if s.vocab:
+        if s.vocab not in real_vocab.PRESETS:
+            raise bad(f"unknown vocab {s.vocab!r}; expected one of {', '.join(real_vocab.PRESETS)}")
+        if s.n_vocab or s.extra_words:
+            raise bad("n_vocab and extra_words apply to the shared word vocabulary, not to a real one")
 
     if s.arch == DENSE:
         if s.n_expert or s.n_expert_used or s.n_expert_groups or s.n_expert_shared:
@@ -498,7 +530,7 @@ def make_weights(spec: TinySpec) -> dict[str, np.ndarray]:
     Each tensor draws from its own stream, ``default_rng([seed, crc32(name)])``, so a tensor's values do not
     depend on the other tensors' shapes and callers can replace single tensors before :func:`write_model`.
     """
-    vocab = make_vocab(spec.extra_words, spec.n_vocab)
+    vocab = spec_vocab(spec)
     weights: dict[str, np.ndarray] = {}
     for name, shape, std in _layout(spec, len(vocab)):
         np_shape = tuple(reversed(shape))
@@ -510,9 +542,10 @@ def make_weights(spec: TinySpec) -> dict[str, np.ndarray]:
 
     # Readable output: only whole words and punctuation get output rows (logit std _WORD_LOGIT_STD); word
     # prefixes, single characters, bytes and control tokens get zero rows, so they are rarely sampled and never
-    # win greedy decoding. Without this, random heads mostly emit fragments such as "▁rememb".
+    # win greedy decoding. Without this, random heads mostly emit fragments such as "▁rememb". A real
+    # vocabulary keeps its text tokens (no placeholder, control or added token wins by chance).
     head = weights[_name(MT.OUTPUT, "weight")]
-    words = vocab.word_mask()
+    words = vocab.word_mask() if isinstance(vocab, Vocab) else vocab.text_mask()
     head[words] *= np.float32(_WORD_LOGIT_STD)
     head[~words] = 0.0
     return weights
@@ -595,7 +628,7 @@ _FILE_TYPE = {
 # Writing
 # --------------------------------------------------------------------------------------------------------
 
-def _add_metadata(w: gguf.GGUFWriter, s: TinySpec, vocab: Vocab) -> None:
+def _add_metadata(w: gguf.GGUFWriter, s: TinySpec, vocab: Vocab | real_vocab.RealVocab) -> None:
     w.add_name(f"mote-tiny-{s.arch}")
     w.add_file_type(_FILE_TYPE[s.qtype])
     w.add_string(KEY_ARCH, s.arch)
@@ -649,18 +682,7 @@ def _add_metadata(w: gguf.GGUFWriter, s: TinySpec, vocab: Vocab) -> None:
         # required; SWA on every other layer (llama.cpp's default pattern 2 for gpt-oss)
         w.add_sliding_window(s.sliding_window)
 
-    w.add_tokenizer_model("llama")
-    w.add_token_list(list(vocab.tokens))
-    w.add_token_scores(list(vocab.scores))
-    w.add_token_types(list(vocab.types))
-    w.add_bos_token_id(vocab.bos_id)
-    w.add_eos_token_id(vocab.eos_id)
-    w.add_unk_token_id(vocab.unk_id)
-    w.add_eot_token_id(vocab.im_end_id)  # generation stops at the end of a ChatML turn
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
-    w.add_add_space_prefix(True)
-    w.add_chat_template(CHAT_TEMPLATE)
+    vocab.add_to(w)
 
 
 def write_model(spec: TinySpec, path: str | os.PathLike[str], weights: dict[str, np.ndarray] | None = None,
@@ -682,7 +704,7 @@ def write_model(spec: TinySpec, path: str | os.PathLike[str], weights: dict[str,
         for name, ref in expected.items():
             if weights[name].shape != ref.shape:
                 raise ValueError(f"{name}: shape {weights[name].shape}, spec needs {ref.shape}")
-    vocab = make_vocab(spec.extra_words, spec.n_vocab)
+    vocab = spec_vocab(spec)
     with atomic_path(path) as tmp:
         w = gguf.GGUFWriter(tmp, spec.gguf_arch)
         _add_metadata(w, spec, vocab)
@@ -711,6 +733,8 @@ def _spec_hash(spec: TinySpec) -> str:
     # new gguf writer) regenerates cached files instead of serving bytes from an older generator.
     h = hashlib.sha256(Path(__file__).read_bytes())
     h.update(f"|gguf-{importlib.metadata.version('gguf')}|{spec.to_json()}".encode())
+    if spec.vocab:  # a real vocabulary: the module that adapts it and the sdist it comes from
+        h.update(Path(real_vocab.__file__).read_bytes() + real_vocab.sdist_path().name.encode())
     return h.hexdigest()[:16]
 
 
@@ -730,11 +754,10 @@ def tiny_model(arch: str | TinySpec, cache_dir: str | os.PathLike[str] | None = 
 
 def spec_from_file(path: str | os.PathLike[str]) -> TinySpec:
     """The :class:`TinySpec` recorded in a file written by :func:`write_model`."""
-    reader = gguf.GGUFReader(path)
-    field = reader.get_field(KEY_SPEC)
-    if field is None:
+    recorded = read_header(path).values.get(KEY_SPEC)
+    if not isinstance(recorded, str):
         raise ValueError(f"{path}: not a mote tiny model (no {KEY_SPEC} key)")
-    fields = json.loads(field.contents())
+    fields = json.loads(recorded)
     fields["extra_words"] = tuple(fields.get("extra_words", ()))
     return TinySpec(**fields)
 
