@@ -215,6 +215,20 @@ def test_qtypes(tmp_path):
     assert small["blk.0.ffn_up_exps.weight"].tensor_type == QT.Q5_0
 
 
+def test_tensor_plan_is_what_is_written(tmp_path):
+    """The plan a large-model writer follows (names, shapes, types) is the file write_model makes; a head width
+    other than n_embd / n_head (Qwen3-30B-A3B: 32 heads of 128 on n_embd 2048) reaches the keys and shapes."""
+    spec = tiny.spec_for("qwen3moe", qtype="q4_0", n_head=4, n_head_kv=2, n_embd_head=32)
+    t = _tensors(gguf.GGUFReader(path := tiny.write_model(spec, tmp_path / "q4_0.gguf")))
+    plan = tiny.tensor_plan(spec)
+    assert [name for name, *_ in plan] == list(t)
+    for name, shape, _, qt in plan:
+        assert (tuple(int(d) for d in t[name].shape), t[name].tensor_type) == (shape, qt)
+    assert t["blk.0.ffn_up_exps.weight"].tensor_type == QT.Q4_0 and t[ROUTER.format(0)].tensor_type == QT.F32
+    assert tuple(t["blk.0.attn_q.weight"].shape) == (64, 4 * 32)
+    assert _field(gguf.GGUFReader(path), "qwen3moe.attention.key_length") == 32
+
+
 # ------------------------------------------------------------------------------------------ validation
 
 @pytest.mark.parametrize("arch, overrides, match", [
@@ -229,6 +243,9 @@ def test_qtypes(tmp_path):
     ("deepseek2", {"n_expert_used": 9}, "exceeds"),
     ("deepseek2", {"n_layer": 1}, "leading dense"),
     ("olmoe", {"n_head_kv": 2}, "n_head_kv"),
+    ("olmoe", {"n_embd_head": 32}, "n_embd_head"),
+    ("qwen3moe", {"vocab": "qwen4"}, "unknown vocab"),
+    ("qwen3moe", {"vocab": "qwen3", "n_vocab": 5000}, "real one"),
     ("dense", {"n_expert": 8}, "no experts"),
     ("qwen2moe", {"n_expert_shared": 0}, "n_expert_shared"),
 ])

@@ -51,6 +51,8 @@ __all__ = [
     "make_vocab",
     "spec_vocab",
     "spec_for",
+    "tensor_plan",
+    "add_metadata",
     "make_weights",
     "write_model",
     "tiny_model",
@@ -74,7 +76,7 @@ DEFAULT_SEEDS: dict[str, int] = {
     DENSE: 1101,
 }
 
-QTYPES: tuple[str, ...] = ("f32", "f16", "q8_0", "q4_k")
+QTYPES: tuple[str, ...] = ("f32", "f16", "q8_0", "q4_k", "q4_0")
 
 # The gguf architecture each public name is written as.
 _GGUF_ARCH: dict[str, gguf.MODEL_ARCH] = {
@@ -301,6 +303,7 @@ class TinySpec:
     n_embd: int = 64
     n_head: int = 4
     n_head_kv: int = 4          # deepseek2 ignores it: MLA is written as MQA (one KV head)
+    n_embd_head: int = 0        # attention head width; 0: n_embd // n_head (Qwen3-30B-A3B: 128 at n_embd 2048)
     n_ff: int = 128             # dense FFN width (dense model, deepseek2's leading dense layer)
     n_ff_exp: int = 32          # width of one expert (and of one shared expert)
     n_expert: int = 8
@@ -323,7 +326,7 @@ class TinySpec:
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.n_embd_head or self.n_embd // self.n_head
 
     @property
     def gguf_arch(self) -> str:
@@ -346,10 +349,13 @@ def _validate(s: TinySpec) -> None:
     for name in ("n_layer", "n_embd", "n_head", "n_head_kv", "n_ff", "n_ff_exp", "n_ctx"):
         if getattr(s, name) < 1:
             raise bad(f"{name} must be >= 1, got {getattr(s, name)}")
-    if s.n_embd % s.n_head:
+    if s.n_embd % s.n_head and not s.n_embd_head:
         raise bad(f"n_embd={s.n_embd} is not divisible by n_head={s.n_head}")
     if s.head_dim % 2:
-        raise bad(f"head dim n_embd/n_head={s.head_dim} must be even for RoPE")
+        raise bad(f"head dim {s.head_dim} must be even for RoPE")
+    if s.n_embd_head and (s.arch in ("deepseek2", "olmoe") or s.n_embd_head < 2):
+        raise bad("n_embd_head must be >= 2; deepseek2 sizes its MLA heads itself and olmoe's Q/K norms need "
+                  "n_embd // n_head")
     if s.n_head % s.n_head_kv:
         raise bad(f"n_head={s.n_head} is not divisible by n_head_kv={s.n_head_kv}")
     if not s.router_scale > 0:
@@ -559,24 +565,31 @@ def make_weights(spec: TinySpec) -> dict[str, np.ndarray]:
 _ROUTER_SUFFIX = "." + gguf.TENSOR_NAMES[MT.FFN_GATE_INP].rsplit(".", 1)[-1] + ".weight"
 
 
-def _keeps_f32(name: str, arr: np.ndarray) -> bool:
+def _keeps_f32(name: str, shape: tuple[int, ...]) -> bool:
     """Norms, biases, sinks, the router and the selection bias stay F32 whatever the qtype."""
-    return arr.ndim < 2 or name.endswith(".bias") or name.endswith(_ROUTER_SUFFIX)
+    return len(shape) < 2 or name.endswith(".bias") or name.endswith(_ROUTER_SUFFIX)
 
 
-def _tensor_qtype(name: str, arr: np.ndarray, qtype: str) -> QT:
-    """The ggml type one tensor is stored as. Rows that a block type cannot tile fall back, as
-    llama-quantize does: Q4_K (256-wide blocks) -> Q5_0 -> F16, Q8_0 -> F16."""
-    if qtype == "f32" or _keeps_f32(name, arr):
+def _tensor_qtype(name: str, shape: tuple[int, ...], qtype: str) -> QT:
+    """The ggml type one tensor (of ggml ``shape``, the row length first) is stored as. Rows that a block type
+    cannot tile fall back, as llama-quantize does: Q4_K (256-wide blocks) -> Q5_0 -> F16, Q8_0/Q4_0 -> F16."""
+    if qtype == "f32" or _keeps_f32(name, shape):
         return QT.F32
-    row = arr.shape[-1]
+    row = shape[0]
     if qtype == "q4_k" and row % 256 == 0:
         return QT.Q4_K
     if qtype == "q4_k" and row % 32 == 0:
         return QT.Q5_0
-    if qtype == "q8_0" and row % 32 == 0:
-        return QT.Q8_0
+    if qtype in ("q8_0", "q4_0") and row % 32 == 0:
+        return QT[qtype.upper()]
     return QT.F16
+
+
+def tensor_plan(spec: "TinySpec") -> list[tuple[str, tuple[int, ...], float | None, QT]]:
+    """Every tensor of ``spec``'s model in file order: name, ggml shape, init std (None: ones) and the type it
+    is stored as. For writers that make the weights themselves (a model too large to hold as float32)."""
+    return [(name, shape, std, _tensor_qtype(name, shape, spec.qtype))
+            for name, shape, std in _layout(spec, len(spec_vocab(spec)))]
 
 
 def _quantize_q4_k(data: np.ndarray) -> np.ndarray:
@@ -621,6 +634,7 @@ _FILE_TYPE = {
     "f16": gguf.LlamaFileType.MOSTLY_F16,
     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
     "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_S,
+    "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
 }
 
 
@@ -628,7 +642,8 @@ _FILE_TYPE = {
 # Writing
 # --------------------------------------------------------------------------------------------------------
 
-def _add_metadata(w: gguf.GGUFWriter, s: TinySpec, vocab: Vocab | real_vocab.RealVocab) -> None:
+def add_metadata(w: gguf.GGUFWriter, s: TinySpec, vocab: Vocab | real_vocab.RealVocab) -> None:
+    """Every key of ``s``'s model (hyperparameters, tokenizer, chat template) into a GGUF being written."""
     w.add_name(f"mote-tiny-{s.arch}")
     w.add_file_type(_FILE_TYPE[s.qtype])
     w.add_string(KEY_ARCH, s.arch)
@@ -670,6 +685,9 @@ def _add_metadata(w: gguf.GGUFWriter, s: TinySpec, vocab: Vocab | real_vocab.Rea
             w.add_expert_group_used_count(s.n_group_used)
     else:
         w.add_head_count_kv(s.n_head_kv)
+        if s.n_embd_head:
+            w.add_key_length(s.n_embd_head)
+            w.add_value_length(s.n_embd_head)
 
     if s.arch != DENSE:
         w.add_expert_count(s.n_expert)
@@ -707,12 +725,12 @@ def write_model(spec: TinySpec, path: str | os.PathLike[str], weights: dict[str,
     vocab = spec_vocab(spec)
     with atomic_path(path) as tmp:
         w = gguf.GGUFWriter(tmp, spec.gguf_arch)
-        _add_metadata(w, spec, vocab)
+        add_metadata(w, spec, vocab)
         if extra_metadata is not None:
             extra_metadata(w)
         for name in expected:  # file order from the layout, whatever order the caller's dict has
             arr = np.ascontiguousarray(weights[name], dtype=np.float32)
-            qt = _tensor_qtype(name, arr, spec.qtype)
+            qt = _tensor_qtype(name, arr.shape[::-1], spec.qtype)
             data = _encode(arr, qt)
             w.add_tensor(name, data, raw_dtype=qt if qt not in (QT.F32, QT.F16) else None)
         w.write_header_to_file()
