@@ -192,7 +192,7 @@ def test_super_expert_warning_needs_no_earlier_scan_and_names_the_flag(planted_f
         measured.extend(experts), measure(model, toks, experts, *a))[1])
     r = CliRunner().invoke(main, ["run", str(path), "-p", "hello", "-n", 4, "--off", f"{layer}:{expert}"])
     assert r.exit_code == 0
-    assert f"warning: --off {layer}:{expert} switches off layer {layer} expert {expert}:" in r.stderr
+    assert f"warning: --off {layer}:{expert} switches off layer {layer} expert {expert}, a super-expert" in r.stderr
     assert "super-expert" in r.stderr and "the profile" not in r.stderr
     n_layer_experts = len(read_layout(path).moe_layers) * read_layout(path).n_expert
     assert (layer, expert) in measured and len(measured) < n_layer_experts / 2  # a spot check, not a scan
@@ -271,7 +271,8 @@ def test_ftri_out_must_be_a_directory_and_its_json_is_not_a_profile(planted_file
     assert r.exit_code == 2 and "is a file; --out names a directory" in r.stderr
     assert mote("ftri", planted_files[0], "--prompts", prompts, "--n-boot", 5, "--top", 2,
                 "--out", tmp_path / "f").exit_code == 0
-    r = CliRunner().invoke(main, ["run", str(planted_files[0]), "-p", "hi", "--profile", str(tmp_path / "f" / "ftri.json")])
+    ftri_json = tmp_path / "f" / "ftri.json"
+    r = CliRunner().invoke(main, ["run", str(planted_files[0]), "-p", "hi", "--profile", str(ftri_json)])
     assert r.exit_code == 1 and "is an fTRI result, not a steering profile" in r.stderr
     assert str(tmp_path / "f" / "profile.json") in r.stderr
 

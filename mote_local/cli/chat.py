@@ -97,8 +97,9 @@ class Chat:
         check = super_experts_off(self.model, profile, self.n_threads)
         for layer, expert in check.flagged:
             if (layer, expert) not in before:
-                self.write(f"warning: {super_expert_note(self.model, check, layer, expert)}: the model may "
-                           f"collapse; /unset {layer}:{expert} switches it back on")
+                note = super_expert_note(self.model, check, layer, expert)
+                self.write(f"warning: layer {layer} expert {expert} is {note}: the model may collapse; "
+                           f"/unset {layer}:{expert} switches it back on")
 
     def toggle(self, name: str, arg: str) -> None:
         """/off, /drop, /force, /bias, /gain: the new entries replace those of their experts they cannot be
@@ -145,13 +146,14 @@ class Chat:
     def ask(self, text: str, history: list[dict[str, str]], *, steered: bool = True, stream: bool = True) -> Turn:
         messages = history + [{"role": "user", "content": text}]
         prompt = self.model.prompt_tokens(messages)
+        max_tokens = tokens_to_generate(self.max_tokens, self.session.n_ctx)
         if not steered:
             self.session.clear_steering()
         try:
             with self.session.capture(label=None) as cap:
                 cap.bind(0, 0, pos_begin=len(prompt))  # the reply's tokens only
-                reply = self.session.generate(prompt, max_tokens=tokens_to_generate(self.max_tokens, self.session.n_ctx),
-                                              temperature=self.temperature, seed=self.seed,
+                reply = self.session.generate(prompt, max_tokens=max_tokens, temperature=self.temperature,
+                                              seed=self.seed,
                                               on_token=(lambda t: self.write(t, end="")) if stream else None)
             routing = cap.stats(0) if 0 in cap.labels else None
         finally:

@@ -185,8 +185,8 @@ def warn_super_experts(model, profile, profiles: Sequence[Path], specs: dict[str
         origin = next((f"--{kind} {text}" for kind in STEER_FLAGS for text in specs.get(kind, ())
                        if (layer, expert) in off_experts(parse_spec(kind, text), profile.strength)),
                       "the profile " + ", ".join(map(str, profiles)))
-        click.echo(f"warning: {origin} switches off layer {layer} expert {expert}: "
-                   f"{super_expert_note(model, check, layer, expert)}; the model may collapse", err=True)
+        click.echo(f"warning: {origin} switches off layer {layer} expert {expert}, "
+                   f"{super_expert_note(model, check, layer, expert)}: the model may collapse", err=True)
 
 
 def context_size(layout: MoeLayout, asked: int) -> int:

@@ -64,8 +64,8 @@ def super_experts_off(model: Model, profile: Profile, n_threads: int | None = No
 
 
 def super_expert_note(model: Model, check: SuperExpertCheck, layer: int, expert: int) -> str:
-    return (f"layer {layer} expert {expert} is a super-expert of {model.path.name} (switched off alone it costs "
-            f"{check.kl[(layer, expert)]:.3g} nats of KL on neutral text; a typical expert {check.median:.2g})")
+    return (f"a super-expert of {model.path.name} (switched off alone it costs {check.kl[(layer, expert)]:.3g} nats "
+            f"of KL on neutral text, a typical expert {check.median:.2g})")
 
 
 def tokens_to_generate(n_predict: int, n_ctx: int) -> int:

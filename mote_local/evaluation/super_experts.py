@@ -131,8 +131,8 @@ def find_super_experts(model: Model | str | os.PathLike, text: str | os.PathLike
     KL(unsteered ‖ switched off) of next-token distributions over the text's first ``max_tokens`` tokens (the
     neutral text by default). Flags experts whose KL exceeds ``factor`` × the median over the measured experts
     and the absolute ``floor`` (nats; 1.0 — a collapse, not a nudge: always-selected but harmless experts,
-    whose loss only re-weights their partner, cost ~0.1–0.2 nats on the planted model and stay unflagged). One forward pass of
-    the text per expert; a few hundred tokens are plenty.
+    whose loss only re-weights their partner, cost ~0.1–0.2 nats on the planted model and stay unflagged). One
+    forward pass of the text per expert; a few hundred tokens are plenty.
 
     The result is cached as JSON per model file; with ``use_cache`` an earlier result for the same text,
     mode, layers and thresholds is returned without recomputing.
