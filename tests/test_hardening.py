@@ -445,7 +445,7 @@ def test_validation_is_cheap_on_a_large_vocabulary(tiny_path):
 STEERING_FLAGS = counted("steering flags", {
     "expert out of range": (["--off", "0:99"], "expert 99 is out of range"),
     "layer out of range": (["--drop", "99:0"], "layer 99 is not an MoE layer"),
-    "more forced than k": (["--force", "0:0,0:1,0:2"], "force at most 2 experts per layer"),
+    "more forced than k": (["--force", "0:0,0:1,0:2"], "selects only 2 per token: force at most 2"),
     "contradictory entries": (["--off", "0:0", "--force", "0:0"], "contradictory entries"),
     "duplicate bias": (["--bias", "0:0=1", "--bias", "0:0=2"], "two bias entries"),
     "NaN bias": (["--bias", "0:0=nan"], "must be finite or -inf"),
