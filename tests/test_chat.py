@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from mote_local.cli.commands import main
@@ -152,6 +153,7 @@ UP, LEFT, ENTER = "\x1b[A", "\x1b[D", "\r"
 
 
 def test_line_editing_and_history_in_a_terminal(planted_files, tmp_path):
+    pytest.importorskip("readline", reason="this Python has no readline: the chat reads plain lines")
     cache = tmp_path / "cache"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MOTE_CACHE_DIR": str(cache), "TERM": "xterm"}
     term = Terminal([sys.executable, "-m", "mote_local.cli", "chat", str(planted_files[0]), "-n", "12"], env)
