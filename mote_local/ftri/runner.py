@@ -9,9 +9,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -184,23 +185,175 @@ def capture_activations(model: Model, behavior: Sequence[Prompt], baseline: Sequ
 def profile_from_ranking(ranked: Sequence[RankedExpert], model: Model, *, positive: str = "drop",
                          negative: str = "force", name: str = "ftri", metadata: dict | None = None):
     """Experts that fire more on the behaviour are switched off (positive mode), those that fire
-    less are forced on (negative mode)."""
+    less are forced on (negative mode); an expert that scores 0 carries no evidence and is left out.
+    :func:`export_profile` also asks for evidence (an interval that excludes 0) and keeps off super-experts."""
     from mote_local.steering.profile import Profile
 
-    entries = []
-    for r in ranked:
-        mode = Mode(positive if r.score > 0 else negative)
-        entries.append(Entry(r.layer, r.expert, mode))
+    entries = [Entry(r.layer, r.expert, Mode(positive if r.score > 0 else negative)) for r in ranked if r.score != 0]
     return Profile.from_entries(entries, model_path=model.path, name=name, metadata=metadata or {})
 
 
-def ranking_table(result: FtriResult, ranked: Sequence[RankedExpert], truth: set[tuple[int, int]] = frozenset()) -> str:
-    lines = [f"{'rank':>4} {'layer':>5} {'expert':>6} {result.method:>12} {'95% CI':>19} {'stability':>9}"
-             + ("  planted" if truth else "")]
+@dataclass
+class Export:
+    """The profile an fTRI result exports, and why it holds what it holds."""
+
+    profile: "Profile"
+    chosen: list[RankedExpert]                   # exported, in rank order
+    n_qualified: int                             # experts with evidence for the sign, before any cap
+    top: int                                     # the cap asked for
+    skipped: list[tuple[RankedExpert, str]]      # qualified but left out, and why
+    settings: dict
+
+    def summary(self) -> str:
+        """What a person reads after `mote ftri`: how many qualified, what was exported, what was left out."""
+        s = self.settings
+        what = {"positive": "more active on the behaviour", "negative": "less active on the behaviour",
+                "abs": "active differently on the behaviour"}[s["sign"]]
+        bound = "0" if not s["threshold"] else f"±{s['threshold']:g}"
+        interval = "simultaneous 95% band" if s["evidence"] == "simultaneous" else "per-expert 95% interval"
+        lines = [f"profile: {self.n_qualified} expert(s) {what} with evidence ({interval} beyond {bound}); "
+                 f"exported {len(self.chosen)} (--top {self.top})"]
+        if self.chosen:
+            lines.append("  " + ", ".join(f"{e.mode.value} {e.layer}:{e.expert}"
+                                           + (f"={e.value:+.3g}" if e.mode is Mode.BIAS else "")
+                                           for e in self.profile.entries))
+        else:
+            lines.append("  no expert qualified: the profile has no entries (more prompts narrow the intervals; "
+                         "--evidence per-expert or a lower --threshold loosens the bar)")
+        lines += [f"  left out {r.layer}:{r.expert}: {why}" for r, why in self.skipped]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {**self.settings, "top": self.top, "n_qualified": self.n_qualified,
+                "exported": [[r.layer, r.expert] for r in self.chosen],
+                "skipped": [{"layer": r.layer, "expert": r.expert, "why": why} for r, why in self.skipped]}
+
+
+def export_profile(result: FtriResult, model: Model, *, top: int = 10, sign: str = "positive",
+                   threshold: float = 0.0, evidence: str = "simultaneous", per_layer_cap: int | None = None,
+                   off_mode: str = "drop", force_positive: bool = False, graded: float | None = None,
+                   log_ratio: np.ndarray | None = None, super_experts: Iterable[tuple[int, int]] = (),
+                   include_super_experts: bool = False, name: str = "ftri", metadata: dict | None = None) -> Export:
+    """The steering profile an fTRI result supports, at most ``top`` experts.
+
+    Only experts with evidence qualify (:meth:`FtriResult.qualified`: a score of the sign whose interval lies
+    beyond ``threshold``); they are taken in rank order. An expert more active on the behaviour is switched off
+    (``off_mode``), or forced on with ``force_positive``; one less active on it (sign negative or abs) is forced
+    on. With ``graded`` (alpha), every chosen expert gets a router bias b = -alpha x its log odds ratio
+    (``log_ratio``, the log_odds method's scores) instead: a profile's strength scales it. ``super_experts``
+    (those the guard flagged) are left out unless ``include_super_experts``; so is any entry the engine would
+    refuse beside those already chosen (more forced experts than k in a layer, say). Each left-out expert is
+    listed with the reason.
+    """
+    from mote_local.steering.profile import Profile, ProfileError
+
+    if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
+        raise MoteError(f"--top must be a whole number >= 1, got {top!r}")
+    if per_layer_cap is not None and per_layer_cap < 1:
+        raise MoteError(f"--per-layer-cap must be >= 1, got {per_layer_cap}")
+    if graded is not None:
+        if not (np.isfinite(graded) and graded > 0):
+            raise MoteError(f"--graded takes alpha > 0 (the bias is -alpha x log odds ratio), got {graded!r}")
+        if log_ratio is None or np.shape(log_ratio) != result.scores.shape:
+            raise MoteError("a graded export needs the log_odds scores of the same experts")
+    layout = model.layout
+    try:
+        candidates, n_qualified = result.evidence(sign=sign, threshold=threshold, layers=layout.moe_layers,
+                                                  evidence=evidence)
+    except ValueError as err:
+        raise MoteError(str(err)) from None
+    flagged = set() if include_super_experts else {(int(l), int(e)) for l, e in super_experts}
+    entries: list[Entry] = []
+    chosen: list[RankedExpert] = []
+    skipped: list[tuple[RankedExpert, str]] = []
+    per_layer: dict[int, int] = {}
+    for r in candidates:
+        if len(chosen) >= top:
+            break
+        if (r.layer, r.expert) in flagged:
+            skipped.append((r, "a flagged super-expert (mote inspect --super-experts); --include-super-experts "
+                               "steers it anyway"))
+            continue
+        if per_layer_cap is not None and per_layer.get(r.layer, 0) >= per_layer_cap:
+            skipped.append((r, f"layer {r.layer} already has --per-layer-cap {per_layer_cap} experts"))
+            continue
+        if graded is not None:
+            value = -float(graded) * float(log_ratio[r.layer, r.expert])
+            if value == 0:
+                skipped.append((r, "its log odds ratio is 0: no bias to set"))
+                continue
+            entry = Entry(r.layer, r.expert, Mode.BIAS, value)
+        elif r.score > 0 and not force_positive:
+            entry = Entry(r.layer, r.expert, Mode(off_mode))
+        else:
+            entry = Entry(r.layer, r.expert, Mode.FORCE)
+        try:
+            Profile((*entries, entry)).validate(layout)
+        except ProfileError as err:
+            skipped.append((r, f"the engine would refuse it: {err}"))
+            continue
+        entries.append(entry)
+        chosen.append(r)
+        per_layer[r.layer] = per_layer.get(r.layer, 0) + 1
+    settings = {"method": result.method, "sign": sign, "threshold": float(threshold), "evidence": evidence,
+                "off_mode": off_mode, "force_positive": bool(force_positive), "graded_alpha": graded,
+                "per_layer_cap": per_layer_cap, "include_super_experts": bool(include_super_experts)}
+    export = Export(Profile(), chosen, n_qualified, int(top), skipped, settings)
+    return replace(export, profile=Profile.from_entries(entries, model_path=model.path, name=name,
+                                                        metadata={**(metadata or {}), "export": export.to_dict()}))
+
+
+def read_ranking(path: str | os.PathLike, moe_layers: Sequence[int], *, method: str | None = None,
+                 exclude: Iterable[tuple[int, int]] = ()) -> dict:
+    """The ranking an fTRI result gives, for a sweep: ``path`` is ftri.json or the folder that holds it, ``method``
+    one of its methods (default: the first). Returns {"experts": [(layer, expert)] ordered by score (more active
+    on the behaviour first; MoE layers only; ``exclude`` left out), "evidence": the ranked experts whose
+    simultaneous band (per-expert interval for results older than the band) lies above 0, "left_out": the
+    excluded ones that ranked, "method", "source"}."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "ftri.json"
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MoteError(f"no fTRI result at {p}: run `mote ftri MODEL --prompts FILE --out DIR` and pass DIR") from None
+    except (OSError, ValueError) as err:
+        raise MoteError(f"cannot read the fTRI result {p}: {err}") from None
+    if not isinstance(doc, dict) or doc.get("format") != FTRI_FORMAT or not isinstance(doc.get("results"), dict):
+        raise MoteError(f"{p} is not an fTRI result (the ftri.json that `mote ftri` writes)")
+    methods = list(doc["results"])
+    method = method or (methods[0] if methods else None)
+    if method not in doc["results"]:
+        raise MoteError(f"{p} has no {method!r} ranking; it has {', '.join(methods) or 'none'}")
+    try:
+        result = FtriResult.from_dict(doc["results"][method])
+    except ValueError as err:
+        raise MoteError(f"{p}: {err}") from None
+    if result.scores.shape[0] <= max(moe_layers, default=-1):
+        raise MoteError(f"{p} has {result.scores.shape[0]} layers but the model routes in layers up to "
+                        f"{max(moe_layers)}: was it made for another model?")
+    ranked = [(r.layer, r.expert) for r in result.ranked(sign="positive", layers=moe_layers)]
+    kind = "simultaneous" if result.se is not None else "per-expert"
+    evidence = {(r.layer, r.expert) for r in result.evidence(sign="positive", layers=moe_layers, evidence=kind)[0]}
+    excluded = {(int(l), int(e)) for l, e in exclude}
+    return {"experts": [x for x in ranked if x not in excluded], "evidence": evidence,
+            "left_out": [x for x in ranked if x in excluded], "method": method, "source": str(p)}
+
+
+def ranking_table(result: FtriResult, ranked: Sequence[RankedExpert], truth: set[tuple[int, int]] = frozenset(),
+                  *, threshold: float = 0.0, evidence: str = "simultaneous") -> str:
+    """The ranking as a terminal table: score, per-expert 95% interval, rank stability, and whether the expert
+    carries evidence for the result's sign (``qualified``, as the export asks)."""
+    try:
+        qualified = result.qualified(threshold=threshold, evidence=evidence)
+    except ValueError:  # no band in an old result
+        qualified = result.qualified(threshold=threshold, evidence="per-expert")
+    lines = [f"{'rank':>4} {'layer':>5} {'expert':>6} {result.method:>12} {'95% CI':>19} {'stability':>9} "
+             f"{'evidence':>8}" + ("  planted" if truth else "")]
     for i, r in enumerate(ranked, 1):
         mark = "  *" if (r.layer, r.expert) in truth else ""
         lines.append(f"{i:>4} {r.layer:>5} {r.expert:>6} {r.score:>12.4f} [{r.ci_low:>8.4f},{r.ci_high:>8.4f}]"
-                     f" {r.stability:>9.2f}{mark}")
+                     f" {r.stability:>9.2f} {'yes' if qualified[r.layer, r.expert] else '-':>8}{mark}")
     return "\n".join(lines)
 
 
@@ -235,7 +388,11 @@ def write_heatmap(path: Path, result: FtriResult, moe_layers: Sequence[int], top
 
 def write_outputs(out: Path, run: CaptureRun, results: dict[str, FtriResult], model: Model, top: int,
                   per_layer_cap: int | None, profile) -> dict[str, Path]:
-    """ftri.json, one CSV and one heatmap per method, profile.json; every file written atomically."""
+    """ftri.json, one CSV and one heatmap per method, profile.json; every file written atomically. ``profile``
+    is a Profile or an :class:`Export` (whose record then goes into ftri.json too). Heatmaps box each method's
+    top experts that carry evidence."""
+    export = profile if isinstance(profile, Export) else None
+    profile = export.profile if export else profile
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     summary = {
@@ -245,6 +402,7 @@ def write_outputs(out: Path, run: CaptureRun, results: dict[str, FtriResult], mo
         "results": {m: r.to_dict() for m, r in results.items()},
         "top": {m: [vars(x) for x in r.ranked(top, per_layer_cap=per_layer_cap, layers=model.layout.moe_layers)]
                 for m, r in results.items()},
+        **({"export": export.to_dict()} if export else {}),
     }
     paths["json"] = out / "ftri.json"
     atomic_write_text(paths["json"], json.dumps(summary, indent=1))
@@ -252,15 +410,19 @@ def write_outputs(out: Path, run: CaptureRun, results: dict[str, FtriResult], mo
         ranked = result.ranked(layers=model.layout.moe_layers)
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["rank", "layer", "expert", "score", "ci_low", "ci_high", "stability"])
+        band_low, band_high = result.band()
+        qualified = result.qualified(sign="abs")
+        w.writerow(["rank", "layer", "expert", "score", "ci_low", "ci_high", "band_low", "band_high", "stability",
+                    "evidence"])
         for i, r in enumerate(ranked, 1):
             w.writerow([i, r.layer, r.expert, f"{r.score:.6g}", f"{r.ci_low:.6g}", f"{r.ci_high:.6g}",
-                        f"{r.stability:.4g}"])
+                        f"{band_low[r.layer, r.expert]:.6g}", f"{band_high[r.layer, r.expert]:.6g}",
+                        f"{r.stability:.4g}", int(qualified[r.layer, r.expert])])
         paths[f"csv_{method}"] = out / f"ftri_{method}.csv"
         atomic_write_text(paths[f"csv_{method}"], buf.getvalue())
         paths[f"png_{method}"] = out / f"heatmap_{method}.png"
         write_heatmap(paths[f"png_{method}"], result, model.layout.moe_layers,
-                      result.ranked(top, per_layer_cap=per_layer_cap, layers=model.layout.moe_layers),
+                      result.evidence(top, per_layer_cap=per_layer_cap, layers=model.layout.moe_layers)[0],
                       f"fTRI {method}, {run.scope} tokens{', partial' if run.partial else ''}\n{model.path.name}")
     paths["profile"] = out / "profile.json"
     profile.save(paths["profile"])
@@ -270,10 +432,10 @@ def write_outputs(out: Path, run: CaptureRun, results: dict[str, FtriResult], mo
 def run_ftri(model: Model, behavior: Sequence[Prompt], baseline: Sequence[Prompt], *, methods: Sequence[str],
              scope: str = "prompt", chat: bool = True, top: int = 10, n_boot: int = 200, seed: int = 0,
              batch_size: int = 32, max_new_tokens: int = 32, n_ctx: int = 4096, show_progress: bool | None = None,
-             n_threads: int | None = None) -> tuple[CaptureRun, dict[str, FtriResult]]:
+             n_threads: int | None = None, sign: str = "positive") -> tuple[CaptureRun, dict[str, FtriResult]]:
     run = capture_activations(model, behavior, baseline, scope=scope, chat=chat, batch_size=batch_size,
                               max_new_tokens=max_new_tokens, n_ctx=n_ctx, show_progress=show_progress,
                               n_threads=n_threads)
-    results = {m: analyse(run.activations, m, n_boot=n_boot, top_n=top, sign="positive", seed=seed)
+    results = {m: analyse(run.activations, m, n_boot=n_boot, top_n=top, sign=sign, seed=seed)
                for m in methods}
     return run, results
