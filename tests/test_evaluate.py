@@ -136,20 +136,6 @@ def test_judge_on_a_plain_tiny_model_follows_its_logits(load):
     assert model.tokenize("hello")  # still usable
 
 
-# ---------------------------------------------------------------------------------------------- intervals
-
-def test_wilson_and_newcombe_known_values():
-    lo, hi = intervals.wilson_interval(0, 10)
-    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
-    lo, hi = intervals.wilson_interval(5, 10)
-    assert (lo, hi) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
-    assert intervals.wilson_interval(10, 10)[1] == 1.0
-    assert intervals.wilson_interval(0, 0) == (0.0, 1.0)
-    # Newcombe (1998), Table II example: 56/70 vs 48/80 -> 0.0524 to 0.3339 (method 10)
-    lo, hi = intervals.newcombe_interval(56, 70, 48, 80)
-    assert (lo, hi) == (pytest.approx(0.0524, abs=1e-4), pytest.approx(0.3339, abs=1e-4))
-
-
 # ---------------------------------------------------------------------------------------------- controls
 
 PROFILE = [Entry(1, 2, Mode.MASK), Entry(1, 5, Mode.BIAS, -2.0), Entry(1, 5, Mode.GAIN, 0.5),
@@ -474,9 +460,11 @@ def test_planted_acceptance(planted):
 
     path, truth, planted_mod = planted
     behaviour, baseline = select_classes(load_prompt_set(planted_mod.prompts_path()), "trigger", "neutral")
-    # one trigger and one neutral prompt per topic: half of them refuse unsteered
-    prompts = [p for p in behaviour if p.text.endswith("yesterday?")][:4] \
-        + [p for p in baseline if p.text.endswith("yesterday?")][:4]
+    # one trigger and one neutral prompt per topic: half of them refuse unsteered. Six of each: with the paired
+    # interval (issue 12) four prompts that stop refusing are not significant, as an exact McNemar test agrees
+    # (p = 0.125); six are (p = 0.03). The unpaired interval used to call four significant.
+    prompts = [p for p in behaviour if p.text.endswith("yesterday?")][:6] \
+        + [p for p in baseline if p.text.endswith("yesterday?")][:6]
     with Model(path) as model:
         supers = super_experts.find_super_experts(model, max_tokens=32, show_progress=False)
         r = ev.evaluate(model, prompts, truth.entries(Mode.DROP), n_random=2, max_tokens=4,
@@ -487,6 +475,13 @@ def test_planted_acceptance(planted):
     assert abs(rates["random"] - rates["unsteered"]) <= 0.15
     assert rates["forced"] >= max(rates["unsteered"], 0.95)
     assert r.condition("profile").delta_ci[1] < 0  # the drop is significant
+    # issue 12, reproduction 3: the random seeds answer each prompt alike (they keep off the planted experts), so
+    # the pooled control holds one response's information per prompt, not one per seed and prompt
+    rnd = r.condition("random")
+    assert rnd.n == 2 * len(prompts)
+    assert rnd.ci == pytest.approx(intervals.wilson_interval(rnd.hits / 2, rnd.n / 2))
+    assert rnd.ci[1] - rnd.ci[0] > 1.2 * (intervals.wilson_interval(rnd.hits, rnd.n)[1]
+                                          - intervals.wilson_interval(rnd.hits, rnd.n)[0])
     assert r.condition("profile").kl < 0.01
     assert truth.super_expert in supers.flagged
     assert np.nanargmax(supers.kl) == np.ravel_multi_index(truth.super_expert, supers.kl.shape)

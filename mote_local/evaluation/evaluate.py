@@ -13,19 +13,23 @@ model's chat template):
 ``forced``      where the profile switches experts off (mask, drop, a -inf bias), the same experts forced on
 ==============  ==========================================================================================
 
-Behaviour rate: the share of responses a detector calls the behaviour, with a Wilson score 95% interval. The
-change against ``unsteered`` comes with Newcombe's hybrid score interval for a difference of proportions
-(Newcombe 1998, method 10), computed from the two Wilson intervals. That method treats the two conditions
-as independent samples; here they share prompts, so the interval is conservative (wider than a paired one).
-The pooled random control likewise treats every seed's generations as independent.
+Behaviour rate: the share of responses a detector calls the behaviour. Intervals follow the design (see
+:mod:`mote_local.evaluation.intervals`): a condition's rate has a Wilson score 95% interval; the pooled random
+control's responses cluster by prompt (one per seed), so its interval is Wilson's at the effective sample
+size, prompts as clusters; the change against ``unsteered`` is paired by prompt (every condition answers the
+same prompts), with Bonett & Price's adjusted Wald interval on the per-prompt differences.
 
 Capability cost, on a neutral text (``mote_local/data/neutral.txt`` unless another is given): the mean over
 positions of KL(unsteered ‖ steered) between next-token distributions, and the perplexity of the text, both
 from the full logits of each chunk (``Session.logits``), log-softmax in float64.
 
-Super-expert guard: :func:`find_super_experts` switches every expert off alone and measures the KL it causes
-on the neutral text; experts far above the median are flagged (the few experts a model cannot lose). Results
-are cached per model file; :func:`cached_super_experts` reads the cache without recomputing.
+Collapse: a condition whose mean KL exceeds ``COLLAPSE_KL`` nats (1.0: the super-expert guard's floor, "a
+collapse, not a nudge"), or whose perplexity exceeds ``COLLAPSE_PERPLEXITY_RATIO`` (10) times the unsteered
+one, is flagged ``collapsed``: its behaviour rate describes a broken model, not the behaviour (a model that
+says "the the the" refuses nothing). The table, the plot and the report mark it, and the result warns.
+
+Super-experts (:mod:`mote_local.evaluation.super_experts`): a warning when the profile switches off an expert
+the guard's cache flags, and random controls keep off them.
 """
 
 from __future__ import annotations
@@ -59,7 +63,11 @@ from mote_local.evaluation.detectors import (
     describe_detector,
     detect,
 )
-from mote_local.evaluation.intervals import newcombe_interval, wilson_interval
+from mote_local.evaluation.intervals import (
+    clustered_rate_interval,
+    paired_difference_interval,
+    wilson_interval,
+)
 from mote_local.evaluation.super_experts import (
     cached_super_experts,
 )
@@ -67,10 +75,18 @@ from mote_local.progress import progress_bar
 from mote_local.steering.entries import Entry
 from mote_local.steering.profile import entry_to_json
 
-__all__ = ["CONDITIONS", "ConditionResult", "EvalResult", "evaluate"]
+__all__ = ["CONDITIONS", "COLLAPSE_KL", "COLLAPSE_PERPLEXITY_RATIO", "ConditionResult", "EvalResult", "evaluate"]
 
 #: Condition names, in report order.
 CONDITIONS = ("unsteered", "profile", "random", "forced")
+
+#: Mean KL(unsteered ‖ steered) on the neutral text, in nats, above which a condition counts as collapsed.
+COLLAPSE_KL = 1.0
+#: Perplexity on the neutral text, as a multiple of the unsteered one, above which a condition counts as collapsed.
+COLLAPSE_PERPLEXITY_RATIO = 10.0
+
+RATE_INTERVAL = "Wilson score, 95%; pooled random control: Wilson at the effective sample size (prompts as clusters)"
+DELTA_INTERVAL = "paired by prompt: Bonett-Price adjusted Wald on the per-prompt differences, 95%"
 
 _LABELS = {
     "unsteered": "unsteered",
@@ -86,7 +102,11 @@ def _pair(v: Any) -> tuple[float, float] | None:
 
 @dataclass
 class ConditionResult:
-    """One condition's behaviour rate and capability cost. The pooled random control lists its seeds."""
+    """One condition's behaviour rate and capability cost. The pooled random control lists its seeds.
+
+    ``delta`` is the mean over the prompts both conditions answered of (this condition's per-prompt rate −
+    unsteered's); ``collapse`` says why a condition counts as collapsed (None: it does not, or the cost was
+    not measured)."""
 
     name: str
     label: str
@@ -101,7 +121,12 @@ class ConditionResult:
     kl: float | None = None
     perplexity: float | None = None
     seed: int | None = None
+    collapse: str | None = None
     per_seed: list["ConditionResult"] = field(default_factory=list)
+
+    @property
+    def collapsed(self) -> bool:
+        return self.collapse is not None
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "per_seed"}
@@ -110,6 +135,7 @@ class ConditionResult:
         for k in ("kl", "perplexity"):  # JSON has no infinity
             if d[k] is not None and not math.isfinite(d[k]):
                 d[k] = "inf"
+        d["collapsed"] = self.collapsed
         d["entries"] = [dict(e) for e in self.entries]
         d["per_seed"] = [c.to_dict() for c in self.per_seed]
         return d
@@ -176,7 +202,21 @@ class EvalResult:
         return cls.from_dict(json.loads(text))
 
 
-def _profile_parts(profile: Any, strength: float) -> tuple[list[Entry], float, str, str]:
+# --------------------------------------------------------------------------------------------------------
+# Parts shared with the sweep (mote_local.evaluation.sweep)
+# --------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Planned:
+    """A condition to generate: its name, label, steering entries (none: unsteered) and random-control seed."""
+
+    name: str
+    label: str
+    entries: list[Entry]
+    seed: int | None = None
+
+
+def profile_parts(profile: Any, strength: float) -> tuple[list[Entry], float, str, str]:
     """(entries, strength, name, description) from a Profile or an iterable of entries."""
     if hasattr(profile, "entries") and hasattr(profile, "strength"):
         return (list(profile.entries), float(profile.strength) * float(strength),
@@ -188,7 +228,7 @@ def _profile_parts(profile: Any, strength: float) -> tuple[list[Entry], float, s
     return entries, float(strength), "", ""
 
 
-def _describe_profile(entries: Sequence[Entry], strength: float, name: str, description: str) -> dict[str, Any]:
+def describe_profile(entries: Sequence[Entry], strength: float, name: str, description: str) -> dict[str, Any]:
     per_layer: dict[str, int] = defaultdict(int)
     modes: dict[str, int] = defaultdict(int)
     for e in entries:
@@ -208,11 +248,212 @@ def _prompt_text(prompt: Any) -> str:
     return text
 
 
+def check_settings(n_random: int, max_tokens: int, chunk_tokens: int) -> None:
+    if n_random < 0 or max_tokens < 1 or chunk_tokens < 2:
+        raise EvalError("n_random must be >= 0, max_tokens >= 1 and chunk_tokens >= 2")
+
+
+def prepare_prompts(model: Model, prompts: Sequence[Any], chat: bool) -> tuple[list[str], list[list[int]]]:
+    """The prompts' texts and the tokens fed to the model (through the chat template when asked)."""
+    texts = [_prompt_text(p) for p in prompts]
+    if not texts:
+        raise EvalError("no prompts to evaluate")
+    return texts, [model.prompt_tokens(t, chat=chat) for t in texts]
+
+
+def neutral_chunks(model: Model, neutral_text: str | os.PathLike | None, chunk_tokens: int,
+                   max_neutral_tokens: int) -> tuple[list[list[int]], str]:
+    """The neutral text's token chunks (at most the model's training context each) and where it came from."""
+    body, source = resolve_text(neutral_text)
+    n_train = n_ctx_train(model)
+    chunk = min(chunk_tokens, n_train) if n_train >= 2 else chunk_tokens
+    return text_chunks(model, body, chunk, max_neutral_tokens), source
+
+
+def super_expert_guard(model: Model, entries: Sequence[Entry], strength: float, exclude_super_experts: bool
+                       ) -> tuple[list[str], set[tuple[int, int]]]:
+    """(warnings about super-experts the entries switch off, the experts random controls must avoid)."""
+    supers = cached_super_experts(model.path)
+    warn = []
+    if supers:
+        hit = sorted(set(off_experts(entries, strength)) & supers)
+        if hit:
+            warn.append("the profile switches off super-expert(s) " + ", ".join(f"{l}:{x}" for l, x in hit)
+                        + ": a capability cost is likely (see the KL column)")
+    return warn, (supers if (exclude_super_experts and supers) else set())
+
+
+def draw_random_controls(entries: Sequence[Entry], layout, seeds: Sequence[int], exclude: set[tuple[int, int]],
+                         strength: float, notes: list[str], what: str = "random"
+                         ) -> tuple[list[tuple[int, list[Entry]]], set[tuple[int, int]]]:
+    """[(seed, control entries)] for each seed, and the experts actually excluded. When the super-experts leave
+    too little room, draws from every other expert instead; when no control can be drawn, none (a note says
+    why either way)."""
+    try:
+        return [(r, random_control(entries, layout, r, exclude=exclude, strength=strength)) for r in seeds], exclude
+    except EvalError as err:
+        if exclude:  # the super-experts left too little room: draw from every other expert instead
+            try:
+                controls = [(r, random_control(entries, layout, r, strength=strength)) for r in seeds]
+                notes.append(f"{what}: super-experts not excluded ({err})")
+                return controls, set()
+            except EvalError as err2:
+                err = err2
+        notes.append(f"{what}: skipped, {err}")
+        return [], exclude
+
+
+def plan_forced(entries: Sequence[Entry], layout, strength: float, notes: list[str], what: str = "forced"
+                ) -> list[Entry] | None:
+    """The forced counterpart of the entries, or None (with a note) when there is none or the engine refuses it."""
+    forced = forced_counterpart(entries, strength)
+    if not forced:
+        notes.append(f"{what}: skipped, the profile switches no expert off")
+        return None
+    try:
+        check_control_entries(forced, layout, strength, "forced counterpart")
+    except EvalError as err:
+        notes.append(f"{what}: skipped, {err}")
+        return None
+    return forced
+
+
+def run_conditions(model: Model, plan: Sequence[Planned], texts: Sequence[str], prompt_tokens: Sequence[list[int]],
+                   chunks: Sequence[list[int]], *, strength: float, detector: Any, seed: int, max_tokens: int,
+                   temperature: float, show_progress: bool | None, desc: str = "evaluating"
+                   ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, tuple[float | None, float | None]], bool]:
+    """Generates every prompt under every planned condition and measures each condition's capability cost on
+    the chunks. Returns (generations per condition, {condition: (KL, perplexity)}, partial). Steering the
+    engine refuses fails before any generation; Ctrl-C keeps what was finished (the cost is then skipped)."""
+    longest = max(max(len(t) for t in prompt_tokens) + max_tokens, max((len(c) for c in chunks), default=0)) + 8
+    generations: dict[str, list[dict[str, Any]]] = {c.name: [] for c in plan}
+    costs: dict[str, tuple[float | None, float | None]] = {}
+    partial = False
+    with model.session(n_ctx=longest, n_batch=min(longest, 2048)) as s:
+        for c in plan:  # fail on a refused steering before any generation
+            if c.entries:
+                s.steer(c.entries, strength)
+        s.clear_steering()
+        try:
+            with progress_bar(len(plan) * len(texts), desc, "generation", show_progress) as bar:
+                for c in plan:
+                    if c.entries:
+                        s.steer(c.entries, strength)
+                    else:
+                        s.clear_steering()
+                    for i, (text, toks) in enumerate(zip(texts, prompt_tokens)):
+                        gen = s.generate(toks, max_tokens=max_tokens, temperature=temperature, seed=seed,
+                                         add_bos=False)
+                        if gen.interrupted:  # generate() swallows Ctrl-C: honour it here
+                            raise KeyboardInterrupt
+                        hit = detect(detector, gen.text, text)
+                        generations[c.name].append({"prompt": i, "text": gen.text, "detected": bool(hit),
+                                                    "n_tokens": len(gen.tokens)})
+                        bar.update(1)
+            if chunks:
+                costs = capability_cost(s, chunks, {c.name: (c.entries, strength) for c in plan})
+        except KeyboardInterrupt:
+            partial = True
+        s.clear_steering()
+    return generations, costs, partial
+
+
+def _per_prompt(runs: Sequence[Sequence[Mapping[str, Any]]]) -> dict[int, tuple[int, int]]:
+    """{prompt: (hits, responses)} over one or several runs (the seeds of a pooled control)."""
+    out: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+    for gens in runs:
+        for g in gens:
+            out[g["prompt"]][0] += bool(g["detected"])
+            out[g["prompt"]][1] += 1
+    return {p: (h, n) for p, (h, n) in out.items()}
+
+
+def _collapse(c: ConditionResult, base: ConditionResult | None, kl_limit: float, ppl_ratio: float) -> str | None:
+    """Why the condition's capability cost says the model collapsed, or None."""
+    why = []
+    if c.kl is not None and c.kl > kl_limit:
+        why.append(f"KL {c.kl:.3g} nats > {kl_limit:g}")
+    if c.perplexity is not None and base is not None and base.perplexity and c is not base:
+        ratio = c.perplexity / base.perplexity
+        if ratio > ppl_ratio:
+            ppl = "inf" if not math.isfinite(c.perplexity) else f"{c.perplexity:.3g}"
+            why.append(f"perplexity {ppl}, {ratio:.3g}x unsteered > {ppl_ratio:g}x")
+    return "; ".join(why) or None
+
+
+def summarise(plan: Sequence[Planned], generations: Mapping[str, Sequence[Mapping[str, Any]]],
+              costs: Mapping[str, tuple[float | None, float | None]], strength: float,
+              groups: Mapping[str, tuple[str, Sequence[str]]] = {}, *, base: str = "unsteered",
+              kl_limit: float = COLLAPSE_KL, ppl_ratio: float = COLLAPSE_PERPLEXITY_RATIO
+              ) -> dict[str, ConditionResult]:
+    """Each planned condition's statistics, with the members of each group (name -> (label, member names): the
+    seeds of a random control) pooled into one result that lists them; deltas are paired with ``base``."""
+    single: dict[str, ConditionResult] = {}
+    for c in plan:
+        gens = generations[c.name]
+        n, hits = len(gens), sum(bool(g["detected"]) for g in gens)
+        kl, ppl = costs.get(c.name, (None, None))
+        single[c.name] = ConditionResult(
+            name=c.name, label=c.label, entries=[entry_to_json(e) for e in c.entries], strength=strength, n=n,
+            hits=hits, rate=hits / n if n else None, ci=wilson_interval(hits, n) if n else None, kl=kl,
+            perplexity=ppl, seed=c.seed)
+    reference = single.get(base)
+    base_prompts = _per_prompt([generations[base]]) if base in generations else {}
+
+    def paired(result: ConditionResult, runs: Sequence[Sequence[Mapping[str, Any]]]) -> None:
+        if result.name == base:
+            result.delta, result.delta_ci = (0.0, (0.0, 0.0)) if result.n else (None, None)
+            return
+        mine = _per_prompt(runs)
+        common = sorted(set(mine) & set(base_prompts))
+        if not common:
+            return
+        result.delta, result.delta_ci = paired_difference_interval(
+            [mine[p][0] / mine[p][1] for p in common], [base_prompts[p][0] / base_prompts[p][1] for p in common])
+
+    for name, result in single.items():
+        paired(result, [generations[name]])
+        result.collapse = _collapse(result, reference, kl_limit, ppl_ratio)
+    out: dict[str, ConditionResult] = {}
+    member_of = {m: g for g, (_, members) in groups.items() for m in members}
+    for c in plan:
+        group = member_of.get(c.name)
+        if group is None:
+            out[c.name] = single[c.name]
+        elif group not in out:
+            label, members = groups[group]
+            seeds = [single[m] for m in members]
+            pooled = ConditionResult(name=group, label=label, entries=[], strength=strength, per_seed=seeds)
+            runs = [generations[m] for m in members]
+            per_prompt = _per_prompt(runs)
+            pooled.n, pooled.hits = sum(r.n for r in seeds), sum(r.hits for r in seeds)
+            if pooled.n:
+                prompts = sorted(per_prompt)
+                pooled.rate, pooled.ci, _ = clustered_rate_interval([per_prompt[p][0] for p in prompts],
+                                                                    [per_prompt[p][1] for p in prompts])
+            if all(r.kl is not None for r in seeds):
+                pooled.kl = float(np.mean([r.kl for r in seeds]))
+                pooled.perplexity = float(math.exp(np.mean([math.log(r.perplexity) for r in seeds])))
+            paired(pooled, runs)
+            broken = [r for r in seeds if r.collapsed]
+            if broken:
+                pooled.collapse = f"{len(broken)} of {len(seeds)} seeds collapsed"
+            out[group] = pooled
+    return out
+
+
+def collapse_warnings(results: Sequence[ConditionResult]) -> list[str]:
+    """One warning per collapsed condition (a pooled control's collapsed seeds are named under it)."""
+    return [f"{c.label}: the model collapsed ({c.collapse}); its behaviour rate describes a broken model, not the "
+            "behaviour" for c in results if c.collapsed]
+
+
 def evaluate(model: Model | str | os.PathLike, prompts: Sequence[Any], profile_entries: Any,
              strength: float = 1.0, *, neutral_text: str | os.PathLike | None = None, detector: Any = None,
              n_random: int = 3, seed: int = 0, max_tokens: int = 32, chat: bool = True,
              temperature: float = 0.0, n_samples: int = 5, measure_cost: bool = True,
              chunk_tokens: int = 256, max_neutral_tokens: int = 1024, exclude_super_experts: bool = True,
+             collapse_kl: float = COLLAPSE_KL, collapse_perplexity_ratio: float = COLLAPSE_PERPLEXITY_RATIO,
              show_progress: bool | None = None) -> EvalResult:
     """Behaviour rate and capability cost of a steering profile against its controls.
 
@@ -220,7 +461,9 @@ def evaluate(model: Model | str | os.PathLike, prompts: Sequence[Any], profile_e
     ``prompts`` are strings or objects with ``.text`` (prompts.Prompt). ``detector`` is a :class:`Detector`
     (default phrases when None), a :class:`JudgeDetector`, or any callable ``response -> bool``.
     ``neutral_text`` is the text itself (str), a file (a PathLike), or None for the packaged default.
-    With ``exclude_super_experts``, random controls avoid experts the super-expert cache flags.
+    With ``exclude_super_experts``, random controls avoid experts the super-expert cache flags. A condition
+    whose KL exceeds ``collapse_kl`` or whose perplexity exceeds ``collapse_perplexity_ratio`` times the
+    unsteered one is flagged as collapsed.
 
     Ctrl-C (KeyboardInterrupt) stops the run and returns what was measured so far, with ``partial=True``:
     conditions cut short count only their finished generations; the capability cost is measured only when
@@ -232,142 +475,44 @@ def evaluate(model: Model | str | os.PathLike, prompts: Sequence[Any], profile_e
                             n_random=n_random, seed=seed, max_tokens=max_tokens, chat=chat,
                             temperature=temperature, n_samples=n_samples, measure_cost=measure_cost,
                             chunk_tokens=chunk_tokens, max_neutral_tokens=max_neutral_tokens,
-                            exclude_super_experts=exclude_super_experts, show_progress=show_progress)
+                            exclude_super_experts=exclude_super_experts, collapse_kl=collapse_kl,
+                            collapse_perplexity_ratio=collapse_perplexity_ratio, show_progress=show_progress)
     started = time.perf_counter()
     layout = model.layout.require_moe()
-    entries, strength, name, description = _profile_parts(profile_entries, strength)
+    entries, strength, name, description = profile_parts(profile_entries, strength)
     if not entries:
         raise EvalError("the profile has no entries: nothing to evaluate")
-    texts = [_prompt_text(p) for p in prompts]
-    if not texts:
-        raise EvalError("no prompts to evaluate")
-    if n_random < 0 or max_tokens < 1 or chunk_tokens < 2:
-        raise EvalError("n_random must be >= 0, max_tokens >= 1 and chunk_tokens >= 2")
+    texts, prompt_tokens = prepare_prompts(model, prompts, chat)
+    check_settings(n_random, max_tokens, chunk_tokens)
     detector = Detector() if detector is None else detector
     check_control_entries(entries, layout, strength, "the profile")
 
     notes: list[str] = []
-    warn: list[str] = []
-    supers = cached_super_experts(model.path)
-    if supers:
-        hit = sorted(set(off_experts(entries, strength)) & supers)
-        if hit:
-            warn.append("the profile switches off super-expert(s) "
-                        + ", ".join(f"{l}:{x}" for l, x in hit)
-                        + ": a capability cost is likely (see the KL column)")
-    exclude = supers if (exclude_super_experts and supers) else set()
+    warn, exclude = super_expert_guard(model, entries, strength, exclude_super_experts)
+    plan = [Planned("unsteered", _LABELS["unsteered"], []), Planned("profile", _LABELS["profile"], entries)]
+    controls, exclude = draw_random_controls(entries, layout, [seed + i for i in range(n_random)], exclude,
+                                             strength, notes)
+    random_names = [f"random[seed={r}]" for r, _ in controls]
+    plan += [Planned(f"random[seed={r}]", f"random control, seed {r}", ctl, r) for r, ctl in controls]
+    forced = plan_forced(entries, layout, strength, notes)
+    if forced is not None:
+        plan.append(Planned("forced", _LABELS["forced"], forced))
 
-    # conditions: name -> (entries, seed)
-    plan: list[tuple[str, list[Entry], int | None]] = [("unsteered", [], None), ("profile", entries, None)]
-    random_seeds = [seed + i for i in range(n_random)]
-    controls = []
-    try:
-        controls = [random_control(entries, layout, r, exclude=exclude, strength=strength) for r in random_seeds]
-    except EvalError as err:
-        if exclude:  # the super-experts left too little room: draw from every other expert instead
-            try:
-                controls = [random_control(entries, layout, r, strength=strength) for r in random_seeds]
-                notes.append(f"random: super-experts not excluded ({err})")
-                exclude = set()
-            except EvalError as err2:
-                err = err2
-        if not controls:
-            notes.append(f"random: skipped, {err}")
-            random_seeds = []
-    for r, ctl in zip(random_seeds, controls):
-        plan.append((f"random[seed={r}]", ctl, r))
-    forced = forced_counterpart(entries, strength)
-    if not forced:
-        notes.append("forced: skipped, the profile switches no expert off")
-    else:
-        try:
-            check_control_entries(forced, layout, strength, "forced counterpart")
-            plan.append(("forced", forced, None))
-        except EvalError as err:
-            notes.append(f"forced: skipped, {err}")
-
-    prompt_tokens = [model.prompt_tokens(t, chat=chat) for t in texts]
-    neutral_source = None
-    chunks: list[list[int]] = []
-    if measure_cost:
-        body, neutral_source = resolve_text(neutral_text)
-        n_train = n_ctx_train(model)
-        chunk = min(chunk_tokens, n_train) if n_train >= 2 else chunk_tokens
-        chunks = text_chunks(model, body, chunk, max_neutral_tokens)
-    longest = max(max(len(t) for t in prompt_tokens) + max_tokens, max((len(c) for c in chunks), default=0)) + 8
-    generations: dict[str, list[dict[str, Any]]] = {c: [] for c, _, _ in plan}
-    partial = False
-    costs: dict[str, tuple[float | None, float | None]] = {}
-
-    with model.session(n_ctx=longest, n_batch=min(longest, 2048)) as s:
-        for cname, cent, _ in plan:  # fail on a refused steering before any generation
-            if cent:
-                s.steer(cent, strength)
-        s.clear_steering()
-        try:
-            with progress_bar(len(plan) * len(texts), "evaluating", "generation", show_progress) as bar:
-                for cname, cent, _ in plan:
-                    if cent:
-                        s.steer(cent, strength)
-                    else:
-                        s.clear_steering()
-                    for i, (text, toks) in enumerate(zip(texts, prompt_tokens)):
-                        gen = s.generate(toks, max_tokens=max_tokens, temperature=temperature, seed=seed,
-                                         add_bos=False)
-                        if gen.interrupted:  # generate() swallows Ctrl-C: honour it here
-                            raise KeyboardInterrupt
-                        hit = detect(detector, gen.text, text)
-                        generations[cname].append({"prompt": i, "text": gen.text, "detected": bool(hit),
-                                                   "n_tokens": len(gen.tokens)})
-                        bar.update(1)
-            if chunks:
-                costs = capability_cost(s, chunks, {c: (e, strength) for c, e, _ in plan})
-        except KeyboardInterrupt:
-            partial = True
-        s.clear_steering()
-
-    # per-condition statistics
-    def stats(cname: str, label: str, cent: list[Entry], cseed: int | None, gens: list[dict]) -> ConditionResult:
-        n, hits = len(gens), sum(g["detected"] for g in gens)
-        kl, ppl = costs.get(cname, (None, None))
-        return ConditionResult(name=cname, label=label, entries=[entry_to_json(e) for e in cent], strength=strength,
-                               n=n, hits=hits, rate=hits / n if n else None,
-                               ci=wilson_interval(hits, n) if n else None, kl=kl, perplexity=ppl, seed=cseed)
-
-    results: dict[str, ConditionResult] = {}
-    seeds_res = []
-    for cname, cent, cseed in plan:
-        label = f"random control, seed {cseed}" if cseed is not None else _LABELS[cname]
-        r = stats(cname, label, cent, cseed, generations[cname])
-        if cseed is not None:
-            seeds_res.append(r)
-        else:
-            results[cname] = r
-    if seeds_res:
-        pooled = ConditionResult(name="random", label=_LABELS["random"], entries=[], strength=strength,
-                                 per_seed=seeds_res)
-        pooled.n = sum(r.n for r in seeds_res)
-        pooled.hits = sum(r.hits for r in seeds_res)
-        if pooled.n:
-            pooled.rate = pooled.hits / pooled.n
-            pooled.ci = wilson_interval(pooled.hits, pooled.n)
-        have = [r for r in seeds_res if r.kl is not None]
-        if have and len(have) == len(seeds_res):
-            pooled.kl = float(np.mean([r.kl for r in have]))
-            pooled.perplexity = float(math.exp(np.mean([math.log(r.perplexity) for r in have])))
-        results["random"] = pooled
-    base = results["unsteered"]
+    chunks, neutral_source = neutral_chunks(model, neutral_text, chunk_tokens, max_neutral_tokens) \
+        if measure_cost else ([], None)
+    generations, costs, partial = run_conditions(
+        model, plan, texts, prompt_tokens, chunks, strength=strength, detector=detector, seed=seed,
+        max_tokens=max_tokens, temperature=temperature, show_progress=show_progress)
+    results = summarise(plan, generations, costs, strength,
+                        {"random": (_LABELS["random"], random_names)} if random_names else {},
+                        kl_limit=collapse_kl, ppl_ratio=collapse_perplexity_ratio)
     ordered = [results[c] for c in CONDITIONS if c in results]
-    for r in ordered:
-        for x in [r, *r.per_seed]:
-            if x.n and base.n:
-                x.delta = x.rate - base.rate
-                x.delta_ci = (0.0, 0.0) if x is base else newcombe_interval(x.hits, x.n, base.hits, base.n)
+    warn += collapse_warnings(ordered)
 
     shown = list(range(min(n_samples, len(texts))))
     sample_conds = [("unsteered", "unsteered"), ("profile", "profile")]
-    if seeds_res:
-        sample_conds.append((seeds_res[0].name, "random"))
+    if random_names:
+        sample_conds.append((random_names[0], "random"))
     if "forced" in results:
         sample_conds.append(("forced", "forced"))
     samples = []
@@ -382,23 +527,24 @@ def evaluate(model: Model | str | os.PathLike, prompts: Sequence[Any], profile_e
 
     if partial:
         notes.append("interrupted: partial results (only finished generations are counted)")
+    if not chunks:
+        notes.append("capability cost not measured: a collapsed condition cannot be flagged")
     settings = {
-        "n_prompts": len(texts), "prompts": texts, "n_random": n_random, "random_seeds": random_seeds,
-        "seed": seed, "max_tokens": max_tokens, "temperature": temperature,
-        "decoding": "greedy" if temperature <= 0 else f"sampled (temperature {temperature})",
+        "n_prompts": len(texts), "prompts": texts, "n_random": n_random,
+        "random_seeds": [r for r, _ in controls], "seed": seed, "max_tokens": max_tokens,
+        "temperature": temperature, "decoding": "greedy" if temperature <= 0 else f"sampled (temperature {temperature})",
         "chat": chat, "chat_template": bool(chat and model.chat_template),
         "detector": describe_detector(detector),
         "neutral_text": neutral_source, "neutral_tokens": sum(len(c) for c in chunks), "chunks": len(chunks),
         "chunk_tokens": max((len(c) for c in chunks), default=0),
-        "rate_interval": "Wilson score, 95%",
-        "delta_interval": "Newcombe hybrid score (method 10), 95%, independent-samples (conservative for "
-                          "shared prompts)",
+        "rate_interval": RATE_INTERVAL, "delta_interval": DELTA_INTERVAL,
         "kl": "mean over positions of KL(unsteered || steered), nats, next-token distributions on the neutral "
               "text",
+        "collapse": {"kl_nats": collapse_kl, "perplexity_ratio": collapse_perplexity_ratio},
         "random_excluded_super_experts": [list(x) for x in sorted(exclude)],
         "notes": notes,
     }
     return EvalResult(model=str(model.path), conditions=ordered,
-                      profile=_describe_profile(entries, strength, name, description), settings=settings,
+                      profile=describe_profile(entries, strength, name, description), settings=settings,
                       samples=samples, generations=generations, warnings=warn, partial=partial,
                       elapsed_s=time.perf_counter() - started)
