@@ -81,10 +81,10 @@ _router_info = _bind("mote_get_router_info", [llama.llama_model_p_ctypes, _P(mot
 # int32_t mote_get_layer_router(const struct llama_context * ctx, int32_t layer, struct mote_layer_router * out);
 _layer_router = _bind("mote_get_layer_router", [_ctx, _i32, _P(mote_layer_router)], _i32)
 # int32_t mote_steer_check(const struct mote_shape * shape, const struct mote_entry * entries, int32_t n_entries,
-#                          float strength);
-_steer_check = _bind("mote_steer_check", [_P(mote_shape), _P(mote_entry), _i32, _f32], _i32)
-# int32_t mote_steer_set(struct llama_context * ctx, const struct mote_entry * entries, int32_t n_entries, float strength);
-_steer_set = _bind("mote_steer_set", [_ctx, _P(mote_entry), _i32, _f32], _i32)
+#                          double strength);
+_steer_check = _bind("mote_steer_check", [_P(mote_shape), _P(mote_entry), _i32, ctypes.c_double], _i32)
+# int32_t mote_steer_set(struct llama_context * ctx, const struct mote_entry * entries, int32_t n_entries, double strength);
+_steer_set = _bind("mote_steer_set", [_ctx, _P(mote_entry), _i32, ctypes.c_double], _i32)
 # int32_t mote_steer_phase(struct llama_context * ctx, int32_t phase);
 _steer_phase = _bind("mote_steer_phase", [_ctx, _i32], _i32)
 # void mote_steer_clear(struct llama_context * ctx);

@@ -113,7 +113,7 @@ bool applies_in(int32_t scope, int32_t phase) {
 
 // Validates entries for every phase and, when `out` is given, compiles each phase's arrays. Returns -1
 // (with the error set) on the first violation.
-int32_t check(const shape_view & shape, const mote_entry * entries, int32_t n_entries, float strength,
+int32_t check(const shape_view & shape, const mote_entry * entries, int32_t n_entries, double strength,
               std::array<phase_steering, std::size(kPhases)> * out) {
     if (n_entries < 0 || (entries == nullptr && n_entries > 0)) {
         return fail("steering: null entries");
@@ -148,7 +148,7 @@ int32_t check(const shape_view & shape, const mote_entry * entries, int32_t n_en
             if (std::isnan(en.value) || en.value == INFINITY) {
                 return fail("bias for layer %d expert %d must be finite or -inf, got %g", en.layer, en.expert, en.value);
             }
-            if (std::isfinite(en.value) && !std::isfinite(en.value * strength)) {
+            if (std::isfinite(en.value) && !std::isfinite((float) (en.value * strength))) {
                 return fail("bias %g for layer %d expert %d times strength %g overflows a 32-bit float", en.value,
                             en.layer, en.expert, strength);
             }
@@ -279,7 +279,7 @@ int32_t check(const shape_view & shape, const mote_entry * entries, int32_t n_en
                                 ls.selection[e]  = -INFINITY;
                             }
                         } else {
-                            ls.logit_bias[e] += en->value * strength;
+                            ls.logit_bias[e] += (float) (en->value * strength);
                         }
                         break;
                     case MOTE_MODE_GAIN:
@@ -396,7 +396,7 @@ int32_t mote_get_layer_router(const llama_context * ctx, int32_t layer, struct m
     return 0;
 }
 
-int32_t mote_steer_check(const struct mote_shape * shape, const mote_entry * entries, int32_t n_entries, float strength) {
+int32_t mote_steer_check(const struct mote_shape * shape, const mote_entry * entries, int32_t n_entries, double strength) {
     shape_view s;
     if (shape != nullptr) {
         if (shape->n_layer < 0 || shape->n_expert < 0 || shape->n_expert_used < 0) {
@@ -416,7 +416,7 @@ int32_t mote_steer_check(const struct mote_shape * shape, const mote_entry * ent
     return check(s, entries, n_entries, strength, nullptr);
 }
 
-int32_t mote_steer_set(llama_context * ctx, const mote_entry * entries, int32_t n_entries, float strength) {
+int32_t mote_steer_set(llama_context * ctx, const mote_entry * entries, int32_t n_entries, double strength) {
     if (ctx == nullptr || (entries == nullptr && n_entries > 0) || n_entries < 0) {
         return fail("mote_steer_set: null context or entries");
     }

@@ -100,11 +100,11 @@ MOTE_API int32_t mote_get_layer_router(const struct llama_context * ctx, int32_t
 // shape, committing nothing. shape NULL checks only what needs no model (values, modes, scopes,
 // duplicates and contradictions on one expert). Returns 0, or -1 with the reason in mote_last_error().
 MOTE_API int32_t mote_steer_check(const struct mote_shape * shape, const struct mote_entry * entries, int32_t n_entries,
-                                  float strength);
+                                  double strength);
 // Replaces the context's steering with the given entries, validated against what its graph routes,
 // all or nothing: on error the previous steering stays in place. strength scales every bias.
 // n_entries == 0 clears steering.
-MOTE_API int32_t mote_steer_set(struct llama_context * ctx, const struct mote_entry * entries, int32_t n_entries, float strength);
+MOTE_API int32_t mote_steer_set(struct llama_context * ctx, const struct mote_entry * entries, int32_t n_entries, double strength);
 // Selects the phase (MOTE_SCOPE_PREFILL, _DECODE or _THINKING) whose entries apply from the next decode.
 MOTE_API int32_t mote_steer_phase(struct llama_context * ctx, int32_t phase);
 MOTE_API void    mote_steer_clear(struct llama_context * ctx);

@@ -20,7 +20,8 @@ LAYERS = [
     {"steering"},
     {"engine", "synthetic"},
     {"ftri", "evaluation"},
-    {"cli", "serve"},
+    {"serve"},
+    {"cli"},  # the mote command registers every command, the server's too
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 
