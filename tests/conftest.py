@@ -1,10 +1,35 @@
+import os
+import resource
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from mote_local.engine.model import Model
-from mote_local.synthetic import tiny
+from mote_local.synthetic import real_vocab, tiny
+
+# Every test runs under bounds: an address-space limit for the test process (and the commands it starts), so an
+# unbounded allocation fails as MemoryError instead of taking the machine; a per-test timeout (pytest-timeout,
+# `timeout` in pyproject.toml).
+MEMORY_LIMIT_BYTES = 12 * 2**30
+
+
+def pytest_configure(config):
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY or soft > MEMORY_LIMIT_BYTES:
+        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT_BYTES, hard))
+    # tests never write into the user's cache; the sdist the engine was built from stays reachable
+    if not os.environ.get("MOTE_LLAMA_SDIST"):
+        try:
+            os.environ["MOTE_LLAMA_SDIST"] = str(real_vocab.sdist_path())
+        except real_vocab.SdistMissing:
+            pass
+    os.environ["MOTE_CACHE_DIR"] = tempfile.mkdtemp(prefix="mote-test-cache-")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(os.environ["MOTE_CACHE_DIR"], ignore_errors=True)
 
 
 def pytest_addoption(parser):
@@ -20,7 +45,10 @@ def model_options(request) -> dict:
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("models")
+    """The models folder of a session cache directory (MOTE_CACHE_DIR=model_dir.parent reuses its models)."""
+    path = tmp_path_factory.mktemp("cache") / "models"
+    path.mkdir()
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -278,7 +278,7 @@ def test_ftri_out_must_be_a_directory_and_its_json_is_not_a_profile(planted_file
 
 
 def test_demo_export_writes_the_walk_through_files_with_full_paths(planted_files, tmp_path, monkeypatch):
-    monkeypatch.setenv("MOTE_CACHE_DIR", str(planted_files[0].parent))
+    monkeypatch.setenv("MOTE_CACHE_DIR", str(planted_files[0].parent.parent))
     monkeypatch.chdir(tmp_path)
     r = mote("demo", "--export", "walk")
     target = (tmp_path / "walk").resolve()

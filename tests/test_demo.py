@@ -17,7 +17,7 @@ def planted_files(model_dir):
 
 
 def test_demo_end_to_end(tmp_path, monkeypatch, planted_files):
-    monkeypatch.setenv("MOTE_CACHE_DIR", str(planted_files[0].parent))
+    monkeypatch.setenv("MOTE_CACHE_DIR", str(planted_files[0].parent.parent))
     r = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "demo")])
     assert r.exit_code == 0, r.output
     line = next(l for l in r.output.splitlines() if "planted experts ranked" in l)

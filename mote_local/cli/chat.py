@@ -7,7 +7,6 @@ input function is the standard library's readline (line editing, history kept be
 
 from __future__ import annotations
 
-import os
 import shlex
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from mote_local.cache import cache_dir
 from mote_local.cli.shared import (
     check_fits,
     load_profile,
@@ -365,6 +365,5 @@ HISTORY_LINES = 1000
 
 
 def history_path() -> Path:
-    """The chat history: $MOTE_CACHE_DIR/chat-history, or ~/.cache/mote-local/chat-history."""
-    env = os.environ.get("MOTE_CACHE_DIR")
-    return (Path(env) if env else Path.home() / ".cache" / "mote-local") / "chat-history"
+    """The chat history, in mote-local's cache directory."""
+    return cache_dir("chat-history")

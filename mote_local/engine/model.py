@@ -58,7 +58,8 @@ def _apply_params(params, options: dict, what: str) -> None:
 class Model:
     """A GGUF model loaded by the patched engine. Close it (or use `with`) to free its memory."""
 
-    def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = 0, verbose: bool = False, **model_params):
+    def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = 0, n_threads: int | None = None,
+                 verbose: bool = False, **model_params):
         self.layout: MoeLayout = read_layout(path)  # a clear error for a bad file, before llama.cpp sees it
         self.path = self.layout.path
         params = llama.llama_model_default_params()
@@ -73,6 +74,7 @@ class Model:
                                  "(run with verbose=True to see llama.cpp's reason)") from None
         self.router = binding.router_info(self._model.model)
         self.n_vocab = self._model.n_vocab()
+        self.n_threads = n_threads  # the default of its sessions (None: every core)
         self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()
         self._closed = False
 
@@ -398,7 +400,7 @@ class Session:
         params.n_batch = n_batch
         params.n_ubatch = n_ubatch or min(n_batch, 512)
         params.n_seq_max = n_seq_max
-        threads = n_threads or max(1, os.cpu_count() or 1)
+        threads = n_threads or model.n_threads or max(1, os.cpu_count() or 1)
         params.n_threads = params.n_threads_batch = threads
         params.flash_attn_type = FLASH_ATTN[flash_attn]
         params.no_perf = True
@@ -406,7 +408,8 @@ class Session:
         try:
             self._ctx = llama_internals.LlamaContext(model=model._model, params=params, verbose=model.verbose)
         except ValueError as err:
-            raise EngineError(f"llama.cpp could not create a context ({err}); try a smaller n_ctx") from None
+            raise EngineError(f"llama.cpp could not create a context ({err}); try a smaller context size "
+                              "(n_ctx, -c/--ctx-size)") from None
         self._ctx_ptr = self._ctx.ctx
         self._lock = threading.RLock()
         self._closed_because: str | None = None

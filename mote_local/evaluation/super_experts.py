@@ -18,6 +18,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from mote_local.cache import cache_dir
 from mote_local.atomic import atomic_write_text
 from mote_local.engine.model import Model
 from mote_local.errors import EvalError
@@ -76,8 +77,7 @@ class SuperExperts:
 
 
 def _super_cache_dir() -> Path:
-    env = os.environ.get("MOTE_CACHE_DIR")
-    return (Path(env) if env else Path.home() / ".cache" / "mote-local") / "super-experts"
+    return cache_dir("super-experts")
 
 
 def _model_key(model_path: str | os.PathLike) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from mote_local.cache import cache_dir
 from mote_local.atomic import atomic_write_bytes
 from mote_local.errors import MoteError
 from mote_local.modelfile.layout import read_header
@@ -143,11 +144,6 @@ class RealVocab:
 
 # ------------------------------------------------------------------------------------------ the pinned sdist
 
-def _cache_root() -> Path:
-    """$MOTE_CACHE_DIR or ~/.cache/mote-local: where the build keeps the sdist (tools/upstream.py)."""
-    return Path(os.environ.get("MOTE_CACHE_DIR") or Path.home() / ".cache" / "mote-local")
-
-
 def sdist_path() -> Path:
     """The pinned sdist the engine was built from: $MOTE_LLAMA_SDIST, else the build's cache."""
     override = os.environ.get("MOTE_LLAMA_SDIST")
@@ -157,7 +153,7 @@ def sdist_path() -> Path:
         raise SdistMissing("the engine is not built, so the pinned llama-cpp-python sdist is unknown: "
                            "install the package with `pip install .`")
     else:
-        path = _cache_root() / "sdist" / f"llama_cpp_python-{PIN}.tar.gz"
+        path = cache_dir() / "sdist" / f"llama_cpp_python-{PIN}.tar.gz"
     if not path.is_file():
         raise SdistMissing(f"the pinned llama-cpp-python sdist is not at {path}: the build downloads it there "
                            "(`pip install .`), or set MOTE_LLAMA_SDIST to a local copy")
@@ -168,7 +164,7 @@ def _extracted(member: str) -> Path:
     """``member`` (a path under the sdist's llama.cpp models/) extracted once into the cache."""
     sdist = sdist_path()
     # keyed by the sdist's name and size: a different sdist never serves another's files
-    target = _cache_root() / "real-vocab" / f"{sdist.name}-{sdist.stat().st_size}" / member
+    target = cache_dir() / "real-vocab" / f"{sdist.name}-{sdist.stat().st_size}" / member
     if target.is_file():
         return target
     with tarfile.open(sdist) as tar:

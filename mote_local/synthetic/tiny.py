@@ -31,6 +31,7 @@ import numpy as np
 from gguf import MODEL_TENSOR as MT
 from gguf import GGMLQuantizationType as QT
 
+from mote_local.cache import cache_dir
 from mote_local.atomic import atomic_path
 from mote_local.modelfile.layout import read_header
 from mote_local.synthetic import real_vocab
@@ -741,9 +742,8 @@ def write_model(spec: TinySpec, path: str | os.PathLike[str], weights: dict[str,
 
 
 def default_cache_dir() -> Path:
-    """``$MOTE_CACHE_DIR`` or ``~/.cache/mote-local/models``."""
-    env = os.environ.get("MOTE_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "mote-local" / "models"
+    """The ``models`` folder of mote-local's cache directory."""
+    return cache_dir("models")
 
 
 def _spec_hash(spec: TinySpec) -> str:
