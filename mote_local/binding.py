@@ -85,8 +85,13 @@ _layer_router = _bind("mote_get_layer_router", [_ctx, _i32, _P(mote_layer_router
 _steer_check = _bind("mote_steer_check", [_P(mote_shape), _P(mote_entry), _i32, ctypes.c_double], _i32)
 # int32_t mote_steer_set(struct llama_context * ctx, const struct mote_entry * entries, int32_t n_entries, double strength);
 _steer_set = _bind("mote_steer_set", [_ctx, _P(mote_entry), _i32, ctypes.c_double], _i32)
+# int32_t mote_steer_set_seq(struct llama_context * ctx, int32_t seq_id, const struct mote_entry * entries,
+#                            int32_t n_entries, double strength);
+_steer_set_seq = _bind("mote_steer_set_seq", [_ctx, _i32, _P(mote_entry), _i32, ctypes.c_double], _i32)
 # int32_t mote_steer_phase(struct llama_context * ctx, int32_t phase);
 _steer_phase = _bind("mote_steer_phase", [_ctx, _i32], _i32)
+# int32_t mote_steer_phase_seq(struct llama_context * ctx, int32_t seq_id, int32_t phase);
+_steer_phase_seq = _bind("mote_steer_phase_seq", [_ctx, _i32, _i32], _i32)
 # void mote_steer_clear(struct llama_context * ctx);
 _steer_clear = _bind("mote_steer_clear", [_ctx], None)
 # int32_t mote_steer_count(const struct llama_context * ctx);
@@ -180,8 +185,14 @@ def steer_set(ctx, entries: list[tuple[int, int, int, float, int]], strength: fl
     return None if _steer_set(ctx, _entries(entries), len(entries), strength) == 0 else last_error()
 
 
-def steer_phase(ctx, phase: int) -> None:
-    if _steer_phase(ctx, phase) != 0:
+def steer_set_seq(ctx, seq_id: int, entries: list[tuple[int, int, int, float, int]], strength: float) -> str | None:
+    """A sequence's own steering (no entries: back to the context's); returns the engine's error, or None."""
+    return None if _steer_set_seq(ctx, seq_id, _entries(entries), len(entries), strength) == 0 else last_error()
+
+
+def steer_phase(ctx, phase: int, seq_id: int | None = None) -> None:
+    rc = _steer_phase(ctx, phase) if seq_id is None else _steer_phase_seq(ctx, seq_id, phase)
+    if rc != 0:
         raise EngineError(last_error())
 
 

@@ -47,6 +47,7 @@ context_state & state_for_write(const llama_context * lctx) {
         slot->n_layer       = (int32_t) hp.n_layer_all;
         slot->n_expert      = (int32_t) hp.n_expert;
         slot->n_expert_used = (int32_t) hp.n_expert_used_max();
+        slot->n_seq_max     = (int32_t) lctx->n_seq_max();
         slot->model_selection_bias.resize(hp.n_layer_all);
         slot->routers.assign(hp.n_layer_all, mote_layer_router{});
     }
@@ -416,24 +417,57 @@ int32_t mote_steer_check(const struct mote_shape * shape, const mote_entry * ent
     return check(s, entries, n_entries, strength, nullptr);
 }
 
-int32_t mote_steer_set(llama_context * ctx, const mote_entry * entries, int32_t n_entries, double strength) {
-    if (ctx == nullptr || (entries == nullptr && n_entries > 0) || n_entries < 0) {
-        return fail("mote_steer_set: null context or entries");
-    }
-    if (n_entries == 0) {
-        mote_steer_clear(ctx);
-        return 0;
-    }
+namespace mote {
+namespace {
+
+// Compiles entries into `slot` (all or nothing: on error the slot keeps what it had).
+int32_t set_slot(llama_context * ctx, steer_slot & slot, const mote_entry * entries, int32_t n_entries, double strength) {
     context_state & st = state_for_write(ctx);
     if (const char * why = unroutable(st)) {
         return fail("cannot steer: %s", why);
     }
     std::array<phase_steering, std::size(kPhases)> compiled;
     if (check(shape_of(ctx, st), entries, n_entries, strength, &compiled) != 0) {
-        return -1; // previous steering stays in place
+        return -1;
     }
-    st.compiled = std::move(compiled);
-    st.entries.assign(entries, entries + n_entries);
+    slot.compiled = std::move(compiled);
+    slot.entries.assign(entries, entries + n_entries);
+    return 0;
+}
+
+} // namespace
+} // namespace mote
+
+int32_t mote_steer_set(llama_context * ctx, const mote_entry * entries, int32_t n_entries, double strength) {
+    if (ctx == nullptr || (entries == nullptr && n_entries > 0) || n_entries < 0) {
+        return fail("mote_steer_set: null context or entries");
+    }
+    context_state & st = state_for_write(ctx);
+    if (n_entries == 0) {
+        st.base = steer_slot{ {}, {}, st.base.phase };
+        return 0;
+    }
+    return set_slot(ctx, st.base, entries, n_entries, strength);
+}
+
+int32_t mote_steer_set_seq(llama_context * ctx, int32_t seq_id, const mote_entry * entries, int32_t n_entries,
+                           double strength) {
+    if (ctx == nullptr || (entries == nullptr && n_entries > 0) || n_entries < 0) {
+        return fail("mote_steer_set_seq: null context or entries");
+    }
+    context_state & st = state_for_write(ctx);
+    if (seq_id < 0 || seq_id >= st.n_seq_max) {
+        return fail("sequence id %d is out of range: this context has sequences 0..%d", seq_id, st.n_seq_max - 1);
+    }
+    if (n_entries == 0) {
+        st.seqs.erase(seq_id);
+        return 0;
+    }
+    steer_slot slot{ {}, {}, st.base.phase };
+    if (set_slot(ctx, slot, entries, n_entries, strength) != 0) {
+        return -1;
+    }
+    st.seqs[seq_id] = std::move(slot);
     return 0;
 }
 
@@ -441,16 +475,31 @@ int32_t mote_steer_phase(llama_context * ctx, int32_t phase) {
     if (ctx == nullptr || phase < MOTE_SCOPE_PREFILL || phase > MOTE_SCOPE_THINKING) {
         return fail("mote_steer_phase: phase must be prefill (1), decode (2) or thinking (3), got %d", phase);
     }
-    state_for_write(ctx).phase = phase;
+    context_state & st = state_for_write(ctx);
+    st.base.phase = phase;
+    for (auto & kv : st.seqs) {
+        kv.second.phase = phase;
+    }
+    return 0;
+}
+
+int32_t mote_steer_phase_seq(llama_context * ctx, int32_t seq_id, int32_t phase) {
+    if (ctx == nullptr || phase < MOTE_SCOPE_PREFILL || phase > MOTE_SCOPE_THINKING) {
+        return fail("mote_steer_phase_seq: phase must be prefill (1), decode (2) or thinking (3), got %d", phase);
+    }
+    context_state & st = state_for_write(ctx);
+    const auto it = st.seqs.find(seq_id);
+    if (it == st.seqs.end()) {
+        return fail("sequence %d has no steering of its own", seq_id);
+    }
+    it->second.phase = phase;
     return 0;
 }
 
 void mote_steer_clear(llama_context * ctx) {
     if (context_state * st = ctx ? state_of(ctx) : nullptr) {
-        for (auto & c : st->compiled) {
-            c.clear();
-        }
-        st->entries.clear();
+        st->base = steer_slot{ {}, {}, st->base.phase };
+        st->seqs.clear();
     }
 }
 
@@ -459,8 +508,8 @@ int32_t mote_steer_count(const llama_context * ctx) {
     if (st == nullptr) {
         return 0;
     }
-    return (int32_t) std::count_if(st->entries.begin(), st->entries.end(),
-                                   [st](const mote_entry & e) { return applies_in(e.scope, st->phase); });
+    return (int32_t) std::count_if(st->base.entries.begin(), st->base.entries.end(),
+                                   [st](const mote_entry & e) { return applies_in(e.scope, st->base.phase); });
 }
 
 int32_t mote_capture_start(llama_context * ctx, int32_t flags) {

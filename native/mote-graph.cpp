@@ -53,29 +53,68 @@ public:
     }
 
     context_state * st;
-    // F32 [n_expert, rows]: every steering table of the graph in one tensor, so that a ubatch costs
-    // one upload (a synchronised copy per table would dominate a GPU decode step)
-    ggml_tensor *           values = nullptr;
-    std::vector<table>      tables; // row -> what it holds
+    // F32 [n_expert, rows * n_slots]: every steering table of the graph in one tensor, so that a ubatch
+    // costs one upload (a synchronised copy per table would dominate a GPU decode step); a table has a
+    // row per steering slot (the context's, then one per sequence) while sequences steer on their own
+    ggml_tensor *           values  = nullptr;
+    int32_t                 n_slots = 1;
+    std::vector<table>      tables; // table index -> what it holds
     std::vector<float>      host;
     std::vector<layer_taps> taps;
+    // I32: each token's steering slot, for all tokens of the ubatch and for its output tokens (the
+    // last layer routes only those)
+    ggml_tensor * slot_all = nullptr;
+    ggml_tensor * slot_out = nullptr;
 };
 
+// Which tables a layer's graph needs: the union over the context's and the sequences' steerings.
+struct layer_flags {
+    bool logit_bias = false, force = false, selection = false, keep = false, gain = false;
+
+    bool any() const { return logit_bias || force || selection || keep || gain; }
+};
+
+layer_flags flags_of(const context_state * st, int32_t il) {
+    layer_flags f;
+    auto add = [&](const steer_slot & slot) {
+        const phase_steering & layers = slot.layers();
+        if ((size_t) il < layers.size()) {
+            const layer_steering & ls = layers[il];
+            f.logit_bias |= ls.has_logit_bias;
+            f.force |= ls.has_force;
+            f.selection |= ls.has_selection;
+            f.keep |= ls.has_keep;
+            f.gain |= ls.has_gain;
+        }
+    };
+    add(st->base);
+    for (const auto & kv : st->seqs) {
+        add(kv.second);
+    }
+    return f;
+}
+
+// What a table holds for an expert when its steering slot has nothing there.
+float identity(table_kind kind) {
+    return kind == table_kind::keep || kind == table_kind::gain ? 1.0f : 0.0f;
+}
+
 void steer_input::set_input(const llama_ubatch * ubatch) {
-    GGML_UNUSED(ubatch);
     if (values == nullptr || values->buffer == nullptr) {
         return;
     }
     const size_t n_expert = (size_t) values->ne[0];
     host.assign(ggml_nelements(values), 0.0f);
-    const phase_steering & layers = st->layers();
-    for (size_t row = 0; row < tables.size(); ++row) {
-        const table & t = tables[row];
-        if ((size_t) t.layer >= layers.size()) {
-            continue; // steering was cleared; this graph will not be reused
+    static const layer_steering kIdle; // a slot with nothing in this layer: empty arrays
+    for (size_t row = 0; row < tables.size() * n_slots; ++row) {
+        const table &          t      = tables[row / n_slots];
+        float *                dst    = host.data() + row * n_expert;
+        const phase_steering & layers = st->slot((int32_t) (row % n_slots))->layers();
+        const layer_steering & ls     = (size_t) t.layer < layers.size() ? layers[t.layer] : kIdle;
+        if (ls.logit_bias.empty() && t.kind != table_kind::selection) {
+            std::fill_n(dst, n_expert, identity(t.kind));
+            continue;
         }
-        const layer_steering & ls  = layers[t.layer];
-        float *                dst = host.data() + row * n_expert;
         switch (t.kind) {
             case table_kind::logit_bias: std::copy_n(ls.logit_bias.data(), n_expert, dst); break;
             case table_kind::force:      std::copy_n(ls.force.data(), n_expert, dst); break;
@@ -88,13 +127,30 @@ void steer_input::set_input(const llama_ubatch * ubatch) {
                     ggml_backend_tensor_get(t.model_selection, model_b.data(), 0, ggml_nbytes(t.model_selection));
                 }
                 for (size_t e = 0; e < n_expert; ++e) {
-                    dst[e] = model_b[e] + ls.selection[e];
+                    dst[e] = model_b[e] + (ls.selection.empty() ? 0.0f : ls.selection[e]);
                 }
                 break;
             }
         }
     }
     ggml_backend_tensor_set(values, host.data(), 0, ggml_nbytes(values));
+
+    // each token's slot: its sequence's own steering, or the context's
+    std::vector<int32_t> all, out;
+    for (uint32_t i = 0; i < ubatch->n_tokens; ++i) {
+        const llama_seq_id seq  = ubatch->seq_id[i][0];
+        const int32_t      slot = st->seqs.count(seq) ? 1 + seq : 0;
+        all.push_back(slot);
+        if (ubatch->output != nullptr && ubatch->output[i]) {
+            out.push_back(slot);
+        }
+    }
+    if (slot_all != nullptr && slot_all->buffer != nullptr) {
+        ggml_backend_tensor_set(slot_all, all.data(), 0, ggml_nbytes(slot_all));
+    }
+    if (slot_out != nullptr && slot_out->buffer != nullptr && (int64_t) out.size() == slot_out->ne[0]) {
+        ggml_backend_tensor_set(slot_out, out.data(), 0, ggml_nbytes(slot_out));
+    }
 }
 
 steer_input & input_of(const llm_graph_context & g) {
@@ -107,16 +163,33 @@ steer_input & input_of(const llm_graph_context & g) {
     return *static_cast<steer_input *>(added);
 }
 
-// The [n_expert] row of the packed steering input that holds table `kind` of layer il.
+// Table `kind` of layer il from the packed steering input: [n_expert], or, while sequences steer on
+// their own, [n_expert, n_tokens] (each token's row picked by its steering slot).
+// Each token's steering slot for a router call over n_tokens tokens: the ubatch's tokens, or, in the last
+// layer, its output tokens.
+ggml_tensor * slot_index(const llm_graph_context & g, steer_input & in, int64_t n_tokens) {
+    const bool      all = n_tokens == (int64_t) g.ubatch.n_tokens;
+    ggml_tensor *& t   = all ? in.slot_all : in.slot_out;
+    if (t == nullptr) {
+        t = ggml_new_tensor_1d(g.ctx0, GGML_TYPE_I32, n_tokens);
+        ggml_set_input(t);
+        ggml_set_name(t, all ? "mote_slot" : "mote_slot_out");
+    }
+    return t;
+}
+
 ggml_tensor * new_table(const llm_graph_context & g, table_kind kind, int il, const char * name,
                         ggml_tensor * model_selection = nullptr) {
     steer_input & in = input_of(g);
+    const context_state * st = g.mote;
     if (in.values == nullptr) {
-        int64_t rows = 0; // an upper bound: a hook may add no node (e.g. an arch without exp_probs_b)
-        for (const layer_steering & ls : g.mote->layers()) {
-            rows += ls.has_logit_bias + ls.has_force + ls.has_selection + ls.has_keep + ls.has_gain;
+        int64_t n_tables = 0; // an upper bound: a hook may add no node (e.g. an arch without exp_probs_b)
+        for (int32_t l = 0; l < st->n_layer; ++l) {
+            const layer_flags f = flags_of(st, l);
+            n_tables += f.logit_bias + f.force + f.selection + f.keep + f.gain;
         }
-        in.values = ggml_new_tensor_2d(g.ctx0, GGML_TYPE_F32, g.mote->n_expert, rows);
+        in.n_slots = st->n_slots();
+        in.values  = ggml_new_tensor_2d(g.ctx0, GGML_TYPE_F32, st->n_expert, n_tables * in.n_slots);
         ggml_set_input(in.values);
         ggml_set_name(in.values, "mote_steering");
     }
@@ -126,10 +199,17 @@ ggml_tensor * new_table(const llm_graph_context & g, table_kind kind, int il, co
         ++row;
     }
     if (row == in.tables.size()) {
-        GGML_ASSERT((int64_t) row < in.values->ne[1]); // rows were counted from the same flags
+        GGML_ASSERT((int64_t) (row + 1) * in.n_slots <= in.values->ne[1]); // counted from the same flags
         in.tables.push_back({ il, kind, model_selection });
     }
-    ggml_tensor * t = ggml_view_1d(g.ctx0, in.values, in.values->ne[0], row * in.values->nb[1]);
+    ggml_tensor * t = nullptr;
+    if (in.n_slots == 1) {
+        t = ggml_view_1d(g.ctx0, in.values, in.values->ne[0], row * in.values->nb[1]);
+    } else {
+        ggml_tensor * rows = ggml_view_2d(g.ctx0, in.values, in.values->ne[0], in.n_slots, in.values->nb[1],
+                                          row * in.n_slots * in.values->nb[1]);
+        t = ggml_get_rows(g.ctx0, rows, slot_index(g, in, st->build_tokens));
+    }
     ggml_format_name(t, "%s-%d", name, il);
     // expanded now, so that the view node sits ahead of the router's nodes: CUDA fuses the router
     // only when its nodes are adjacent
@@ -137,21 +217,24 @@ ggml_tensor * new_table(const llm_graph_context & g, table_kind kind, int il, co
     return t;
 }
 
-// table [n_expert] -> its value for each selected expert, [1, n_expert_used, n_tokens]
+// table [n_expert] or [n_expert, n_tokens] -> its value for each selected expert, [1, n_expert_used, n_tokens]
 ggml_tensor * per_selected(ggml_context * ctx, ggml_tensor * table, ggml_tensor * selected) {
     const int64_t n_expert = table->ne[0];
     const int64_t n_tokens = selected->ne[1];
-    ggml_tensor * rows = ggml_repeat_4d(ctx, ggml_reshape_3d(ctx, table, 1, n_expert, 1), 1, n_expert, n_tokens, 1);
+    ggml_tensor * rows = table->ne[1] == n_tokens && n_tokens > 1
+                             ? ggml_reshape_3d(ctx, table, 1, n_expert, n_tokens)
+                             : ggml_repeat_4d(ctx, ggml_reshape_3d(ctx, table, 1, n_expert, 1), 1, n_expert, n_tokens, 1);
     return ggml_get_rows(ctx, rows, selected);
 }
 
-// The layer's steering when it has any, else nullptr.
-const layer_steering * steering_of(const llm_graph_context & g, int il) {
+// The layer's steering flags (over every steering slot) when it has any, else nullptr.
+const layer_flags * steering_of(const llm_graph_context & g, int il, layer_flags & out) {
     const context_state * st = g.mote;
-    if (st == nullptr || st->layers().empty() || il < 0 || il >= st->n_layer) {
+    if (st == nullptr || il < 0 || il >= st->n_layer) {
         return nullptr;
     }
-    return &st->layers()[il];
+    out = flags_of(st, il);
+    return out.any() ? &out : nullptr;
 }
 
 // The router of layer il, when the call being built is the layer's first: weight-level steering
@@ -184,12 +267,14 @@ uint64_t graph_key(const context_state * st) {
         h *= 1099511628211ull;
     };
     bool any = false;
-    for (const layer_steering & ls : st->layers()) {
-        const uint64_t bits = (uint64_t) ls.has_logit_bias | (uint64_t) ls.has_force << 1 |
-                              (uint64_t) ls.has_selection << 2 | (uint64_t) ls.has_keep << 3 | (uint64_t) ls.has_gain << 4;
+    for (int32_t il = 0; il < st->n_layer; ++il) {
+        const layer_flags f    = flags_of(st, il);
+        const uint64_t    bits = (uint64_t) f.logit_bias | (uint64_t) f.force << 1 | (uint64_t) f.selection << 2 |
+                              (uint64_t) f.keep << 3 | (uint64_t) f.gain << 4;
         any |= bits != 0;
         mix(bits);
     }
+    mix((uint64_t) st->n_slots());
     if (st->capture.active) {
         any = true;
         mix(0x100u | (uint64_t) st->capture.flags);
@@ -214,15 +299,17 @@ ggml_tensor * steer_logits(const llm_graph_context & g, ggml_tensor * logits, in
         r.n_expert = (int32_t) logits->ne[0];
     }
 
-    const layer_steering * ls = steering_of(g, il);
-    if (ls == nullptr || (!ls->has_logit_bias && !ls->has_force) || logits->ne[0] != st->n_expert || logits->ne[1] == 0) {
+    st->build_tokens = logits->ne[1];
+    layer_flags flags;
+    const layer_flags * ls = steering_of(g, il, flags);
+    if (ls == nullptr || (!ls->logit_bias && !ls->force) || logits->ne[0] != st->n_expert || logits->ne[1] == 0) {
         return logits;
     }
     ggml_tensor * out = logits;
-    if (ls->has_logit_bias) {
+    if (ls->logit_bias) {
         out = ggml_add(g.ctx0, out, new_table(g, table_kind::logit_bias, il, "mote_logit_bias"));
     }
-    if (ls->has_force) {
+    if (ls->force) {
         // forced experts take the best remaining (unmasked, unforced) logit + eps:
         //   out * (1 - force) + force * top
         // written so that a masked expert's -inf is never multiplied by 0
@@ -248,8 +335,9 @@ ggml_tensor * selection_bias(const llm_graph_context & g, ggml_tensor * exp_prob
     if (mote_layer_router * r = first_call(g, il)) {
         r->selection_bias = exp_probs_b != nullptr;
     }
-    const layer_steering * ls = steering_of(g, il);
-    if (ls == nullptr || !ls->has_selection || exp_probs_b == nullptr || ggml_nelements(exp_probs_b) != g.mote->n_expert) {
+    layer_flags flags;
+    const layer_flags * ls = steering_of(g, il, flags);
+    if (ls == nullptr || !ls->selection || exp_probs_b == nullptr || ggml_nelements(exp_probs_b) != g.mote->n_expert) {
         return exp_probs_b;
     }
     return new_table(g, table_kind::selection, il, "mote_selection_bias", exp_probs_b);
@@ -257,8 +345,9 @@ ggml_tensor * selection_bias(const llm_graph_context & g, ggml_tensor * exp_prob
 
 ggml_tensor * drop_weights(const llm_graph_context & g, ggml_tensor * weights, ggml_tensor * selected,
                            llama_expert_gating_func_type gating, bool norm_w, int il) {
-    const layer_steering * ls = steering_of(g, il);
-    if (ls == nullptr || !ls->has_keep || weights->ne[2] == 0 || first_call(g, il) == nullptr) {
+    layer_flags flags;
+    const layer_flags * ls = steering_of(g, il, flags);
+    if (ls == nullptr || !ls->keep || weights->ne[2] == 0 || first_call(g, il) == nullptr) {
         return weights;
     }
     ggml_tensor * keep = new_table(g, table_kind::keep, il, "mote_keep");
@@ -290,8 +379,9 @@ ggml_tensor * finish_weights(const llm_graph_context & g, ggml_tensor * weights,
     if (weights->ne[2] == 0) {
         return weights;
     }
-    const layer_steering * ls = steering_of(g, il);
-    if (ls != nullptr && ls->has_gain) {
+    layer_flags flags;
+    const layer_flags * ls = steering_of(g, il, flags);
+    if (ls != nullptr && ls->gain) {
         ggml_tensor * gain = new_table(g, table_kind::gain, il, "mote_gain");
         weights = ggml_mul(g.ctx0, weights, per_selected(g.ctx0, gain, selected));
         g.cb(weights, "mote_weights_gain", il);

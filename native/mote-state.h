@@ -60,15 +60,25 @@ struct capture_state {
     std::vector<float>   trace_probs;   // [rows * n_expert]
 };
 
+// One steering: the entries as given, compiled once per phase, and the phase in effect.
+struct steer_slot {
+    std::vector<mote_entry>                        entries;
+    std::array<phase_steering, std::size(kPhases)> compiled;
+    int32_t                                        phase = MOTE_SCOPE_PREFILL;
+
+    // the compiled steering in effect, empty while idle
+    const phase_steering & layers() const { return compiled[phase - MOTE_SCOPE_PREFILL]; }
+};
+
 struct context_state {
     int32_t n_layer       = 0;
     int32_t n_expert      = 0;
     int32_t n_expert_used = 0;
+    int32_t n_seq_max     = 1;
 
-    // steering: the entries as given, compiled once per phase; `phase` selects the one in effect
-    std::vector<mote_entry>                       entries;
-    std::array<phase_steering, std::size(kPhases)> compiled;
-    int32_t                                       phase = MOTE_SCOPE_PREFILL;
+    // the whole context's steering, and sequences' own steerings, which replace it for their tokens
+    steer_slot                   base;
+    std::map<int32_t, steer_slot> seqs;
 
     capture_state capture;
 
@@ -80,9 +90,19 @@ struct context_state {
     std::vector<mote_layer_router> routers;
     int32_t                        build_layer = -1;
     int32_t                        build_call  = 0;
+    int64_t                        build_tokens = 0; // tokens the call routes
 
-    // the steering in effect, empty while idle
-    const phase_steering & layers() const { return compiled[phase - MOTE_SCOPE_PREFILL]; }
+    // Graphs steer per token (a table row per sequence slot) while any sequence has its own steering.
+    bool per_sequence() const { return !seqs.empty(); }
+    // slot 0: the context's steering; slot 1 + s: sequence s
+    int32_t n_slots() const { return per_sequence() ? n_seq_max + 1 : 1; }
+    const steer_slot * slot(int32_t index) const {
+        if (index == 0) {
+            return &base;
+        }
+        const auto it = seqs.find(index - 1);
+        return it == seqs.end() ? &base : &it->second;
+    }
 };
 
 } // namespace mote

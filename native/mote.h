@@ -105,10 +105,18 @@ MOTE_API int32_t mote_steer_check(const struct mote_shape * shape, const struct 
 // all or nothing: on error the previous steering stays in place. strength scales every bias.
 // n_entries == 0 clears steering.
 MOTE_API int32_t mote_steer_set(struct llama_context * ctx, const struct mote_entry * entries, int32_t n_entries, double strength);
-// Selects the phase (MOTE_SCOPE_PREFILL, _DECODE or _THINKING) whose entries apply from the next decode.
+// A sequence's own steering, which replaces the context's for that sequence's tokens (same rules, all
+// or nothing); n_entries == 0 returns the sequence to the context's steering. Sequences steered
+// differently decode in one batch: each token reads its own sequence's tables.
+MOTE_API int32_t mote_steer_set_seq(struct llama_context * ctx, int32_t seq_id, const struct mote_entry * entries,
+                                    int32_t n_entries, double strength);
+// Selects the phase (MOTE_SCOPE_PREFILL, _DECODE or _THINKING) whose entries apply from the next decode,
+// for the context and every sequence; _seq for one sequence's own steering.
 MOTE_API int32_t mote_steer_phase(struct llama_context * ctx, int32_t phase);
+MOTE_API int32_t mote_steer_phase_seq(struct llama_context * ctx, int32_t seq_id, int32_t phase);
+// Clears the context's steering and every sequence's.
 MOTE_API void    mote_steer_clear(struct llama_context * ctx);
-// Number of entries in effect in the current phase (0 when idle).
+// Number of the context's entries in effect in its current phase (0 when idle).
 MOTE_API int32_t mote_steer_count(const struct llama_context * ctx);
 
 // Capture accumulates per label: counts [n_layer * n_expert], weight sums [n_layer * n_expert],

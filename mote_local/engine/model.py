@@ -419,6 +419,7 @@ class Session:
         self.n_batch = llama.llama_n_batch(self._ctx_ptr)
         self.n_seq_max = llama.llama_n_seq_max(self._ctx_ptr)
         self._profile = Profile()
+        self._seq_profiles: dict[int, Profile] = {}
         self._phase = Scope.PREFILL
         self._capture: Capture | None = None
 
@@ -454,7 +455,7 @@ class Session:
     # steering
     @_serialised
     def steer(self, steering: Profile | Iterable[Entry], strength: float | None = None, *,
-              force: bool = False) -> None:
+              force: bool = False, seq_id: int | None = None) -> None:
         """Replaces this session's steering; on error the previous steering stays in place.
 
         Takes a Profile or entries (with `strength`, default 1). Entries scoped to a phase
@@ -471,15 +472,51 @@ class Session:
             profile = Profile(profile.entries, float(strength), profile.fingerprint, profile.name)
         self.model.layout.require_moe()
         # the engine checks every phase against what its graph routes, and keeps the old steering on error
-        err = binding.steer_set(self._ctx_ptr, [e.native() for e in profile.entries], profile.strength)
+        native = [e.native() for e in profile.entries]
+        if seq_id is None:
+            err = binding.steer_set(self._ctx_ptr, native, profile.strength)
+        else:
+            self._check_seq_id(seq_id)
+            err = binding.steer_set_seq(self._ctx_ptr, seq_id, native, profile.strength) if native else \
+                binding.steer_set_seq(self._ctx_ptr, seq_id, [], 1.0)
         if err:
             raise SteeringError(rules.name_model(err, self.model.path.name))
-        self._profile = profile
+        if seq_id is None:
+            self._profile = profile
+        elif profile.entries:
+            self._seq_profiles[seq_id] = profile
+        else:
+            self._seq_profiles.pop(seq_id, None)
 
     @_serialised
-    def clear_steering(self) -> None:
-        binding.steer_clear(self._ctx_ptr)
-        self._profile = Profile()
+    def clear_steering(self, seq_id: int | None = None) -> None:
+        """Clears the context's steering and every sequence's; with seq_id, only that sequence's own."""
+        if seq_id is None:
+            binding.steer_clear(self._ctx_ptr)
+            self._profile = Profile()
+            self._seq_profiles.clear()
+        elif self._seq_profiles.pop(seq_id, None) is not None:
+            binding.steer_set_seq(self._ctx_ptr, seq_id, [], 1.0)
+
+    def steering_of(self, seq_id: int) -> Profile:
+        """The steering a sequence's tokens get: its own, or the context's."""
+        return self._seq_profiles.get(seq_id, self._profile)
+
+    def set_phase(self, phase: Scope | str, seq_id: int | None = None) -> None:
+        """Which scoped entries apply from the next decode (generate() switches them itself); with seq_id,
+        for that sequence's own steering only (a server decoding prompts and replies in one batch)."""
+        phase = Scope(phase)
+        if phase is Scope.ALL:
+            raise SteeringError("a phase is prefill, decode or thinking")
+        with self._exclusive():
+            if seq_id is None:
+                self._set_phase(phase)
+            elif seq_id in self._seq_profiles:
+                binding.steer_phase(self._ctx_ptr, NATIVE_SCOPE[phase], seq_id)
+
+    def _check_seq_id(self, seq_id: int) -> None:
+        if isinstance(seq_id, bool) or not isinstance(seq_id, int) or not 0 <= seq_id < self.n_seq_max:
+            raise InputError(f"sequence id {seq_id!r} is out of range: this session has n_seq_max={self.n_seq_max}")
 
     def _set_phase(self, phase: Scope) -> None:
         """Selects which scoped entries the engine applies from the next decode."""
