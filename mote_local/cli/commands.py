@@ -145,29 +145,51 @@ def inspect(model: Path, as_json: bool, super_experts: bool, text: Path | None, 
         if not found.flagged:
             click.echo("  none")
         return
+    if not layout.is_moe:
+        if as_json:
+            click.echo(json.dumps({"path": str(layout.path), "arch": layout.arch, "n_layer": layout.n_layer,
+                                   "moe_layers": []}, indent=2))
+        else:
+            click.echo(f"{layout.path.name}: {layout.arch}, {layout.n_layer} layers, dense (no experts)")
+        return
+    from mote_local.engine.model import Model
+
+    # what the engine's graph does, asked of the engine (GGUF keys can be absent or overridden by the graph)
+    with Model(layout.path, n_threads=threads) as m:
+        routers = m.routers
+    moe = [i for i, r in enumerate(routers) if r.n_calls]
+    first = routers[moe[0]] if moe else None
     info = {
-        "path": str(layout.path), "arch": layout.arch, "n_layer": layout.n_layer,
-        "moe_layers": list(layout.moe_layers), "n_expert": layout.n_expert, "n_expert_used": layout.n_expert_used,
-        "gating": layout.gating or "unknown", "norm_weights": layout.norm_weights,
+        "path": str(layout.path), "arch": layout.arch, "n_layer": layout.n_layer, "moe_layers": moe,
+        "n_expert": layout.n_expert, "n_expert_used": first.n_expert_used if first else layout.n_expert_used,
+        "gating": first.gating if first else None, "norm_weights": first.norm_w if first else None,
+        "weights_scale": first.w_scale if first else None, "selection_bias": first.selection_bias if first else None,
+        "router_calls_per_layer": max((r.n_calls for r in routers), default=0),
         "n_shared_experts": layout.n_shared_experts, "n_expert_groups": layout.n_expert_groups,
         "n_group_used": layout.n_group_used, "quantization": layout.file_type, "size_bytes": layout.size_bytes,
     }
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    if not layout.is_moe:
-        click.echo(f"{layout.path.name}: {layout.arch}, {layout.n_layer} layers, dense (no experts)")
+    if first is None:
+        click.echo(f"{layout.path.name}: {layout.arch}, {layout.n_layer} layers, {layout.n_expert} experts per "
+                   "layer in the file, but the engine's graph routes no token through them: nothing to steer or "
+                   "capture")
         return
     groups = f", {layout.n_expert_groups} groups ({layout.n_group_used} used)" if layout.n_expert_groups > 1 else ""
+    weights = ("normalised" if first.norm_w else "raw") + (f", scaled x{first.w_scale:g}" if first.w_scale != 1 else "")
     rows = [
         ("model", layout.path.name), ("arch", layout.arch),
-        ("layers", f"{layout.n_layer} ({len(layout.moe_layers)} MoE: {_span(layout.moe_layers)})"),
-        ("experts", f"{layout.n_expert} per layer, top-{layout.n_expert_used}{groups}"),
-        ("gating", f"{layout.gating or 'unknown'}, top-k weights {'normalised' if layout.norm_weights else 'raw'}"),
+        ("layers", f"{layout.n_layer} ({len(moe)} MoE: {_span(moe)})"),
+        ("experts", f"{layout.n_expert} per layer, top-{first.n_expert_used}{groups}"),
+        ("gating", f"{first.gating}{' + selection bias' if first.selection_bias else ''}, top-k weights {weights}"),
         ("shared experts", str(layout.n_shared_experts)),
         ("quantization", layout.file_type), ("size", f"{layout.size_bytes / 2**20:.1f} MiB"),
-        ("total experts", str(layout.n_expert * len(layout.moe_layers))),
+        ("total experts", str(layout.n_expert * len(moe))),
     ]
+    if info["router_calls_per_layer"] > 1:
+        rows.insert(4, ("router calls", f"{info['router_calls_per_layer']} per layer (steering's drop and gain, and "
+                                        "capture, act on the first)"))
     for k, v in rows:
         click.echo(f"{k:>15}  {v}")
 
