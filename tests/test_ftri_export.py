@@ -181,3 +181,28 @@ def test_read_ranking_for_a_sweep(planted_files, tmp_path):
     (tmp_path / "other.json").write_text('{"format": "mote-profile"}')
     with pytest.raises(MoteError, match="is not an fTRI result"):
         ftri.read_ranking(tmp_path / "other.json", layers)
+
+
+def test_reap_ranks_the_planted_experts_from_the_captured_output_norms(model, planted_files, tmp_path):
+    """The capture sums gate weight x expert output norm natively when a method needs it; reap ranks the planted
+    experts first (they write the refusal mode only on trigger prompts) and the distractors, busy on both
+    classes, below 0 (on trigger prompts they share their token with a planted expert)."""
+    path, truth = planted_files
+    behavior, baseline = select_classes(load_prompt_set(planted.prompts_path()), "trigger", "neutral")
+    run, results = ftri.run_ftri(model, behavior, baseline, methods=("reap", "mean_diff"), top=2, n_boot=50,
+                                 show_progress=False)
+    norms = run.activations.output_norm_sums
+    assert norms is not None and norms.shape == run.activations.counts.shape
+    assert np.all(norms[run.activations.counts == 0] == 0) and norms.sum() > 0
+    reap = results["reap"]
+    assert [(r.layer, r.expert) for r in reap.ranked(2, layers=model.layout.moe_layers)] == list(truth.planted)
+    assert all(reap.qualified()[p] for p in truth.planted)
+    assert all(reap.scores[d] < 0 for d in truth.distractors)
+    plain, _ = ftri.run_ftri(model, behavior[:2], baseline[:2], methods=("mean_diff",), n_boot=10,
+                             show_progress=False)
+    assert plain.activations.output_norm_sums is None  # measured only when asked for
+    r = CliRunner().invoke(main, ["ftri", str(path), "--prompts", str(planted.prompts_path()), "--method", "reap",
+                                  "--top", "2", "--n-boot", "50", "--out", str(tmp_path / "reap")])
+    assert r.exit_code == 0, r.output
+    assert {(e.layer, e.expert) for e in Profile.load(tmp_path / "reap" / "profile.json").entries} == set(truth.planted)
+    assert (tmp_path / "reap" / "ftri_reap.csv").exists()

@@ -297,8 +297,9 @@ def run(model: Path, prompt: str, n_predict: int, temp: float, top_k: int, top_p
 @click.option("--scope", type=click.Choice(["prompt", "target", "generated", "thinking"]), default="prompt",
               show_default=True, help="Which tokens count.")
 @click.option("--method", "methods", multiple=True, default=("mean_diff",), show_default=True,
-              type=click.Choice(["mean_diff", "risk_diff", "log_odds", "weight_mass"]),
-              help="Scoring method; repeatable (the first one makes the profile).")
+              type=click.Choice(["mean_diff", "risk_diff", "log_odds", "weight_mass", "reap"]),
+              help="Scoring method; repeatable (the first one makes the profile). reap weighs each routed token "
+                   "by gate weight x the expert's output norm.")
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True,
               help="Experts in the ranking, and at most in the profile (only experts with evidence qualify).")
 @click.option("--sign", type=click.Choice(["positive", "negative", "abs"]), default="positive", show_default=True,

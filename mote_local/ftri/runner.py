@@ -19,7 +19,7 @@ import numpy as np
 from mote_local.atomic import atomic_path, atomic_write_text
 from mote_local.engine.model import Model
 from mote_local.errors import MoteError
-from mote_local.ftri.stats import Activations, FtriResult, RankedExpert, analyse
+from mote_local.ftri.stats import OUTPUT_METHODS, Activations, FtriResult, RankedExpert, analyse
 from mote_local.progress import progress_bar
 from mote_local.prompts import Prompt
 from mote_local.steering.entries import Entry, Mode
@@ -116,9 +116,10 @@ def _generate_counting(model: Model, s, cap, sequences: list[list[int]], labels:
 
 def capture_activations(model: Model, behavior: Sequence[Prompt], baseline: Sequence[Prompt], *,
                         scope: str = "prompt", chat: bool = True, batch_size: int = 32, max_new_tokens: int = 32,
-                        n_ctx: int = 4096, show_progress: bool | None = None, n_threads: int | None = None
-                        ) -> CaptureRun:
-    """Routing of every prompt, counted over the scope's tokens. Ctrl-C keeps what was captured.
+                        n_ctx: int = 4096, show_progress: bool | None = None, n_threads: int | None = None,
+                        output_norms: bool = False) -> CaptureRun:
+    """Routing of every prompt, counted over the scope's tokens. Ctrl-C keeps what was captured. With
+    output_norms the capture also sums gate weight x expert output norm (what the reap method reads).
 
     Up to batch_size prompts (fewer when long: MAX_BATCH_TOKENS) share one decode call; generated
     scopes make one decode call per generated token for the whole batch.
@@ -143,6 +144,7 @@ def capture_activations(model: Model, behavior: Sequence[Prompt], baseline: Sequ
     sequences, spans, texts = _sequences(model, prompts, scope, chat, n_ctx, max_new_tokens)
     counts = np.zeros((len(prompts), layout.n_layer, layout.n_expert), dtype=np.int64)
     weights = np.zeros(counts.shape, dtype=np.float64)
+    norms = np.zeros(counts.shape, dtype=np.float64) if output_norms else None
     tokens = np.zeros((len(prompts), layout.n_layer), dtype=np.int64)
     done, partial = 0, False
     longest = max(len(q) for q in sequences) + (max_new_tokens if generating else 0)
@@ -153,7 +155,7 @@ def capture_activations(model: Model, behavior: Sequence[Prompt], baseline: Sequ
     with progress_bar(len(prompts), f"fTRI capture ({scope} tokens)", "prompt", show_progress) as bar, \
             model.session(n_ctx=batch_ctx, n_seq_max=batch_size, n_batch=min(batch_ctx, 2048), kv_unified=True,
                           n_threads=n_threads) as s, \
-            s.capture(label=None) as cap:
+            s.capture(label=None, output_norms=output_norms) as cap:
         try:
             for start in range(0, len(sequences), batch_size):
                 batch = range(start, min(start + batch_size, len(sequences)))
@@ -173,12 +175,15 @@ def capture_activations(model: Model, behavior: Sequence[Prompt], baseline: Sequ
         for label in cap.labels:
             st = cap.stats(label)
             counts[label], weights[label], tokens[label] = st.counts, st.weight_sums, st.tokens
+            if output_norms:
+                norms[label] = st.output_norm_sums
     keep = slice(0, done)
     if done == 0:
         raise MoteError("interrupted before any prompt was captured: nothing to score")
     if flags[keep].all() or not flags[keep].any():
         raise MoteError("interrupted before both classes had a captured prompt: nothing to score")
-    act = Activations(counts=counts[keep], tokens=tokens[keep], weight_sums=weights[keep], is_behavior=flags[keep])
+    act = Activations(counts=counts[keep], tokens=tokens[keep], weight_sums=weights[keep], is_behavior=flags[keep],
+                      output_norm_sums=None if norms is None else norms[keep])
     return CaptureRun(act, prompts[:done], scope, partial, texts[:done])
 
 
@@ -435,7 +440,7 @@ def run_ftri(model: Model, behavior: Sequence[Prompt], baseline: Sequence[Prompt
              n_threads: int | None = None, sign: str = "positive") -> tuple[CaptureRun, dict[str, FtriResult]]:
     run = capture_activations(model, behavior, baseline, scope=scope, chat=chat, batch_size=batch_size,
                               max_new_tokens=max_new_tokens, n_ctx=n_ctx, show_progress=show_progress,
-                              n_threads=n_threads)
+                              n_threads=n_threads, output_norms=any(m in OUTPUT_METHODS for m in methods))
     results = {m: analyse(run.activations, m, n_boot=n_boot, top_n=top, sign=sign, seed=seed)
                for m in methods}
     return run, results
