@@ -328,6 +328,18 @@ def _ask(http, prompt: str, steering: dict | None) -> dict:
     return {"text": out["choices"][0]["message"]["content"], "usage": out["usage"], "routing": out["routing"]}
 
 
+def _assert_same(got: dict, want: dict, where: str) -> None:
+    """The same text, usage and selected experts; weights equal up to float32 rounding (a batch changes
+    llama.cpp's accumulation order)."""
+    assert got["text"] == want["text"], where
+    assert got["usage"] == want["usage"], where
+    for key in ("counts", "tokens", "experts", "positions"):
+        assert got["routing"][key] == want["routing"][key], f"{where}: routing {key} changed in a batch"
+    for key in ("weight_sums", "weights"):
+        np.testing.assert_allclose(got["routing"][key], want["routing"][key], rtol=1e-5, atol=1e-6,
+                                   err_msg=f"{where}: routing {key} changed in a batch")
+
+
 def test_isolation_alone_vs_batched_with_differently_steered_neighbours(http, truth, server):
     """Each (prompt, steering) pair gets the same text, the same selected experts for every token, and the same
     weights up to float32 rounding, alone and in 6 random mixes of 6 concurrent requests with other prompts and
@@ -351,17 +363,29 @@ def test_isolation_alone_vs_batched_with_differently_steered_neighbours(http, tr
         with ThreadPoolExecutor(len(mix)) as pool:
             together = list(pool.map(run, mix, timeout=T * 2))
         for pair, got in zip(mix, together):
-            want = alone[pair]
-            where = f"prompt {pair[0]} with steering {steerings[pair[1]]}"
-            assert got["text"] == want["text"], where
-            assert got["usage"] == want["usage"], where
-            for key in ("counts", "tokens", "experts", "positions"):
-                assert got["routing"][key] == want["routing"][key], f"{where}: routing {key} changed in a batch"
-            for key in ("weight_sums", "weights"):  # float32 sums: a batch changes llama.cpp's accumulation order
-                np.testing.assert_allclose(got["routing"][key], want["routing"][key], rtol=1e-5, atol=1e-6,
-                                           err_msg=f"{where}: routing {key} changed in a batch")
+            _assert_same(got, alone[pair], f"prompt {pair[0]} with steering {steerings[pair[1]]}")
     assert server.scheduler.peak_groups >= 3
-    if server.scheduler.per_sequence:  # the engine steers each sequence: differently steered requests batch
-        assert server.scheduler.mixed_steps > 0
-    else:  # it steers the whole context: a decode call never holds two steerings
-        assert server.scheduler.mixed_steps == 0
+    assert server.scheduler.mixed_steps > 0  # differently steered requests did share decode calls
+
+
+def test_prompts_longer_than_a_step_are_decoded_in_chunks(model, truth):
+    """With 16 tokens per step, a 60-token prompt takes four steps, interleaved with another request's reply;
+    both get what they get alone, and the routing still covers every token."""
+    long_prompt = "what happened at the market yesterday ? " * 5 + TRIGGER
+    with live_server(model, n_batch=16) as live, httpx.Client(base_url=live.url, timeout=T) as http:
+        alone = _ask(http, long_prompt, None)
+        assert alone["usage"]["prompt_tokens"] > 48
+        assert alone["text"].strip() == truth.refusal_text
+        assert alone["routing"]["tokens"] == [alone["usage"]["total_tokens"]] * 4
+        # the prompt in chunks of 16, then one step per completion token (each fed back; the end token is not)
+        usage = alone["usage"]
+        assert live.scheduler.steps == -(-usage["prompt_tokens"] // 16) + usage["completion_tokens"]
+        with ThreadPoolExecutor(2) as pool:
+            short = pool.submit(_ask, http, NEUTRAL, {"entries": drop_planted(truth)})
+            again = pool.submit(_ask, http, long_prompt, None)
+            _assert_same(again.result(T), alone, "the long prompt")
+            assert short.result(T)["text"].strip() == truth.answer_text
+        assert max(live.scheduler.batch_sizes) == 2
+    prompt = model.tokenize(planted.chat_prompt(long_prompt), add_bos=False)
+    with model.session(n_ctx=512, n_threads=1) as s:
+        assert s.generate(prompt, max_tokens=12).text == alone["text"]

@@ -100,36 +100,37 @@ def test_text_stream_waits_for_a_whole_character():
 
 # ------------------------------------------------------------------------------------------------ batches
 
-def _slot(seq: int, profile: Profile | None, served: int = 0, phase: Scope = Scope.PREFILL) -> Slot:
-    s = Slot(seq, Job(prompt=[1], max_tokens=1, deliver=lambda e: None, profile=profile), served=served)
-    s.phase = phase
+def _slot(seq: int, prompt: int = 1, served: int = 0, phase: Scope = Scope.PREFILL,
+          profile: Profile | None = None) -> Slot:
+    s = Slot(seq, Job(prompt=[7] * prompt, max_tokens=1, deliver=lambda e: None, profile=profile), served=served)
+    s.feed, s.phase = [7] * (prompt if phase is Scope.PREFILL else 1), phase
     return s
 
 
-def test_plan_batch_groups_identical_steering_and_takes_turns():
-    a = Profile((Entry(1, 2, Mode.DROP),))
-    a_again = Profile((Entry(1, 2, Mode.DROP),), name="another name, same steering")
-    b = Profile((Entry(1, 2, Mode.BIAS, -1.0),))
-    slots = [_slot(0, None, served=5), _slot(1, a, served=3), _slot(2, b, served=4), _slot(3, a_again, served=6)]
-    assert [s.seq_id for s in plan_batch(slots, per_sequence=False)] == [1, 3]  # a waited longest
-    slots[1].served = slots[3].served = 7
-    assert [s.seq_id for s in plan_batch(slots, per_sequence=False)] == [2]
-    assert [s.seq_id for s in plan_batch(slots, per_sequence=True)] == [0, 1, 2, 3]
-    assert plan_batch([], per_sequence=False) == []
+def test_plan_batch_serves_every_reply_then_prompts_oldest_first_within_the_budget():
+    replying = [_slot(0, phase=Scope.DECODE, served=9), _slot(1, phase=Scope.THINKING, served=9)]
+    old, new = _slot(2, prompt=300, served=1), _slot(3, prompt=300, served=5)
+    plan = [(s.seq_id, n) for s, n in plan_batch(replying + [new, old], budget=512)]
+    assert plan == [(0, 1), (1, 1), (2, 300), (3, 210)]  # 2 + 300 + 210 = 512: the newer prompt is cut
+    assert [(s.seq_id, n) for s, n in plan_batch([new, old], budget=100)] == [(2, 100)]
+    # replies are never starved by prompts, even past the budget
+    many = [_slot(i, phase=Scope.DECODE) for i in range(6)]
+    assert [(s.seq_id, n) for s, n in plan_batch(many + [old], budget=4)] == [(i, 1) for i in range(6)]
+    assert plan_batch([], budget=512) == []
 
 
-def test_plan_batch_compares_the_steering_of_each_slots_phase():
+def test_steering_keys_resolve_each_phase():
     decode_only = Profile((Entry(1, 2, Mode.DROP, scope=Scope.DECODE),))
-    everywhere = Profile((Entry(1, 2, Mode.DROP),))
-    prefill = _slot(0, decode_only, phase=Scope.PREFILL)
-    plain = _slot(1, None)
-    decoding = _slot(2, decode_only, phase=Scope.DECODE)
-    steered = _slot(3, everywhere, phase=Scope.PREFILL)
-    assert [s.seq_id for s in plan_batch([prefill, plain, decoding, steered], False)] == [0, 1]  # both unsteered now
-    assert [s.seq_id for s in plan_batch([decoding, steered], False)] == [2, 3]  # the same entries in effect
+    everywhere = Profile((Entry(1, 2, Mode.DROP),), name="another name, same steering")
+    assert steering_key(decode_only, Scope.PREFILL) == () == steering_key(None, Scope.DECODE)
+    assert steering_key(decode_only, Scope.DECODE) == steering_key(everywhere, Scope.PREFILL)  # scope resolved
+    assert steering_key(decode_only, Scope.THINKING) == steering_key(everywhere, Scope.THINKING)  # thinking decodes
     thinking = Profile((Entry(1, 2, Mode.DROP, scope=Scope.THINKING),))
     assert steering_key(thinking, Scope.DECODE) == ()
-    assert steering_key(decode_only, Scope.THINKING) == steering_key(everywhere, Scope.PREFILL)  # thinking decodes
+    slot = _slot(0, profile=decode_only)
+    assert slot.key == ()
+    slot.phase = Scope.DECODE
+    assert slot.key == ((Entry(1, 2, Mode.DROP),), 1.0)
 
 
 # ------------------------------------------------------------------------------------------------ steering

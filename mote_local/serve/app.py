@@ -272,8 +272,7 @@ def create_app(backend: Backend) -> FastAPI:
             "meta": {"path": str(model.path), "arch": layout.arch, "n_layer": layout.n_layer,
                      "moe_layers": list(layout.moe_layers), "n_expert": layout.n_expert,
                      "n_expert_used": layout.n_expert_used, "n_ctx_per_request": scheduler.slot_ctx,
-                     "parallel": scheduler.session.n_seq_max,
-                     "steering_per_sequence": scheduler.per_sequence}}]}
+                     "parallel": scheduler.session.n_seq_max}}]}
 
     @app.get("/v1/profiles")
     async def profiles():

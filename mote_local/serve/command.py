@@ -90,6 +90,7 @@ def _bind(host: str, port: int) -> socket.socket:
     except OSError as err:
         sock.close()
         raise InputError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+    sock.listen(2048)  # connections wait in the backlog from now on, before uvicorn accepts them
     return sock
 
 

@@ -7,17 +7,18 @@ waiting requests into free slots, decodes the prompts of new requests and the la
 in one ``Session.decode`` call, samples each request's next token with the request's own sampler, and hands
 text to the request's listener. A cancelled request (its client went away) frees its slot at the next step.
 
-Steering: which slots share a decode call is decided by one function, :func:`plan_batch`. While the engine
-steers per context, only slots whose steering *in their current phase* is identical share a call (llama-
-server's rule for per-request LoRA adapters): a request is never decoded under another request's steering.
-When the engine steers per sequence (``Session.steer(..., seq_id=...)``), every ready slot shares the call,
-each with its own steering.
+Steering: every slot carries its own (``Session.steer(..., seq_id=slot)``: the engine gives each token its
+sequence's row of the steering input), so differently steered requests share one decode call. The
+scheduler puts in the entries of the slot's current phase (prefill, decode, thinking), already resolved.
+
+What one step decodes is decided by one function, :func:`plan_batch`: the next token of every generating
+slot, then prompts, oldest first, cut into chunks so that a step holds at most ``n_batch`` tokens (a long
+prompt does not stall the others' replies; llama-server's chunked prefill).
 """
 
 from __future__ import annotations
 
 import collections
-import inspect
 import itertools
 import logging
 import threading
@@ -100,34 +101,37 @@ class Job:
 class Slot:
     seq_id: int
     job: Job | None = None
-    feed: list[int] = field(default_factory=list)  # tokens to decode in this slot's next step
+    feed: list[int] = field(default_factory=list)  # tokens still to decode: the prompt's rest, or the last token
     pos: int = 0
     phase: Scope = Scope.PREFILL
     thinking: ThinkTracker | None = None  # follows the model's thinking markers (thinking-scoped steering)
     generated: int = 0
-    served: int = 0            # the step that last decoded this slot (fairness between steering groups)
+    served: int = 0            # the step that last decoded this slot (prompts are chunked oldest first)
     finishing: str | None = None  # finish reason, when the next decode only routes the last token
     label: int | None = None   # routing capture label
     sampler: Sampler | None = None
     text: TextStream | None = None
-    applied: SteeringKey = ()  # the slot's own steering in the engine (per-sequence engines)
+    applied: SteeringKey = ()  # the slot's own steering in the engine
 
     @property
     def key(self) -> SteeringKey:
         return self.job.keys[self.phase]
 
 
-def plan_batch(ready: Sequence[Slot], per_sequence: bool) -> list[Slot]:
-    """The slots decoded together in the next step.
-
-    per_sequence (the engine steers each sequence on its own): all of them. Otherwise the slots whose
-    steering in their current phase equals that of the slot waiting longest (then the lowest slot id), so
-    that every steering group gets its turn.
-    """
-    if per_sequence or not ready:
-        return list(ready)
-    first = min(ready, key=lambda s: (s.served, s.seq_id))
-    return [s for s in ready if s.key == first.key]
+def plan_batch(ready: Sequence[Slot], budget: int) -> list[tuple[Slot, int]]:
+    """(slot, number of its fed tokens) decoded together in the next step: one token for every slot that is
+    generating, then the prompts of the others, the longest waiting first, within ``budget`` tokens in all
+    (every generating slot is served even past the budget; a prompt may be cut, and goes on next step)."""
+    generating = [(s, 1) for s in ready if s.phase is not Scope.PREFILL]
+    room = budget - len(generating)
+    prompts = []
+    for slot in sorted((s for s in ready if s.phase is Scope.PREFILL), key=lambda s: (s.served, s.seq_id)):
+        if room <= 0:
+            break
+        n = min(len(slot.feed), room)
+        prompts.append((slot, n))
+        room -= n
+    return generating + prompts
 
 
 # ------------------------------------------------------------------------------------------------ scheduler
@@ -140,7 +144,6 @@ class Scheduler:
         self.model = model
         self.session: Session = model.session(n_ctx=n_ctx, n_batch=n_batch, n_seq_max=n_seq_max, kv_unified=True,
                                               n_threads=n_threads)
-        self.per_sequence = "seq_id" in inspect.signature(self.session.steer).parameters
         n_seq = self.session.n_seq_max
         limit = self.session.n_ctx // n_seq
         if model.layout.context_length:
@@ -152,7 +155,6 @@ class Scheduler:
         self._queue: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
         self._stopping = False
-        self._applied: SteeringKey = ()  # the context-wide steering (per-context engines)
         self._clock = itertools.count(1)
         self._now = 0
         self.routing = RoutingBook(self.session)
@@ -257,54 +259,51 @@ class Scheduler:
         if not ready:
             return
         self.peak_groups = max(self.peak_groups, len({s.key for s in ready}))
-        batch = plan_batch(ready, self.per_sequence)
-        try:
-            self._steer(batch)
-        except SteeringError as err:  # validated when the request came in; the engine has the last word
-            for slot in batch:
+        batch = plan_batch(ready, self.session.n_batch)
+        failed = []
+        for slot, _ in batch:
+            try:
+                self._steer(slot)
+            except SteeringError as err:  # validated when the request came in; the engine has the last word
                 self._fail(slot, Failed(400, str(err), "invalid_request_error", "invalid_steering"))
+                failed.append(slot)
+        batch = [(slot, n) for slot, n in batch if slot not in failed]
+        if not batch:
             return
         self.routing.maybe_compact()
         try:
-            logits = self.session.decode([(s.seq_id, s.feed, s.pos) for s in batch], outputs="last")
+            logits = self.session.decode([(s.seq_id, s.feed[:n], s.pos) for s, n in batch], outputs="last")
         except MoteError as err:
-            for slot in batch:
+            for slot, _ in batch:
                 self._fail(slot, Failed(500, f"decoding failed: {err}"))
             return
         if len(logits) != len(batch):  # capture made every token an output: keep each sequence's last row
-            logits = logits[np.cumsum([len(s.feed) for s in batch]) - 1]
+            logits = logits[np.cumsum([n for _, n in batch]) - 1]
         self._now = next(self._clock)
         self.steps += 1
         self.batch_sizes[len(batch)] += 1
-        self.mixed_steps += len({s.key for s in batch}) > 1
-        for slot, row in zip(batch, logits):
-            slot.pos += len(slot.feed)
+        self.mixed_steps += len({s.key for s, _ in batch}) > 1
+        for (slot, n), row in zip(batch, logits):
+            slot.pos += n
+            del slot.feed[:n]
             slot.served = self._now
+            if slot.feed:
+                continue  # the rest of its prompt next step
             if slot.finishing:
                 self._finish(slot, slot.finishing)
             else:
                 self._advance(slot, row)
 
-    def _steer(self, batch: list[Slot]) -> None:
-        """Puts the batch's steering into the engine (only what changed)."""
-        if self.per_sequence:
-            for slot in batch:
-                if slot.key != slot.applied:
-                    self._set(slot.key, slot.seq_id)
-                    slot.applied = slot.key
+    def _steer(self, slot: Slot) -> None:
+        """Puts the slot's steering for its current phase into the engine, when it changed."""
+        if slot.key == slot.applied:
             return
-        key = batch[0].key
-        if key != self._applied:
-            self._set(key, None)
-            self._applied = key
-
-    def _set(self, key: SteeringKey, seq_id: int | None) -> None:
-        extra = {} if seq_id is None else {"seq_id": seq_id}
-        if key:
-            entries, strength = key
-            self.session.steer(Profile(entries, strength), **extra)
+        if slot.key:
+            entries, strength = slot.key
+            self.session.steer(Profile(entries, strength), seq_id=slot.seq_id)
         else:
-            self.session.clear_steering(**extra)
+            self.session.clear_steering(seq_id=slot.seq_id)
+        slot.applied = slot.key
 
     def _advance(self, slot: Slot, logits: np.ndarray) -> None:
         job = slot.job
@@ -351,8 +350,8 @@ class Scheduler:
             self.routing.close(slot.label, want=False)
             slot.label = None
         self.session._ctx.kv_cache_seq_rm(slot.seq_id, -1, -1)  # TODO: Session.forget(seq_id), requested
-        if self.per_sequence and slot.applied:
-            self._set((), slot.seq_id)
+        if slot.applied:
+            self.session.clear_steering(seq_id=slot.seq_id)
             slot.applied = ()
         with self._cv:
             slot.job = None
