@@ -365,14 +365,14 @@ def ranking_table(result: FtriResult, ranked: Sequence[RankedExpert], truth: set
 def write_heatmap(path: Path, result: FtriResult, moe_layers: Sequence[int], top: Sequence[RankedExpert],
                   title: str) -> None:
     """Layer × expert heatmap of the scores, diverging colours around 0, the top experts boxed."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # matplotlib's object API: no pyplot state, no process-wide backend choice made by a library
+    from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
     data = result.scores[list(moe_layers)]
     limit = float(np.abs(data).max()) or 1.0
-    fig, ax = plt.subplots(figsize=(max(6, data.shape[1] * 0.25 + 2), max(3, len(moe_layers) * 0.35 + 1.5)))
+    fig = Figure(figsize=(max(6, data.shape[1] * 0.25 + 2), max(3, len(moe_layers) * 0.35 + 1.5)))
+    ax = fig.subplots()
     im = ax.imshow(data, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto", interpolation="nearest")
     ax.set_yticks(range(len(moe_layers)), [str(l) for l in moe_layers])
     ax.set_xlabel("expert")
@@ -388,7 +388,6 @@ def write_heatmap(path: Path, result: FtriResult, moe_layers: Sequence[int], top
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
 
 
 def write_outputs(out: Path, run: CaptureRun, results: dict[str, FtriResult], model: Model, top: int,

@@ -117,9 +117,11 @@ class _Broken(Exception):
     """What is wrong with a GGUF file, in words (without the file name)."""
 
 
-# struct format of each scalar GGUF value type; 8 is STRING, 9 ARRAY
-_SCALAR_FORMAT = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_STRING, _ARRAY, _UINT32 = 8, 9, 4
+# struct format of each scalar GGUF value type
+_VT = gguf.GGUFValueType
+_SCALAR_FORMAT = {_VT.UINT8: "B", _VT.INT8: "b", _VT.UINT16: "H", _VT.INT16: "h", _VT.UINT32: "I", _VT.INT32: "i",
+                  _VT.FLOAT32: "f", _VT.BOOL: "?", _VT.UINT64: "Q", _VT.INT64: "q", _VT.FLOAT64: "d"}
+_STRING, _ARRAY, _UINT32 = _VT.STRING, _VT.ARRAY, _VT.UINT32
 
 
 def _pad(n: int, alignment: int) -> int:
