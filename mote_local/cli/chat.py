@@ -257,9 +257,9 @@ def _parse(name: str, kind: str, arg: str, scope: Scope = Scope.ALL) -> list[Ent
         raise MoteError(f"/{name} needs LAYER:EXPERT{'=VALUE' if kind in ('bias', 'gain') else ''}[,…] "
                         f"(e.g. /{name} {example})")
     try:
-        return parse_spec(kind, arg, scope)
+        return parse_spec(kind, arg, scope, flag=f"/{name}")
     except SteeringError as err:
-        raise MoteError(str(err).replace(f"--{kind}", f"/{name}")) from None
+        raise MoteError(str(err)) from None
 
 
 def _overlap(a: Scope, b: Scope) -> bool:

@@ -245,7 +245,7 @@ class Profile:
             problem = self.fingerprint.mismatch(Fingerprint.of_layout(layout))
             if problem:
                 raise ProfileMismatchError(f"{self._label()} does not fit {model}: {problem}. Use a profile made "
-                                           "for this model, or pass --force to apply it anyway")
+                                           "for this model, or pass --force-profile to apply it anyway")
         rules.check(self.entries, self.strength, layout, error=ProfileError)
         return self
 
@@ -519,7 +519,8 @@ def _entry_from_json(row: object, path: str) -> Entry:
 def _choice(v: object, path: str, enum: type[Mode] | type[Scope]) -> Any:
     names = [m.value for m in enum]
     if not isinstance(v, str) or v not in names:
-        raise ProfileError(f"{path}: unknown {enum.__name__.lower()} {_kind(v)}; expected one of {', '.join(names)}")
+        given = repr(v) if isinstance(v, str) else _kind(v)
+        raise ProfileError(f"{path}: unknown {enum.__name__.lower()} {given}; expected one of {', '.join(names)}")
     return enum(v)
 
 

@@ -15,9 +15,10 @@ SPEC_KINDS: dict[str, Mode] = {"off": Mode.MASK, "drop": Mode.DROP, "force": Mod
                                "bias": Mode.BIAS, "gain": Mode.GAIN}
 
 
-def parse_spec(kind: str, text: str, scope: Scope | str = Scope.ALL) -> list[Entry]:
-    """Entries from a CLI flag value: ``off``/``drop``/``force`` take ``LAYER:EXPERT[,LAYER:EXPERT...]``,
-    ``bias``/``gain`` take ``LAYER:EXPERT=VALUE[,...]`` (a bias may be ``-inf``)."""
+def parse_spec(kind: str, text: str, scope: Scope | str = Scope.ALL, *, flag: str | None = None) -> list[Entry]:
+    """Entries from a flag value: ``off``/``drop``/``force`` take ``LAYER:EXPERT[,LAYER:EXPERT...]``,
+    ``bias``/``gain`` take ``LAYER:EXPERT=VALUE[,...]`` (a bias may be ``-inf``). Errors name the input as the user
+    typed it: ``flag`` (default ``--KIND``, the CLI's; the chat passes ``/KIND``)."""
     if kind not in SPEC_KINDS:
         raise ProfileError(f"unknown steering flag --{kind}; expected one of "
                            f"{', '.join('--' + k for k in SPEC_KINDS)}")
@@ -25,14 +26,15 @@ def parse_spec(kind: str, text: str, scope: Scope | str = Scope.ALL) -> list[Ent
         scope = Scope(scope)
     except ValueError:
         raise ProfileError(f"unknown scope {scope!r}; expected one of {', '.join(s.value for s in Scope)}") from None
+    flag = flag or f"--{kind}"
     mode = SPEC_KINDS[kind]
     valued = mode in VALUED_MODES
     form = "LAYER:EXPERT=VALUE" if valued else "LAYER:EXPERT"
     example = {"bias": "3:17=-2.5", "gain": "3:17=0.5"}.get(kind, "3:17,4:2")
 
     def bad(item: str, why: str) -> ProfileError:
-        return ProfileError(f"--{kind} {item!r}: {why}; expected {form}[,{form}...] (LAYER:EXPERT[=VALUE]), "
-                            f"e.g. --{kind} {example}")
+        return ProfileError(f"{flag} {item!r}: {why}; expected {form}[,{form}...] (LAYER:EXPERT[=VALUE]), "
+                            f"e.g. {flag} {example}")
 
     if not text.strip():
         raise bad(text, "empty")
@@ -44,7 +46,7 @@ def parse_spec(kind: str, text: str, scope: Scope | str = Scope.ALL) -> list[Ent
         if valued and not eq:
             raise bad(item, "a value is required")
         if eq and not valued:
-            raise bad(item, f"--{kind} takes no value")
+            raise bad(item, f"{flag} takes no value")
         layer, colon, expert = (s.strip() for s in target.partition(":"))
         if not colon:
             raise bad(item, "missing ':' between layer and expert")
