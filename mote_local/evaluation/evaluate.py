@@ -383,7 +383,7 @@ def _collapse(c: ConditionResult, base: ConditionResult | None, kl_limit: float,
 
 def summarise(plan: Sequence[Planned], generations: Mapping[str, Sequence[Mapping[str, Any]]],
               costs: Mapping[str, tuple[float | None, float | None]], strength: float,
-              groups: Mapping[str, tuple[str, Sequence[str]]] = {}, *, base: str = "unsteered",
+              groups: Mapping[str, tuple[str, Sequence[str]]] | None = None, *, base: str = "unsteered",
               kl_limit: float = COLLAPSE_KL, ppl_ratio: float = COLLAPSE_PERPLEXITY_RATIO
               ) -> dict[str, ConditionResult]:
     """Each planned condition's statistics, with the members of each group (name -> (label, member names): the
@@ -415,6 +415,7 @@ def summarise(plan: Sequence[Planned], generations: Mapping[str, Sequence[Mappin
         paired(result, [generations[name]])
         result.collapse = _collapse(result, reference, kl_limit, ppl_ratio)
     out: dict[str, ConditionResult] = {}
+    groups = groups or {}
     member_of = {m: g for g, (_, members) in groups.items() for m in members}
     for c in plan:
         group = member_of.get(c.name)

@@ -253,8 +253,8 @@ def sweep(model: Model | str | os.PathLike, prompts: Sequence[Any], ranking: Ran
         p.off, p.random, p.forced = (results.get(f"{k}[{p.n}]") for k in ("off", "random", "forced"))
     unsteered = results["unsteered"]
     warnings = []
-    if supers and set(ranking.experts[:max(p.n for p in points)]) & supers:
-        hit = sorted(set(ranking.experts[:max(p.n for p in points)]) & supers)
+    hit = sorted(set(ranking.experts[:points[-1].n]) & supers)
+    if hit:
         warnings.append("the sweep switches off super-expert(s) " + ", ".join(f"{l}:{e}" for l, e in hit))
     for p in points:
         warnings += [f"N={p.n}, {w}" for w in collapse_warnings(p.conditions())]

@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
@@ -23,6 +23,9 @@ from mote_local.ftri.stats import OUTPUT_METHODS, Activations, FtriResult, Ranke
 from mote_local.progress import progress_bar
 from mote_local.prompts import Prompt
 from mote_local.steering.entries import Entry, Mode
+
+if TYPE_CHECKING:
+    from mote_local.steering.profile import Profile
 
 SCOPES = ("prompt", "target", "generated", "thinking")
 FTRI_FORMAT = "mote-ftri"  # the "format" of ftri.json
@@ -202,7 +205,7 @@ def profile_from_ranking(ranked: Sequence[RankedExpert], model: Model, *, positi
 class Export:
     """The profile an fTRI result exports, and why it holds what it holds."""
 
-    profile: "Profile"
+    profile: Profile
     chosen: list[RankedExpert]                   # exported, in rank order
     n_qualified: int                             # experts with evidence for the sign, before any cap
     top: int                                     # the cap asked for
