@@ -72,9 +72,11 @@ def main() -> None:
     ap.add_argument("--scope", default="prompt", choices=["prompt", "target"])
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--n-random", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads of each mote command (-t).")
     ap.add_argument("--mote", default=f"{sys.executable} -m mote_local.cli", help="How to call the mote CLI.")
     args = ap.parse_args()
     mote = shlex.split(args.mote)
+    threads = ["-t", str(args.threads)]
     args.out.mkdir(parents=True, exist_ok=True)
     prompts = DATA / ("prompts.toml" if args.scope == "prompt" else "prompts_target.toml")
     eval_prompts = DATA / "prompts.toml"
@@ -85,13 +87,20 @@ def main() -> None:
                "scope": args.scope, "max_tokens": args.max_tokens, "n_random": args.n_random,
                "per_layer_cap": k, "detector": str(detector.relative_to(ROOT)),
                "detector_accuracy": detector_accuracy(detector), "runs": []}
+    previous = args.out / "results.json"
+    if previous.exists():  # runs of an earlier invocation with the same settings are kept, not repeated
+        old = json.loads(previous.read_text())
+        if all(old.get(k) == results[k] for k in ("model", "scope", "max_tokens", "n_random", "per_layer_cap")):
+            results["runs"] = old["runs"]
     log = open(args.out / "commands.log", "a")
     for method in args.methods:
         for n in args.ns:
+            if any(r["method"] == method and r["n"] == n for r in results["runs"]):
+                continue
             where = args.out / f"{args.scope}_{method}_{n}"
             run(mote + ["ftri", str(args.model), "--prompts", str(prompts), "--behavior", "de", "--baseline", "en",
                         "--scope", args.scope, "--method", method, "--top", str(n), "--per-layer-cap", str(k),
-                        "--out", str(where / "ftri")], log)
+                        "--out", str(where / "ftri"), *threads], log)
             ftri = json.loads((where / "ftri" / "ftri.json").read_text())
             row = {"method": method, "n": n, "top": ftri["top"][method]}
             experts = sorted((t["layer"], t["expert"]) for t in row["top"])
@@ -104,12 +113,14 @@ def main() -> None:
                 run(mote + ["eval", str(args.model), "--prompts", str(eval_prompts), "--class", cls,
                             "--profile", str(where / "ftri" / "profile.json"), "--detector", str(detector),
                             "--neutral", str(DATA / neutral), "--n-random", str(args.n_random),
-                            "-n", str(args.max_tokens), "--out", str(where / f"eval_{cls}")], log)
+                            "-n", str(args.max_tokens), "--out", str(where / f"eval_{cls}"), *threads], log)
                 report = json.loads((where / f"eval_{cls}" / "report.json").read_text())
                 row[cls] = condition_rows(report)
                 row[f"notes_{cls}"] = report["settings"].get("notes", [])
             results["runs"].append(row)
             (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    results["runs"].sort(key=lambda r: (list(METHODS).index(r["method"]), r["n"]))
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
     (args.out / "table.md").write_text(table(results))
     plot(results, args.out / "experiment.png")
     print(table(results))
@@ -202,7 +213,7 @@ def record(model: Path, method: str, n: int, mote: list[str], out: Path) -> None
     where = out / "record"
     run(mote + ["ftri", str(model), "--prompts", str(DATA / "prompts.toml"), "--behavior", "de", "--baseline", "en",
                 "--scope", "prompt", "--method", method, "--top", str(n), "--per-layer-cap", str(fp.n_expert_used),
-                "--n-boot", "20", "--out", str(where)], open(out / "commands.log", "a"))
+                "--n-boot", "20", "--out", str(where), "-t", "1"], open(out / "commands.log", "a"))
     top = json.loads((where / "ftri.json").read_text())["top"][method]
     rec = {"file": model.name, "sha256": hashlib.sha256(model.read_bytes()).hexdigest(),
            "shape": [fp.arch, fp.n_layer, fp.n_expert, fp.n_expert_used], "router_sha256": fp.router_sha256,
