@@ -445,6 +445,7 @@ def test_evidence_sign_threshold_and_interval_kind():
         r.qualified(threshold=-1)
     with pytest.raises(ValueError, match="unknown evidence 'loose'"):
         r.qualified(evidence="loose")
+    assert not dataclasses.replace(r, n_boot=10).qualified(evidence="per-expert").any()  # too few replicates
     old = dataclasses.replace(r, se=None, band_crit=None)  # a result written before the band existed
     with pytest.raises(ValueError, match="no simultaneous band"):
         old.qualified()

@@ -19,7 +19,14 @@ import numpy as np
 from mote_local.atomic import atomic_path, atomic_write_text
 from mote_local.engine.model import Model
 from mote_local.errors import MoteError
-from mote_local.ftri.stats import OUTPUT_METHODS, Activations, FtriResult, RankedExpert, analyse
+from mote_local.ftri.stats import (
+    MIN_BOOT_EVIDENCE,
+    OUTPUT_METHODS,
+    Activations,
+    FtriResult,
+    RankedExpert,
+    analyse,
+)
 from mote_local.progress import progress_bar
 from mote_local.prompts import Prompt
 from mote_local.steering.entries import Entry, Mode
@@ -225,6 +232,9 @@ class Export:
             lines.append("  " + ", ".join(f"{e.mode.value} {e.layer}:{e.expert}"
                                            + (f"={e.value:+.3g}" if e.mode is Mode.BIAS else "")
                                            for e in self.profile.entries))
+        elif s["n_boot"] < MIN_BOOT_EVIDENCE:
+            lines.append(f"  no expert qualified: {s['n_boot']} bootstrap replicates are too few for evidence "
+                         f"(--n-boot {MIN_BOOT_EVIDENCE} or more; 200 by default)")
         else:
             lines.append("  no expert qualified: the profile has no entries (more prompts narrow the intervals; "
                          "--evidence per-expert or a lower --threshold loosens the bar)")
@@ -303,7 +313,8 @@ def export_profile(result: FtriResult, model: Model, *, top: int = 10, sign: str
         entries.append(entry)
         chosen.append(r)
         per_layer[r.layer] = per_layer.get(r.layer, 0) + 1
-    settings = {"method": result.method, "sign": sign, "threshold": float(threshold), "evidence": evidence,
+    settings = {"method": result.method, "n_boot": result.n_boot, "sign": sign, "threshold": float(threshold),
+                "evidence": evidence,
                 "off_mode": off_mode, "force_positive": bool(force_positive), "graded_alpha": graded,
                 "per_layer_cap": per_layer_cap, "include_super_experts": bool(include_super_experts)}
     export = Export(Profile(), chosen, n_qualified, int(top), skipped, settings)

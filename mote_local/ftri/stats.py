@@ -57,6 +57,8 @@ _OPTIONS = {"mean_diff": {}, "risk_diff": {}, "log_odds": {"alpha": 0.5}, "weigh
 _BLOCK_CELLS = 1 << 21
 #: What an interval of evidence is: the simultaneous band over all experts, or each expert's own interval.
 EVIDENCE = ("simultaneous", "per-expert")
+#: Fewer bootstrap replicates than this give no evidence: their intervals and band say little about 95%.
+MIN_BOOT_EVIDENCE = 20
 
 
 def _readonly(a: np.ndarray) -> np.ndarray:
@@ -347,7 +349,8 @@ class FtriResult:
         """[n_layer, n_expert] booleans: the experts with evidence for the sign. Sign "positive": a score > 0
         whose interval lies wholly above ``threshold`` (0: the interval excludes 0); "negative": a score < 0
         whose interval lies wholly below -threshold; "abs": either. The interval is the simultaneous band
-        (``evidence="simultaneous"``) or the expert's own percentile interval (``"per-expert"``)."""
+        (``evidence="simultaneous"``) or the expert's own percentile interval (``"per-expert"``). A result of
+        fewer than MIN_BOOT_EVIDENCE replicates qualifies no expert."""
         sign = self.sign if sign is None else sign
         _check_sign(sign)
         threshold = float(threshold)
@@ -356,6 +359,8 @@ class FtriResult:
         if evidence not in EVIDENCE:
             raise ValueError(f"unknown evidence {evidence!r}; choose one of {', '.join(EVIDENCE)}")
         low, high = self.band() if evidence == "simultaneous" else (self.ci_low, self.ci_high)
+        if self.n_boot < MIN_BOOT_EVIDENCE:
+            return np.zeros(self.scores.shape, dtype=bool)
         up = (self.scores > 0) & (low > threshold)
         down = (self.scores < 0) & (high < -threshold)
         return up if sign == "positive" else down if sign == "negative" else up | down
