@@ -57,45 +57,38 @@ def test_sampling_follows_temperature_top_k_top_p_and_seed():
 
 # ------------------------------------------------------------------------------------------------ text
 
-PIECES = {1: "Hel", 2: "lo", 3: " wor", 4: "ld", 5: "!", 6: "\u00e4", 7: "\n"}
-
-
-def _detok(tokens) -> str:
-    return "".join(PIECES[t] for t in tokens)
+PIECES = {1: b"Hel", 2: b"lo", 3: b" wor", 4: b"ld", 5: b"!", 6: "\u00e4".encode()[:1], 7: "\u00e4".encode()[1:]}
 
 
 def test_text_stream_sends_text_as_it_comes():
-    ts = TextStream(_detok)
+    ts = TextStream(PIECES.get)
     assert [ts.push(t) for t in (1, 2, 3, 4, 5)] == ["Hel", "lo", " wor", "ld", "!"]
     assert ts.finish() == "" and ts.text == "Hello world!"
 
 
 def test_text_stream_cuts_at_a_stop_string_across_tokens():
-    ts = TextStream(_detok, ["o w"])
+    ts = TextStream(PIECES.get, ["o w"])
     out = [ts.push(t) for t in (1, 2, 3)]
     assert "".join(out) == "Hell" and ts.stopped and ts.text == "Hell"
-    ts = TextStream(_detok, ["world", "xyz"])
+    assert ts.push(4) == "" and ts.finish() == "" and ts.text == "Hell"  # nothing after the stop
+    ts = TextStream(PIECES.get, ["world", "xyz"])
     out = [ts.push(t) for t in (1, 2, 3)]
     assert out == ["Hel", "lo", " "]  # " wor" may become "world": held back
     assert ts.push(4) == "" and ts.stopped and ts.text == "Hello "
-    ts = TextStream(_detok, ["wox"])  # a held-back prefix that does not become the stop string is sent
+    ts = TextStream(PIECES.get, ["wox"])  # a held-back prefix that does not become the stop string is sent
     assert "".join(ts.push(t) for t in (1, 2, 3, 4)) + ts.finish() == "Hello world"
 
 
 def test_text_stream_waits_for_a_whole_character():
-    raw = "\u00e4".encode()
-    pieces = {1: raw[:1], 2: raw[1:], 3: b"b"}
-
-    def detok(tokens):
-        return b"".join(pieces[t] for t in tokens).decode("utf-8", errors="replace")
-
-    ts = TextStream(detok)
-    assert ts.push(1) == ""  # half a character
-    assert ts.push(2) == "\u00e4"
-    assert ts.push(3) == "b"
-    ts = TextStream(detok)
-    ts.push(1)
+    ts = TextStream(PIECES.get)
+    assert ts.push(6) == ""  # half a character
+    assert ts.push(7) == "\u00e4"
+    assert ts.push(5) == "!"
+    ts = TextStream(PIECES.get)
+    ts.push(6)
     assert ts.finish() == "\ufffd"  # an incomplete character at the end
+    ts = TextStream(PIECES.get, ["\u00e4!"])  # a stop string whose first character is still incomplete
+    assert [ts.push(t) for t in (1, 6, 7, 5)] == ["Hel", "", "", ""] and ts.text == "Hel"
 
 
 # ------------------------------------------------------------------------------------------------ batches

@@ -7,6 +7,7 @@ batched with: greedy (temperature 0) is argmax, and a seeded request draws the s
 
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -75,41 +76,30 @@ class Sampler:
 class TextStream:
     """A request's completion text, token by token: what can be sent now, and whether a stop string ended it.
 
-    Detokenizes a short window of recent tokens (llama.cpp's pieces concatenate), holds back text while its
-    last character is incomplete UTF-8 or while its end could be the start of a stop string, and cuts the text
-    before the first stop string.
+    Decodes the tokens' bytes incrementally (a character whose bytes span tokens comes out once complete),
+    holds back text while its end could be the start of a stop string, and cuts the text before the first
+    stop string.
     """
 
-    def __init__(self, detokenize: Callable[[Sequence[int]], str], stop: Sequence[str] = ()):
-        self._detokenize = detokenize
+    def __init__(self, token_bytes: Callable[[int], bytes], stop: Sequence[str] = ()):
+        self._token_bytes = token_bytes
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
         self.stop = [s for s in stop if s]
-        self.tokens: list[int] = []
-        self.text = ""          # the complete text decoded so far (up to the window)
-        self._sent = 0          # characters of self.text already handed out
-        self._prefix = 0        # the window: tokens[_prefix:] are decoded again on each push
-        self._read = 0
+        self.text = ""   # the text so far (cut at a stop string)
+        self._sent = 0   # characters of self.text already handed out
         self.stopped = False
 
     def push(self, token: int) -> str:
         """Adds a token; returns the text that may be sent now (sets ``stopped`` at a stop string)."""
-        self.tokens.append(token)
-        self._decode(final=False)
+        if not self.stopped:
+            self.text += self._utf8.decode(self._token_bytes(token))
         return self._release(final=False)
 
     def finish(self) -> str:
-        """The rest of the text, at the end of the completion."""
-        self._decode(final=True)
+        """The rest of the text, at the end of the completion (an incomplete character as U+FFFD)."""
+        if not self.stopped:
+            self.text += self._utf8.decode(b"", final=True)
         return self._release(final=True)
-
-    def _decode(self, *, final: bool) -> None:
-        if self.stopped or self._read == len(self.tokens):
-            return
-        done = self._detokenize(self.tokens[self._prefix:self._read]) if self._read > self._prefix else ""
-        window = self._detokenize(self.tokens[self._prefix:])
-        if not final and (window.endswith("\ufffd") or len(window) <= len(done)):
-            return  # incomplete UTF-8 (or no text yet): wait for the next token
-        self.text += window[len(done):]
-        self._prefix, self._read = self._read, len(self.tokens)
 
     def _release(self, *, final: bool) -> str:
         if self.stopped:

@@ -248,7 +248,7 @@ class Scheduler:
         slot.generated, slot.finishing = 0, None
         slot.served = self._now
         slot.sampler = Sampler(job.params)
-        slot.text = TextStream(self.model.detokenize, job.stop)
+        slot.text = TextStream(self.model.token_bytes, job.stop)
         slot.label = self.routing.open(slot.seq_id, job.routing == "tokens") if job.routing else None
 
     def _step(self) -> None:
