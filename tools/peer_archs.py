@@ -42,12 +42,19 @@ def build(jobs: int = 2) -> Path:
         args += ["-DCMAKE_C_COMPILER_LAUNCHER=ccache", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache"]
     subprocess.run(args, check=True)
     subprocess.run(["cmake", "--build", str(build_dir), "--target", "mote-peer-archs", "-j", str(jobs)], check=True)
-    return build_dir / "bin" / "mote-peer-archs"
+    return binary_path()
+
+
+def binary_path() -> Path:
+    return cache_root() / "build" / "mote-peer-archs"
 
 
 def write(binary: Path, dest: Path, seed: int = 42) -> list[Path]:
     dest.mkdir(parents=True, exist_ok=True)
-    subprocess.run([str(binary), "-s", str(seed), "-o", str(dest)], check=True)
+    # the writer sits beside the build's bin/ of shared libraries
+    env = dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join(filter(None, [str(binary.parent / "bin"),
+                                                                          os.environ.get("LD_LIBRARY_PATH")])))
+    subprocess.run([str(binary), "-s", str(seed), "-o", str(dest)], check=True, env=env)
     return sorted(dest.glob("*-moe.gguf"))
 
 
@@ -213,8 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         print(build())
         return 0
     if args.cmd == "write":
-        binary = cache_root() / "build" / "bin" / "mote-peer-archs"
-        print("\n".join(map(str, write(binary, args.dest))))
+        print("\n".join(map(str, write(binary_path(), args.dest))))
         return 0
     models = sorted(args.dir.glob("*-moe.gguf")) if args.cmd == "check" else \
         write(build(), cache_root() / "models")

@@ -464,8 +464,12 @@ def _parse_layout(p: Path) -> MoeLayout:
     routers = {il: t for il, t in routers.items() if t is not None}
     moe_layers = tuple(routers)
     if n_expert > 0 and not moe_layers:
+        # a truncated conversion, or an architecture that keeps expert keys without routing (ernie4_5's
+        # and paddleocr's llama.cpp graphs route nothing): either way there is no router to steer or capture
         raise ModelFileError(f"{p} declares {n_expert} experts per layer ({arch}.expert_count) but holds no "
-                             f"expert router tensor ({router.format(bid='N')}.weight); {_FIX_CORRUPT}")
+                             f"expert router tensor ({router.format(bid='N')}.weight): nothing routes through "
+                             f"experts, so there is nothing to steer or capture; if {arch} models should have "
+                             f"routers, {_FIX_CORRUPT}")
     for il in moe_layers:
         shape = list(routers[il].shape)
         if len(shape) < 2 or shape[1] != n_expert:
