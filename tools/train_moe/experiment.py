@@ -10,6 +10,7 @@ random control of the same size and layer distribution (3 seeds, pooled) and the
     python3 tools/train_moe/experiment.py                       # all methods, N in 1 2 4 8 16
     python3 tools/train_moe/experiment.py --methods mean_diff --ns 4
     python3 tools/train_moe/experiment.py record --method mean_diff --top 8   # expected.json for the test
+    python3 tools/train_moe/experiment.py merge OUT DIR1 DIR2 …   # one table and plot from parallel runs
 
 Writes OUT/results.json, OUT/table.md and OUT/experiment.png (default OUT: build/trained/experiment), and
 keeps every command's own output (ftri.json, heatmaps, report.json/html) under OUT.
@@ -137,12 +138,14 @@ def _pct(r: dict | None, key: str = "rate", ci: str = "ci") -> str:
 
 
 def _ppl(r: dict | None) -> str:
-    return "—" if not r or r.get("perplexity") is None else f"{r['perplexity']:.2f}"
+    if not r or r.get("perplexity") is None:
+        return "—"
+    return f"{r['perplexity']:.1f}" + (f" ({r['kl']:.3f})" if r.get("kl") else "")
 
 
 def table(results: dict) -> str:
     head = ("| method | N | condition | German rate, German prompts | Δ pp vs unsteered | German rate, English "
-            "prompts | ppl German | ppl English |\n|---|---:|---|---|---|---|---:|---:|")
+            "prompts | ppl German (KL) | ppl English (KL) |\n|---|---:|---|---|---|---|---:|---:|")
     lines = [head]
     shown_unsteered = False
     for row in results["runs"]:
@@ -224,8 +227,28 @@ def record(model: Path, method: str, n: int, mote: list[str], out: Path) -> None
     print(f"wrote {DATA / 'expected.json'}")
 
 
+def merge(out: Path, dirs: list[Path]) -> None:
+    """One table and plot from several experiment folders (runs made in parallel)."""
+    merged = None
+    for d in dirs:
+        r = json.loads((d / "results.json").read_text())
+        if merged is None:
+            merged = r
+        else:
+            have = {(x["method"], x["n"]) for x in merged["runs"]}
+            merged["runs"] += [x for x in r["runs"] if (x["method"], x["n"]) not in have]
+    merged["runs"].sort(key=lambda r: (list(METHODS).index(r["method"]), r["n"]))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(merged, indent=1))
+    (out / "table.md").write_text(table(merged))
+    plot(merged, out / "experiment.png")
+    print(table(merged))
+
+
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "record":
+    if len(sys.argv) > 1 and sys.argv[1] == "merge":
+        merge(Path(sys.argv[2]), [Path(d) for d in sys.argv[3:]])
+    elif len(sys.argv) > 1 and sys.argv[1] == "record":
         ap = argparse.ArgumentParser(prog="experiment.py record")
         ap.add_argument("--model", type=Path, default=DATA / "trained-q8_0.gguf")
         ap.add_argument("--method", default="mean_diff")
