@@ -95,3 +95,18 @@ def test_sequence_steering_bad_input(planted_model):
         with pytest.raises(SteeringError, match="contradictory"):
             s.steer([Entry(1, 0, Mode.MASK), Entry(1, 0, Mode.FORCE)], seq_id=1)
         assert not s.steering_of(1).entries
+
+
+def test_forget_frees_one_sequence_and_keeps_the_others(planted_model):
+    model, _ = planted_model
+    a, b = model.tokenize("the city was calm"), model.tokenize(TRIGGER)
+    with model.session(n_ctx=256, n_seq_max=2, kv_unified=True) as s:
+        s.reset()
+        first = s.decode([(0, a, 0), (1, b, 0)], outputs="last")
+        s.forget(1)
+        again = s.decode([(1, b, 0)], outputs="last")            # position 0 again: the sequence is gone
+        np.testing.assert_allclose(again[0], first[1], rtol=1e-4, atol=1e-4)
+        nxt = s.decode([(0, a[:1], len(a))], outputs="last")     # sequence 0 continues where it was
+        assert np.isfinite(nxt).all()
+        with pytest.raises(InputError, match="out of range"):
+            s.forget(5)

@@ -565,6 +565,12 @@ class Session:
         llama.llama_memory_clear(self._ctx.memory, True)
 
     @_serialised
+    def forget(self, seq_id: int) -> None:
+        """Forgets one sequence's memory (KV cache), the others' stays (a server freeing a slot)."""
+        self._check_seq_id(seq_id)
+        llama.llama_memory_seq_rm(self._ctx.memory, seq_id, -1, -1)
+
+    @_serialised
     def decode(self, sequences: Sequence[tuple[int, Sequence[int], int]], *, outputs: str = "all") -> np.ndarray:
         """Decodes (seq_id, tokens, first position) sequences together, in chunks of n_batch tokens.
 

@@ -349,7 +349,7 @@ class Scheduler:
         if slot.label is not None:
             self.routing.close(slot.label, want=False)
             slot.label = None
-        self.session._ctx.kv_cache_seq_rm(slot.seq_id, -1, -1)  # TODO: Session.forget(seq_id), requested
+        self.session.forget(slot.seq_id)
         if slot.applied:
             self.session.clear_steering(seq_id=slot.seq_id)
             slot.applied = ()
