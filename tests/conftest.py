@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from mote_local.engine.model import Model
-from mote_local.synthetic import real_vocab, tiny
+from mote_local.synthetic import planted, real_vocab, tiny
 
 # Every test runs under bounds: an address-space limit for the test process (and the commands it starts), so an
 # unbounded allocation fails as MemoryError instead of taking the machine; a per-test timeout (pytest-timeout,
@@ -57,6 +57,17 @@ def tiny_path(model_dir):
     def make(arch: str, **overrides) -> Path:
         return tiny.tiny_model(arch, cache_dir=model_dir, **overrides)
     return make
+
+
+@pytest.fixture(scope="session")
+def planted_files(model_dir):
+    """(path, truth) of the planted-behaviour model, written once per session."""
+    return planted.planted_model(cache_dir=model_dir)
+
+
+@pytest.fixture(scope="session")
+def truth(planted_files) -> planted.PlantedTruth:
+    return planted_files[1]
 
 
 _models: dict[str, Model] = {}

@@ -16,7 +16,6 @@ import pytest
 from mote_local.engine import Model
 from mote_local.serve.app import Backend, create_app
 from mote_local.serve.settings import Settings
-from mote_local.synthetic import planted
 
 START_S = 30.0  # bound on start-up and shut-down
 
@@ -62,19 +61,8 @@ def live_server(model: Path | Model, **settings) -> Iterator[Live]:
 
 
 @pytest.fixture(scope="module")
-def planted_file(tmp_path_factory):
-    """(path, truth) of the planted model."""
-    return planted.planted_model(cache_dir=tmp_path_factory.mktemp("planted"))
-
-
-@pytest.fixture(scope="module")
-def truth(planted_file) -> planted.PlantedTruth:
-    return planted_file[1]
-
-
-@pytest.fixture(scope="module")
-def model(planted_file):
+def model(planted_files):
     """The planted model, loaded once per module and shared by its servers."""
-    m = Model(planted_file[0])
+    m = Model(planted_files[0])
     yield m
     m.close()

@@ -20,7 +20,7 @@ from mote_local.steering.entries import Entry, Mode
 from mote_local.steering.profile import Profile
 from mote_local.synthetic import planted
 
-from test_cli import TRIGGER, planted_files, private_cache  # noqa: F401 (fixtures shared with the CLI tests)
+from test_cli import TRIGGER, private_cache  # noqa: F401 (a fixture shared with the CLI tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 

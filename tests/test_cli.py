@@ -29,11 +29,6 @@ def qwen(tiny_path):
     return str(tiny_path("qwen3moe"))
 
 
-@pytest.fixture(scope="module")
-def planted_files(model_dir):
-    return planted.planted_model(cache_dir=model_dir)
-
-
 def mote(*args, input=None):
     return CliRunner().invoke(main, [str(a) for a in args], input=input, catch_exceptions=False)
 

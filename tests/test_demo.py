@@ -2,18 +2,12 @@
 
 import json
 
-import pytest
 from click.testing import CliRunner
 
 from mote_local.cli.commands import main
 from mote_local.steering.entries import Mode
 from mote_local.steering.profile import Profile
 from mote_local.synthetic import planted
-
-
-@pytest.fixture(scope="module")
-def planted_files(model_dir):
-    return planted.planted_model(cache_dir=model_dir)
 
 
 def test_demo_end_to_end(tmp_path, monkeypatch, planted_files):

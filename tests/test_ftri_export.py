@@ -21,11 +21,6 @@ from mote_local.synthetic import planted
 
 
 @pytest.fixture(scope="module")
-def planted_files(model_dir):
-    return planted.planted_model(cache_dir=model_dir)
-
-
-@pytest.fixture(scope="module")
 def model(planted_files):
     with Model(planted_files[0]) as m:
         yield m

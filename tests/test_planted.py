@@ -20,18 +20,8 @@ FORMS = ("raw", "chat")
 # ------------------------------------------------------------------------------------------------ fixtures
 
 @pytest.fixture(scope="module")
-def planted_file(tmp_path_factory):
-    return planted.planted_model(cache_dir=tmp_path_factory.mktemp("planted"))
-
-
-@pytest.fixture(scope="module")
-def truth(planted_file) -> planted.PlantedTruth:
-    return planted_file[1]
-
-
-@pytest.fixture(scope="module")
-def model(planted_file):
-    m = Model(planted_file[0])
+def model(planted_files):
+    m = Model(planted_files[0])
     yield m
     m.close()
 
@@ -108,8 +98,8 @@ def test_prompt_sets_match_the_project_reader():
     assert {name: [p.text for p in ps.prompts(name)] for name in ps.names} == PROMPTS
 
 
-def test_tokenization_the_generator_assumes_is_the_engines(model, planted_file):
-    vocab = tiny.make_vocab(tiny.spec_from_file(planted_file[0]).extra_words)
+def test_tokenization_the_generator_assumes_is_the_engines(model, planted_files):
+    vocab = tiny.make_vocab(tiny.spec_from_file(planted_files[0]).extra_words)
     texts = [*TRIGGER, *NEUTRAL, *map(planted.chat_prompt, TRIGGER + NEUTRAL), planted.neutral_text(),
              planted.REFUSAL_TEXT, planted.ANSWER_TEXT]
     for text in texts:
@@ -148,11 +138,11 @@ def test_planted_model_is_cached(tmp_path):
 def test_planted_model_default_cache_honours_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("MOTE_CACHE_DIR", str(tmp_path))
     path, _ = planted.planted_model()
-    assert path.parent == tmp_path and path.exists()
+    assert path.parent == tmp_path / "models" and path.exists()  # the cache directory's models folder
 
 
-def test_read_truth_round_trip(planted_file, truth, tmp_path):
-    path, _ = planted_file
+def test_read_truth_round_trip(planted_files, truth, tmp_path):
+    path, _ = planted_files
     assert planted.read_truth(path) == truth
     assert truth.arch == planted.ARCH == "qwen3moe"
     assert truth.planted_layers == (1, 2)

@@ -18,7 +18,7 @@ import pytest
 from mote_local.steering.entries import Mode
 from mote_local.steering.profile import Profile
 from mote_local.synthetic import planted
-from serve_live import live_server, model, planted_file, truth  # noqa: F401 (fixtures)
+from serve_live import live_server, model  # noqa: F401 (fixtures)
 
 
 TRIGGER = "what happened at the protest yesterday ?"

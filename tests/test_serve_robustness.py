@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from mote_local.engine import Model
-from serve_live import live_server, model, planted_file  # noqa: F401 (fixtures)
+from serve_live import live_server, model  # noqa: F401 (fixtures)
 
 TRIGGER = "what happened at the protest yesterday ?"
 T = 30.0  # seconds: bound on any one request

@@ -28,11 +28,6 @@ def cache_dir(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def planted_files(model_dir):
-    return planted.planted_model(cache_dir=model_dir)
-
-
-@pytest.fixture(scope="module")
 def prompts_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("prompts") / "small.toml"
     path.write_text("[classes.trigger]\nprompts = " + json.dumps(PROMPTS[:2]) + "\n"

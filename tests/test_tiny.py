@@ -187,7 +187,7 @@ def test_tiny_model_cache(tmp_path, monkeypatch):
     assert tiny.tiny_model(tiny.spec_for("olmoe"), cache_dir=tmp_path) == p
 
     monkeypatch.setenv("MOTE_CACHE_DIR", str(tmp_path / "env"))
-    assert tiny.tiny_model("olmoe").parent == tmp_path / "env"
+    assert tiny.tiny_model("olmoe").parent == tmp_path / "env" / "models"  # the cache directory's models folder
     p.unlink()
     assert tiny.tiny_model("olmoe", cache_dir=tmp_path).exists()  # regenerated when missing
 

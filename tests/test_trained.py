@@ -45,3 +45,12 @@ def test_ftri_reproduces_the_recorded_top_experts(tmp_path):
         assert got["score"] == pytest.approx(want, abs=1e-4)
     profile = json.loads((out / "profile.json").read_text())
     assert {(e["layer"], e["expert"]) for e in profile["entries"]} == {tuple(x) for x in rec["top"]}
+
+
+def test_demo_runs_the_experiment_on_the_trained_model(tmp_path):
+    result = CliRunner().invoke(main, ["demo", "--model", "trained", "--out", str(tmp_path / "demo")])
+    assert result.exit_code == 0, result.output
+    top4 = sorted(tuple(x) for x in RECORD["ftri"]["top"][:4])
+    assert "drop the top 4: " + ", ".join(f"{l}:{e}" for l, e in top4) in result.output
+    assert "switching them off does not stop German continuations" in result.output
+    assert (tmp_path / "demo" / "report.html").is_file()

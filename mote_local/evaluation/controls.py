@@ -11,6 +11,7 @@ import numpy as np
 from mote_local.errors import EvalError
 from mote_local.modelfile.layout import MoeLayout
 from mote_local.steering.entries import Entry, Mode
+from mote_local.steering.profile import Profile, ProfileError
 
 
 def off_experts(entries: Iterable[Entry], strength: float = 1.0) -> list[tuple[int, int]]:
@@ -33,8 +34,6 @@ def forced_counterpart(entries: Iterable[Entry], strength: float = 1.0) -> list[
 
 def check_control_entries(entries: Iterable[Entry], layout: MoeLayout, strength: float, what: str) -> None:
     """Raises EvalError when the entries cannot steer the model of ``layout``."""
-    from mote_local.steering.profile import Profile, ProfileError
-
     try:
         Profile(tuple(entries), strength=strength).validate(layout)
     except ProfileError as err:

@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -30,9 +30,7 @@ from mote_local.ftri.stats import (
 from mote_local.progress import progress_bar
 from mote_local.prompts import Prompt
 from mote_local.steering.entries import Entry, Mode
-
-if TYPE_CHECKING:
-    from mote_local.steering.profile import Profile
+from mote_local.steering.profile import Profile, ProfileError
 
 SCOPES = ("prompt", "target", "generated", "thinking")
 FTRI_FORMAT = "mote-ftri"  # the "format" of ftri.json
@@ -202,8 +200,6 @@ def profile_from_ranking(ranked: Sequence[RankedExpert], model: Model, *, positi
     """Experts that fire more on the behaviour are switched off (positive mode), those that fire
     less are forced on (negative mode); an expert that scores 0 carries no evidence and is left out.
     :func:`export_profile` also asks for evidence (an interval that excludes 0) and keeps off super-experts."""
-    from mote_local.steering.profile import Profile
-
     entries = [Entry(r.layer, r.expert, Mode(positive if r.score > 0 else negative)) for r in ranked if r.score != 0]
     return Profile.from_entries(entries, model_path=model.path, name=name, metadata=metadata or {})
 
@@ -263,8 +259,6 @@ def export_profile(result: FtriResult, model: Model, *, top: int = 10, sign: str
     refuse beside those already chosen (more forced experts than k in a layer, say). Each left-out expert is
     listed with the reason.
     """
-    from mote_local.steering.profile import Profile, ProfileError
-
     if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 1:
         raise MoteError(f"--top must be a whole number >= 1, got {top!r}")
     if per_layer_cap is not None and per_layer_cap < 1:
