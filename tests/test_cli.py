@@ -221,9 +221,9 @@ def session_threads(monkeypatch):
     seen = []
     init = Session.__init__
 
-    def record(self, *args, n_threads=None, **kwargs):
-        seen.append(n_threads)
-        init(self, *args, n_threads=n_threads, **kwargs)
+    def record(self, model, *args, n_threads=None, **kwargs):
+        seen.append(n_threads or model.n_threads)  # a session's own count, else its model's default
+        init(self, model, *args, n_threads=n_threads, **kwargs)
     monkeypatch.setattr(Session, "__init__", record)
     return seen
 
@@ -237,6 +237,13 @@ def test_threads_reach_every_context_a_command_opens(qwen, planted_files, tmp_pa
     assert r.exit_code == 0 and session_threads == [2]
     session_threads.clear()
     assert mote("chat", qwen, "-t", 1, input="hi\n").exit_code == 0 and session_threads == [1]
+    session_threads.clear()
+    prompts = tmp_path / "two.txt"
+    prompts.write_text("what happened at the protest yesterday ?\nwhat happened at the market yesterday ?\n")
+    r = mote("eval", planted_files[0], "--prompts", prompts, "--off", "1:6", "-n", 2, "--n-random", 1, "-t", 1,
+             "--out", tmp_path / "e")
+    assert r.exit_code == 0, r.output
+    assert session_threads and set(session_threads) == {1}
 
 
 def test_ftri_baseline_prompts_file_is_the_baseline_next_to_a_prompt_set_with_classes(planted_files, tmp_path):

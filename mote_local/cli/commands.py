@@ -507,6 +507,7 @@ def eval_command(model: Path, prompts_file: Path, classes, profiles, strength, s
     from mote_local.prompts import load_prompt_set
 
     layout = read_layout(model).require_moe()
+    threads = specs.pop("threads", None)
     steering = bool(profiles) or any(specs.get(k) for k in STEER_FLAGS)
     if sweep_sizes is None and (ftri_path or ftri_method):
         raise click.UsageError("--ftri gives the ranking for --sweep: add --sweep N,N,… (e.g. 1,2,5,10,20)")
@@ -532,9 +533,10 @@ def eval_command(model: Path, prompts_file: Path, classes, profiles, strength, s
                   max_tokens=max_tokens, chat=chat, collapse_kl=collapse_kl, collapse_perplexity_ratio=collapse_ppl)
     if profile is None:
         _eval_sweep(model, layout, prompts, sweep_sizes, ftri_path, ftri_method, sweep_mode, include_super_experts,
-                    common, out, n_gpu_layers, verbose)
+                    common, out, n_gpu_layers, verbose, threads)
         return
-    with Model(model, n_gpu_layers=n_gpu_layers, verbose=verbose) as m:
+    with Model(model, n_gpu_layers=n_gpu_layers, n_threads=threads, verbose=verbose) as m:
+        warn_super_experts(m, profile, profiles, specs, threads)
         result = evaluate(m, prompts, profile, **common)
     html = write_report(out, result)
     click.echo(format_table(result))
@@ -545,7 +547,7 @@ def eval_command(model: Path, prompts_file: Path, classes, profiles, strength, s
 
 def _eval_sweep(model: Path, layout: MoeLayout, prompts, sizes_text: str, ftri_path: Path, ftri_method: str | None,
                 mode: str, include_super_experts: bool, common: dict, out: Path, n_gpu_layers: int,
-                verbose: bool) -> None:
+                verbose: bool, threads: int | None) -> None:
     """`mote eval --sweep`: the paper's curve, one table and one plot."""
     from mote_local.engine.model import Model
     from mote_local.evaluation.super_experts import cached_super_experts
@@ -556,7 +558,7 @@ def _eval_sweep(model: Path, layout: MoeLayout, prompts, sizes_text: str, ftri_p
     flagged = () if include_super_experts else (cached_super_experts(model) or ())
     r = read_ranking(ftri_path, layout.moe_layers, method=ftri_method, exclude=flagged)
     ranking = Ranking(r["experts"], r["evidence"], r["source"], r["method"], r["left_out"])
-    with Model(model, n_gpu_layers=n_gpu_layers, verbose=verbose) as m:
+    with Model(model, n_gpu_layers=n_gpu_layers, n_threads=threads, verbose=verbose) as m:
         result = sweep(m, prompts, ranking, sizes, mode=mode, exclude_super_experts=not include_super_experts,
                        **common)
     html = write_sweep_report(out, result)
@@ -581,7 +583,8 @@ def _eval_sweep(model: Path, layout: MoeLayout, prompts, sizes_text: str, ftri_p
 @click.option("--model", "which", type=click.Choice(["planted", "trained"]), default="planted", show_default=True,
               help="planted: the refusal written into two experts; trained: the language experts of a small MoE "
                    "trained here on the Debian Reference in five languages (mote_local/data/trained/MODEL_CARD.md).")
-def demo(out: Path, top: int, export_dir: Path | None, which: str) -> None:
+@threads_option
+def demo(out: Path, top: int, export_dir: Path | None, which: str, threads: int | None) -> None:
     """The whole story on a built-in model: fTRI finds the planted experts, switching them off removes
     the behaviour, a random control does not (--model trained: the same on a model trained here on real
     text, whose language experts nobody planted). Nothing is downloaded."""
@@ -595,7 +598,7 @@ def demo(out: Path, top: int, export_dir: Path | None, which: str) -> None:
     from mote_local.synthetic import planted
 
     if which == "trained":
-        return trained_demo(out, top)
+        return trained_demo(out, top, threads)
     if export_dir is not None:
         model_file, prompts_file = planted.export(export_dir)
         click.echo(f"wrote {model_file}\n      a tiny {planted.ARCH} model with a refusal planted in two experts"
@@ -607,7 +610,7 @@ def demo(out: Path, top: int, export_dir: Path | None, which: str) -> None:
                f"{', '.join(f'{l}:{e}' for l, e in truth.planted)} (the demo does not tell fTRI)")
     prompt_set = load_prompt_set(planted.prompts_path())
     behavior, baseline = select_classes(prompt_set, "trigger", "neutral")
-    with Model(path) as m:
+    with Model(path, n_threads=threads) as m:
         run, results = ftri_mod.run_ftri(m, behavior, baseline, methods=("mean_diff", "risk_diff"), top=top)
         full = results["mean_diff"].ranked(layers=m.layout.moe_layers)
         ranked = full[:top]
@@ -629,7 +632,7 @@ def demo(out: Path, top: int, export_dir: Path | None, which: str) -> None:
     click.echo(f"\ndone in {time.perf_counter() - started:.0f} s — report: {html.resolve()}")
 
 
-def trained_demo(out: Path, top: int) -> None:
+def trained_demo(out: Path, top: int, threads: int | None) -> None:
     """fTRI and evaluation on the shipped trained model: German vs English prompts of held-out text."""
     import time
     from importlib.resources import files
@@ -648,7 +651,7 @@ def trained_demo(out: Path, top: int) -> None:
                "five languages (its model card: data, seed, steps, loss)")
     behavior, baseline = select_classes(load_prompt_set(data / "prompts.toml"), "de", "en")
     top = max(top, 4)
-    with Model(path) as m:
+    with Model(path, n_threads=threads) as m:
         _, results = ftri_mod.run_ftri(m, behavior, baseline, methods=("mean_diff",), chat=False, top=top)
         full = results["mean_diff"].ranked(layers=m.layout.moe_layers)
         table = ftri_mod.ranking_table(results["mean_diff"], full[:8])

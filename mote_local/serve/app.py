@@ -285,11 +285,10 @@ def create_app(backend: Backend) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
-        try:
-            text = model.format_chat(messages)
+        try:  # the one conversation -> tokens path every command takes (template, and BOS where the vocabulary asks)
+            prompt = model.prompt_tokens(messages)
         except Exception as err:  # the template's own raise_exception, or a template bug
             raise ApiError(400, f"the model's chat template refused the messages: {err}", param="messages") from None
-        prompt = model.tokenize(text, add_bos=False)
         return await _respond(backend, body, prompt, request, chat=True)
 
     @app.post("/v1/completions")
