@@ -269,3 +269,29 @@ def test_a_duplicate_token_in_a_151k_vocabulary_is_caught(real_path, tmp_path):
     path.write_bytes(data.replace(entry, entry[:8] + other))
     with pytest.raises(ModelFileError, match="twice"):
         read_layout(path)
+
+
+def test_routing_only_capture_does_not_grow_with_the_vocabulary(real_model):
+    """fTRI's prompt scope routes without copying logits out: with Qwen's 151,936 tokens, 4 x 64 routed tokens
+    would copy 156 MB of logits; routing only allocates a small fraction of that, and counts the same."""
+    import tracemalloc
+
+    model = real_model("qwen3")
+    sequences = [[(7 * i + 13 * s) % 50_000 + 100 for i in range(64)] for s in range(4)]
+    with model.session(n_ctx=512, n_seq_max=4, kv_unified=True, n_threads=1) as s:
+        with s.capture(label=None) as cap:
+            for seq in range(4):
+                cap.bind(seq, seq)
+            tracemalloc.start()
+            assert s.route(sequences, keep_logits=False) is None
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+        routed_only = [cap.stats(seq).counts for seq in range(4)]
+        with s.capture(label=None) as cap:
+            for seq in range(4):
+                cap.bind(seq, seq)
+            logits = s.route(sequences)
+    assert logits.shape == (256, 151_936)
+    assert peak < logits.nbytes / 20, f"routing only allocated {peak / 2**20:.1f} MiB"
+    for seq in range(4):
+        np.testing.assert_array_equal(routed_only[seq], cap.stats(seq).counts)

@@ -571,12 +571,14 @@ class Session:
         llama.llama_memory_seq_rm(self._ctx.memory, seq_id, -1, -1)
 
     @_serialised
-    def decode(self, sequences: Sequence[tuple[int, Sequence[int], int]], *, outputs: str = "all") -> np.ndarray:
+    def decode(self, sequences: Sequence[tuple[int, Sequence[int], int]], *, outputs: str = "all",
+               keep_logits: bool = True) -> np.ndarray | None:
         """Decodes (seq_id, tokens, first position) sequences together, in chunks of n_batch tokens.
 
         outputs="all" returns logits for every token (and routes every token in every layer, which
         capture needs, so it is forced while capturing); "last" only for each sequence's last token.
-        Returns [n_outputs, n_vocab].
+        Returns [n_outputs, n_vocab]; with keep_logits=False nothing is copied out and None is returned
+        (routing only: memory then does not grow with the vocabulary or the number of tokens).
         """
         if self.capturing:
             outputs = "all"  # the last layer routes only output tokens: every counted token must be one
@@ -609,11 +611,13 @@ class Session:
                     raise EngineError(f"llama_decode failed (code {rc}); "
                                       "see llama.cpp's log with verbose=True")
                 n_out = sum(1 for c in chunk if c[3])
-                if n_out:
+                if n_out and keep_logits:
                     ptr = llama.llama_get_logits(self._ctx_ptr)
                     logits.append(np.ctypeslib.as_array(ptr, shape=(n_out, self.model.n_vocab)).copy())
         finally:
             batch.close()
+        if not keep_logits:
+            return None
         return np.concatenate(logits) if logits else np.zeros((0, self.model.n_vocab), dtype=np.float32)
 
     def _check_sequence_count(self, n: int) -> None:
@@ -629,12 +633,13 @@ class Session:
         return self.decode([(0, tokens, 0)])
 
     @_serialised
-    def route(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
-        """Decodes several fresh sequences (ids 0..n-1) in one batch, every token an output."""
+    def route(self, sequences: Sequence[Sequence[int]], *, keep_logits: bool = True) -> np.ndarray | None:
+        """Decodes several fresh sequences (ids 0..n-1) in one batch, every token an output; keep_logits=False
+        routes without copying any logits out (what fTRI's prompt scope needs)."""
         self._check_sequence_count(len(sequences))
         self._set_phase(Scope.PREFILL)
         self.reset()
-        return self.decode([(i, seq, 0) for i, seq in enumerate(sequences)])
+        return self.decode([(i, seq, 0) for i, seq in enumerate(sequences)], keep_logits=keep_logits)
 
     @_serialised
     def generate_batch(self, prompts: Sequence[Sequence[int]], *, max_tokens: int = 32,

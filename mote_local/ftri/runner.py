@@ -175,7 +175,7 @@ def capture_activations(model: Model, behavior: Sequence[Prompt], baseline: Sequ
                 else:
                     for seq, idx in enumerate(batch):
                         cap.bind(seq, idx, *spans[idx])
-                    s.route([sequences[idx] for idx in batch])
+                    s.route([sequences[idx] for idx in batch], keep_logits=False)  # routing only
                 done = batch.stop
                 bar.update(len(batch))
         except KeyboardInterrupt:
