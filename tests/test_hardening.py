@@ -756,8 +756,8 @@ def _interrupt_after(env, args, marker: str, patch: str, after: int, timeout: fl
 
 
 _SLOW_ROUTE = ("import time\nfrom mote_local.engine.model import Session\n_route = Session.route\n"
-               "def route(self, seqs):\n    print('ROUTE', file=sys.stderr, flush=True)\n    time.sleep(0.2)\n"
-               "    return _route(self, seqs)\nSession.route = route\n")
+               "def route(self, seqs, **k):\n    print('ROUTE', file=sys.stderr, flush=True)\n    time.sleep(0.2)\n"
+               "    return _route(self, seqs, **k)\nSession.route = route\n")
 _SLOW_GENERATE = ("import time\nfrom mote_local.engine.model import Session\n_generate = Session.generate\n"
                   "def generate(self, *a, **k):\n    print('GENERATE', file=sys.stderr, flush=True)\n"
                   "    time.sleep(0.1)\n    return _generate(self, *a, **k)\nSession.generate = generate\n")
