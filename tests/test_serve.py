@@ -17,7 +17,6 @@ import pytest
 
 from mote_local.steering.entries import Mode
 from mote_local.steering.profile import Profile
-from mote_local.synthetic import planted
 from serve_live import live_server, model  # noqa: F401 (fixtures)
 
 
@@ -80,7 +79,7 @@ def test_chat_with_the_openai_client(client, truth, server):
     assert refused.choices[0].finish_reason == "stop"
     assert refused.model == server.backend.settings.model_id
     # usage: the prompt in the model's chat template, and the completion without its end-of-generation token
-    prompt = server.backend.model.tokenize(planted.chat_prompt(TRIGGER), add_bos=False)
+    prompt = server.backend.model.prompt_tokens(TRIGGER)  # the one conversation -> tokens path
     assert refused.usage.prompt_tokens == len(prompt)
     with server.backend.model.session(n_ctx=512, n_threads=1) as s:
         reference = s.generate(prompt, max_tokens=16)
@@ -271,7 +270,7 @@ def test_routing_returned_counts_every_token(client, truth, server):
 def test_routing_matches_the_library_capture(client, truth, model):
     """The server's routing of a request equals Session.capture over the same prompt and completion."""
     out = chat(client, TRIGGER, extra_body={"return_routing": True, "steering": {"entries": drop_planted(truth)}})
-    prompt = model.tokenize(planted.chat_prompt(TRIGGER), add_bos=False)
+    prompt = model.prompt_tokens(TRIGGER)
     with model.session(n_ctx=512, n_threads=1) as s:
         s.steer(truth.entries(Mode.DROP))
         with s.capture() as cap:
@@ -386,6 +385,6 @@ def test_prompts_longer_than_a_step_are_decoded_in_chunks(model, truth):
             _assert_same(again.result(T), alone, "the long prompt")
             assert short.result(T)["text"].strip() == truth.answer_text
         assert max(live.scheduler.batch_sizes) == 2
-    prompt = model.tokenize(planted.chat_prompt(long_prompt), add_bos=False)
+    prompt = model.prompt_tokens(long_prompt)
     with model.session(n_ctx=512, n_threads=1) as s:
         assert s.generate(prompt, max_tokens=12).text == alone["text"]
