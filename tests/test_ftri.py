@@ -65,11 +65,11 @@ def test_interrupted_capture_keeps_partial_results(model, classes, monkeypatch):
     calls = {"n": 0}
     route = Session.route
 
-    def interrupt_on_third(self, sequences):
+    def interrupt_on_third(self, sequences, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return route(self, sequences)
+        return route(self, sequences, **kwargs)
 
     monkeypatch.setattr(Session, "route", interrupt_on_third)
     run = ftri.capture_activations(model, *classes, batch_size=4, show_progress=False)

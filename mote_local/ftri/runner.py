@@ -42,6 +42,10 @@ CAPTURE_MODEL_OPTIONS = {"use_extra_bufts": False}
 
 # Tokens one batch's KV cache may hold: bounds the memory of batches of long prompts.
 MAX_BATCH_TOKENS = 16384
+# Every counted token must be an output (the last layer routes only outputs), so llama.cpp keeps n_batch x n_vocab
+# logits per decode call even when none are copied out: tokens per call are capped to hold that buffer to this size
+# (a 4k vocabulary keeps 2048 tokens per call; Qwen's 151,936 about 110).
+LOGITS_BUFFER_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -122,6 +126,12 @@ def _generate_counting(model: Model, s, cap, sequences: list[list[int]], labels:
     return gens[0].interrupted
 
 
+def capture_batch(batch_ctx: int, n_vocab: int) -> int:
+    """Tokens per decode call while capturing: at most 2048, and few enough that llama.cpp's logits buffer stays
+    within LOGITS_BUFFER_BYTES whatever the vocabulary."""
+    return max(1, min(batch_ctx, 2048, max(64, LOGITS_BUFFER_BYTES // (4 * n_vocab))))
+
+
 def capture_activations(model: Model, behavior: Sequence[Prompt], baseline: Sequence[Prompt], *,
                         scope: str = "prompt", chat: bool = True, batch_size: int = 32, max_new_tokens: int = 32,
                         n_ctx: int = 4096, show_progress: bool | None = None, n_threads: int | None = None,
@@ -161,7 +171,7 @@ def capture_activations(model: Model, behavior: Sequence[Prompt], baseline: Sequ
     # one KV cache for the whole batch: with a cache per sequence llama.cpp splits a batch of prompts
     # of unequal length into many small ubatches
     with progress_bar(len(prompts), f"fTRI capture ({scope} tokens)", "prompt", show_progress) as bar, \
-            model.session(n_ctx=batch_ctx, n_seq_max=batch_size, n_batch=min(batch_ctx, 2048), kv_unified=True,
+            model.session(n_ctx=batch_ctx, n_seq_max=batch_size, n_batch=capture_batch(batch_ctx, model.n_vocab), kv_unified=True,
                           n_threads=n_threads) as s, \
             s.capture(label=None, output_norms=output_norms) as cap:
         try:
