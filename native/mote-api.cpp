@@ -164,11 +164,11 @@ int32_t check(const shape_view & shape, const mote_entry * entries, int32_t n_en
         }
     }
 
+    // limits name the phase only when some entry is scoped to one
+    const bool scoped = std::any_of(entries, entries + n_entries, [](const mote_entry & e) { return e.scope != MOTE_SCOPE_ALL; });
     for (size_t p = 0; p < std::size(kPhases); ++p) {
-        const int32_t phase  = kPhases[p];
-        const char *  during = n_entries > 0 && std::all_of(entries, entries + n_entries, [](const mote_entry & e) {
-            return e.scope == MOTE_SCOPE_ALL;
-        }) ? "" : (phase == MOTE_SCOPE_PREFILL ? " during prefill" : phase == MOTE_SCOPE_DECODE ? " during decode" : " during thinking");
+        const int32_t     phase  = kPhases[p];
+        const std::string during = scoped ? std::string(" during ") + scope_name(phase) : std::string();
         // entries of this phase by (layer, expert)
         std::map<std::pair<int32_t, int32_t>, std::vector<const mote_entry *>> on;
         for (int32_t i = 0; i < n_entries; ++i) {
@@ -228,16 +228,16 @@ int32_t check(const shape_view & shape, const mote_entry * entries, int32_t n_en
             const int32_t k = shape.n_used[il];
             if (n_forced[il] > k) {
                 return fail("layer %d forces %d experts%s but this model selects only %d per token: force at most %d",
-                            il, n_forced[il], during, k, k);
+                            il, n_forced[il], during.c_str(), k, k);
             }
             if (shape.n_expert - n_masked[il] < k) {
                 return fail("layer %d masks %d of %d experts%s, leaving fewer than the %d each token needs: mask at "
-                            "most %d per layer", il, n_masked[il], shape.n_expert, during, k, shape.n_expert - k);
+                            "most %d per layer", il, n_masked[il], shape.n_expert, during.c_str(), k, shape.n_expert - k);
             }
             const int32_t groups = (int32_t) std::count(forced_groups[il].begin(), forced_groups[il].end(), true);
             if (shape.n_expert_groups > 1 && groups > shape.n_group_used) {
                 return fail("layer %d forces experts in %d expert groups%s but this model keeps only %d groups per "
-                            "token: force experts of at most %d groups", il, groups, during, shape.n_group_used,
+                            "token: force experts of at most %d groups", il, groups, during.c_str(), shape.n_group_used,
                             shape.n_group_used);
             }
         }
@@ -337,6 +337,21 @@ const char * unroutable(const context_state & st) {
     return nullptr;
 }
 
+// Compiles entries into `slot` (all or nothing: on error the slot keeps what it had).
+int32_t set_slot(llama_context * ctx, steer_slot & slot, const mote_entry * entries, int32_t n_entries, double strength) {
+    context_state & st = state_for_write(ctx);
+    if (const char * why = unroutable(st)) {
+        return fail("cannot steer: %s", why);
+    }
+    std::array<phase_steering, std::size(kPhases)> compiled;
+    if (check(shape_of(ctx, st), entries, n_entries, strength, &compiled) != 0) {
+        return -1;
+    }
+    slot.compiled = std::move(compiled);
+    slot.entries.assign(entries, entries + n_entries);
+    return 0;
+}
+
 } // namespace
 
 context_state * state_of(const llama_context * lctx) {
@@ -416,27 +431,6 @@ int32_t mote_steer_check(const struct mote_shape * shape, const mote_entry * ent
     }
     return check(s, entries, n_entries, strength, nullptr);
 }
-
-namespace mote {
-namespace {
-
-// Compiles entries into `slot` (all or nothing: on error the slot keeps what it had).
-int32_t set_slot(llama_context * ctx, steer_slot & slot, const mote_entry * entries, int32_t n_entries, double strength) {
-    context_state & st = state_for_write(ctx);
-    if (const char * why = unroutable(st)) {
-        return fail("cannot steer: %s", why);
-    }
-    std::array<phase_steering, std::size(kPhases)> compiled;
-    if (check(shape_of(ctx, st), entries, n_entries, strength, &compiled) != 0) {
-        return -1;
-    }
-    slot.compiled = std::move(compiled);
-    slot.entries.assign(entries, entries + n_entries);
-    return 0;
-}
-
-} // namespace
-} // namespace mote
 
 int32_t mote_steer_set(llama_context * ctx, const mote_entry * entries, int32_t n_entries, double strength) {
     if (ctx == nullptr || (entries == nullptr && n_entries > 0) || n_entries < 0) {

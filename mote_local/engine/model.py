@@ -477,8 +477,7 @@ class Session:
             err = binding.steer_set(self._ctx_ptr, native, profile.strength)
         else:
             self._check_seq_id(seq_id)
-            err = binding.steer_set_seq(self._ctx_ptr, seq_id, native, profile.strength) if native else \
-                binding.steer_set_seq(self._ctx_ptr, seq_id, [], 1.0)
+            err = binding.steer_set_seq(self._ctx_ptr, seq_id, native, profile.strength)
         if err:
             raise SteeringError(rules.name_model(err, self.model.path.name))
         if seq_id is None:
