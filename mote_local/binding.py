@@ -26,7 +26,7 @@ except (ImportError, OSError, RuntimeError) as err:  # not built, or the shared 
 
 _lib = llama._lib
 
-MOTE_ABI_VERSION = 2
+MOTE_ABI_VERSION = 3
 MODE_MASK, MODE_DROP, MODE_FORCE, MODE_BIAS, MODE_GAIN = range(5)
 SCOPE_ALL, SCOPE_PREFILL, SCOPE_DECODE, SCOPE_THINKING = range(4)
 CAPTURE_PROBS = 1
@@ -117,6 +117,15 @@ _capture_trace_rows = _bind("mote_capture_trace_rows", [_ctx], _i64)
 _capture_trace_read = _bind("mote_capture_trace_read", [_ctx, _i64, _i32, _i32] + [ctypes.c_void_p] * 4, _i32)
 # void mote_capture_reset(struct llama_context * ctx);
 _capture_reset = _bind("mote_capture_reset", [_ctx], None)
+
+# int32_t mote_rpc_probe(const char * endpoint, int32_t timeout_ms);
+_rpc_probe = _bind("mote_rpc_probe", [ctypes.c_char_p, _i32], _i32)
+# int32_t mote_rpc_add_server(const char * endpoint);
+_rpc_add_server = _bind("mote_rpc_add_server", [ctypes.c_char_p], _i32)
+# int32_t mote_rpc_model_devices(const char * const * endpoints, int32_t n_endpoints, void ** devices, int32_t cap);
+_rpc_model_devices = _bind("mote_rpc_model_devices", [_P(ctypes.c_char_p), _i32, _P(ctypes.c_void_p), _i32], _i32)
+# int64_t mote_rpc_lost_replies(const char * endpoint);
+_rpc_lost_replies = _bind("mote_rpc_lost_replies", [ctypes.c_char_p], _i64)
 
 if _abi_version() != MOTE_ABI_VERSION:
     raise EngineError(f"engine ABI {_abi_version()} does not match the Python package's {MOTE_ABI_VERSION}: "
@@ -264,3 +273,31 @@ def capture_trace(ctx, n_expert_used: int, n_expert: int, probs: bool):
     if _capture_trace_read(ctx, rows, n_expert_used, n_expert, _ptr(meta), _ptr(ids), _ptr(weights), _opt(p)) != 0:
         raise EngineError(last_error())
     return meta, ids, weights, p
+
+
+def rpc_probe(endpoint: str, timeout_ms: int) -> None:
+    """Raises EngineError, with the reason, unless an rpc-server of this engine's protocol answers at endpoint."""
+    if _rpc_probe(endpoint.encode(), timeout_ms) != 0:
+        raise EngineError(last_error())
+
+
+def rpc_add_server(endpoint: str) -> int:
+    """Registers an (answering) rpc-server's devices with ggml; returns their number."""
+    n = _rpc_add_server(endpoint.encode())
+    if n < 0:
+        raise EngineError(last_error())
+    return n
+
+
+def rpc_model_devices(endpoints: list[str]) -> ctypes.Array:
+    """The NULL-terminated device list (llama_model_params.devices) of a model on these registered endpoints."""
+    raw = (ctypes.c_char_p * max(1, len(endpoints)))(*(e.encode() for e in endpoints))
+    cap = 64 + len(endpoints) * 8
+    devices = (ctypes.c_void_p * cap)()
+    if _rpc_model_devices(raw, len(endpoints), devices, cap) < 0:
+        raise EngineError(last_error())
+    return devices
+
+
+def rpc_lost_replies(endpoint: str) -> int:
+    return _rpc_lost_replies(endpoint.encode())

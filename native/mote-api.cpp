@@ -22,10 +22,6 @@ namespace mote {
 // routers (DeepSeek-V3/R1) select it; finite, so that sums of scores never give inf - inf.
 static constexpr float kForceSelection = 1e6f;
 
-namespace {
-
-std::mutex g_registry_mutex;
-std::unordered_map<const llama_context *, std::unique_ptr<context_state>> g_registry;
 thread_local std::string g_last_error;
 
 int32_t fail(const char * fmt, ...) {
@@ -37,6 +33,11 @@ int32_t fail(const char * fmt, ...) {
     g_last_error = buf;
     return -1;
 }
+
+namespace {
+
+std::mutex g_registry_mutex;
+std::unordered_map<const llama_context *, std::unique_ptr<context_state>> g_registry;
 
 context_state & state_for_write(const llama_context * lctx) {
     std::lock_guard<std::mutex> lock(g_registry_mutex);

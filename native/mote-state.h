@@ -12,6 +12,9 @@
 
 namespace mote {
 
+// Sets the calling thread's mote_last_error() message; returns -1.
+int32_t fail(const char * fmt, ...) __attribute__((format(printf, 1, 2)));
+
 // Steering arrays of one layer; a flag is set only when its array differs from identity, and the
 // flags alone decide which graph nodes exist (values change without a graph rebuild).
 struct layer_steering {

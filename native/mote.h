@@ -21,7 +21,7 @@ extern "C" {
 struct llama_context;
 struct llama_model;
 
-#define MOTE_ABI_VERSION 2
+#define MOTE_ABI_VERSION 3
 
 // Steering modes (see the steering contract in the project's design brief).
 enum mote_mode {
@@ -143,6 +143,23 @@ MOTE_API int32_t mote_capture_trace_read(const struct llama_context * ctx, int64
                                          int32_t n_expert, int32_t * meta, int32_t * ids, float * weights, float * probs);
 // Forgets accumulated counts and the trace; keeps bindings and flags.
 MOTE_API void    mote_capture_reset(struct llama_context * ctx);
+
+// Several machines: llama.cpp's RPC backend, endpoints "HOST:PORT" of running rpc-servers.
+// Asks the server for its greeting on a connection of its own within timeout_ms: llama.cpp's client
+// aborts the process on a server that is missing, busy with another client or of another protocol
+// version. Returns 0, or -1 with the reason in mote_last_error().
+MOTE_API int32_t mote_rpc_probe(const char * endpoint, int32_t timeout_ms);
+// Registers the server's devices with ggml (once per endpoint and process; the server must answer).
+// Returns their number, or -1.
+MOTE_API int32_t mote_rpc_add_server(const char * endpoint);
+// The devices a model on these (registered) endpoints loads onto, NULL-terminated in devices[cap]: each
+// endpoint's devices in the order given, then the local GPUs (discrete, else integrated), so that servers
+// another model of the process registered are not used. Returns the number of devices, or -1.
+MOTE_API int32_t mote_rpc_model_devices(const char * const * endpoints, int32_t n_endpoints, void ** devices,
+                                        int32_t cap);
+// Replies lost on connections to endpoint (its server died or the connection broke) since the process
+// started: such a failure no longer aborts; the call that waited returns and the model must be dropped.
+MOTE_API int64_t mote_rpc_lost_replies(const char * endpoint);
 
 #ifdef __cplusplus
 }

@@ -29,6 +29,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from mote_local import binding
+from mote_local.engine import rpc
 from mote_local.binding import llama, llama_chat_format, llama_internals
 from mote_local.errors import (
     CaptureError,
@@ -55,36 +56,74 @@ def _apply_params(params, options: dict, what: str) -> None:
         setattr(params, name, value)
 
 
+def _tensor_split(values: Sequence[float]) -> ctypes.Array:
+    split = [float(v) for v in values]
+    if not split or len(split) > llama.LLAMA_MAX_DEVICES or min(split) < 0 or sum(split) <= 0:
+        raise InputError(f"tensor_split needs 1-{llama.LLAMA_MAX_DEVICES} proportions, none negative and not all "
+                         f"zero (e.g. 1,1), got {values!r}")
+    return (ctypes.c_float * llama.LLAMA_MAX_DEVICES)(*split)
+
+
 class Model:
     """A GGUF model loaded by the patched engine. Close it (or use `with`) to free its memory."""
 
     def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = 0, n_threads: int | None = None,
+                 rpc_servers: Sequence[str] = (), tensor_split: Sequence[float] | None = None,
                  verbose: bool = False, **model_params):
+        """n_gpu_layers layers (the last ones; 99: all) go to the GPUs and `rpc_servers` ("HOST:PORT" of
+        `mote rpc-server`s, which come first), split in proportion to `tensor_split` (one value per device:
+        the servers in order, then local GPUs) or to the devices' free memory."""
         self.layout: MoeLayout = read_layout(path)  # a clear error for a bad file, before llama.cpp sees it
         self.path = self.layout.path
+        self.rpc_servers = rpc.parse_endpoints(rpc_servers)
+        if self.rpc_servers and n_gpu_layers == 0:
+            raise InputError("rpc servers hold only offloaded layers and n_gpu_layers is 0: pass n_gpu_layers "
+                             "(-ngl; 99 offloads every layer)")
         params = llama.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        if tensor_split is not None:
+            params.tensor_split = _tensor_split(tensor_split)
         _apply_params(params, model_params, "model")
         self.verbose = verbose
         binding.set_verbose(verbose)  # llama.cpp's log is process-wide: the last model loaded decides
+        self._closed = True  # until loaded
+        self._rpc_baseline = rpc.lost_replies(self.rpc_servers)
+        devices = rpc.attach(self.rpc_servers)
+        if devices is not None:
+            params.devices = ctypes.cast(devices, ctypes.c_void_p)
         try:
             self._model = llama_internals.LlamaModel(path_model=str(self.path), params=params, verbose=verbose)
         except ValueError as err:
+            rpc.detach(self.rpc_servers)
             raise ModelFileError(f"llama.cpp could not load {self.path}: {err} "
                                  "(run with verbose=True to see llama.cpp's reason)") from None
+        self._closed = False
+        self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()
+        self.check_servers()
         self.router = binding.router_info(self._model.model)
         self.n_vocab = self._model.n_vocab()
         self.n_threads = n_threads  # the default of its sessions (None: every core)
-        self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()
-        self._closed = False
 
     # lifetime
-    def close(self) -> None:
+    def close(self, *, reason: str = "its model was closed") -> None:
         """Frees the model, after closing its sessions (a context is freed before its model); idempotent."""
+        if self._closed:
+            return
         for session in list(self._sessions):
-            session.close(reason="its model was closed")
+            session.close(reason=reason)
         self._closed = True
         self._model.close()
+        rpc.detach(self.rpc_servers)
+
+    def check_servers(self) -> None:
+        """Raises EngineError, closing the model, when one of its rpc servers stopped answering (died, or the
+        network broke): its layers are gone, and whatever the last call returned is not to be trusted."""
+        lost = rpc.lost_since(self._rpc_baseline)
+        if lost:
+            self.close(reason=f"the rpc server {', '.join(lost)} was lost")
+            raise EngineError(f"lost the connection to the rpc server {', '.join(lost)} (it stopped, or the network "
+                              f"broke); {self.path.name} is closed: restart `mote rpc-server` there and load the "
+                              "model again")
 
     @property
     def closed(self) -> bool:
@@ -411,6 +450,7 @@ class Session:
             raise EngineError(f"llama.cpp could not create a context ({err}); try a smaller context size "
                               "(n_ctx, -c/--ctx-size)") from None
         self._ctx_ptr = self._ctx.ctx
+        model.check_servers()
         self._lock = threading.RLock()
         self._closed_because: str | None = None
         model._sessions.add(self)
@@ -444,7 +484,11 @@ class Session:
             if self._closed_because is not None:
                 raise EngineError(f"this session cannot be used: {self._closed_because}; open a new one with "
                                   "model.session()")
-            yield
+            try:
+                yield
+            finally:
+                if self.model.rpc_servers:
+                    self.model.check_servers()  # its error replaces one that the lost server caused
 
     def __enter__(self) -> "Session":
         return self
