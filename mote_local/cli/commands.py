@@ -5,6 +5,7 @@ Flags follow llama.cpp / llama-cpp-python habits (-m, -p, -n, --temp, --n-gpu-la
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from dataclasses import replace
@@ -57,13 +58,28 @@ def model_argument(f):
     return click.argument("model", type=click.Path(path_type=Path))(f)
 
 
-def engine_options(f):
-    f = click.option("--n-gpu-layers", "-ngl", type=click.IntRange(min=0), default=0, show_default=True,
-                     help="Layers to offload to the GPU (GPU builds).")(f)
+def engine_options(callback):
+    """-ngl, --rpc and -ts reach the command as one `placement` argument: Model's keyword arguments."""
+    @functools.wraps(callback)
+    def command(*args, n_gpu_layers, rpc_servers, tensor_split, **kwargs):
+        from mote_local.engine.rpc import placement
+        return callback(*args, placement=placement(n_gpu_layers, rpc_servers, tensor_split), **kwargs)
+
+    f = placement_options(command)
     f = click.option("--ctx-size", "-c", type=click.IntRange(min=0), default=4096, show_default=True,
                      help="Context size (capped at the model's training context; 0: that context).")(f)
     f = threads_option(f)
     f = click.option("--verbose", is_flag=True, help="Show llama.cpp's log.")(f)
+    return f
+
+
+def placement_options(f):
+    f = click.option("--n-gpu-layers", "-ngl", type=click.IntRange(min=0), default=None,
+                     help="Layers to offload to the GPUs and rpc servers (default: 0; every layer with --rpc).")(f)
+    f = click.option("--rpc", "rpc_servers", metavar="HOST:PORT[,…]", default=None,
+                     help="Spread the offloaded layers over llama.cpp rpc-servers (start them with `mote rpc-server`).")(f)
+    f = click.option("--tensor-split", "-ts", metavar="P,P[,…]", default=None,
+                     help="Offloaded layers per device, in proportion: the --rpc servers in order, then local GPUs.")(f)
     return f
 
 
@@ -255,7 +271,7 @@ def _span(layers: Sequence[int]) -> str:
 @steering_options
 @engine_options
 def run(model: Path, prompt: str, n_predict: int, temp: float, top_k: int, top_p: float, seed: int, chat: bool,
-        compare: bool, profiles, strength, scope, force_profile, n_gpu_layers: int, ctx_size: int, threads,
+        compare: bool, profiles, strength, scope, force_profile, placement: dict, ctx_size: int, threads,
         verbose: bool, **specs) -> None:
     """Generate from MODEL with experts switched off, forced on, biased or scaled."""
     from mote_local.cli.shared import tokens_to_generate
@@ -267,8 +283,7 @@ def run(model: Path, prompt: str, n_predict: int, temp: float, top_k: int, top_p
     if n_predict == 0:
         click.echo("nothing generated: -n 0 asks for no tokens (-n -1 generates until the end)", err=True)
         return
-    with Model(model, n_gpu_layers=n_gpu_layers, verbose=verbose) as m, \
-            m.session(n_ctx=n_ctx, n_threads=threads) as s:
+    with Model(model, **placement, verbose=verbose) as m, m.session(n_ctx=n_ctx, n_threads=threads) as s:
         if profile is not None:
             warn_super_experts(m, profile, profiles, specs, threads)
         tokens = m.prompt_tokens(prompt, chat=chat)
@@ -332,7 +347,7 @@ def run(model: Path, prompt: str, n_predict: int, temp: float, top_k: int, top_p
 @engine_options
 def ftri(model: Path, prompts_file: Path, baseline_prompts: Path | None, behavior, baseline, scope, methods,
          top: int, per_layer_cap, off_mode: str, chat: bool, out: Path, batch_size: int, n_boot: int, seed: int,
-         n_gpu_layers: int, ctx_size: int, threads, verbose: bool, **export_options) -> None:
+         placement: dict, ctx_size: int, threads, verbose: bool, **export_options) -> None:
     """Find the experts of MODEL that fire differently on behaviour prompts than on baseline ones."""
     from mote_local.engine.model import Model
     from mote_local.ftri import runner as ftri_mod
@@ -355,7 +370,7 @@ def ftri(model: Path, prompts_file: Path, baseline_prompts: Path | None, behavio
         baseline = names[0]
         prompt_set = combine(prompts_file, baseline_prompts)
     behavior_prompts, baseline_set = select_classes(prompt_set, behavior, baseline)
-    with Model(model, n_gpu_layers=n_gpu_layers, verbose=verbose, **ftri_mod.CAPTURE_MODEL_OPTIONS) as m:
+    with Model(model, **placement, verbose=verbose, **ftri_mod.CAPTURE_MODEL_OPTIONS) as m:
         run, results = ftri_mod.run_ftri(m, behavior_prompts, baseline_set, methods=methods, scope=scope,
                                          chat=chat, top=top, n_boot=n_boot, seed=seed, batch_size=batch_size,
                                          n_ctx=n_ctx, n_threads=threads, sign=export_options["sign"])
@@ -498,7 +513,7 @@ def detector_for(detector_file: Path | None, judge: Path | None):
 def eval_command(model: Path, prompts_file: Path, classes, profiles, strength, scope, force_profile, sweep_sizes,
                  ftri_path, ftri_method, sweep_mode, include_super_experts, detector_file, judge, neutral,
                  n_random: int, max_tokens: int, seed: int, chat: bool, collapse_kl: float, collapse_ppl: float,
-                 out: Path, n_gpu_layers: int, ctx_size: int, verbose: bool, **specs) -> None:
+                 out: Path, placement: dict, ctx_size: int, verbose: bool, **specs) -> None:
     """Measure how a profile moves a behaviour against random and forced controls, and what it costs; or, with
     --sweep, how the behaviour falls as the top N experts of an fTRI ranking are switched off."""
     from mote_local.engine.model import Model
@@ -533,9 +548,9 @@ def eval_command(model: Path, prompts_file: Path, classes, profiles, strength, s
                   max_tokens=max_tokens, chat=chat, collapse_kl=collapse_kl, collapse_perplexity_ratio=collapse_ppl)
     if profile is None:
         _eval_sweep(model, layout, prompts, sweep_sizes, ftri_path, ftri_method, sweep_mode, include_super_experts,
-                    common, out, n_gpu_layers, verbose, threads)
+                    common, out, placement, verbose, threads)
         return
-    with Model(model, n_gpu_layers=n_gpu_layers, n_threads=threads, verbose=verbose) as m:
+    with Model(model, **placement, n_threads=threads, verbose=verbose) as m:
         warn_super_experts(m, profile, profiles, specs, threads)
         result = evaluate(m, prompts, profile, **common)
     html = write_report(out, result)
@@ -546,7 +561,7 @@ def eval_command(model: Path, prompts_file: Path, classes, profiles, strength, s
 
 
 def _eval_sweep(model: Path, layout: MoeLayout, prompts, sizes_text: str, ftri_path: Path, ftri_method: str | None,
-                mode: str, include_super_experts: bool, common: dict, out: Path, n_gpu_layers: int,
+                mode: str, include_super_experts: bool, common: dict, out: Path, placement: dict,
                 verbose: bool, threads: int | None) -> None:
     """`mote eval --sweep`: the paper's curve, one table and one plot."""
     from mote_local.engine.model import Model
@@ -558,7 +573,7 @@ def _eval_sweep(model: Path, layout: MoeLayout, prompts, sizes_text: str, ftri_p
     flagged = () if include_super_experts else (cached_super_experts(model) or ())
     r = read_ranking(ftri_path, layout.moe_layers, method=ftri_method, exclude=flagged)
     ranking = Ranking(r["experts"], r["evidence"], r["source"], r["method"], r["left_out"])
-    with Model(model, n_gpu_layers=n_gpu_layers, n_threads=threads, verbose=verbose) as m:
+    with Model(model, **placement, n_threads=threads, verbose=verbose) as m:
         result = sweep(m, prompts, ranking, sizes, mode=mode, exclude_super_experts=not include_super_experts,
                        **common)
     html = write_sweep_report(out, result)
@@ -694,7 +709,7 @@ def warn_quantization(layout: MoeLayout) -> None:
 @steering_options
 @engine_options
 def chat(model: Path, n_predict: int, temp: float, seed: int, profiles, strength, scope, force_profile,
-         n_gpu_layers: int, ctx_size: int, threads, verbose: bool, **specs) -> None:
+         placement: dict, ctx_size: int, threads, verbose: bool, **specs) -> None:
     """Chat with MODEL and toggle its experts live (/help inside lists the commands)."""
     from mote_local.cli.chat import Chat, history_path, terminal_reader
     from mote_local.engine.model import Model
@@ -704,8 +719,7 @@ def chat(model: Path, n_predict: int, temp: float, seed: int, profiles, strength
     layout = read_layout(model).require_moe()
     n_ctx = context_size(layout, ctx_size)
     profile = build_profile(layout, profiles, specs, strength, scope, force_profile)
-    with Model(model, n_gpu_layers=n_gpu_layers, verbose=verbose) as m, \
-            m.session(n_ctx=n_ctx, n_threads=threads) as s:
+    with Model(model, **placement, verbose=verbose) as m, m.session(n_ctx=n_ctx, n_threads=threads) as s:
         session = Chat(m, s, max_tokens=n_predict, temperature=temp, seed=seed, n_threads=threads,
                        write=lambda text="", end="\n": click.echo(text, nl=end == "\n"))
         if profile is not None:
@@ -719,6 +733,31 @@ def _read_line(prompt: str) -> str:
     if not line:
         raise EOFError
     return line
+
+
+@main.command("rpc-server")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind. llama.cpp's RPC has no authentication: bind another address only on a "
+                   "network you trust.")
+@click.option("--port", "-p", type=click.IntRange(1, 65535), default=50052, show_default=True)
+@threads_option
+def rpc_server(host: str, port: int, threads: int | None) -> None:
+    """Lend this machine's CPU (and GPUs, in a GPU build) to models loaded elsewhere with --rpc HOST:PORT:
+    llama.cpp's rpc-server, built with this package's engine. Serves one client at a time; Ctrl-C stops it."""
+    import os
+    import socket
+
+    from mote_local.engine.rpc import server_command
+
+    command = server_command(host, port, threads or os.cpu_count() or 1)
+    try:  # the server's own message for a taken port is a bare "Failed to create server socket"
+        with socket.create_server((host, port)):
+            pass
+    except OSError as err:
+        raise click.ClickException(f"cannot listen on {host}:{port} ({err.strerror or err}): choose another "
+                                   "--port, or stop what listens there") from None
+    click.echo(f"rpc server on {host}:{port} — load models elsewhere with --rpc {host}:{port}", err=True)
+    os.execv(command[0], command)  # becomes the server: its signals and exit status are the command's
 
 
 from mote_local.serve.command import serve_command  # noqa: E402  (`mote serve`; the web stack loads when it runs)

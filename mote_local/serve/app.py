@@ -75,7 +75,7 @@ class Backend:
     def __init__(self, settings: Settings, model: Model | None = None):
         self.settings = settings
         self._own_model = model is None
-        self.model = model or Model(settings.model, n_gpu_layers=settings.n_gpu_layers, verbose=settings.verbose)
+        self.model = model or Model(settings.model, **settings.placement, verbose=settings.verbose)
         try:
             self.layout = self.model.layout.require_moe()
             self.profiles: dict[str, Profile] = load_profiles(settings.profiles, self.layout,

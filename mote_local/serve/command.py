@@ -29,8 +29,12 @@ __all__ = ["serve_command", "run_server"]
 @click.option("--ctx-size", "-c", type=int, default=4096, show_default=True,
               help="The whole context, shared by the slots.")
 @click.option("--batch-size", "-b", type=int, default=512, show_default=True, help="Tokens per decode call.")
-@click.option("--n-gpu-layers", "-ngl", type=int, default=0, show_default=True,
-              help="Layers to offload to the GPU (GPU builds).")
+@click.option("--n-gpu-layers", "-ngl", type=click.IntRange(min=0), default=None,
+              help="Layers to offload to the GPUs and rpc servers (default: 0; every layer with --rpc).")
+@click.option("--rpc", "rpc_servers", metavar="HOST:PORT[,…]", default=None,
+              help="Spread the offloaded layers over `mote rpc-server`s.")
+@click.option("--tensor-split", "-ts", metavar="P,P[,…]", default=None,
+              help="Offloaded layers per device, in proportion: the --rpc servers in order, then local GPUs.")
 @click.option("--threads", "-t", type=int, default=None, help="CPU threads (default: all).")
 @click.option("--api-key", envvar="MOTE_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' on /v1/* (or set MOTE_API_KEY).")
@@ -39,15 +43,16 @@ __all__ = ["serve_command", "run_server"]
               help="Requests waiting for a slot before new ones get HTTP 503.")
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's log and every request.")
 def serve_command(model: Path, profiles, force_profile: bool, host: str, port: int, parallel: int, ctx_size: int,
-                  batch_size: int, n_gpu_layers: int, threads: int | None, api_key: str | None, alias: str | None,
-                  max_queue: int, verbose: bool) -> None:
+                  batch_size: int, n_gpu_layers: int | None, rpc_servers: str | None, tensor_split: str | None,
+                  threads: int | None, api_key: str | None, alias: str | None, max_queue: int, verbose: bool) -> None:
     """Serve MODEL with an OpenAI-compatible API in which every request can steer its own experts."""
+    from mote_local.engine.rpc import placement
     from mote_local.serve.settings import Settings, parse_profile_option
 
     settings = Settings(model=model, profiles=parse_profile_option(profiles), force_profiles=force_profile,
                         host=host, port=port, parallel=parallel, n_ctx=ctx_size, n_batch=batch_size,
-                        n_gpu_layers=n_gpu_layers, n_threads=threads, api_key=api_key, alias=alias,
-                        max_queue=max_queue, verbose=verbose)
+                        placement=placement(n_gpu_layers, rpc_servers, tensor_split), n_threads=threads,
+                        api_key=api_key, alias=alias, max_queue=max_queue, verbose=verbose)
     run_server(settings, announce=lambda text: click.echo(text, err=True))
 
 

@@ -24,7 +24,7 @@ class Settings:
     parallel: int = 4                # sequence slots decoded together (llama-server's --parallel)
     n_ctx: int = 4096                # the whole context; each slot holds n_ctx // parallel positions
     n_batch: int = 512
-    n_gpu_layers: int = 0
+    placement: dict = field(default_factory=dict)  # Model's n_gpu_layers, rpc_servers, tensor_split
     n_threads: int | None = None
     api_key: str | None = None       # when set, /v1/* needs "Authorization: Bearer <key>"
     alias: str | None = None         # the model id clients see (default: the file's stem)
