@@ -691,12 +691,13 @@ def trained_demo(out: Path, top: int, threads: int | None) -> None:
 
 
 def warn_quantization(layout: MoeLayout) -> None:
-    """Low-bit quantization moves routing (measured: Q4_K_M kept 14.8% of top-k sets of f32)."""
-    low_bit = ("Q2", "Q3", "Q4", "IQ1", "IQ2", "IQ3", "IQ4", "TQ")
-    if layout.file_type.upper().startswith(low_bit):
-        click.echo(f"warning: {layout.file_type} routes noticeably differently from the full-precision model "
-                   "(measured here: Q4_K_M kept 15% of top-k sets identical, Q8_0 84%); prefer Q8_0 or better "
-                   "for fTRI", err=True)
+    """One line where the model's quantization, judged by its tensor types, is measured (or not known) to move
+    routing away from the full-precision model's (mote_local.modelfile.quantize.routing_class)."""
+    from mote_local.modelfile.quantize import routing_class
+
+    warning = routing_class(layout.tensor_types).warning
+    if warning:
+        click.echo(warning, err=True)
 
 
 @main.command()
@@ -745,6 +746,7 @@ def rpc_server(host: str, port: int, threads: int | None) -> None:
     """Lend this machine's CPU (and GPUs, in a GPU build) to models loaded elsewhere with --rpc HOST:PORT:
     llama.cpp's rpc-server, built with this package's engine. Serves one client at a time; Ctrl-C stops it."""
     import os
+    import signal
     import socket
 
     from mote_local.engine.rpc import server_command
@@ -757,10 +759,16 @@ def rpc_server(host: str, port: int, threads: int | None) -> None:
         raise click.ClickException(f"cannot listen on {host}:{port} ({err.strerror or err}): choose another "
                                    "--port, or stop what listens there") from None
     click.echo(f"rpc server on {host}:{port} — load models elsewhere with --rpc {host}:{port}", err=True)
+    # a client that leaves while the server answers would kill it with SIGPIPE; ignored, it survives the exec
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     os.execv(command[0], command)  # becomes the server: its signals and exit status are the command's
 
 
 from mote_local.serve.command import serve_command  # noqa: E402  (`mote serve`; the web stack loads when it runs)
 
 main.add_command(serve_command)
+
+from mote_local.cli.quantize import quantize_command  # noqa: E402  (`mote quantize`)
+
+main.add_command(quantize_command)
 

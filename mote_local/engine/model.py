@@ -120,7 +120,7 @@ class Model:
         network broke): its layers are gone, and whatever the last call returned is not to be trusted."""
         lost = rpc.lost_since(self._rpc_baseline)
         if lost:
-            self.close(reason=f"the rpc server {', '.join(lost)} was lost")
+            self.close(reason=f"its model was closed when the rpc server {', '.join(lost)} was lost")
             raise EngineError(f"lost the connection to the rpc server {', '.join(lost)} (it stopped, or the network "
                               f"broke); {self.path.name} is closed: restart `mote rpc-server` there and load the "
                               "model again")
