@@ -28,6 +28,7 @@ DEFAULT_PORT = 50052
 # A server answers its greeting at once; no answer within this means it is busy with another client
 # (an rpc-server serves one at a time) or unreachable.
 PROBE_TIMEOUT_MS = 5000
+ALL_LAYERS = 999  # n_gpu_layers that offloads every layer and the output
 
 _ENDPOINT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(\d{1,5})$")
 
@@ -57,6 +58,22 @@ def probe(endpoint: str, timeout_ms: int = PROBE_TIMEOUT_MS) -> None:
     """Raises EngineError, naming the problem and the fix, unless an rpc-server answers at endpoint (a
     server busy with another client does not answer)."""
     binding.rpc_probe(endpoint, timeout_ms)
+
+
+def placement(n_gpu_layers: int | None, servers: str | None, tensor_split: str | None) -> dict:
+    """Model's keyword arguments from the command line's -ngl, --rpc and -ts (comma lists): with servers
+    and no -ngl every layer is offloaded, as llama.cpp users expect of --rpc."""
+    endpoints = parse_endpoints(servers) if servers is not None else []
+    split = None
+    if tensor_split is not None:
+        try:
+            split = [float(v) for v in tensor_split.split(",")]
+        except ValueError:
+            raise InputError(f"--tensor-split takes proportions such as 3,1 (one per device: the rpc servers in "
+                             f"order, then local GPUs), got {tensor_split!r}") from None
+    if n_gpu_layers is None:
+        n_gpu_layers = ALL_LAYERS if endpoints else 0
+    return {"n_gpu_layers": n_gpu_layers, "rpc_servers": endpoints, "tensor_split": split}
 
 
 def attach(endpoints: list[str]):
