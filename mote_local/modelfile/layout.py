@@ -71,6 +71,7 @@ class MoeLayout:
     context_length: int  # the training context (0 when the file does not say)
     data_offset: int = 0  # where the tensor data starts: everything above is the header read here
     router_spans: tuple[tuple[int, int], ...] = ()  # (file offset, bytes) of each MoE layer's router tensor
+    tensor_types: tuple[tuple[str, str], ...] = ()  # (name, ggml type name) of every tensor, in file order
 
     @property
     def is_moe(self) -> bool:
@@ -506,6 +507,7 @@ def _parse_layout(p: Path) -> MoeLayout:
         file_type=file_type_name, size_bytes=p.stat().st_size, context_length=max(context_length, 0),
         data_offset=header.data_offset,
         router_spans=tuple((t.offset, t.n_bytes) for t in routers.values()),
+        tensor_types=tuple((t.name, t.type.name) for t in header.tensors),
     )
 
 

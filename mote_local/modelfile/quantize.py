@@ -1,0 +1,343 @@
+"""Quantizations that keep routing: recipes of per-tensor types, llama.cpp's quantizer run with them, and how
+far a model file's own quantization is measured to move routing.
+
+A recipe names a ggml type per tensor group (routed experts, everything else); :func:`quantize` hands it to
+``llama_model_quantize`` as tensor-type overrides (``llama_model_quantize_params.tt_overrides``), so the
+quantization is llama.cpp's own, tensor for tensor. The quantizer never quantizes the routers
+(``ffn_gate_inp``) nor norms; they keep the source's type, and with them the model's fingerprint.
+
+:func:`routing_class` reads a model's tensor types (``MoeLayout.tensor_types``) and answers from ``MEASURED``,
+the agreement with f32 routing measured on the bench model (bench/RESULTS.md). Classification needs no
+engine; quantizing loads it (``mote_local.binding``) when it runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+
+from mote_local.atomic import atomic_path
+from mote_local.errors import EngineError, ModelFileError
+from mote_local.modelfile.layout import read_header, read_layout
+
+__all__ = ["Recipe", "RECIPES", "GROUPS", "MEASURED", "Fidelity", "RoutingClass", "QuantizeResult", "quantize",
+           "plan", "routing_class", "group_types", "check_paths"]
+
+QT = gguf.GGMLQuantizationType
+
+# Tensor groups as regular expressions over GGUF tensor names, searched (not matched) as llama.cpp's quantizer
+# searches its --tensor-type patterns (std::regex, ECMAScript: these patterns mean the same in Python's re).
+ROUTED_EXPERTS = r"\.ffn_[a-z_]+_exps\.weight$"   # ffn_gate_exps, ffn_up_exps, ffn_down_exps, ffn_gate_up_exps
+GROUPS: dict[str, str] = {
+    "attn_q": r"\.attn_q(_a|_b)?\.weight$",
+    "attn_k": r"\.attn_k(_b)?\.weight$",
+    "attn_v": r"\.attn_v(_b)?\.weight$",
+    "attn_qkv": r"\.attn_(qkv|kv_a_mqa|kv_b)\.weight$",
+    "attn_output": r"\.attn_output\.weight$",
+    "ffn_gate_exps": r"\.ffn_gate_exps\.weight$",
+    "ffn_up_exps": r"\.ffn_up_exps\.weight$",
+    "ffn_down_exps": r"\.ffn_down_exps\.weight$",
+    "ffn_gate_up_exps": r"\.ffn_gate_up_exps\.weight$",
+    "shared_experts": r"\.ffn_[a-z_]+_shexp\.weight$",
+    "dense_ffn": r"\.ffn_(gate|up|down)\.weight$",
+    "token_embd": r"^token_embd\.weight$",
+    "output": r"^output\.weight$",
+}
+_ANY = "."  # the last rule of every recipe: whatever no group named
+
+# What llama.cpp's quantizer leaves alone whatever it is asked (src/llama-quant.cpp,
+# tensor_allows_quantization): tensors of fewer than 2 dimensions, names not ending in "weight", norms, routers,
+# and a few per-architecture tables. The names here are the ones an MoE GGUF carries.
+_NEVER_QUANTIZED = ("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "position_embd.weight",
+                    "token_types.weight", "ssm_conv1d", "attn_rel_b.weight")
+FLOAT_TYPES = frozenset({QT.F32, QT.F16, QT.BF16, QT.F64})
+
+# llama_ftype recorded as general.file_type, by the type of the routed experts (the bulk of an MoE's weights)
+_FTYPE_FOR = {QT.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_M, QT.Q5_K: gguf.LlamaFileType.MOSTLY_Q5_K_M,
+              QT.Q6_K: gguf.LlamaFileType.MOSTLY_Q6_K, QT.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+              QT.F16: gguf.LlamaFileType.MOSTLY_F16, QT.BF16: gguf.LlamaFileType.MOSTLY_BF16}
+RECIPE_KEY = "mote.quantize.recipe"  # the recipe a file was made with, written into its metadata
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Per-tensor types: the first rule whose pattern a tensor's name contains decides; ``default`` covers the
+    rest. Tensors llama.cpp never quantizes (routers, norms) keep the source's type."""
+
+    name: str
+    summary: str
+    rules: tuple[tuple[str, QT], ...]
+    default: QT
+
+    @property
+    def ftype(self) -> gguf.LlamaFileType:
+        experts = next((t for p, t in self.rules if p == ROUTED_EXPERTS), self.default)
+        return _FTYPE_FOR.get(experts, gguf.LlamaFileType.MOSTLY_Q8_0)
+
+    def type_for(self, name: str) -> QT:
+        for pattern, qtype in self.rules:
+            if re.search(pattern, name):
+                return qtype
+        return self.default
+
+
+def _capture(experts: QT, name: str) -> Recipe:
+    return Recipe(name, f"routed experts {experts.name}, everything else Q8_0, routers unquantized",
+                  ((ROUTED_EXPERTS, experts),), QT.Q8_0)
+
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (
+    _capture(QT.Q4_K, "capture"),
+    _capture(QT.Q5_K, "capture-q5"),
+    _capture(QT.Q6_K, "capture-q6"),
+    Recipe("q8_0", "every quantizable tensor Q8_0 (as llama-quantize Q8_0), routers unquantized", (), QT.Q8_0),
+)}
+
+
+# -------------------------------------------------------------------------------------------------- planning
+
+def quantizable(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether llama.cpp's quantizer may change this tensor's type (routers, norms, biases: never)."""
+    return len(shape) >= 2 and name.endswith("weight") and not any(s in name for s in _NEVER_QUANTIZED)
+
+
+def _fallback(qtype: QT, row: int) -> QT:
+    """llama.cpp's tensor_type_fallback: a row its blocks cannot tile takes a smaller block, else F16."""
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    if row % block == 0:
+        return qtype
+    smaller = {QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0}.get(qtype, qtype)
+    return smaller if row % gguf.GGML_QUANT_SIZES[smaller][0] == 0 else QT.F16
+
+
+def _n_bytes(qtype: QT, shape: tuple[int, ...]) -> int:
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    n = 1
+    for d in shape:
+        n *= d
+    return n // block * size
+
+
+def plan(src: str | os.PathLike, recipe: Recipe) -> list[tuple[str, QT, QT]]:
+    """(name, source type, type after quantizing) of every tensor of ``src`` under ``recipe``."""
+    header = read_header(src)
+    out = []
+    for t in header.tensors:
+        new = _fallback(recipe.type_for(t.name), t.shape[0]) if quantizable(t.name, t.shape) else t.type
+        out.append((t.name, t.type, new))
+    return out
+
+
+def check_paths(src: str | os.PathLike, dst: str | os.PathLike, force: bool = False) -> tuple[Path, Path]:
+    """The source as a readable MoE GGUF and a destination that may be written; a ModelFileError otherwise."""
+    src_p, dst_p = Path(src), Path(dst)
+    layout = read_layout(src_p).require_moe()
+    if dst_p.exists() or dst_p.is_symlink():
+        if dst_p.is_dir():
+            raise ModelFileError(f"{dst_p} is a directory: give the path of the .gguf file to write")
+        try:
+            same = os.path.samefile(src_p, dst_p)
+        except OSError:
+            same = False
+        if same:
+            raise ModelFileError(f"{dst_p} is the source model itself: write the quantization to another file")
+        if not force:
+            raise ModelFileError(f"{dst_p} exists: pass --force to replace it, or choose another file")
+    return layout.path, dst_p
+
+
+def _check_source_precision(src: Path, steps: list[tuple[str, QT, QT]]) -> None:
+    quantized = [(name, old) for name, old, new in steps if old not in FLOAT_TYPES and old != new]
+    if quantized:
+        name, old = quantized[0]
+        raise ModelFileError(f"{src} is already quantized ({name} is {old.name}, {len(quantized)} tensors in all): "
+                             "quantizing it again cannot bring back the routing it lost; start from the F32, F16 or "
+                             "BF16 GGUF (convert_hf_to_gguf.py --outtype f16)")
+
+
+def _check_space(dst: Path, steps: list[tuple[str, QT, QT]], src: Path) -> int:
+    header = read_header(src)
+    shapes = {t.name: t.shape for t in header.tensors}
+    need = sum(_n_bytes(new, shapes[name]) for name, _, new in steps) + header.data_offset
+    where = dst.parent if dst.parent.exists() else Path(".")
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise ModelFileError(f"not enough disk space for {dst}: the quantization needs about {need / 2**20:,.0f} MiB, "
+                             f"{free / 2**20:,.0f} MiB are free there")
+    return need
+
+
+# ------------------------------------------------------------------------------------------------ quantizing
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    path: Path
+    recipe: Recipe
+    size_bytes: int
+    tensor_types: tuple[tuple[str, str], ...]  # (name, type) of every tensor of the written file
+
+    @property
+    def types(self) -> dict[str, str]:
+        """Tensor group -> its types in the written file ("Q8_0", or "Q4_K, Q6_K")."""
+        return group_types(self.tensor_types)
+
+
+def quantize(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe | str = "capture", *,
+             force: bool = False, threads: int = 0) -> QuantizeResult:
+    """Quantizes the higher-precision GGUF ``src`` into ``dst`` with ``recipe``'s per-tensor types, through
+    llama.cpp's quantizer. ``dst`` is written atomically: on any failure no partial file is left and an existing
+    ``dst`` (replaced only with ``force``) keeps its content."""
+    if isinstance(recipe, str):
+        if recipe not in RECIPES:
+            raise ModelFileError(f"unknown recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
+        recipe = RECIPES[recipe]
+    src_p, dst_p = check_paths(src, dst, force)
+    steps = plan(src_p, recipe)
+    _check_source_precision(src_p, steps)
+    _check_space(dst_p, steps, src_p)
+
+    from mote_local.binding import llama  # the engine, loaded only to quantize
+
+    rules = [*recipe.rules, (_ANY, recipe.default)]
+    keep = [p.encode() for p, _ in rules]  # the C array points into these bytes: keep them alive
+    overrides = (llama.llama_model_tensor_override * (len(rules) + 1))(
+        *[llama.llama_model_tensor_override(p, int(t)) for p, (_, t) in zip(keep, rules)],
+        llama.llama_model_tensor_override(None, 0))  # {NULL, …} ends the list
+    kv = (llama.llama_model_kv_override * 2)()
+    kv[0].tag, kv[0].key = llama.LLAMA_KV_OVERRIDE_TYPE_STR, RECIPE_KEY.encode()
+    kv[0].value.val_str = recipe.name.encode()[:127]
+    params = llama.llama_model_quantize_default_params()
+    params.ftype = int(recipe.ftype)
+    params.nthread = threads
+    params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(llama.llama_model_tensor_override))
+    params.kv_overrides = ctypes.cast(kv, ctypes.POINTER(llama.llama_model_kv_override))
+    with atomic_path(dst_p) as tmp:
+        rc = llama.llama_model_quantize(str(src_p).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0:
+            raise EngineError(f"llama.cpp's quantizer failed on {src_p} (code {rc}; its message is above); "
+                              f"nothing was written to {dst_p}")
+    del keep
+    return QuantizeResult(dst_p, recipe, dst_p.stat().st_size, read_layout(dst_p).tensor_types)
+
+
+# ------------------------------------------------------------------------------------- routing fidelity
+
+def _group_of(name: str) -> str | None:
+    for group, pattern in GROUPS.items():
+        if re.search(pattern, name):
+            return group
+    return None
+
+
+def group_types(tensor_types: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    """The types of each tensor group present (routers as "router"), e.g. {"ffn_up_exps": "Q4_K", ...}."""
+    seen: dict[str, list[str]] = {}
+    for name, tname in tensor_types:
+        group = "router" if name.endswith("ffn_gate_inp.weight") else _group_of(name)
+        if group is not None and tname not in seen.setdefault(group, []):
+            seen[group].append(tname)
+    return {g: ", ".join(v) for g, v in seen.items()}
+
+
+# Bits per weight decide the bucket of a group: a type is as good as the worst of its tensors.
+_BUCKETS = (("float", 16.0), ("q8", 8.5), ("q6", 6.5), ("q5", 5.5), ("q4", 4.5))
+
+
+def _bucket(type_names: list[str]) -> str:
+    bits = []
+    for t in type_names:
+        try:
+            block, size = gguf.GGML_QUANT_SIZES[QT[t]]
+            bits.append(size * 8 / block)
+        except KeyError:
+            bits.append(0.0)  # a type gguf-py does not know: assume the worst
+    worst = min(bits) if bits else 32.0
+    return next((name for name, floor in _BUCKETS if worst >= floor), "low")
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """Routing of one quantization class against f32, measured on the bench model."""
+
+    set_identical: float   # share of per-token top-k expert sets identical to f32's
+    ftri_top: int          # of the fTRI top-10 (mean_diff), how many f32 also ranks top-10
+    example: str           # the file that was measured
+
+    @property
+    def keeps_routing(self) -> bool:
+        """The bar issue 15 sets: >= 85% identical top-k sets and the same fTRI top-10."""
+        return self.set_identical >= 0.85 and self.ftri_top == 10
+
+
+# (non-expert bucket, routed-expert bucket) -> measured fidelity; bench/RESULTS.md, "## Capture-friendly
+# quantization (issue 15)" (the Q8_0 and Q4_K_M rows also in "## fTRI capture vs transformers", "### Fidelity").
+MEASURED: dict[tuple[str, str], Fidelity] = {
+    ("q8", "q8"): Fidelity(0.866, 10, "Q8_0"),
+    ("q4", "q4"): Fidelity(0.185, 6, "Q4_K_M"),
+}
+RESULTS_SECTION = "bench/RESULTS.md, \"Capture-friendly quantization\""
+
+
+@dataclass(frozen=True)
+class RoutingClass:
+    name: str                  # "float", "q8/q4" (non-experts/experts), ...
+    fidelity: Fidelity | None  # None: full precision, or a class not measured
+    moves_routing: bool
+    text: str                  # one line for the user
+
+    @property
+    def warning(self) -> str | None:
+        if not self.moves_routing:
+            return None
+        return (f"warning: {self.text}; for fTRI quantize a higher-precision GGUF with "
+                "`mote quantize SRC.gguf DST.gguf --recipe capture`")
+
+
+def routing_class(tensor_types: tuple[tuple[str, str], ...]) -> RoutingClass:
+    """How far a model's quantization moves routing, from its tensor types and the measured table.
+
+    Tensors are split into routed experts and everything else that shapes the router's input (attention,
+    shared experts, dense FFNs, the token embedding); the output projection and the unquantized routers and
+    norms do not count. Each side is as good as its least precise tensor."""
+    experts, rest = [], []
+    for name, tname in tensor_types:
+        if not quantizable(name, (0, 0)) or re.search(GROUPS["output"], name):
+            continue
+        (experts if re.search(ROUTED_EXPERTS, name) else rest).append(tname)
+    rb, eb = _bucket(rest), _bucket(experts)
+    name = f"{_label(rb)} non-expert weights, {_label(eb)} routed experts"
+    # full-precision non-expert weights route at least as well as the Q8_0 ones measured
+    key = (rb, eb) if (rb, eb) in MEASURED or rb != "float" else ("q8", eb)
+    measured = MEASURED.get(key)
+    if measured is not None:
+        pct = f"{100 * measured.set_identical:.1f}%"
+        verdict = "keeps" if measured.keeps_routing else "moves"
+        return RoutingClass(name, measured, not measured.keeps_routing,
+                            f"{name} (as {measured.example}) {verdict} routing: measured {pct} of per-token expert "
+                            f"sets identical to f32 and {measured.ftri_top}/10 of its fTRI top-10 ({RESULTS_SECTION})")
+    if (rb, eb) == ("float", "float"):
+        return RoutingClass(name, None, False, f"{name}: routing as the original model's")
+    # not measured: the least faithful measured class that is at least as precise on both sides bounds it
+    better = [f for (r, e), f in MEASURED.items() if _rank(r) >= _rank(rb) and _rank(e) >= _rank(eb)]
+    bound = min(better, key=lambda f: f.set_identical) if better else None
+    hint = (f"; {bound.example}, more precise, already kept only {100 * bound.set_identical:.1f}% of per-token "
+            "expert sets identical to f32" if bound is not None and not bound.keeps_routing else "")
+    return RoutingClass(name, None, True, f"{name}: how far this moves routing is not measured{hint} "
+                                          f"({RESULTS_SECTION})")
+
+
+def _rank(bucket: str) -> int:
+    """Higher is more precise."""
+    order = [b for b, _ in _BUCKETS] + ["low"]
+    return len(order) - order.index(bucket)
+
+
+def _label(bucket: str) -> str:
+    return {"float": "F16/BF16/F32", "q8": "Q8_0", "q6": "Q6_K", "q5": "Q5", "q4": "Q4",
+            "low": "below-Q4"}[bucket]
