@@ -3,6 +3,7 @@
 #include "mote-graph.h"
 #include "mote-state.h"
 
+#include "ggml-backend.h"
 #include "llama-context.h"
 #include "llama-model.h"
 
@@ -11,6 +12,7 @@
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -51,6 +53,13 @@ context_state & state_for_write(const llama_context * lctx) {
         slot->n_seq_max     = (int32_t) lctx->n_seq_max();
         slot->model_selection_bias.resize(hp.n_layer_all);
         slot->routers.assign(hp.n_layer_all, mote_layer_router{});
+        slot->layer_rpc_device.assign(hp.n_layer_all, nullptr);
+        for (int32_t il = 0; il < (int32_t) hp.n_layer(); ++il) {
+            ggml_backend_dev_t dev = lctx->get_model().dev_layer(il);
+            if (dev != nullptr && strcmp(ggml_backend_reg_name(ggml_backend_dev_backend_reg(dev)), "RPC") == 0) {
+                slot->layer_rpc_device[il] = dev;
+            }
+        }
     }
     return *slot;
 }

@@ -35,11 +35,24 @@ public:
         ggml_tensor * model_selection; // for `selection`: the model's exp_probs_b it replaces
     };
 
+    // A layer's tap: rows [offset, offset + t->ne[1]) of chain `chain`'s tail, the graph output read.
+    struct tap {
+        ggml_tensor * t      = nullptr;
+        int32_t       chain  = -1;
+        int64_t       offset = 0;
+    };
+    enum tap_kind { ids_tap, weights_tap, probs_tap, norms_tap, n_tap_kinds };
     struct layer_taps {
-        ggml_tensor * ids     = nullptr; // I32 [n_expert_used, rows]
-        ggml_tensor * weights = nullptr; // F32 [n_expert_used, rows]
-        ggml_tensor * probs   = nullptr; // F32 [n_expert, rows]
-        ggml_tensor * norms   = nullptr; // F32 [n_expert_used, rows]: L2 norm of each selected expert's output
+        tap ids;     // I32 [n_expert_used, rows]
+        tap weights; // F32 [n_expert_used, rows]
+        tap probs;   // F32 [n_expert, rows]
+        tap norms;   // F32 [n_expert_used, rows]: L2 norm of each selected expert's output
+    };
+    // Taps of one kind concatenated along their rows: those of consecutive layers on one rpc-server,
+    // whose get_tensor is a blocking round trip per tensor (elsewhere a chain holds one layer's tap).
+    struct tap_chain {
+        ggml_tensor * tail;
+        const void *  device; // the layers' RPC device, nullptr for a single local tap
     };
 
     steer_input(context_state * st, int32_t n_layer) : st(st), taps(n_layer) {}
@@ -61,6 +74,8 @@ public:
     std::vector<table>      tables; // table index -> what it holds
     std::vector<float>      host;
     std::vector<layer_taps> taps;
+    std::vector<tap_chain>  chains;
+    int32_t                 open_chain[n_tap_kinds] = { -1, -1, -1, -1 }; // the chain a kind's next tap may join
     // I32: each token's steering slot, for all tokens of the ubatch and for its output tokens (the
     // last layer routes only those)
     ggml_tensor * slot_all = nullptr;
@@ -248,11 +263,31 @@ mote_layer_router * first_call(const llm_graph_context & g, int il) {
     return &st->routers[il];
 }
 
-void set_tap(const llm_graph_context & g, ggml_tensor *& slot, ggml_tensor * src, const char * name, int il) {
-    slot = ggml_cont(g.ctx0, src);
-    ggml_format_name(slot, "%s-%d", name, il);
-    ggml_set_output(slot);
-    ggml_build_forward_expand(g.gf, slot);
+void set_tap(const llm_graph_context & g, steer_input::tap & slot, steer_input::tap_kind kind, ggml_tensor * src,
+             const char * name, int il) {
+    steer_input & in = input_of(g);
+    // [width, rows]: a token per row (weights come as [1, n_expert_used, rows]), as chains join rows
+    const int64_t width = src->ne[0] * (ggml_n_dims(src) > 2 ? src->ne[1] : 1);
+    slot.t = ggml_cont_2d(g.ctx0, src, width, ggml_nelements(src) / width);
+    ggml_format_name(slot.t, "%s-%d", name, il);
+    const void * device = g.mote->layer_rpc_device[il];
+    const int32_t open = in.open_chain[kind];
+    if (device != nullptr && open >= 0 && in.chains[open].device == device &&
+        in.chains[open].tail->ne[0] == slot.t->ne[0]) {
+        steer_input::tap_chain & chain = in.chains[open];
+        slot.chain  = open;
+        slot.offset = chain.tail->ne[1];
+        chain.tail->flags &= ~GGML_TENSOR_FLAG_OUTPUT; // only the chain's last tensor is read
+        chain.tail = ggml_concat(g.ctx0, chain.tail, slot.t, 1);
+        ggml_format_name(chain.tail, "%s-chain-%d", name, il);
+    } else {
+        slot.chain  = (int32_t) in.chains.size();
+        slot.offset = 0;
+        in.chains.push_back({ slot.t, device });
+        in.open_chain[kind] = device != nullptr ? slot.chain : -1;
+    }
+    ggml_set_output(in.chains[slot.chain].tail);
+    ggml_build_forward_expand(g.gf, in.chains[slot.chain].tail);
 }
 
 } // namespace
@@ -391,14 +426,14 @@ ggml_tensor * finish_weights(const llm_graph_context & g, ggml_tensor * weights,
         // them; the taps follow
         ggml_build_forward_expand(g.gf, weights);
         auto & taps = input_of(g).taps[il];
-        set_tap(g, taps.ids, selected, "mote_tap_ids", il);
-        set_tap(g, taps.weights, weights, "mote_tap_weights", il);
+        set_tap(g, taps.ids, steer_input::ids_tap, selected, "mote_tap_ids", il);
+        set_tap(g, taps.weights, steer_input::weights_tap, weights, "mote_tap_weights", il);
         if (st->capture.flags & MOTE_CAPTURE_PROBS) {
             ggml_tensor * p = ggml_reshape_2d(g.ctx0, probs, probs->ne[1], probs->ne[2]);
             if (gating == LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX_WEIGHT) {
                 p = ggml_soft_max(g.ctx0, p); // probs are raw logits for this gating
             }
-            set_tap(g, taps.probs, p, "mote_tap_probs", il);
+            set_tap(g, taps.probs, steer_input::probs_tap, p, "mote_tap_probs", il);
         }
     }
     return weights;
@@ -411,28 +446,38 @@ void tap_expert_outputs(const llm_graph_context & g, ggml_tensor * experts, int 
         return;
     }
     auto & taps = input_of(g).taps[il];
-    if (taps.ids == nullptr) {
+    if (taps.ids.t == nullptr) {
         return; // no routing tap in this layer: norms could not be attributed
     }
     // [n_embd, n_expert_used, n_tokens] -> [n_expert_used, n_tokens]
     ggml_tensor * sq    = ggml_sqr(g.ctx0, ggml_cont(g.ctx0, experts));
     ggml_tensor * norms = ggml_sqrt(g.ctx0, ggml_sum_rows(g.ctx0, sq));
-    set_tap(g, taps.norms, ggml_reshape_2d(g.ctx0, norms, experts->ne[1], experts->ne[2]), "mote_tap_norms", il);
+    set_tap(g, taps.norms, steer_input::norms_tap, ggml_reshape_2d(g.ctx0, norms, experts->ne[1], experts->ne[2]),
+            "mote_tap_norms", il);
 }
 
 namespace {
 
-// Queues the copy of a tap into host memory on the backend that computed it; the caller
-// synchronises once for all taps (a synchronised copy per tap would stall a GPU decode step once
+// Queues the copy of a chain's tail into host memory on the backend that computed it; the caller
+// synchronises once for all chains (a synchronised copy per tap would stall a GPU decode step once
 // per layer).
-template <typename T> std::vector<T> queue_read(ggml_backend_sched_t sched, ggml_tensor * t) {
-    std::vector<T> out(ggml_nelements(t));
+std::vector<uint8_t> queue_read(ggml_backend_sched_t sched, ggml_tensor * t) {
+    std::vector<uint8_t> out(ggml_nbytes(t));
     ggml_backend_t backend = ggml_backend_sched_get_tensor_backend(sched, t);
     if (backend != nullptr) {
-        ggml_backend_tensor_get_async(backend, t, out.data(), 0, ggml_nbytes(t));
+        ggml_backend_tensor_get_async(backend, t, out.data(), 0, out.size());
     } else {
-        ggml_backend_tensor_get(t, out.data(), 0, ggml_nbytes(t));
+        ggml_backend_tensor_get(t, out.data(), 0, out.size());
     }
+    return out;
+}
+
+// A layer's tap, copied out of its chain's bytes.
+template <typename T> std::vector<T> tap_values(const std::vector<std::vector<uint8_t>> & chains,
+                                                const steer_input::tap & tap) {
+    std::vector<T> out(ggml_nelements(tap.t));
+    const uint8_t * src = chains[tap.chain].data() + tap.offset * tap.t->nb[1];
+    memcpy(out.data(), src, ggml_nbytes(tap.t));
     return out;
 }
 
@@ -489,26 +534,31 @@ void after_ubatch(const llama_context * lctx, ggml_backend_sched_t sched, const 
         std::vector<float>   probs;
         std::vector<float>   norms;
     };
+    std::vector<std::vector<uint8_t>> chains(in->chains.size());
+    for (size_t c = 0; c < chains.size(); ++c) {
+        chains[c] = queue_read(sched, in->chains[c].tail);
+    }
+    ggml_backend_sched_synchronize(sched);
+
     std::vector<layer_read> reads(st->n_layer);
     for (int32_t il = 0; il < st->n_layer; ++il) {
         const auto & taps = in->taps[il];
-        if (taps.ids == nullptr) {
+        if (taps.ids.t == nullptr) {
             continue;
         }
-        const int64_t rows = taps.ids->ne[1];
+        const int64_t rows = taps.ids.t->ne[1];
         if (rows != (int64_t) ubatch.n_tokens && rows != (int64_t) output_tokens.size()) {
             continue; // rows cannot be attributed to tokens
         }
-        reads[il].ids     = queue_read<int32_t>(sched, taps.ids);
-        reads[il].weights = queue_read<float>(sched, taps.weights);
-        if (taps.probs != nullptr) {
-            reads[il].probs = queue_read<float>(sched, taps.probs);
+        reads[il].ids     = tap_values<int32_t>(chains, taps.ids);
+        reads[il].weights = tap_values<float>(chains, taps.weights);
+        if (taps.probs.t != nullptr) {
+            reads[il].probs = tap_values<float>(chains, taps.probs);
         }
-        if (taps.norms != nullptr && taps.norms->ne[1] == rows) {
-            reads[il].norms = queue_read<float>(sched, taps.norms);
+        if (taps.norms.t != nullptr && taps.norms.t->ne[1] == rows) {
+            reads[il].norms = tap_values<float>(chains, taps.norms);
         }
     }
-    ggml_backend_sched_synchronize(sched);
 
     for (int32_t il = 0; il < st->n_layer; ++il) {
         if (reads[il].ids.empty()) {
@@ -518,8 +568,8 @@ void after_ubatch(const llama_context * lctx, ggml_backend_sched_t sched, const 
         const auto & weights = reads[il].weights;
         const auto & probs   = reads[il].probs;
         const auto & norms   = reads[il].norms;
-        const int64_t n_used = in->taps[il].ids->ne[0];
-        const int64_t rows   = in->taps[il].ids->ne[1];
+        const int64_t n_used = in->taps[il].ids.t->ne[0];
+        const int64_t rows   = in->taps[il].ids.t->ne[1];
         for (int64_t r = 0; r < rows; ++r) {
             const uint32_t i = rows == (int64_t) ubatch.n_tokens ? (uint32_t) r : output_tokens[r];
             const llama_pos pos = ubatch.pos[i];

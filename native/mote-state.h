@@ -85,6 +85,10 @@ struct context_state {
 
     capture_state capture;
 
+    // Layers whose weights an rpc-server holds: their routing taps are concatenated per server (see
+    // mote-graph.cpp), so capture reads each server once per ubatch, not once per layer.
+    std::vector<const void *> layer_rpc_device; // [n_layer] the layer's RPC device, or nullptr
+
     // The model's exp_probs_b per layer, read once from the backend when first folded.
     std::vector<std::vector<float>> model_selection_bias;
 

@@ -6,6 +6,7 @@ timeout: a crash shows as its exit status, a hang as the timeout."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -42,6 +43,10 @@ SERVER = [sys.executable, "-m", "mote_local.cli", "rpc-server", "-t", "1", "--po
 def start_server(port: int) -> subprocess.Popen:
     """`mote rpc-server` on port, once it answers."""
     proc = subprocess.Popen(SERVER + [str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return start_server_wait(proc, port)
+
+
+def start_server_wait(proc: subprocess.Popen, port: int) -> subprocess.Popen:
     deadline = time.monotonic() + 20
     while True:
         try:
@@ -157,6 +162,39 @@ def test_generation_and_two_models_on_the_same_servers(tiny_path, servers):
             with m.session(n_ctx=128) as s:
                 s.steer([Entry(1, 2, Mode.DROP)])
                 assert s.generate(TEXT, max_tokens=12).tokens == expected
+
+
+def test_capture_reads_each_server_once_per_ubatch(tiny_path, tmp_path):
+    """llama.cpp's RPC get_tensor is a blocking round trip: the routing taps of the layers one server holds are
+    read with one request per tap kind (selected experts, weights), not one per layer. Counted from the requests
+    the server logs (GGML_RPC_DEBUG)."""
+    path = tiny_path("qwen3moe")
+    port = free_port()
+    log = tmp_path / "server.log"
+    proc = subprocess.Popen(SERVER + [str(port)], stdout=subprocess.DEVNULL, stderr=log.open("w"),
+                            env={**os.environ, "GGML_RPC_DEBUG": "1"})
+    try:
+        start_server_wait(proc, port)
+        with Model(path, rpc_servers=[f"127.0.0.1:{port}"], n_gpu_layers=99) as m, m.session(n_ctx=64) as s:
+            tokens = m.tokenize(TEXT)
+            s.decode([(0, tokens[:4], 0)], outputs="last")
+
+            def reads_of_one_step(pos: int) -> int:
+                before = log.stat().st_size
+                s.decode([(0, [tokens[pos]], pos)])
+                time.sleep(0.3)  # the server's last lines
+                with log.open() as f:
+                    f.seek(before)
+                    return f.read().count("[get_tensor]")
+
+            idle = reads_of_one_step(4)
+            with s.capture(trace=True) as cap:
+                captured = reads_of_one_step(5)
+            assert len(m.layout.moe_layers) == 4 and len(set(cap.trace().layer)) == 4
+    finally:
+        proc.kill()
+        proc.wait()
+    assert captured - idle == 2, (idle, captured)
 
 
 def test_endpoints_are_checked_before_the_engine(tiny_path):
