@@ -328,6 +328,9 @@ def test_cli_run_over_rpc_equals_the_local_run(tiny_path, servers):
     assert local.exit_code == 0, local.output
     assert remote.exit_code == 0, remote.output
     assert remote.stdout == local.stdout and local.stdout.strip()
+    local = CliRunner().invoke(main, ["inspect", path, "--json"])
+    remote = CliRunner().invoke(main, ["inspect", path, "--json", "--rpc", ",".join(servers)])
+    assert remote.exit_code == 0 and remote.stdout == local.stdout, remote.output
 
 
 def test_cli_refuses_bad_placement_in_one_line(tiny_path):

@@ -5,6 +5,7 @@ Flags follow llama.cpp / llama-cpp-python habits (-m, -p, -n, --temp, --n-gpu-la
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
@@ -58,14 +59,8 @@ def model_argument(f):
     return click.argument("model", type=click.Path(path_type=Path))(f)
 
 
-def engine_options(callback):
-    """-ngl, --rpc and -ts reach the command as one `placement` argument: Model's keyword arguments."""
-    @functools.wraps(callback)
-    def command(*args, n_gpu_layers, rpc_servers, tensor_split, **kwargs):
-        from mote_local.engine.rpc import placement
-        return callback(*args, placement=placement(n_gpu_layers, rpc_servers, tensor_split), **kwargs)
-
-    f = placement_options(command)
+def engine_options(f):
+    f = placement_options(f)
     f = click.option("--ctx-size", "-c", type=click.IntRange(min=0), default=4096, show_default=True,
                      help="Context size (capped at the model's training context; 0: that context).")(f)
     f = threads_option(f)
@@ -73,9 +68,15 @@ def engine_options(callback):
     return f
 
 
-def placement_options(f):
+def placement_options(callback):
+    """-ngl, --rpc and -ts, which reach the command as one `placement` argument: Model's keyword arguments."""
+    @functools.wraps(callback)
+    def command(*args, n_gpu_layers, rpc_servers, tensor_split, **kwargs):
+        from mote_local.engine.rpc import placement
+        return callback(*args, placement=placement(n_gpu_layers, rpc_servers, tensor_split), **kwargs)
+
     f = click.option("--n-gpu-layers", "-ngl", type=click.IntRange(min=0), default=None,
-                     help="Layers to offload to the GPUs and rpc servers (default: 0; every layer with --rpc).")(f)
+                     help="Layers to offload to the GPUs and rpc servers (default: 0; every layer with --rpc).")(command)
     f = click.option("--rpc", "rpc_servers", metavar="HOST:PORT[,…]", default=None,
                      help="Spread the offloaded layers over llama.cpp rpc-servers (start them with `mote rpc-server`).")(f)
     f = click.option("--tensor-split", "-ts", metavar="P,P[,…]", default=None,
@@ -142,13 +143,20 @@ def build_profile(layout: MoeLayout, profiles: Sequence[Path], specs: dict[str, 
 @click.option("--text", type=click.Path(path_type=Path), default=None,
               help="Neutral text for --super-experts (default: the packaged one).")
 @threads_option
-def inspect(model: Path, as_json: bool, super_experts: bool, text: Path | None, threads) -> None:
+@placement_options
+def inspect(model: Path, as_json: bool, super_experts: bool, text: Path | None, threads, placement: dict) -> None:
     """Describe MODEL's experts: architecture, MoE layers, experts, top-k, gating, quantization."""
+    from mote_local.engine.model import Model
+
     layout = read_layout(model)
     if super_experts:
         from mote_local.evaluation.super_experts import find_super_experts
 
-        found = find_super_experts(layout.require_moe().path, text, n_threads=threads)
+        with contextlib.ExitStack() as stack:
+            target = layout.require_moe().path  # a cached result needs no model
+            if placement["rpc_servers"]:
+                target = stack.enter_context(Model(target, n_threads=threads, **placement))
+            found = find_super_experts(target, text, n_threads=threads)
         if as_json:
             click.echo(json.dumps({"super_experts": found.flagged, "median_kl": found.median,
                                    "factor": found.factor, "floor": found.floor}, indent=2))
@@ -168,10 +176,8 @@ def inspect(model: Path, as_json: bool, super_experts: bool, text: Path | None, 
         else:
             click.echo(f"{layout.path.name}: {layout.arch}, {layout.n_layer} layers, dense (no experts)")
         return
-    from mote_local.engine.model import Model
-
     # what the engine's graph does, asked of the engine (GGUF keys can be absent or overridden by the graph)
-    with Model(layout.path, n_threads=threads) as m:
+    with Model(layout.path, n_threads=threads, **placement) as m:
         routers = m.routers
     moe = [i for i, r in enumerate(routers) if r.n_calls]
     first = routers[moe[0]] if moe else None
