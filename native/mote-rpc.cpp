@@ -16,10 +16,15 @@
 #include <string>
 #include <vector>
 
+#include <fcntl.h>
 #include <netdb.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
+
+#ifndef MSG_NOSIGNAL
+#    define MSG_NOSIGNAL 0 // macOS: SO_NOSIGPIPE on the socket instead
+#endif
 
 namespace mote {
 
@@ -107,10 +112,15 @@ int32_t probe(const char * endpoint, int32_t timeout_ms) {
     }
     std::string refused = "no address";
     for (addrinfo * ai = found; ai != nullptr; ai = ai->ai_next) {
-        fd_closer s { socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK, ai->ai_protocol) };
+        fd_closer s { socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol) };
         if (s.fd < 0) {
             continue;
         }
+        fcntl(s.fd, F_SETFL, fcntl(s.fd, F_GETFL, 0) | O_NONBLOCK);
+#ifdef SO_NOSIGPIPE
+        const int on = 1;
+        setsockopt(s.fd, SOL_SOCKET, SO_NOSIGPIPE, &on, sizeof(on));
+#endif
         int err = 0;
         if (connect(s.fd, ai->ai_addr, ai->ai_addrlen) != 0) {
             err = errno == EINPROGRESS ? (wait_for(s.fd, POLLOUT, timeout_ms) ? 0 : ETIMEDOUT) : errno;
