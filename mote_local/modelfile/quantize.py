@@ -87,16 +87,19 @@ class Recipe:
         return self.default
 
 
-def _capture(experts: QT, name: str) -> Recipe:
-    return Recipe(name, f"routed experts {experts.name}, everything else Q8_0, routers unquantized",
-                  ((ROUTED_EXPERTS, experts),), QT.Q8_0)
+def _capture(experts: QT, name: str, note: str = "") -> Recipe:
+    return Recipe(name, f"routed experts {experts.name}, everything else Q8_0{note}", ((ROUTED_EXPERTS, experts),),
+                  QT.Q8_0)
 
 
+# `capture` is the smallest recipe measured to keep routing by issue 15's bar (Fidelity.keeps_routing): routed
+# experts Q6_K (bench/RESULTS.md, "Capture-friendly quantization"); the others trade routing for size.
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
-    _capture(QT.Q4_K, "capture"),
+    _capture(QT.Q6_K, "capture", " (= capture-q6)"),
+    _capture(QT.Q4_K, "capture-q4"),
     _capture(QT.Q5_K, "capture-q5"),
     _capture(QT.Q6_K, "capture-q6"),
-    Recipe("q8_0", "every quantizable tensor Q8_0 (as llama-quantize Q8_0), routers unquantized", (), QT.Q8_0),
+    Recipe("q8_0", "every quantizable tensor Q8_0 (as llama-quantize Q8_0)", (), QT.Q8_0),
 )}
 
 
@@ -152,8 +155,11 @@ def check_paths(src: str | os.PathLike, dst: str | os.PathLike, force: bool = Fa
     return layout.path, dst_p
 
 
-def _check_source_precision(src: Path, steps: list[tuple[str, QT, QT]]) -> None:
-    quantized = [(name, old) for name, old, new in steps if old not in FLOAT_TYPES and old != new]
+def _check_source_precision(src: Path) -> None:
+    """Every tensor the quantizer may change must be F32/F16/BF16: llama.cpp refuses to requantize, and a
+    requantized file would carry the source's routing drift under the recipe's name."""
+    quantized = [(t.name, t.type) for t in read_header(src).tensors
+                 if quantizable(t.name, t.shape) and t.type not in FLOAT_TYPES]
     if quantized:
         name, old = quantized[0]
         raise ModelFileError(f"{src} is already quantized ({name} is {old.name}, {len(quantized)} tensors in all): "
@@ -199,7 +205,7 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe | st
         recipe = RECIPES[recipe]
     src_p, dst_p = check_paths(src, dst, force)
     steps = plan(src_p, recipe)
-    _check_source_precision(src_p, steps)
+    _check_source_precision(src_p)
     _check_space(dst_p, steps, src_p)
 
     from mote_local.binding import llama  # the engine, loaded only to quantize
@@ -275,11 +281,15 @@ class Fidelity:
         return self.set_identical >= 0.85 and self.ftri_top == 10
 
 
-# (non-expert bucket, routed-expert bucket) -> measured fidelity; bench/RESULTS.md, "## Capture-friendly
-# quantization (issue 15)" (the Q8_0 and Q4_K_M rows also in "## fTRI capture vs transformers", "### Fidelity").
+# (non-expert bucket, routed-expert bucket) -> measured fidelity: bench/RESULTS.md, "## Capture-friendly
+# quantization (issue 15)", measured by bench/bench_quant.py on bench_ftri's model (64 experts, top-8).
 MEASURED: dict[tuple[str, str], Fidelity] = {
-    ("q8", "q8"): Fidelity(0.866, 10, "Q8_0"),
-    ("q4", "q4"): Fidelity(0.185, 6, "Q4_K_M"),
+    ("float", "float"): Fidelity(0.951, 10, "BF16; F16 kept 99.2%"),
+    ("q8", "q8"): Fidelity(0.869, 10, "Q8_0"),
+    ("q8", "q6"): Fidelity(0.855, 10, "capture-q6"),
+    ("q8", "q5"): Fidelity(0.816, 10, "capture-q5"),
+    ("q8", "q4"): Fidelity(0.736, 10, "capture-q4"),
+    ("q4", "q4"): Fidelity(0.188, 8, "Q4_K_M"),
 }
 RESULTS_SECTION = "bench/RESULTS.md, \"Capture-friendly quantization\""
 
@@ -310,6 +320,8 @@ def routing_class(tensor_types: tuple[tuple[str, str], ...]) -> RoutingClass:
         if not quantizable(name, (0, 0)) or re.search(GROUPS["output"], name):
             continue
         (experts if re.search(ROUTED_EXPERTS, name) else rest).append(tname)
+    if all(t == QT.F32.name for t in experts + rest):
+        return RoutingClass("F32", None, False, "F32 weights: the reference routing")
     rb, eb = _bucket(rest), _bucket(experts)
     name = f"{_label(rb)} non-expert weights, {_label(eb)} routed experts"
     # full-precision non-expert weights route at least as well as the Q8_0 ones measured
@@ -321,8 +333,6 @@ def routing_class(tensor_types: tuple[tuple[str, str], ...]) -> RoutingClass:
         return RoutingClass(name, measured, not measured.keeps_routing,
                             f"{name} (as {measured.example}) {verdict} routing: measured {pct} of per-token expert "
                             f"sets identical to f32 and {measured.ftri_top}/10 of its fTRI top-10 ({RESULTS_SECTION})")
-    if (rb, eb) == ("float", "float"):
-        return RoutingClass(name, None, False, f"{name}: routing as the original model's")
     # not measured: the least faithful measured class that is at least as precise on both sides bounds it
     better = [f for (r, e), f in MEASURED.items() if _rank(r) >= _rank(rb) and _rank(e) >= _rank(eb)]
     bound = min(better, key=lambda f: f.set_identical) if better else None
