@@ -284,7 +284,7 @@ class Fidelity:
 # (non-expert bucket, routed-expert bucket) -> measured fidelity: bench/RESULTS.md, "## Capture-friendly
 # quantization (issue 15)", measured by bench/bench_quant.py on bench_ftri's model (64 experts, top-8).
 MEASURED: dict[tuple[str, str], Fidelity] = {
-    ("float", "float"): Fidelity(0.951, 10, "BF16; F16 kept 99.2%"),
+    ("float", "float"): Fidelity(0.951, 10, "BF16 (F16: 99.2%)"),
     ("q8", "q8"): Fidelity(0.869, 10, "Q8_0"),
     ("q8", "q6"): Fidelity(0.855, 10, "capture-q6"),
     ("q8", "q5"): Fidelity(0.816, 10, "capture-q5"),
@@ -328,17 +328,17 @@ def routing_class(tensor_types: tuple[tuple[str, str], ...]) -> RoutingClass:
     key = (rb, eb) if (rb, eb) in MEASURED or rb != "float" else ("q8", eb)
     measured = MEASURED.get(key)
     if measured is not None:
-        pct = f"{100 * measured.set_identical:.1f}%"
         verdict = "keeps" if measured.keeps_routing else "moves"
         return RoutingClass(name, measured, not measured.keeps_routing,
-                            f"{name} (as {measured.example}) {verdict} routing: measured {pct} of per-token expert "
-                            f"sets identical to f32 and {measured.ftri_top}/10 of its fTRI top-10 ({RESULTS_SECTION})")
+                            f"this quantization ({name}) {verdict} routing: {measured.example} kept "
+                            f"{100 * measured.set_identical:.1f}% of per-token expert sets identical to f32 and "
+                            f"{measured.ftri_top}/10 of its fTRI top-10 ({RESULTS_SECTION})")
     # not measured: the least faithful measured class that is at least as precise on both sides bounds it
     better = [f for (r, e), f in MEASURED.items() if _rank(r) >= _rank(rb) and _rank(e) >= _rank(eb)]
     bound = min(better, key=lambda f: f.set_identical) if better else None
     hint = (f"; {bound.example}, more precise, already kept only {100 * bound.set_identical:.1f}% of per-token "
             "expert sets identical to f32" if bound is not None and not bound.keeps_routing else "")
-    return RoutingClass(name, None, True, f"{name}: how far this moves routing is not measured{hint} "
+    return RoutingClass(name, None, True, f"this quantization ({name}) may move routing: not measured{hint} "
                                           f"({RESULTS_SECTION})")
 
 
