@@ -51,7 +51,7 @@ if str(ROOT) not in sys.path:
 
 import hf_qwen3moe as hfq  # noqa: E402  (no torch at import time)
 
-QTYPES = ("f32", "q8_0", "q4_k_m")
+QTYPES = ("f32", "bf16", "q8_0", "q4_k_m")
 SECTION = "## fTRI capture vs transformers"
 
 
@@ -96,6 +96,9 @@ def worker_build(cfg: dict) -> dict:
     t0 = time.perf_counter()
     hfq.convert_to_gguf(work / "hf-f32", work / "model-f32.gguf")
     t["convert_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    hfq.convert_to_gguf(work / "hf-f32", work / "model-bf16.gguf", "bf16")  # routers stay F32 (the converter's rule)
+    t["convert_bf16_s"] = time.perf_counter() - t0
     for q in ("q8_0", "q4_k_m"):
         t0 = time.perf_counter()
         hfq.quantize(work / "model-f32.gguf", work / f"model-{q}.gguf", q)
@@ -125,9 +128,20 @@ def _hf_model(cfg: dict):
 
     torch.set_num_threads(cfg["threads"])
     dtype = {"bf16": torch.bfloat16, "f32": torch.float32}[cfg["dtype"]]
+    kw = {"experts_implementation": cfg["experts"]} if cfg.get("experts") else {}  # transformers 5.x only
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(cfg["hf_dir"], dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(cfg["hf_dir"], dtype=dtype, **kw).eval()
     return model, time.perf_counter() - t0
+
+
+def _hf_info(model) -> dict:
+    import torch
+    import transformers
+
+    return {"transformers": transformers.__version__, "torch": torch.__version__,
+            # 4.x has no switch: its sparse block loops over the experts a batch hits
+            "experts_implementation": getattr(model.config, "_experts_implementation", None) or "eager (4.x loop)",
+            "attn_implementation": model.config._attn_implementation}
 
 
 def worker_hf_prompt(cfg: dict) -> dict:
@@ -159,21 +173,23 @@ def worker_hf_prompt(cfg: dict) -> dict:
             counts[:, l, :] = torch.bincount(flat, minlength=len(batch) * n_expert).view(len(batch), n_expert)
         return counts, torch.stack(per_layer, dim=1)                              # [tokens, layer, k]
 
-    run(ids[:bs])  # warm-up
+    run(ids[:min(bs, 16 if "budget_s" in cfg else 32)])  # warm-up
     t0 = time.perf_counter()
     counts, trace = [], []
+    n_tok = 0
     for start in range(0, len(ids), bs):
         c, tr = run(ids[start:start + bs])
         counts.append(c)
         trace.append(tr)
+        n_tok += sum(len(s) for s in ids[start:start + bs])
+        if time.perf_counter() - t0 > cfg.get("budget_s", float("inf")):
+            break  # screening: throughput over the whole batches that fit the time budget
     wall = time.perf_counter() - t0
-    n_tok = sum(len(s) for s in ids)
     np.savez_compressed(cfg["out_npz"], counts=torch.cat(counts).numpy(),
                         trace=torch.cat(trace).numpy().astype(np.int16))
     hooks.remove()
     return {"tok_s": n_tok / wall, "wall_s": wall, "tokens": n_tok, "load_s": load_s, "rss_mb": peak_rss_mb(),
-            "experts_implementation": model.config._experts_implementation,
-            "attn_implementation": model.config._attn_implementation}
+            **_hf_info(model)}
 
 
 def worker_hf_generate(cfg: dict) -> dict:
@@ -214,12 +230,14 @@ def worker_hf_generate(cfg: dict) -> dict:
         c, g = run(ids[start:start + bs])
         counts.append(c)
         gens += g.tolist()
+        if time.perf_counter() - t0 > cfg.get("budget_s", float("inf")):
+            break
     wall = time.perf_counter() - t0
     n_gen = sum(len(g) for g in gens)
     np.savez_compressed(cfg["out_npz"], counts=torch.cat(counts).numpy())
     hooks.remove()
     return {"tok_s": n_gen / wall, "wall_s": wall, "tokens": n_gen, "load_s": load_s, "rss_mb": peak_rss_mb(),
-            "gens": gens}
+            "gens": gens, **_hf_info(model)}
 
 
 # --- mote-local --------------------------------------------------------------------------------------
@@ -251,7 +269,8 @@ def worker_mote_ftri(cfg: dict) -> dict:
         beh, base = beh[:n // 2], base[:n // 2]
     model, load_s = _mote_model(cfg)
     scope, bs = cfg["scope"], cfg["batch_size"]
-    kw = dict(scope=scope, chat=False, batch_size=bs, max_new_tokens=cfg.get("new_tokens", 32), show_progress=False)
+    kw = dict(scope=scope, chat=False, batch_size=bs, max_new_tokens=cfg.get("new_tokens", 32), show_progress=False,
+              n_threads=cfg.get("n_threads"))
     capture_activations(model, beh[:max(1, bs // 2)], base[:max(1, bs // 2)], **kw)  # warm-up
     t0 = time.perf_counter()
     run = capture_activations(model, beh, base, **kw)
@@ -358,7 +377,8 @@ class Runner:
         self.workdir, self.log, self.verbose = workdir, log, verbose
         self.n = 0
 
-    def __call__(self, kind: str, **cfg) -> dict:
+    def __call__(self, kind: str, python: str | None = None, **cfg) -> dict:
+        """Runs one worker in a fresh process (``python``: another interpreter, e.g. a venv with transformers 5)."""
         self.n += 1
         out_json = self.workdir / f"w{self.n:03d}-{kind}.json"
         cfg = {"kind": kind, "out_json": str(out_json), **cfg}
@@ -367,7 +387,7 @@ class Runner:
         with open(self.log, "a") as logf:
             logf.write(f"\n===== {kind} {json.dumps(cfg)}\n")
             logf.flush()
-            r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(cfg)],
+            r = subprocess.run([python or sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(cfg)],
                                cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT)
         if r.returncode != 0:
             raise RuntimeError(f"worker {kind} failed (exit {r.returncode}); see {self.log}")
@@ -382,8 +402,8 @@ class Runner:
 
 
 def _describe(cfg: dict) -> str:
-    keys = ("dtype", "gguf", "batch", "batch_size", "n_ubatch", "kv_unified", "flash_attn", "scope", "trace",
-            "model_params", "n_prompts")
+    keys = ("dtype", "experts", "gguf", "batch", "batch_size", "n_ubatch", "n_threads", "kv_unified", "flash_attn",
+            "scope", "trace", "model_params", "n_prompts", "budget_s")
     parts = []
     for k in keys:
         if k in cfg:
@@ -436,8 +456,16 @@ def main() -> None:
                     help="prompts whose per-token top-k sets are compared (the first ones)")
     ap.add_argument("--gen-prompts", type=int, default=32, help="prompts for the generated scope")
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--hf-batch", type=int, default=16)
+    ap.add_argument("--hf-batches", type=int, nargs="+", default=[16, 64, 128],
+                    help="transformers batch sizes screened")
     ap.add_argument("--hf-gen-batch", type=int, default=16)
+    ap.add_argument("--tf5-python", default=str(Path.home() / ".cache" / "mote-local" / "venvs" / "tf5" / "bin" / "python"),
+                    help="an interpreter with transformers 5.x and torch (bench-only venv); skipped when absent")
+    ap.add_argument("--screen-s", type=float, default=20.0,
+                    help="time budget of each transformers configuration's screening run (whole batches)")
+    ap.add_argument("--keep", type=float, default=3.0,
+                    help="families screened within this factor of the best go on to the interleaved rounds")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians and min-max over them)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--top", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="small model and prompt set: checks the pipeline")
@@ -459,6 +487,7 @@ def main() -> None:
                           head_dim=64, vocab=2048)
         args.prompts, args.trace_prompts = min(args.prompts, 32), min(args.trace_prompts, 16)
         args.gen_prompts, args.new_tokens = min(args.gen_prompts, 8), min(args.new_tokens, 8)
+        args.hf_batches, args.rounds, args.screen_s = [8, 32], min(args.rounds, 2), min(args.screen_s, 2.0)
     workdir = args.workdir or Path.home() / ".cache" / "mote-local" / "bench-ftri" / spec.key()
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / "bench.log"
@@ -494,159 +523,227 @@ def main() -> None:
     q4 = str(ggufs["q4_k_m"])
     R: dict[str, dict] = {}
 
-    # 3. prompt scope. transformers: batched forward with router hooks
-    for dtype in ("bf16", "f32"):
-        R[f"hf_{dtype}"] = run("hf_prompt", hf_dir=str(workdir / f"hf-{dtype}"), dtype=dtype, batch=args.hf_batch,
-                               out_npz=npz(f"hf_{dtype}"), **common)
-    # mote-local, the product path: capture_activations as `mote ftri` runs it, and the levers beside it
-    cap = capture_options()
-    product = [("f32", 32, cap), ("q8_0", 32, cap), ("q4_k_m", 32, cap), ("q4_k_m", 8, cap), ("q4_k_m", 32, {})]
-    for q, bs, mp in product:
-        key = f"ftri_{q}_b{bs}" + ("" if mp == cap else "_repack")
-        R[key] = {**run("mote_ftri", gguf=str(ggufs[q]), scope="prompt", batch_size=bs, model_params=mp,
-                        out_npz=npz(key), **common), "q": q, "bs": bs, "mp": mp}
-    # a lever the product does not expose, through the public Session/Capture API (Q4_K_M)
-    lever = dict(batch_size=64, n_ubatch=2048, n_batch=2048, kv_unified=True, model_params=cap)
-    R["proto_0"] = {**run("mote_session", gguf=q4, out_npz=npz("proto_0"), **lever, **common), "cfg": lever}
-    R["logits_cost"] = run("mote_logits_cost", gguf=q4, batch_size=32, n_ubatch=512, kv_unified=True,
-                           model_params=cap, n_prompts=min(len(ids), 96), **common)
+    # 3. transformers screening: every configuration once, time-budgeted (whole batches until the budget is spent)
+    grid = hf_grid(args, workdir)
+    S: dict[str, dict] = {}
+    for c in grid:
+        S[c["name"]] = {**run("hf_prompt", **c["run"], budget_s=args.screen_s, out_npz=npz("screen"), **common),
+                        "cfg": c}
+    gen_grid = [c for c in grid if c["run"]["batch"] == grid[0]["run"]["batch"]]  # generate: one batch size
+    SG: dict[str, dict] = {}
+    for c in gen_grid:
+        SG[c["name"]] = {**run("hf_generate", **{**c["run"], "batch": args.hf_gen_batch}, budget_s=0,
+                               n_prompts=args.gen_prompts, new_tokens=args.new_tokens, out_npz=npz("screen"),
+                               **common), "cfg": c}
+    contenders = pick_contenders(S, args.keep)
+    gen_best = max(SG, key=lambda k: SG[k]["tok_s"])
+    print(f"contenders: {contenders}; generate: {gen_best}", flush=True)
 
-    # 4. fidelity traces on the first prompts: llama.cpp with flash attention off, every quantization
+    # 4. interleaved rounds: the transformers contenders and mote-local's configurations, shuffled in every round
+    cap = capture_options()
+    mote = {
+        "ftri_q8_0": dict(kind="mote_ftri", gguf=str(ggufs["q8_0"]), scope="prompt", batch_size=32, model_params=cap),
+        "ftri_bf16": dict(kind="mote_ftri", gguf=str(ggufs["bf16"]), scope="prompt", batch_size=32, model_params=cap),
+        "ftri_q4_k_m": dict(kind="mote_ftri", gguf=q4, scope="prompt", batch_size=32, model_params=cap),
+        # levers, each against the product configuration of its type in the same round
+        "ftri_q4_k_m_repack": dict(kind="mote_ftri", gguf=q4, scope="prompt", batch_size=32, model_params={}),
+        "ftri_q8_0_t1": dict(kind="mote_ftri", gguf=str(ggufs["q8_0"]), scope="prompt", batch_size=32,
+                             model_params=cap, n_threads=1),
+        "proto_q8_0_ub2048": dict(kind="mote_session", gguf=str(ggufs["q8_0"]), batch_size=64, n_ubatch=2048,
+                                  n_batch=2048, kv_unified=True, model_params=cap),
+    }
+    gen = dict(n_prompts=args.gen_prompts, new_tokens=args.new_tokens)
+    gen_cfgs = {
+        "gen_hf": dict(kind="hf_generate", **{**SG[gen_best]["cfg"]["run"], "batch": args.hf_gen_batch}, **gen),
+        "gen_q8_0": dict(kind="mote_ftri", gguf=str(ggufs["q8_0"]), scope="generated", batch_size=args.gen_prompts,
+                         model_params=cap, **gen),
+        "gen_q4_k_m": dict(kind="mote_ftri", gguf=q4, scope="generated", batch_size=args.gen_prompts,
+                           model_params=cap, **gen),
+    }
+    plan = {**{f"hf:{n}": dict(kind="hf_prompt", **S[n]["cfg"]["run"]) for n in contenders}, **mote, **gen_cfgs}
+    rounds: list[dict[str, dict]] = []
+    rng = random.Random(0)
+    for i in range(args.rounds):
+        order = list(plan)
+        rng.shuffle(order)
+        rr = {}
+        for key in order:
+            c = dict(plan[key])
+            rr[key] = run(c.pop("kind"), out_npz=npz(f"r{i}_{key.replace(':', '_')}"), **c, **common)
+        rounds.append(rr)
+    # f32 once (its counts feed the fidelity comparison; its speed is not a target)
+    R: dict[str, dict] = {"ftri_f32": run("mote_ftri", gguf=str(ggufs["f32"]), scope="prompt", batch_size=32,
+                                          model_params=cap, out_npz=npz("ftri_f32"), **common)}
+
+    # 5. fidelity traces: transformers at the fastest configuration of each dtype; llama.cpp with flash attention off
+    for d in ("bf16", "f32"):
+        name = max((n for n in S if S[n]["cfg"]["run"]["dtype"] == d), key=lambda n: S[n]["tok_s"])
+        R[f"hf_{d}"] = {**run("hf_prompt", **S[name]["cfg"]["run"], out_npz=npz(f"hf_{d}"), **common), "name": name}
     for q in QTYPES:
         R[f"trace_{q}"] = run("mote_session", gguf=str(ggufs[q]), batch_size=32, n_ubatch=512, kv_unified=True,
                               flash_attn="off", trace=True, n_prompts=args.trace_prompts, out_npz=npz(f"trace_{q}"),
                               **common)
-    # ... and f32 with an f32 KV cache (llama.cpp keeps K and V in f16 by default, transformers f32 does not)
     R["trace_f32_kvf32"] = run("mote_session", gguf=str(ggufs["f32"]), batch_size=32, n_ubatch=512, kv_unified=True,
                                flash_attn="off", trace=True, n_prompts=args.trace_prompts,
                                ctx_params={"type_k": 0, "type_v": 0}, out_npz=npz("trace_f32_kvf32"), **common)
 
-    # 5. generated scope
-    gen = dict(n_prompts=args.gen_prompts, new_tokens=args.new_tokens)
-    R["hf_gen"] = run("hf_generate", hf_dir=str(workdir / "hf-bf16"), dtype="bf16", batch=args.hf_gen_batch,
-                      out_npz=npz("hf_gen"), **gen, **common)
-    for bs in sorted({args.gen_prompts, 8}, reverse=True):
-        R[f"gen_b{bs}"] = {**run("mote_ftri", gguf=q4, scope="generated", batch_size=bs, model_params=cap,
-                                 out_npz=npz(f"gen_b{bs}"), **gen, **common), "bs": bs}
-
     total_s = time.perf_counter() - t_start
-    report = analyse_results(args, argv, spec, build, sizes, ids, is_behavior, R, workdir, total_s)
+    report = analyse_results(args, argv, spec, build, sizes, ids, is_behavior, S, SG, contenders, gen_best, rounds, R,
+                             workdir, total_s)
     print("\n" + report)
     if args.results:
         append_section(args.results, report)
         print(f"\nwritten to {args.results}")
 
 
-def _mp_desc(mp: dict) -> str:
-    return "" if mp else ", weights repacked (plain `Model()` options)"
+def hf_grid(args, workdir: Path) -> list[dict]:
+    """Every transformers configuration measured: 4.x (this interpreter) and 5.x (--tf5-python), each experts
+    implementation 5.x offers on a CPU, bf16 and f32, every batch size."""
+    grid = []
+    versions = [("4.57", sys.executable, [None])]
+    if args.tf5_python and Path(args.tf5_python).exists():
+        versions.append(("5.x", args.tf5_python, ["eager", "grouped_mm", "batched_mm"]))
+    for ver, python, experts in versions:
+        for ex in experts:
+            for dtype in ("bf16", "f32"):
+                # batched_mm gathers a copy of its expert's weights for every (token, expert) pair: 3 MiB per pair
+                # in bf16 here, 27 GiB for a batch of 16 prompts; it runs one prompt per forward
+                for bs in ([1] if ex == "batched_mm" else args.hf_batches):
+                    grid.append({"name": f"{ver} {ex or 'eager loop'} {dtype} b{bs}", "version": ver,
+                                 "run": dict(python=python, hf_dir=str(workdir / f"hf-{dtype}"), dtype=dtype,
+                                             batch=bs, experts=ex)})
+    return grid
 
 
-def analyse_results(args, argv, spec, build, sizes, ids, is_behavior, R, workdir: Path, total_s: float) -> str:
+def pick_contenders(S: dict[str, dict], keep: float) -> list[str]:
+    """The best-screened configuration of each (version, experts implementation) family whose screened throughput is
+    within a factor ``keep`` of the best: the others cannot be the fastest through the noise of these machines."""
+    best = max(r["tok_s"] for r in S.values())
+    fam: dict[tuple, str] = {}
+    for name, r in S.items():
+        key = (r["cfg"]["version"], r["cfg"]["run"]["experts"])
+        if key not in fam or r["tok_s"] > S[fam[key]]["tok_s"]:
+            fam[key] = name
+    return [n for n in fam.values() if S[n]["tok_s"] * keep >= best]
+
+
+def _spread(values: list[float], fmt: str = "{:.0f}") -> str:
+    return fmt.format(float(np.median(values))) + " (" + fmt.format(min(values)) + "–" + fmt.format(max(values)) + ")"
+
+
+def analyse_results(args, argv, spec, build, sizes, ids, is_behavior, S, SG, contenders, gen_best, rounds, R,
+                    workdir: Path, total_s: float) -> str:
     load = lambda name, key="counts": np.load(workdir / f"{name}.npz")[key]  # noqa: E731
-    hf_bf16 = R["hf_bf16"]
-    base_tps, base_rss = hf_bf16["tok_s"], hf_bf16["rss_mb"]
     k = spec.n_expert_used
     verdict = lambda ok: "**met**" if ok else "**missed**"  # noqa: E731
-    loads = [l for r in R.values() if isinstance(r, dict) and "load_avg" in r for l in r["load_avg"]]
+    tps = {key: [rr[key]["tok_s"] for rr in rounds] for key in rounds[0]}
+    rss = {key: float(np.median([rr[key]["rss_mb"] for rr in rounds])) for key in rounds[0]}
+    hf_keys = [f"hf:{n}" for n in contenders]
+    best = max(hf_keys, key=lambda key: np.median(tps[key]))
+    ratio = {key: [rr[key]["tok_s"] / rr[best]["tok_s"] for rr in rounds] for key in rounds[0]}
+    vs = lambda a, b: [rr[a]["tok_s"] / rr[b]["tok_s"] for rr in rounds]  # noqa: E731
+    loads = [l for rr in [*rounds, S, SG, R] for r in rr.values() if isinstance(r, dict) and "load_avg" in r
+             for l in r["load_avg"]]
     lines = []
     w = lines.append
     w(SECTION)
     w("")
-    w(f"Command: `python bench/bench_ftri.py{(' ' + argv) if argv else ''}` from the repository root "
+    w(f"Command: `nice -n 5 python bench/bench_ftri.py{(' ' + argv) if argv else ''}` from the repository root "
       f"({time.strftime('%Y-%m-%d')}); whole run {total_s / 60:.1f} min"
       + (" (model build reused from the cache)." if build.get("reused") else " including the model build."))
-    w(f"Machine: {_cpu_name()}, {os.cpu_count()} cores, {_mem_gib():.0f} GiB RAM, 1-min load average "
-      f"{min(loads):.1f}–{max(loads):.1f} around the workers (2.0 = both cores busy, which a worker alone does; "
-      f"more means other jobs), so absolute figures carry run-to-run noise. threads={args.threads} on both sides. Python {platform.python_version()}, torch "
-      f"{_version('torch')}, transformers {_version('transformers')}, llama.cpp of llama-cpp-python 0.3.36 "
-      f"(mote_local_engine). Every configuration ran in its own process after a warm-up batch; throughput "
-      f"counts the timed pass only (model load excluded); memory is that process's peak RSS (getrusage).")
+    w(f"Machine: {_cpu_name()}, {os.cpu_count()} cores, {_mem_gib():.0f} GiB RAM, shared: 1-min load average "
+      f"{min(loads):.1f}–{max(loads):.1f} around the workers (median {np.median(loads):.1f}; 2.0 = both cores busy, "
+      f"which a worker alone does, more means other jobs ran beside it), so absolute figures are low and noisy; "
+      f"compare within a round. threads={args.threads} unless said. Python {platform.python_version()}, torch "
+      f"{_version('torch')}, transformers {_version('transformers')} (this interpreter) and "
+      f"{_tf5_version(args)} (`--tf5-python`), llama.cpp of llama-cpp-python 0.3.36 (mote_local_engine).")
     w("")
     w(f"Model: random `Qwen3MoeForCausalLM`, hidden {spec.hidden}, {spec.n_layer} layers, {spec.n_expert} experts, "
       f"top-{k}, expert FFN {spec.moe_ff}, {spec.n_head}/{spec.n_head_kv} heads × {spec.head_dim}, vocab "
       f"{build['vocab']} ({build['vocab_used']} ids used by a byte-level BPE trained on a word corpus), "
-      f"{build['n_params'] / 1e6:.0f} M params; router rows drawn N(0, ({spec.router_logit_std}/√hidden)²), so "
-      f"router logits have std ≈ {spec.router_logit_std} (clear margins). `save_pretrained` (f32 and bf16) → "
-      f"pinned `convert_hf_to_gguf.py` (f32) → `llama_model_quantize` (Q8_0, Q4_K_M); GGUF {sizes['f32']:.0f} / "
-      f"{sizes['q8_0']:.0f} / {sizes['q4_k_m']:.0f} MiB. Build: transformers {build['hf_build_s']:.0f} s, convert "
-      f"{build['convert_s']:.0f} s, quantize {build['quantize_q8_0_s']:.0f} s (Q8_0) + "
-      f"{build['quantize_q4_k_m_s']:.0f} s (Q4_K_M).")
+      f"{build['n_params'] / 1e6:.0f} M params; router logits std ≈ {spec.router_logit_std} (clear margins). "
+      f"`save_pretrained` (f32 and bf16) → pinned `convert_hf_to_gguf.py` (f32; BF16 with `--outtype bf16`, routers "
+      f"stay F32) → `llama_model_quantize` (Q8_0, Q4_K_M); GGUF {sizes['f32']:.0f} / {sizes['bf16']:.0f} / "
+      f"{sizes['q8_0']:.0f} / {sizes['q4_k_m']:.0f} MiB (f32 / BF16 / Q8_0 / Q4_K_M).")
     lens = [len(s) for s in ids]
     w(f"Prompts: {len(ids)} ({int(is_behavior.sum())} behaviour, {int((~is_behavior).sum())} baseline), "
       f"{sum(lens)} tokens, {min(lens)}–{max(lens)} per prompt (mean {np.mean(lens):.1f}), tokenized once by "
       f"llama.cpp and the same ids fed to transformers (`chat=False`).")
     w("")
-    w("### Prompt scope")
+    w("Method. Every configuration runs in its own process (peak RSS from getrusage is its own) after a warm-up "
+      "batch; throughput counts the timed pass only, model load excluded. (1) Screening: every transformers "
+      f"configuration once, with a forward hook on every `mlp.gate`, timed over whole batches until {args.screen_s:g} s "
+      f"have passed. (2) The best-screened configuration of each family (version × experts implementation) within "
+      f"{args.keep:g}× of the best screened one goes on to (3) {args.rounds} rounds in which the transformers "
+      f"contenders and mote-local's configurations each run once over all prompts, in a new random order every "
+      f"round. Ratios are taken within a round against the fastest transformers configuration (highest median), then "
+      f"the median and min–max over rounds are reported.")
     w("")
-    w("| configuration | prompt tok/s | × HF bf16 | peak RSS MiB | RSS / HF bf16 |")
+    w("### transformers screening (one time-budgeted run each)")
+    w("")
+    w("| configuration | prompt tok/s | peak RSS MiB |")
+    w("|---|---:|---:|")
+    for name, r in sorted(S.items(), key=lambda kv: -kv[1]["tok_s"]):
+        w(f"| {name}{' → rounds' if name in contenders else ''} | {r['tok_s']:.0f} | {r['rss_mb']:.0f} |")
+    w("")
+    w(f"`generate` ({args.gen_prompts} prompts × {args.new_tokens} new tokens, batch {args.hf_gen_batch}, first batch "
+      "only): " + "; ".join(f"{n.rsplit(' b', 1)[0]} {r['tok_s']:.1f} tok/s" for n, r in
+                             sorted(SG.items(), key=lambda kv: -kv[1]["tok_s"])) + ".")
+    w("")
+    w(f"### Prompt scope, {args.rounds} interleaved rounds")
+    w("")
+    w("| configuration | prompt tok/s, median (min–max) | × fastest transformers, median (min–max) | "
+      "peak RSS MiB | RSS / fastest transformers |")
     w("|---|---:|---:|---:|---:|")
-
-    def row(name, r):
-        w(f"| {name} | {r['tok_s']:.0f} | {r['tok_s'] / base_tps:.2f}× | {r['rss_mb']:.0f} | "
-          f"{100 * r['rss_mb'] / base_rss:.0f}% |")
-
-    row(f"transformers bf16, batch {args.hf_batch}, forward hooks on every `mlp.gate` (experts "
-        f"`{hf_bf16.get('experts_implementation')}`, attention `{hf_bf16.get('attn_implementation')}`: the defaults)",
-        hf_bf16)
-    row(f"transformers f32, batch {args.hf_batch}, same hooks", R["hf_f32"])
-    products = {key: r for key, r in R.items() if key.startswith("ftri_")}
-    for key, r in products.items():
-        row(f"mote-local `capture_activations` {r['q'].upper()}, batch_size {r['bs']}{_mp_desc(r['mp'])}"
-            + (" (= `mote ftri`)" if r["bs"] == 32 and r["mp"] else ""), r)
-    proto = R["proto_0"]
-    row(f"prototype Q4_K_M: {_proto_desc(proto['cfg'])}", proto)
+    names = {**{f"hf:{n}": f"transformers {n}, hooks on every `mlp.gate`" for n in contenders},
+             "ftri_q8_0": "mote-local `capture_activations` Q8_0, batch_size 32 (= `mote ftri`)",
+             "ftri_bf16": "mote-local `capture_activations` BF16, batch_size 32 (= `mote ftri`)",
+             "ftri_q4_k_m": "mote-local `capture_activations` Q4_K_M, batch_size 32 (= `mote ftri`)",
+             "ftri_q4_k_m_repack": "… Q4_K_M with llama.cpp's weight repacking (plain `Model()` options)",
+             "ftri_q8_0_t1": "… Q8_0 with 1 thread",
+             "proto_q8_0_ub2048": "prototype Q8_0: 64 sequences per decode, n_ubatch 2048 (Session/Capture API)"}
+    for key, label in names.items():
+        w(f"| {label} | {_spread(tps[key])} | {_spread(ratio[key], '{:.2f}×')} | {rss[key]:.0f} | "
+          f"{100 * rss[key] / rss[best]:.0f}% |")
     w("")
-    q4p = {key: r for key, r in products.items() if r["q"] == "q4_k_m"}
-    ok = lambda r: r["tok_s"] >= base_tps and r["rss_mb"] <= 0.2 * base_rss  # noqa: E731
-    best_key = max(q4p, key=lambda key: (ok(q4p[key]), q4p[key]["tok_s"]))
-    best = q4p[best_key]
-    default = q4p["ftri_q4_k_m_b32"]
-    ratio, mem = best["tok_s"] / base_tps, best["rss_mb"] / base_rss
-    w(f"- **Target ≥ 1.0× transformers-bf16 throughput at ≤ 20% of its peak memory (Q4_K_M).** Best product "
-      f"configuration: `capture_activations(batch_size={best['bs']})`{_mp_desc(best['mp'])} = {ratio:.2f}× at "
-      f"{100 * mem:.0f}% of the memory: throughput {verdict(ratio >= 1.0)} (stretch 1.5×: {verdict(ratio >= 1.5)}), "
-      f"memory {verdict(mem <= 0.20)}. With `mote ftri`'s defaults (batch_size 32, `CAPTURE_MODEL_OPTIONS`): "
-      f"{default['tok_s'] / base_tps:.2f}× at {100 * default['rss_mb'] / base_rss:.0f}%: throughput "
-      f"{verdict(default['tok_s'] >= base_tps)}, memory {verdict(default['rss_mb'] <= 0.2 * base_rss)}.")
-    ratio_of = lambda a, b: R[a]["tok_s"] / R[b]["tok_s"]  # noqa: E731
-    w(f"- Levers, measured in this run (Q4_K_M, against `mote ftri`'s configuration): llama.cpp's weight "
-      f"repacking (plain `Model()` options; its repacked Q4_K kernels are slower for MoE `mul_mat_id` here, and "
-      f"the repacked copy sits beside the mapped file) {ratio_of('ftri_q4_k_m_b32_repack', 'ftri_q4_k_m_b32'):.2f}× "
-      f"at {R['ftri_q4_k_m_b32_repack']['rss_mb']:.0f} instead of {R['ftri_q4_k_m_b32']['rss_mb']:.0f} MiB; "
-      f"batch_size 8 {ratio_of('ftri_q4_k_m_b8', 'ftri_q4_k_m_b32'):.2f}×; prototype with 64 sequences per decode "
-      f"and n_ubatch 2048 {ratio_of('proto_0', 'ftri_q4_k_m_b32'):.2f}×. Threads: 2 = the cores; nothing to gain "
-      f"there.")
-    lc = R["logits_cost"]
-    gain = (f"at most {100 * lc['saving']:.0f}% to gain" if lc["saving"] > 0.02 else
-            "no gain measurable above the noise")
-    w(f"- Routing-only mode (no vocabulary projection): same batches without capture, logits for every token (what "
-      f"capture forces today) {lc['all_tok_s']:.0f} tok/s vs only each sequence's last token {lc['last_tok_s']:.0f} "
-      f"tok/s: {gain} at this vocabulary ({build['vocab']}); the LM head scales with the vocabulary (151,936 in "
-      f"real Qwen3 models, ~{151936 / build['vocab']:.0f}× this one).")
+    med = lambda key: float(np.median(ratio[key]))  # noqa: E731
+    mem = lambda key: rss[key] / rss[best]  # noqa: E731
+    w(f"- Fastest transformers configuration: {best[3:]} ({_spread(tps[best])} tok/s, {rss[best]:.0f} MiB).")
+    w(f"- **Q8_0 ≥ 1.5× the fastest transformers at ≤ 25% of its peak memory**: {med('ftri_q8_0'):.2f}× at "
+      f"{100 * mem('ftri_q8_0'):.0f}%: throughput {verdict(med('ftri_q8_0') >= 1.5)}, memory "
+      f"{verdict(mem('ftri_q8_0') <= 0.25)}. BF16 (the other routing-keeping type, see the fidelity table): "
+      f"{med('ftri_bf16'):.2f}× at {100 * mem('ftri_bf16'):.0f}% ({verdict(med('ftri_bf16') >= 1.5)}, memory "
+      f"{verdict(mem('ftri_bf16') <= 0.25)}).")
+    w(f"- **Q4_K_M ≥ 2×**: {med('ftri_q4_k_m'):.2f}× at {100 * mem('ftri_q4_k_m'):.0f}% "
+      f"{verdict(med('ftri_q4_k_m') >= 2)}.")
+    w(f"- Levers, within a round against the product configuration of the same type, median (min–max): "
+      f"weight repacking at Q4_K_M {_spread(vs('ftri_q4_k_m_repack', 'ftri_q4_k_m'), '{:.2f}×')} at "
+      f"{rss['ftri_q4_k_m_repack']:.0f} instead of {rss['ftri_q4_k_m']:.0f} MiB (Q8_0 and BF16 have no repacked "
+      f"layout on x86 in this llama.cpp: `ggml_repack_get_optimal_repack_type` repacks Q8_0 only on ARM/RISC-V, so "
+      f"`use_extra_bufts` changes nothing for them); 1 thread instead of 2 at Q8_0 "
+      f"{_spread(vs('ftri_q8_0_t1', 'ftri_q8_0'), '{:.2f}×')}; 64 sequences per decode with n_ubatch 2048 at Q8_0 "
+      f"{_spread(vs('proto_q8_0_ub2048', 'ftri_q8_0'), '{:.2f}×')}; BF16 against Q8_0 "
+      f"{_spread(vs('ftri_bf16', 'ftri_q8_0'), '{:.2f}×')}.")
     w("")
-
-    # generated scope
-    hg = R["hf_gen"]
-    w(f"### Generated scope ({args.gen_prompts} prompts × {args.new_tokens} new tokens, greedy; throughput over "
-      f"generated tokens, end to end)")
+    gh = rounds[0]["gen_hf"]
+    w(f"### Generated scope ({args.gen_prompts} prompts × {args.new_tokens} new tokens, greedy, same rounds)")
     w("")
-    w("| configuration | generated tok/s | × HF generate | peak RSS MiB |")
+    w("| configuration | generated tok/s, median (min–max) | × transformers `generate`, median (min–max) | "
+      "peak RSS MiB |")
     w("|---|---:|---:|---:|")
-    w(f"| transformers bf16 `generate`, batch {args.hf_gen_batch}, left padding, same hooks | {hg['tok_s']:.1f} | "
-      f"1.00× | {hg['rss_mb']:.0f} |")
-    gens = {key: r for key, r in R.items() if key.startswith("gen_b")}
-    for key, r in gens.items():
-        w(f"| mote-local `capture_activations(scope=\"generated\", batch_size={r['bs']})` Q4_K_M"
-          + (" (= `mote ftri`)" if r["bs"] == 32 else "")
-          + f" | {r['tok_s']:.1f} | {r['tok_s'] / hg['tok_s']:.2f}× | {r['rss_mb']:.0f} |")
+    gnames = {"gen_hf": f"transformers `generate` {gen_best.rsplit(' b', 1)[0]} (fastest screened), batch "
+                        f"{args.hf_gen_batch}, left padding, same hooks",
+              "gen_q8_0": f"mote-local `capture_activations(scope=\"generated\", batch_size={args.gen_prompts})` Q8_0",
+              "gen_q4_k_m": f"mote-local `capture_activations(scope=\"generated\", batch_size={args.gen_prompts})` "
+                            "Q4_K_M"}
+    for key, label in gnames.items():
+        w(f"| {label} | {_spread(tps[key], '{:.1f}')} | {_spread(vs(key, 'gen_hf'), '{:.2f}×')} | {rss[key]:.0f} |")
     w("")
-    g = R["gen_b32"]["tok_s"] / hg["tok_s"] if "gen_b32" in R else max(r["tok_s"] for r in gens.values()) / hg["tok_s"]
-    w(f"- **Target ≥ 3× transformers `generate`.** `mote ftri --scope generated` (batched greedy generation, "
-      f"`Session.generate_batch`, counted while generating): {g:.2f}× {verdict(g >= 3)}. transformers routes "
-      f"{args.new_tokens - 1} of the {args.new_tokens} generated tokens (the last never enters the model), "
-      f"mote-local all {args.new_tokens}. Several sequences in one batch change llama.cpp's float accumulation "
-      f"order, so on a random model, whose logits nearly tie, a batched greedy continuation can part from a "
-      f"one-at-a-time one (on the planted model they are identical: a test).")
+    g8, g4 = float(np.median(vs("gen_q8_0", "gen_hf"))), float(np.median(vs("gen_q4_k_m", "gen_hf")))
+    w(f"- **Generated scope ≥ 3× the fastest transformers `generate`**: Q8_0 {g8:.2f}× {verdict(g8 >= 3)}, Q4_K_M "
+      f"{g4:.2f}× {verdict(g4 >= 3)}. transformers routes {args.new_tokens - 1} of the {args.new_tokens} generated "
+      f"tokens (the last never enters the model), mote-local all {args.new_tokens}; transformers ran "
+      f"{gh.get('transformers')}.")
     w("")
 
     # fidelity
@@ -654,28 +751,28 @@ def analyse_results(args, argv, spec, build, sizes, ids, is_behavior, R, workdir
     n_tok = sum(lens[:n_tr])
     tr = {q: load(f"trace_{q}", "trace") for q in (*QTYPES, "f32_kvf32")}
     hft = {d: load(f"hf_{d}", "trace")[:n_tok] for d in ("f32", "bf16")}
-    cnt = {key: load(key) for key in products}
+    cnt = {q: load(f"r0_ftri_{q}") for q in ("q8_0", "bf16", "q4_k_m")}
+    cnt["f32"] = load("ftri_f32")
     chf = {d: load(f"hf_{d}") for d in ("f32", "bf16")}
     w("### Fidelity")
     w("")
     w(f"Per-token top-{k} sets: first {n_tr} prompts ({n_tok} tokens × {spec.n_layer} layers), llama.cpp with "
-      f"flash attention off and, unless said, its default f16 KV cache; the quantized models are compared with f32 "
-      f"under the same settings. fTRI: mean_diff ranking (positive sign, as `mote ftri` ranks) over all {len(ids)} "
-      f"prompts from the per-prompt counts of the prompt-scope runs above (llama.cpp: `capture_activations`, "
-      f"batch_size 32, `mote ftri`'s options, flash attention auto), top-{args.top} sets compared.")
+      f"flash attention off and, unless said, its default f16 KV cache; quantized models compared with f32 under the "
+      f"same settings. transformers: {R['hf_bf16']['name']} and {R['hf_f32']['name']}. fTRI: mean_diff ranking "
+      f"(positive sign, as `mote ftri` ranks) over all {len(ids)} prompts from per-prompt counts (llama.cpp: "
+      f"`capture_activations`, batch_size 32, flash attention auto), top-{args.top} sets compared.")
     w("")
     w(f"| comparison | top-{k} set identical | mean set overlap | tokens identical in all layers | "
       f"fTRI top-{args.top} overlap | fTRI score corr | count corr |")
     w("|---|---:|---:|---:|---:|---:|---:|")
-    pairs = [("llama.cpp f32, f32 KV cache vs transformers f32", tr["f32_kvf32"], hft["f32"], cnt["ftri_f32_b32"],
-              chf["f32"]),
-             ("llama.cpp f32 (default f16 KV cache) vs transformers f32", tr["f32"], hft["f32"], cnt["ftri_f32_b32"],
+    pairs = [("llama.cpp f32, f32 KV cache vs transformers f32", tr["f32_kvf32"], hft["f32"], cnt["f32"], chf["f32"]),
+             ("llama.cpp f32 (default f16 KV cache) vs transformers f32", tr["f32"], hft["f32"], cnt["f32"],
               chf["f32"]),
              ("transformers bf16 vs transformers f32", hft["bf16"], hft["f32"], chf["bf16"], chf["f32"]),
-             ("llama.cpp Q8_0 vs llama.cpp f32", tr["q8_0"], tr["f32"], cnt["ftri_q8_0_b32"], cnt["ftri_f32_b32"]),
-             ("llama.cpp Q4_K_M vs llama.cpp f32", tr["q4_k_m"], tr["f32"], cnt["ftri_q4_k_m_b32"],
-              cnt["ftri_f32_b32"]),
-             ("llama.cpp Q4_K_M vs transformers bf16", tr["q4_k_m"], hft["bf16"], cnt["ftri_q4_k_m_b32"], chf["bf16"])]
+             ("llama.cpp BF16 vs llama.cpp f32", tr["bf16"], tr["f32"], cnt["bf16"], cnt["f32"]),
+             ("llama.cpp Q8_0 vs llama.cpp f32", tr["q8_0"], tr["f32"], cnt["q8_0"], cnt["f32"]),
+             ("llama.cpp Q4_K_M vs llama.cpp f32", tr["q4_k_m"], tr["f32"], cnt["q4_k_m"], cnt["f32"]),
+             ("llama.cpp BF16 vs transformers bf16", tr["bf16"], hft["bf16"], cnt["bf16"], chf["bf16"])]
     fid = {}
     for name, a, b, ca, cb in pairs:
         st = top_sets_agreement(a, b)
@@ -685,19 +782,19 @@ def analyse_results(args, argv, spec, build, sizes, ids, is_behavior, R, workdir
           f"{100 * st['token_all_layers']:.1f}% | {f['top_overlap']}/{args.top} | {f['score_corr']:.3f} | "
           f"{f['count_corr']:.4f} |")
     w("")
-    same_q4 = ftri_compare(cnt["ftri_q4_k_m_b32"], cnt["ftri_q4_k_m_b32_repack"], is_behavior, args.top, k)
-    f32 = ftri_compare(cnt["ftri_f32_b32"], chf["f32"], is_behavior, args.top, k)
-    w(f"- Count maps per prompt identical between `capture_activations` f32 (flash attention auto) and transformers "
-      f"f32: {100 * f32['counts_identical']:.0f}% of the prompts.")
-    w(f"- The Q4_K_M counts with and without weight repacking agree on {100 * same_q4['counts_identical']:.0f}% of "
-      f"the prompts' count maps (fTRI top-{args.top} overlap {same_q4['top_overlap']}/{args.top}).")
-    w("")
-    (workdir / "results.json").write_text(json.dumps({"R": R, "fidelity": fid, "argv": argv}, indent=1, default=str))
+    (workdir / "results.json").write_text(json.dumps({"S": S, "SG": SG, "rounds": rounds, "R": R, "fidelity": fid,
+                                                      "contenders": contenders, "best": best, "argv": argv},
+                                                     indent=1, default=str))
     return "\n".join(lines)
 
 
-def _proto_desc(c: dict) -> str:
-    return f"{c['batch_size']} sequences per decode, n_ubatch {c['n_ubatch']}"
+def _tf5_version(args) -> str:
+    if not (args.tf5_python and Path(args.tf5_python).exists()):
+        return "no transformers 5 (absent)"
+    r = subprocess.run([args.tf5_python, "-c", "import transformers, torch; print(transformers.__version__, "
+                        "torch.__version__)"], capture_output=True, text=True)
+    v = r.stdout.split()
+    return f"transformers {v[0]} with torch {v[1]}" if len(v) == 2 else "transformers 5 (version unreadable)"
 
 
 def _cpu_name() -> str:

@@ -207,12 +207,18 @@ def quantize(src: Path, dst: Path, qtype: str, nthread: int = 0) -> None:
 # ------------------------------------------------------------------------------------------------------
 
 class RouterHooks:
-    """forward hooks on every ``mlp.gate``: the top-k expert ids of every token the router saw, per call."""
+    """forward hooks on every ``mlp.gate``: the top-k expert ids of every token the router saw, per call.
+
+    transformers 5.x's router module returns (logits, weights, ids); 4.x's gate is a plain ``nn.Linear``
+    whose output is the logits, from which the block takes the top-k of the float softmax: the hook does
+    the same, so that it reads the block's own selection (ties included).
+    """
 
     def __init__(self, model):
         self.calls: list[list] = []   # one entry per model forward: [layer] -> LongTensor [tokens, k]
         self._current: list | None = None
         self._handles = []
+        self.k = model.config.num_experts_per_tok
         layers = model.model.layers
         for i, layer in enumerate(layers):
             self._handles.append(layer.mlp.gate.register_forward_hook(self._hook(i)))
@@ -220,7 +226,11 @@ class RouterHooks:
 
     def _hook(self, i: int):
         def hook(module, inputs, output):
-            ids = output[2] if isinstance(output, tuple) else output.topk(module.top_k, dim=-1).indices
+            if isinstance(output, tuple):
+                ids = output[2]
+            else:
+                import torch
+                ids = torch.softmax(output, dim=-1, dtype=torch.float).topk(self.k, dim=-1).indices
             if i == 0:
                 self._current = [None] * self.n_layer
                 self.calls.append(self._current)
