@@ -47,7 +47,7 @@ SECTION = "## Capture-friendly quantization (issue 15)"
 
 def recipes() -> dict[str, object]:
     """Every configuration quantized here, by name: `mote quantize`'s recipes and the measurement's own."""
-    from mote_local.modelfile.quantize import GROUPS, RECIPES, Recipe, QT
+    from mote_local.modelfile.quantize import GROUPS, RECIPES, ROUTED_EXPERTS, Recipe, QT
 
     out: dict[str, object] = dict(RECIPES)
     out["f16"] = Recipe("f16", "every quantizable tensor F16", (), QT.F16)
@@ -58,6 +58,10 @@ def recipes() -> dict[str, object]:
                                          QT.Q8_0)
     out["q8+attn@q4_k"] = Recipe("q8+attn@q4_k", "Q8_0, every attention tensor Q4_K", ((r"\.attn_", QT.Q4_K),),
                                  QT.Q8_0)
+    for experts in (QT.Q4_K, QT.Q6_K, QT.Q8_0):  # the rest near lossless: what the routed experts alone cost
+        name = f"f16+exps@{experts.name.lower()}"
+        out[name] = Recipe(name, f"routed experts {experts.name}, everything else F16",
+                           ((ROUTED_EXPERTS, experts),), QT.F16)
     return out
 
 
@@ -103,6 +107,8 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated configurations (default: all)")
     ap.add_argument("--keep", action="store_true", help="keep the sensitivity GGUFs (default: removed once measured)")
     ap.add_argument("--report-only", action="store_true", help="the table from the last run's results.json")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the last run's results.json and measure only what it lacks")
     ap.add_argument("--results", type=Path, default=None, help="append (or replace) the section in this file")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -112,10 +118,10 @@ def main() -> None:
         return
 
     t_start = time.perf_counter()
-    argv = " ".join(sys.argv[1:])
+    argv = "python bench/bench_quant.py" + "".join(f" {a}" for a in sys.argv[1:])  # the command, as run
     workdir = args.workdir or default_workdir()
     prompts_file = workdir / "prompts.json"
-    needed = [workdir / f"model-{q}.gguf" for q in bf.QTYPES] + [prompts_file]
+    needed = [workdir / f"model-{q}.gguf" for q in ("f32", "q8_0", "q4_k_m")] + [prompts_file]
     missing = [str(p) for p in needed if not p.exists()]
     if missing:
         sys.exit(f"bench_quant needs bench_ftri's build: missing {', '.join(missing)} "
@@ -150,6 +156,15 @@ def main() -> None:
              "q4_k_m": workdir / "model-q4_k_m.gguf"}
     Q: dict[str, dict] = {}
     R: dict[str, dict] = {}
+    done: list[str] = []
+    spent = 0.0
+    if args.resume and (qdir / "results.json").exists():
+        saved = json.loads((qdir / "results.json").read_text())
+        Q, R, done, spent = saved["Q"], saved["R"], saved["names"], saved["total_s"]
+        argv = saved["argv"] + "`, then `" + argv
+        names = list(dict.fromkeys(done + names))
+        for name in done:
+            paths.setdefault(name, qdir / f"model-{name}.gguf")
     npz = lambda name: str(qdir / f"{name}.npz")  # noqa: E731
 
     def measure(name: str) -> None:
@@ -165,21 +180,24 @@ def main() -> None:
 
     def save() -> None:  # after every configuration: an interrupted run can still be reported (--report-only)
         (qdir / "results.json").write_text(json.dumps({"Q": Q, "R": R, "argv": argv, "names": [n for n in names if
-                                                       f"ftri_{n}_r0" in R], "total_s": time.perf_counter() - t_start},
+                                                       f"ftri_{n}_r0" in R],
+                                                       "total_s": spent + time.perf_counter() - t_start},
                                                       indent=1, default=str))
 
     for name in names:
+        if name in done:
+            continue
         measure(name)
         save()
         if not args.keep and name not in MAIN and paths[name].parent == qdir:
             paths[name].unlink(missing_ok=True)  # a sensitivity file: measured, not needed again
     for rnd in range(1, args.rounds):  # further speed rounds of the main configurations, interleaved
-        for name in [n for n in MAIN if n in names]:
+        for name in [n for n in MAIN if n in names and f"ftri_{n}_r{rnd}" not in R]:
             R[f"ftri_{name}_r{rnd}"] = run("mote_ftri", gguf=str(paths[name]), scope="prompt", batch_size=32,
                                            model_params=cap, out_npz=npz(f"ftri_{name}_r{rnd}"), **common)
             save()
 
-    report = analyse(args, argv, names, Q, R, qdir, ids, is_behavior, time.perf_counter() - t_start)
+    report = analyse(args, argv, names, Q, R, qdir, ids, is_behavior, spent + time.perf_counter() - t_start)
     print("\n" + report)
     if args.results:
         write_section(args.results, report)
@@ -205,8 +223,7 @@ def analyse(args, argv, names, Q, R, qdir: Path, ids, is_behavior, total_s: floa
     w = lines.append
     w(SECTION)
     w("")
-    w(f"Command: `python bench/bench_quant.py{(' ' + argv) if argv else ''}` from the repository root "
-      f"({time.strftime('%Y-%m-%d')}); whole run {total_s / 60:.1f} min.")
+    w(f"Command: `{argv}` from the repository root ({time.strftime('%Y-%m-%d')}); whole run {total_s / 60:.1f} min.")
     w(f"Machine: {bf._cpu_name()}, {os.cpu_count()} cores, {bf._mem_gib():.0f} GiB RAM, 1-min load average "
       f"{min(loads):.1f}–{max(loads):.1f} around the workers (2.0 = both cores busy, which a worker alone does; more "
       "means other jobs shared the machine).")
