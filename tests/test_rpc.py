@@ -360,3 +360,59 @@ def test_mote_rpc_server_refuses_a_taken_port_and_outlives_a_client_that_leaves(
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_mote_serve_reports_a_lost_server_and_stops_serving(tiny_path):
+    """A served model whose rpc server dies: the request in flight and every later one get HTTP 503 with the
+    reason, /health says so; the process goes on (it can be restarted by whoever supervises it)."""
+    import httpx
+    from serve_live import live_server
+
+    path = tiny_path("qwen3moe")
+    port = free_port()
+    proc = start_server(port)
+    try:
+        placement = {"n_gpu_layers": 99, "rpc_servers": [f"127.0.0.1:{port}"], "tensor_split": None}
+        with live_server(path, placement=placement) as live, httpx.Client(base_url=live.url, timeout=30) as http:
+            body = {"prompt": "hello there", "max_tokens": 4, "temperature": 0}
+            assert http.post("/v1/completions", json=body).status_code == 200
+            proc.kill()
+            proc.wait()
+            replies = [http.post("/v1/completions", json=body) for _ in range(2)]
+            health = http.get("/health")
+    finally:
+        proc.kill()
+        proc.wait()
+    lost = f"the model is gone (lost the connection to the rpc server 127.0.0.1:{port}"
+    assert [r.status_code for r in replies] == [503, 503]
+    assert all(r.json()["error"]["message"].startswith(lost) for r in replies), replies[0].json()
+    assert health.status_code == 503 and health.json()["message"].startswith(lost)
+
+
+def test_chat_ends_with_the_reason_when_its_server_is_lost(tiny_path):
+    from mote_local.cli.chat import Chat
+
+    path = tiny_path("qwen3moe")
+    port = free_port()
+    proc = start_server(port)
+    lines = iter(["hello", "again", "and again"])
+    out: list[str] = []
+
+    def read(prompt: str) -> str:
+        line = next(lines)
+        if line == "again":
+            proc.kill()
+            proc.wait()
+        return line
+
+    try:
+        with Model(path, rpc_servers=[f"127.0.0.1:{port}"], n_gpu_layers=99) as m, m.session(n_ctx=256) as s:
+            Chat(m, s, max_tokens=4, temperature=0.0, seed=0, n_threads=1,
+                 write=lambda text="", end="\n": out.append(text)).loop(read)
+    finally:
+        proc.kill()
+        proc.wait()
+    errors = [line for line in out if line.startswith("error:")]
+    assert errors == [f"error: lost the connection to the rpc server 127.0.0.1:{port} (it stopped, or the network "
+                      f"broke); {path.name} is closed: restart `mote rpc-server` there and load the model again"]
+    assert next(lines) == "and again"  # the chat ended instead of reading on

@@ -244,6 +244,8 @@ class Chat:
                     self.say(line)
             except MoteError as err:
                 self.write(f"error: {err}")
+                if self.model.closed:  # its rpc server was lost: nothing more can be said
+                    break
             except OSError as err:  # /profile save into a read-only directory, …
                 self.write(f"error: {err.strerror or err}: {err.filename}" if err.filename else f"error: {err}")
             except KeyboardInterrupt:

@@ -109,16 +109,16 @@ class Model:
         """Frees the model, after closing its sessions (a context is freed before its model); idempotent."""
         if self._closed:
             return
+        self._closed = True  # first: closing a session may read it, which checks the servers again
         for session in list(self._sessions):
             session.close(reason=reason)
-        self._closed = True
         self._model.close()
         rpc.detach(self.rpc_servers)
 
     def check_servers(self) -> None:
         """Raises EngineError, closing the model, when one of its rpc servers stopped answering (died, or the
         network broke): its layers are gone, and whatever the last call returned is not to be trusted."""
-        lost = rpc.lost_since(self._rpc_baseline)
+        lost = [] if self._closed else rpc.lost_since(self._rpc_baseline)
         if lost:
             self.close(reason=f"its model was closed when the rpc server {', '.join(lost)} was lost")
             raise EngineError(f"lost the connection to the rpc server {', '.join(lost)} (it stopped, or the network "

@@ -262,6 +262,8 @@ def create_app(backend: Backend) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        if scheduler.unavailable:
+            return JSONResponse({"status": "error", "message": scheduler.unavailable}, status_code=503)
         return {"status": "ok", **scheduler.status()}
 
     @app.get("/v1/models")
@@ -281,8 +283,13 @@ def create_app(backend: Backend) -> FastAPI:
             "strength": p.strength, "entries": [entry_to_json(e) for e in p.entries],
             "file": str(settings.profiles[name])} for name, p in backend.profiles.items()]}
 
+    def require_engine() -> None:
+        if backend.scheduler.unavailable:
+            raise ApiError(503, backend.scheduler.unavailable, "server_error", "model_lost")
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
+        require_engine()
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
         try:  # the one conversation -> tokens path every command takes (template, and BOS where the vocabulary asks)
@@ -293,6 +300,7 @@ def create_app(backend: Backend) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
+        require_engine()
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:

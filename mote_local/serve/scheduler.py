@@ -155,6 +155,7 @@ class Scheduler:
         self._queue: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
         self._stopping = False
+        self.unavailable: str | None = None  # why the engine can serve nothing more (its model was lost)
         self._clock = itertools.count(1)
         self._now = 0
         self.routing = RoutingBook(self.session)
@@ -171,7 +172,7 @@ class Scheduler:
     def submit(self, job: Job) -> None:
         with self._cv:
             if self._stopping:
-                raise ServerBusy("the server is shutting down")
+                raise ServerBusy(self.unavailable or "the server is shutting down")
             for queued in [j for j in self._queue if j.cancelled.is_set()]:
                 self._queue.remove(queued)
             free = sum(1 for s in self._slots if s.job is None)
@@ -224,12 +225,18 @@ class Scheduler:
             with self._cv:
                 self._stopping = True
                 queued, self._queue = list(self._queue), collections.deque()
+            gone = Failed(503, self.unavailable or "the server is shutting down", "server_error", "shutting_down")
             for job in queued:
-                job.deliver(Failed(503, "the server is shutting down", "server_error", "shutting_down"))
+                job.deliver(gone)
+            lost = self.session.closed  # with its model: no cache cell, steering or capture is left to free
             for slot in self._slots:
-                if slot.job is not None:
-                    self._fail(slot, Failed(503, "the server is shutting down", "server_error", "shutting_down"))
-            self.routing.stop()
+                if slot.job is not None and lost:
+                    slot.job.deliver(gone)
+                    slot.job = None
+                elif slot.job is not None:
+                    self._fail(slot, gone)
+            if not lost:
+                self.routing.stop()
 
     def _admit(self) -> None:
         """Moves waiting requests into free slots (caller holds the lock)."""
@@ -274,6 +281,11 @@ class Scheduler:
         try:
             logits = self.session.decode([(s.seq_id, s.feed[:n], s.pos) for s, n in batch], outputs="last")
         except MoteError as err:
+            if self.session.model.closed:  # an rpc server was lost: nothing more can be served
+                with self._cv:
+                    self.unavailable = f"the model is gone ({err}); restart mote serve"
+                    self._stopping = True
+                return  # the thread ends: every request in flight or waiting gets the reason (503)
             for slot, _ in batch:
                 self._fail(slot, Failed(500, f"decoding failed: {err}"))
             return
