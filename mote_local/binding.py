@@ -282,7 +282,7 @@ def rpc_probe(endpoint: str, timeout_ms: int) -> None:
 
 
 def rpc_add_server(endpoint: str) -> int:
-    """Registers an (answering) rpc-server's devices with ggml; returns their number."""
+    """Connects to an (answering) rpc-server and lists its devices, unregistered; returns their number."""
     n = _rpc_add_server(endpoint.encode())
     if n < 0:
         raise EngineError(last_error())
@@ -290,7 +290,7 @@ def rpc_add_server(endpoint: str) -> int:
 
 
 def rpc_model_devices(endpoints: list[str]) -> ctypes.Array:
-    """The NULL-terminated device list (llama_model_params.devices) of a model on these registered endpoints."""
+    """The NULL-terminated device list (llama_model_params.devices) of a model on these added endpoints."""
     raw = (ctypes.c_char_p * max(1, len(endpoints)))(*(e.encode() for e in endpoints))
     cap = 64 + len(endpoints) * 8
     devices = (ctypes.c_void_p * cap)()

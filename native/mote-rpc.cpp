@@ -162,10 +162,6 @@ int32_t probe(const char * endpoint, int32_t timeout_ms) {
                 endpoint, refused.c_str(), port.c_str());
 }
 
-bool is_rpc(ggml_backend_dev_t dev) {
-    return strcmp(ggml_backend_reg_name(ggml_backend_dev_backend_reg(dev)), "RPC") == 0;
-}
-
 } // namespace
 
 } // namespace mote
@@ -179,16 +175,12 @@ int32_t mote_rpc_probe(const char * endpoint, int32_t timeout_ms) {
 }
 
 int32_t mote_rpc_add_server(const char * endpoint) {
+    // not registered with ggml: llama.cpp's default device selection (any other model of the process) would
+    // then use the server, and abort once it is gone
     ggml_backend_reg_t reg = ggml_backend_rpc_add_server(endpoint);
     if (reg == nullptr) {
         return fail("the rpc server at %s offers no device", endpoint);
     }
-    for (size_t i = 0; i < ggml_backend_reg_count(); ++i) {
-        if (ggml_backend_reg_get(i) == reg) {
-            return (int32_t) ggml_backend_reg_dev_count(reg);
-        }
-    }
-    ggml_backend_register(reg);
     return (int32_t) ggml_backend_reg_dev_count(reg);
 }
 
@@ -205,7 +197,7 @@ int32_t mote_rpc_model_devices(const char * const * endpoints, int32_t n_endpoin
         const size_t before = out.size();
         for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
             ggml_backend_dev_t dev = ggml_backend_dev_get(i);
-            if (ggml_backend_dev_type(dev) == type && !is_rpc(dev)) {
+            if (ggml_backend_dev_type(dev) == type) {
                 out.push_back(dev);
             }
         }

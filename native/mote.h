@@ -149,12 +149,13 @@ MOTE_API void    mote_capture_reset(struct llama_context * ctx);
 // aborts the process on a server that is missing, busy with another client or of another protocol
 // version. Returns 0, or -1 with the reason in mote_last_error().
 MOTE_API int32_t mote_rpc_probe(const char * endpoint, int32_t timeout_ms);
-// Registers the server's devices with ggml (once per endpoint and process; the server must answer).
+// Connects to the server and lists its devices (once per endpoint and process; the server must answer),
+// without registering them with ggml, so that llama.cpp's default device selection never uses them.
 // Returns their number, or -1.
 MOTE_API int32_t mote_rpc_add_server(const char * endpoint);
-// The devices a model on these (registered) endpoints loads onto, NULL-terminated in devices[cap]: each
-// endpoint's devices in the order given, then the local GPUs (discrete, else integrated), so that servers
-// another model of the process registered are not used. Returns the number of devices, or -1.
+// The devices a model on these (added) endpoints loads onto, NULL-terminated in devices[cap]: each
+// endpoint's devices in the order given, then the local GPUs (discrete, else integrated), as llama.cpp's
+// default selection would add them. Returns the number of devices, or -1.
 MOTE_API int32_t mote_rpc_model_devices(const char * const * endpoints, int32_t n_endpoints, void ** devices,
                                         int32_t cap);
 // Replies lost on connections to endpoint (its server died or the connection broke) since the process

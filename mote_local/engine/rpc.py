@@ -8,8 +8,9 @@ outputs, which llama.cpp's scheduler copies to and from whichever backend comput
 
 What this module adds to llama.cpp's RPC client: endpoints are checked before the engine sees them (a
 missing, busy or incompatible server aborts llama.cpp's client), a model's devices are exactly its own
-servers' (llama.cpp would use every server the process ever registered), and a server that dies is
-reported per endpoint by the engine instead of aborting the process (`lost_since`).
+servers' (they are never registered with ggml, whose default device selection would give them to every
+later model of the process), and a server that dies is reported per endpoint by the engine instead of
+aborting the process (`lost_since`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ _ENDPOINT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(\d{1,5})$")
 
 _lock = threading.Lock()
 _in_use: Counter[str] = Counter()  # endpoint -> open models of this process on it
-_registered: set[str] = set()
 
 
 def parse_endpoints(servers: str | Sequence[str]) -> list[str]:
@@ -78,7 +78,9 @@ def placement(n_gpu_layers: int | None, servers: str | None, tensor_split: str |
 
 def attach(endpoints: list[str]):
     """Connects a model about to load to its servers; returns llama_model_params.devices for it, or None
-    for llama.cpp's default (no server was ever registered in this process). Pair with `detach`."""
+    (no servers: llama.cpp's default, which never sees them). Pair with `detach`."""
+    if not endpoints:
+        return None
     with _lock:
         for endpoint in endpoints:
             # a server serves one client: this process's open connection to it (shared by its models)
@@ -86,9 +88,8 @@ def attach(endpoints: list[str]):
             if _in_use[endpoint] == 0:
                 probe(endpoint)
             binding.rpc_add_server(endpoint)
-            _registered.add(endpoint)
         _in_use.update(endpoints)
-        return binding.rpc_model_devices(endpoints) if _registered else None
+        return binding.rpc_model_devices(endpoints)
 
 
 def detach(endpoints: list[str]) -> None:
