@@ -10,9 +10,10 @@ per-tensor types), then measured as bench_ftri measures fidelity, with bench_ftr
   fTRI      `mote ftri`'s capture (capture_activations, batch 32, CAPTURE_MODEL_OPTIONS) over all prompts:
             mean_diff top-10 overlap with f32's (ftri_compare), and its prompt tok/s and peak RSS
 
-Configurations: the recipes of `mote quantize` (capture-q4/-q5/-q6 = routed experts Q4_K/Q5_K/Q6_K, everything
-else Q8_0; capture = capture-q6), llama.cpp's plain Q8_0 / Q4_K_M / F16 / BF16, and the single-group sensitivity
-runs: Q8_0 everywhere except one tensor group at Q4_K. Every worker runs in its own process; the recipes whose speed is reported are measured in
+Configurations: the recipes of `mote quantize` (capture, capture-q8, capture-q4: routed experts Q6_K / Q8_0 /
+Q4_K, output Q8_0, everything else F16), llama.cpp's plain Q8_0 / Q4_K_M / F16 / BF16, routed experts at Q4_K /
+Q5_K / Q6_K with everything else Q8_0 or F16, and the single-group sensitivity runs: Q8_0 everywhere except one
+tensor group at Q4_K. Every worker runs in its own process; the recipes whose speed is reported are measured in
 --rounds interleaved rounds (median and range reported).
 
     python bench/bench_quant.py --results bench/RESULTS.md        # ~40 min on 2 cores
@@ -58,14 +59,18 @@ def recipes() -> dict[str, object]:
                                          QT.Q8_0)
     out["q8+attn@q4_k"] = Recipe("q8+attn@q4_k", "Q8_0, every attention tensor Q4_K", ((r"\.attn_", QT.Q4_K),),
                                  QT.Q8_0)
-    for experts in (QT.Q4_K, QT.Q6_K, QT.Q8_0):  # the rest near lossless: what the routed experts alone cost
+    for experts in (QT.Q4_K, QT.Q5_K, QT.Q6_K):  # routed experts lower, everything else Q8_0
+        name = f"q8+exps@{experts.name.lower()}"
+        out[name] = Recipe(name, f"routed experts {experts.name}, everything else Q8_0", ((ROUTED_EXPERTS, experts),),
+                           QT.Q8_0)
+    for experts in (QT.Q4_K, QT.Q6_K, QT.Q8_0):  # the rest near lossless (output too): what the experts alone cost
         name = f"f16+exps@{experts.name.lower()}"
         out[name] = Recipe(name, f"routed experts {experts.name}, everything else F16",
                            ((ROUTED_EXPERTS, experts),), QT.F16)
     return out
 
 
-MAIN = ("q8_0_llama", "capture-q6", "capture-q5", "capture-q4", "q4_k_m")  # speed rounds, interleaved
+MAIN = ("q8_0_llama", "q4_k_m", "capture", "capture-q8", "capture-q4")  # speed rounds, interleaved
 
 
 def quantize_worker(cfg: dict) -> dict:
@@ -147,9 +152,8 @@ def main() -> None:
         return
 
     all_recipes = recipes()
-    # `mote quantize --recipe q8_0` gives llama.cpp's Q8_0 tensor for tensor: bench_ftri's file stands for both;
-    # `capture` is another name of capture-q6
-    names = ["f32", "q8_0_llama", "q4_k_m"] + [n for n in all_recipes if n not in ("q8_0", "capture")]
+    # `mote quantize --recipe q8_0` gives llama.cpp's Q8_0 tensor for tensor: bench_ftri's file stands for both
+    names = ["f32", "q8_0_llama", "q4_k_m"] + [n for n in all_recipes if n != "q8_0"]
     if args.only:
         names = ["f32"] + [n for n in args.only.split(",") if n != "f32"]
     paths = {"f32": workdir / "model-f32.gguf", "q8_0_llama": workdir / "model-q8_0.gguf",
@@ -232,17 +236,16 @@ def analyse(args, argv, names, Q, R, qdir: Path, ids, is_behavior, total_s: floa
       f"Q4_K_M are bench_ftri's own `llama_model_quantize` files. Routing: per-token top-{k} sets of the first "
       f"{n_trace} prompts ({n_tok} tokens × every layer), flash attention off, against f32 under the "
       f"same settings. fTRI: mean_diff top-{args.top} over all {len(ids)} prompts from `capture_activations` "
-      f"(batch 32, `mote ftri`'s options) against f32's. Speed: that capture's prompt tok/s"
-      + (f", median of {args.rounds} interleaved rounds (range) for the recipes of `mote quantize` and "
-         "llama.cpp's Q8_0 / Q4_K_M, one run for the rest." if args.rounds > 1 else ", one run each."))
+      f"(batch 32, `mote ftri`'s options) against f32's. Speed: that capture's prompt tok/s, one run, or the median "
+      "(range) of runs in interleaved rounds.")
     w("")
     w(f"| configuration | routed experts | other weights | GGUF MiB | top-{k} set identical | mean set overlap | "
       f"fTRI top-{args.top} overlap | count corr | capture tok/s | peak RSS MiB |")
     w("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for name in names:
         speeds = [R[key]["tok_s"] for key in R if key.startswith(f"ftri_{name}_r")]
-        speed = f"{statistics.median(speeds):.0f}" + (f" ({min(speeds):.0f}–{max(speeds):.0f})" if len(speeds) > 1
-                                                         else "")
+        speed = f"{statistics.median(speeds):.0f}" + (f" ({min(speeds):.0f}–{max(speeds):.0f}, {len(speeds)} runs)"
+                                                         if len(speeds) > 1 else "")
         rss = max(R[key]["rss_mb"] for key in R if key.startswith(f"ftri_{name}_r"))
         types = Q[name]["types"] if name in Q else _types(qdir.parent / _CACHED[name])
         size = Q[name]["size_mib"] if name in Q else (qdir.parent / _CACHED[name]).stat().st_size / 2**20

@@ -20,9 +20,9 @@ __all__ = ["quantize_command"]
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
 @click.option("--recipe", type=click.Choice(list(RECIPES)), default="capture", show_default=True,
-              help="Per-tensor types: capture-q4/-q5/-q6 = routed experts Q4_K/Q5_K/Q6_K and everything else "
-                   "Q8_0; capture = capture-q6, the smallest measured to keep routing; q8_0 = everything Q8_0. "
-                   "Routers and norms stay unquantized.")
+              help="Per-tensor types: capture, capture-q8, capture-q4 = routed experts Q6_K, Q8_0, Q4_K with the "
+                   "output Q8_0 and everything else F16 (capture: the smallest measured to keep routing); q8_0 = "
+                   "everything Q8_0. Routers and norms stay unquantized.")
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 @click.option("--threads", "-t", type=click.IntRange(min=1), default=None,
               help="Threads for quantizing (default: every core).")

@@ -87,18 +87,20 @@ class Recipe:
         return self.default
 
 
-def _capture(experts: QT, name: str, note: str = "") -> Recipe:
-    return Recipe(name, f"routed experts {experts.name}, everything else Q8_0{note}", ((ROUTED_EXPERTS, experts),),
-                  QT.Q8_0)
+def _capture(experts: QT, name: str) -> Recipe:
+    """Routed experts at ``experts``; the output projection, which no router reads, Q8_0; the rest F16."""
+    return Recipe(name, f"routed experts {experts.name}, output Q8_0, everything else F16",
+                  ((ROUTED_EXPERTS, experts), (GROUPS["output"], QT.Q8_0)), QT.F16)
 
 
-# `capture` is the smallest recipe measured to keep routing by issue 15's bar (Fidelity.keeps_routing): routed
-# experts Q6_K (bench/RESULTS.md, "Capture-friendly quantization"); the others trade routing for size.
+# The routing drift of a quantization comes mostly from the few non-expert tensors (attention V and O, the token
+# embedding: 3% of the benchmark model's weights); with them at F16 the routed experts can take Q6_K and still
+# keep routing (bench/RESULTS.md, "Capture-friendly quantization"). `capture` is that recipe. The output
+# projection comes after every router: its type cannot change the routing of given tokens.
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
-    _capture(QT.Q6_K, "capture", " (= capture-q6)"),
+    _capture(QT.Q6_K, "capture"),
+    _capture(QT.Q8_0, "capture-q8"),
     _capture(QT.Q4_K, "capture-q4"),
-    _capture(QT.Q5_K, "capture-q5"),
-    _capture(QT.Q6_K, "capture-q6"),
     Recipe("q8_0", "every quantizable tensor Q8_0 (as llama-quantize Q8_0)", (), QT.Q8_0),
 )}
 
@@ -251,20 +253,31 @@ def group_types(tensor_types: tuple[tuple[str, str], ...]) -> dict[str, str]:
     return {g: ", ".join(v) for g, v in seen.items()}
 
 
-# Bits per weight decide the bucket of a group: a type is as good as the worst of its tensors.
-_BUCKETS = (("float", 16.0), ("q8", 8.5), ("q6", 6.5), ("q5", 5.5), ("q4", 4.5))
+# Precision buckets, most precise first: F16 (or F32), BF16, then by bits per weight. A side of the model (routed
+# experts, everything else) is in the bucket of its least precise tensor.
+_BUCKETS = ("f16", "bf16", "q8", "q6", "q5", "q4", "low")
+_BITS_FLOOR = (("q8", 8.5), ("q6", 6.5), ("q5", 5.5), ("q4", 4.5))
+
+
+def _bucket_of(type_name: str) -> str:
+    if type_name in ("F32", "F64", "F16"):
+        return "f16"
+    if type_name == "BF16":
+        return "bf16"
+    try:
+        block, size = gguf.GGML_QUANT_SIZES[QT[type_name]]
+    except KeyError:
+        return "low"  # a type gguf-py does not know: assume the worst
+    return next((name for name, floor in _BITS_FLOOR if size * 8 / block >= floor), "low")
 
 
 def _bucket(type_names: list[str]) -> str:
-    bits = []
-    for t in type_names:
-        try:
-            block, size = gguf.GGML_QUANT_SIZES[QT[t]]
-            bits.append(size * 8 / block)
-        except KeyError:
-            bits.append(0.0)  # a type gguf-py does not know: assume the worst
-    worst = min(bits) if bits else 32.0
-    return next((name for name, floor in _BUCKETS if worst >= floor), "low")
+    return max((_bucket_of(t) for t in type_names), key=_BUCKETS.index, default="f16")
+
+
+def _at_least(a: tuple[str, str], b: tuple[str, str]) -> bool:
+    """Whether class a is at least as precise as class b on both sides."""
+    return all(_BUCKETS.index(x) <= _BUCKETS.index(y) for x, y in zip(a, b))
 
 
 @dataclass(frozen=True)
@@ -284,11 +297,15 @@ class Fidelity:
 # (non-expert bucket, routed-expert bucket) -> measured fidelity: bench/RESULTS.md, "## Capture-friendly
 # quantization (issue 15)", measured by bench/bench_quant.py on bench_ftri's model (64 experts, top-8).
 MEASURED: dict[tuple[str, str], Fidelity] = {
-    ("float", "float"): Fidelity(0.951, 10, "BF16 (F16: 99.2%)"),
+    ("f16", "f16"): Fidelity(0.992, 10, "F16"),
+    ("bf16", "bf16"): Fidelity(0.951, 10, "BF16"),
+    ("f16", "q8"): Fidelity(0.968, 10, "capture-q8"),
+    ("f16", "q6"): Fidelity(0.927, 10, "capture"),
+    ("f16", "q4"): Fidelity(0.765, 9, "capture-q4"),
     ("q8", "q8"): Fidelity(0.869, 10, "Q8_0"),
-    ("q8", "q6"): Fidelity(0.855, 10, "capture-q6"),
-    ("q8", "q5"): Fidelity(0.816, 10, "capture-q5"),
-    ("q8", "q4"): Fidelity(0.736, 10, "capture-q4"),
+    ("q8", "q6"): Fidelity(0.855, 10, "Q8_0 with Q6_K experts"),
+    ("q8", "q5"): Fidelity(0.816, 10, "Q8_0 with Q5_K experts"),
+    ("q8", "q4"): Fidelity(0.736, 10, "Q8_0 with Q4_K experts"),
     ("q4", "q4"): Fidelity(0.188, 8, "Q4_K_M"),
 }
 RESULTS_SECTION = "bench/RESULTS.md, \"Capture-friendly quantization\""
@@ -314,7 +331,8 @@ def routing_class(tensor_types: tuple[tuple[str, str], ...]) -> RoutingClass:
 
     Tensors are split into routed experts and everything else that shapes the router's input (attention,
     shared experts, dense FFNs, the token embedding); the output projection and the unquantized routers and
-    norms do not count. Each side is as good as its least precise tensor."""
+    norms do not count. A class not measured is judged by a measured one it is at least as precise as (it keeps
+    routing if that one did), or one at least as precise as it (it moves routing if that one did)."""
     experts, rest = [], []
     for name, tname in tensor_types:
         if not quantizable(name, (0, 0)) or re.search(GROUPS["output"], name):
@@ -322,32 +340,30 @@ def routing_class(tensor_types: tuple[tuple[str, str], ...]) -> RoutingClass:
         (experts if re.search(ROUTED_EXPERTS, name) else rest).append(tname)
     if all(t == QT.F32.name for t in experts + rest):
         return RoutingClass("F32", None, False, "F32 weights: the reference routing")
-    rb, eb = _bucket(rest), _bucket(experts)
-    name = f"{_label(rb)} non-expert weights, {_label(eb)} routed experts"
-    # full-precision non-expert weights route at least as well as the Q8_0 ones measured
-    key = (rb, eb) if (rb, eb) in MEASURED or rb != "float" else ("q8", eb)
+    key = (_bucket(rest), _bucket(experts))
+    name = f"{_label(key[0])} non-expert weights, {_label(key[1])} routed experts"
+    where = f"({RESULTS_SECTION})"
     measured = MEASURED.get(key)
     if measured is not None:
         verdict = "keeps" if measured.keeps_routing else "moves"
         return RoutingClass(name, measured, not measured.keeps_routing,
                             f"this quantization ({name}) {verdict} routing: {measured.example} kept "
                             f"{100 * measured.set_identical:.1f}% of per-token expert sets identical to f32 and "
-                            f"{measured.ftri_top}/10 of its fTRI top-10 ({RESULTS_SECTION})")
-    # not measured: the least faithful measured class that is at least as precise on both sides bounds it
-    better = [f for (r, e), f in MEASURED.items() if _rank(r) >= _rank(rb) and _rank(e) >= _rank(eb)]
-    bound = min(better, key=lambda f: f.set_identical) if better else None
-    hint = (f"; {bound.example}, more precise, already kept only {100 * bound.set_identical:.1f}% of per-token "
-            "expert sets identical to f32" if bound is not None and not bound.keeps_routing else "")
-    return RoutingClass(name, None, True, f"this quantization ({name}) may move routing: not measured{hint} "
-                                          f"({RESULTS_SECTION})")
-
-
-def _rank(bucket: str) -> int:
-    """Higher is more precise."""
-    order = [b for b, _ in _BUCKETS] + ["low"]
-    return len(order) - order.index(bucket)
+                            f"{measured.ftri_top}/10 of its fTRI top-10 {where}")
+    below = [f for k, f in MEASURED.items() if _at_least(key, k) and f.keeps_routing]
+    if below:
+        f = max(below, key=lambda f: f.set_identical)
+        return RoutingClass(name, None, False, f"this quantization ({name}) keeps routing at least as well as "
+                                               f"{f.example}, which kept {100 * f.set_identical:.1f}% {where}")
+    above = [f for k, f in MEASURED.items() if _at_least(k, key) and not f.keeps_routing]
+    if above:
+        f = min(above, key=lambda f: f.set_identical)
+        return RoutingClass(name, None, True, f"this quantization ({name}) moves routing: {f.example}, more "
+                                              f"precise, kept only {100 * f.set_identical:.1f}% of per-token "
+                                              f"expert sets identical to f32 {where}")
+    return RoutingClass(name, None, True, f"this quantization ({name}) may move routing: not measured {where}")
 
 
 def _label(bucket: str) -> str:
-    return {"float": "F16/BF16/F32", "q8": "Q8_0", "q6": "Q6_K", "q5": "Q5", "q4": "Q4",
+    return {"f16": "F16/F32", "bf16": "BF16", "q8": "Q8_0", "q6": "Q6_K", "q5": "Q5", "q4": "Q4",
             "low": "below-Q4"}[bucket]
