@@ -13,8 +13,10 @@ spec.loader.exec_module(upstream)
 
 @pytest.fixture(scope="module")
 def fresh_llama_cpp(tmp_path_factory) -> Path:
+    """The files the patch series touches, fresh from the pinned sdist."""
     dest = tmp_path_factory.mktemp("fresh")
-    root = upstream.extract(upstream.fetch(), dest, (upstream.LLAMA_CPP_SUBDIR + "/src/",))
+    _, touched = upstream._series()
+    root = upstream.extract(upstream.fetch(), dest, tuple(f"{upstream.LLAMA_CPP_SUBDIR}/{f}" for f in touched))
     return root / upstream.LLAMA_CPP_SUBDIR
 
 
