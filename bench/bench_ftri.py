@@ -466,6 +466,11 @@ def main() -> None:
     ap.add_argument("--keep", type=float, default=3.0,
                     help="families screened within this factor of the best go on to the interleaved rounds")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians and min-max over them)")
+    ap.add_argument("--screening", type=Path, default=None,
+                    help="reuse the transformers screening of an earlier run (the screening.json it wrote)")
+    ap.add_argument("--lean", action="store_true",
+                    help="rounds with the product configurations and the ubatch lever only (no repacking, 1-thread "
+                         "or Q4_K_M generated-scope runs)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--top", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="small model and prompt set: checks the pipeline")
@@ -525,16 +530,21 @@ def main() -> None:
 
     # 3. transformers screening: every configuration once, time-budgeted (whole batches until the budget is spent)
     grid = hf_grid(args, workdir)
-    S: dict[str, dict] = {}
-    for c in grid:
-        S[c["name"]] = {**run("hf_prompt", **c["run"], budget_s=args.screen_s, out_npz=npz("screen"), **common),
-                        "cfg": c}
-    gen_grid = [c for c in grid if c["run"]["batch"] == grid[0]["run"]["batch"]]  # generate: one batch size
-    SG: dict[str, dict] = {}
-    for c in gen_grid:
-        SG[c["name"]] = {**run("hf_generate", **{**c["run"], "batch": args.hf_gen_batch}, budget_s=0,
-                               n_prompts=args.gen_prompts, new_tokens=args.new_tokens, out_npz=npz("screen"),
-                               **common), "cfg": c}
+    if args.screening:  # an earlier run's screening (its screening.json), so that rounds can be rerun alone
+        saved = json.loads(args.screening.read_text())
+        S, SG = saved["S"], saved["SG"]
+    else:
+        S: dict[str, dict] = {}
+        for c in grid:
+            S[c["name"]] = {**run("hf_prompt", **c["run"], budget_s=args.screen_s, out_npz=npz("screen"), **common),
+                            "cfg": c}
+        gen_grid = [c for c in grid if c["run"]["batch"] == grid[0]["run"]["batch"]]  # generate: one batch size
+        SG: dict[str, dict] = {}
+        for c in gen_grid:
+            SG[c["name"]] = {**run("hf_generate", **{**c["run"], "batch": args.hf_gen_batch}, budget_s=0,
+                                   n_prompts=args.gen_prompts, new_tokens=args.new_tokens, out_npz=npz("screen"),
+                                   **common), "cfg": c}
+        (workdir / "screening.json").write_text(json.dumps({"S": S, "SG": SG}, default=str))
     contenders = pick_contenders(S, args.keep)
     gen_best = max(SG, key=lambda k: SG[k]["tok_s"])
     print(f"contenders: {contenders}; generate: {gen_best}", flush=True)
@@ -552,6 +562,9 @@ def main() -> None:
         "proto_q8_0_ub2048": dict(kind="mote_session", gguf=str(ggufs["q8_0"]), batch_size=64, n_ubatch=2048,
                                   n_batch=2048, kv_unified=True, model_params=cap),
     }
+    if args.lean:  # the product configurations and one lever: rounds that fit a shorter slot
+        mote = {key: c for key, c in mote.items() if key in ("ftri_q8_0", "ftri_bf16", "ftri_q4_k_m",
+                                                              "proto_q8_0_ub2048")}
     gen = dict(n_prompts=args.gen_prompts, new_tokens=args.new_tokens)
     gen_cfgs = {
         "gen_hf": dict(kind="hf_generate", **{**SG[gen_best]["cfg"]["run"], "batch": args.hf_gen_batch}, **gen),
@@ -560,6 +573,8 @@ def main() -> None:
         "gen_q4_k_m": dict(kind="mote_ftri", gguf=q4, scope="generated", batch_size=args.gen_prompts,
                            model_params=cap, **gen),
     }
+    if args.lean:
+        del gen_cfgs["gen_q4_k_m"]
     plan = {**{f"hf:{n}": dict(kind="hf_prompt", **S[n]["cfg"]["run"]) for n in contenders}, **mote, **gen_cfgs}
     rounds: list[dict[str, dict]] = []
     rng = random.Random(0)
@@ -703,6 +718,8 @@ def analyse_results(args, argv, spec, build, sizes, ids, is_behavior, S, SG, con
              "ftri_q8_0_t1": "… Q8_0 with 1 thread",
              "proto_q8_0_ub2048": "prototype Q8_0: 64 sequences per decode, n_ubatch 2048 (Session/Capture API)"}
     for key, label in names.items():
+        if key not in tps:
+            continue
         w(f"| {label} | {_spread(tps[key])} | {_spread(ratio[key], '{:.2f}×')} | {rss[key]:.0f} | "
           f"{100 * rss[key] / rss[best]:.0f}% |")
     w("")
@@ -716,14 +733,15 @@ def analyse_results(args, argv, spec, build, sizes, ids, is_behavior, S, SG, con
       f"{verdict(mem('ftri_bf16') <= 0.25)}).")
     w(f"- **Q4_K_M ≥ 2×**: {med('ftri_q4_k_m'):.2f}× at {100 * mem('ftri_q4_k_m'):.0f}% "
       f"{verdict(med('ftri_q4_k_m') >= 2)}.")
-    w(f"- Levers, within a round against the product configuration of the same type, median (min–max): "
-      f"weight repacking at Q4_K_M {_spread(vs('ftri_q4_k_m_repack', 'ftri_q4_k_m'), '{:.2f}×')} at "
-      f"{rss['ftri_q4_k_m_repack']:.0f} instead of {rss['ftri_q4_k_m']:.0f} MiB (Q8_0 and BF16 have no repacked "
-      f"layout on x86 in this llama.cpp: `ggml_repack_get_optimal_repack_type` repacks Q8_0 only on ARM/RISC-V, so "
-      f"`use_extra_bufts` changes nothing for them); 1 thread instead of 2 at Q8_0 "
-      f"{_spread(vs('ftri_q8_0_t1', 'ftri_q8_0'), '{:.2f}×')}; 64 sequences per decode with n_ubatch 2048 at Q8_0 "
-      f"{_spread(vs('proto_q8_0_ub2048', 'ftri_q8_0'), '{:.2f}×')}; BF16 against Q8_0 "
-      f"{_spread(vs('ftri_bf16', 'ftri_q8_0'), '{:.2f}×')}.")
+    levers = [("weight repacking at Q4_K_M", "ftri_q4_k_m_repack", "ftri_q4_k_m"),
+              ("1 thread instead of 2 at Q8_0", "ftri_q8_0_t1", "ftri_q8_0"),
+              ("64 sequences per decode with n_ubatch 2048 at Q8_0", "proto_q8_0_ub2048", "ftri_q8_0"),
+              ("BF16 against Q8_0", "ftri_bf16", "ftri_q8_0")]
+    w("- Levers, within a round against the product configuration of the same type, median (min–max): "
+      + "; ".join(f"{label} {_spread(vs(a, b), '{:.2f}×')} ({rss[a]:.0f} vs {rss[b]:.0f} MiB)"
+                  for label, a, b in levers if a in tps)
+      + ". Q8_0 and BF16 have no repacked layout on x86 in this llama.cpp (`ggml_repack_get_optimal_repack_type` "
+        "repacks Q8_0 only on ARM/RISC-V), so `use_extra_bufts` changes nothing for them.")
     w("")
     gh = rounds[0]["gen_hf"]
     w(f"### Generated scope ({args.gen_prompts} prompts × {args.new_tokens} new tokens, greedy, same rounds)")
@@ -737,11 +755,13 @@ def analyse_results(args, argv, spec, build, sizes, ids, is_behavior, S, SG, con
               "gen_q4_k_m": f"mote-local `capture_activations(scope=\"generated\", batch_size={args.gen_prompts})` "
                             "Q4_K_M"}
     for key, label in gnames.items():
+        if key not in tps:
+            continue
         w(f"| {label} | {_spread(tps[key], '{:.1f}')} | {_spread(vs(key, 'gen_hf'), '{:.2f}×')} | {rss[key]:.0f} |")
     w("")
-    g8, g4 = float(np.median(vs("gen_q8_0", "gen_hf"))), float(np.median(vs("gen_q4_k_m", "gen_hf")))
-    w(f"- **Generated scope ≥ 3× the fastest transformers `generate`**: Q8_0 {g8:.2f}× {verdict(g8 >= 3)}, Q4_K_M "
-      f"{g4:.2f}× {verdict(g4 >= 3)}. transformers routes {args.new_tokens - 1} of the {args.new_tokens} generated "
+    gq = {q: float(np.median(vs(f"gen_{q}", "gen_hf"))) for q in ("q8_0", "q4_k_m") if f"gen_{q}" in tps}
+    w("- **Generated scope ≥ 3× the fastest transformers `generate`**: "
+      + ", ".join(f"{q.upper()} {g:.2f}× {verdict(g >= 3)}" for q, g in gq.items()) + f". transformers routes {args.new_tokens - 1} of the {args.new_tokens} generated "
       f"tokens (the last never enters the model), mote-local all {args.new_tokens}; transformers ran "
       f"{gh.get('transformers')}.")
     w("")
