@@ -4,24 +4,27 @@
 One run, same random Qwen3-MoE weights on both sides (built with transformers, converted with the pinned
 llama.cpp's convert_hf_to_gguf.py, quantized with llama_model_quantize), same prompts, same token ids:
 
-  prompt scope     transformers bf16/f32 batched forward with a hook on every ``mlp.gate``   vs
-                   mote_local.ftri.runner.capture_activations at f32 / Q8_0 / Q4_K_M as `mote ftri` runs it
-                   (batch_size 32, Model options ftri.CAPTURE_MODEL_OPTIONS), the levers beside it (batch
-                   size, llama.cpp's weight repacking), a prototype of one the product does not expose
-                   (larger ubatches) through the public Session/Capture API, and a timing of what logits for
-                   every token cost (the "routing-only mode" lever)
+  prompt scope     transformers 4.x (this interpreter) and 5.x (--tf5-python, a bench-only venv), each CPU experts
+                   implementation 5.x offers (eager, grouped_mm, batched_mm), bf16/f32, several batch sizes, a
+                   forward hook on every ``mlp.gate``: screened once each (time-budgeted), the families within
+                   --keep x of the best go on to the rounds                                        vs
+                   mote_local.ftri.runner.capture_activations at Q8_0 / BF16 / Q4_K_M as `mote ftri` runs it
+                   (batch_size 32, ftri.CAPTURE_MODEL_OPTIONS) and levers beside it (repacking, 1 thread, more
+                   sequences per decode with a larger ubatch through the Session/Capture API)
   generated scope  transformers ``generate`` (greedy, batched, left padding, same hooks)      vs
                    capture_activations(scope="generated"): batched greedy generation, counted while generating
+  rounds           the contenders and mote-local's configurations, shuffled anew in each of --rounds rounds; ratios
+                   against the fastest transformers configuration are taken within a round (median, min-max)
   fidelity         per-token top-k sets and fTRI top-N (mean_diff) rankings: llama.cpp f32 vs transformers
-                   f32, Q8_0 / Q4_K_M vs f32, transformers bf16 vs f32
+                   f32, BF16 / Q8_0 / Q4_K_M vs f32, transformers bf16 vs f32
 
 Every measured configuration runs in a fresh subprocess (its peak RSS is its own, from getrusage), after a
 warm-up on the first batch; throughput counts prompt (or generated) tokens over the timed pass, model
 loading excluded. Checkpoints and GGUFs are cached under ~/.cache/mote-local/bench-ftri/<spec hash>/
 (reused by later runs unless --rebuild; about 9 GB).
 
-    python bench/bench_ftri.py --rebuild --results bench/RESULTS.md   # build + measure (~15 min on 2 cores)
-    python bench/bench_ftri.py                                        # reuse the cached build, table to stdout
+    python bench/bench_ftri.py --rebuild --results bench/RESULTS.md   # build + measure (~1 h on 2 loaded cores)
+    python bench/bench_ftri.py --lean --screening DIR/screening.json  # rounds only, reusing a screening
     python bench/bench_ftri.py --quick --workdir /tmp/bq              # small model: a smoke test of the pipeline
 
 Needs torch and transformers (bench-only, not dependencies of mote-local; the CPU wheel of torch is enough).
