@@ -337,37 +337,6 @@ def worker_mote_session(cfg: dict) -> dict:
     return {"tok_s": n_tok / wall, "wall_s": wall, "tokens": n_tok, "load_s": load_s, "rss_mb": peak_rss_mb()}
 
 
-def worker_mote_logits_cost(cfg: dict) -> dict:
-    """What a routing-only mode would save: the same batches decoded without capture, every token an
-    output (what capture needs today) vs only each sequence's last token (no LM head for the rest, but the
-    last layer then also skips those rows, so the gap is an upper bound of the LM head's share)."""
-    seqs, _ = _load_ids(cfg)
-    seqs = seqs[:cfg.get("n_prompts") or len(seqs)]
-    model, _ = _mote_model(cfg)
-    bs = cfg["batch_size"]
-    longest = max(len(s) for s in seqs)
-    n_ctx = bs * longest + 16
-    nb = min(n_ctx, cfg.get("n_batch") or 2048)
-    out = {}
-    with model.session(n_ctx=n_ctx, n_seq_max=bs, n_batch=nb, n_ubatch=min(nb, cfg.get("n_ubatch") or 512),
-                       kv_unified=cfg.get("kv_unified", False)) as s:
-        def run(outputs: str) -> float:
-            t0 = time.perf_counter()
-            for start in range(0, len(seqs), bs):
-                s.reset()
-                s.decode([(i, seq, 0) for i, seq in enumerate(seqs[start:start + bs])], outputs=outputs)
-            return time.perf_counter() - t0
-        s.reset()
-        s.decode([(i, seq, 0) for i, seq in enumerate(seqs[:bs])])  # warm-up
-        for rep in range(2):  # interleaved, best of 2
-            for mode in ("all", "last"):
-                out[mode] = min(out.get(mode, 1e9), run(mode))
-    model.close()
-    n_tok = sum(len(s) for s in seqs)
-    return {"all_tok_s": n_tok / out["all"], "last_tok_s": n_tok / out["last"],
-            "saving": 1 - out["last"] / out["all"]}
-
-
 WORKERS = {name[len("worker_"):]: fn for name, fn in globals().items() if name.startswith("worker_")}
 
 
@@ -848,12 +817,12 @@ def _version(pkg: str) -> str:
         return "absent"
 
 
-def append_section(path: Path, report: str) -> None:
-    """Adds (or replaces) this benchmark's section; other sections stay as they are."""
+def append_section(path: Path, report: str, section: str = SECTION) -> None:
+    """Adds (or replaces) a benchmark's section (this one's by default); other sections stay as they are."""
     text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if SECTION in text:
-        start = text.index(SECTION)
-        nxt = text.find("\n## ", start + len(SECTION))
+    if section in text:
+        start = text.index(section)
+        nxt = text.find("\n## ", start + len(section))
         text = text[:start] + report.rstrip() + "\n" + (text[nxt:] if nxt >= 0 else "")
     else:
         text = text.rstrip() + "\n\n" + report.rstrip() + "\n"

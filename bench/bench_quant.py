@@ -208,11 +208,7 @@ def main() -> None:
 
 
 def write_section(path: Path, report: str) -> None:
-    bf.SECTION, saved = SECTION, bf.SECTION  # bench_ftri's section writer, pointed at this section
-    try:
-        bf.append_section(path, report)
-    finally:
-        bf.SECTION = saved
+    bf.append_section(path, report, SECTION)
     print(f"\nwritten to {path}")
 
 
