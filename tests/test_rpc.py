@@ -333,6 +333,22 @@ def test_cli_run_over_rpc_equals_the_local_run(tiny_path, servers):
     assert remote.exit_code == 0 and remote.stdout == local.stdout, remote.output
 
 
+def test_mote_ftri_over_rpc_finds_what_it_finds_locally(planted_files, servers, tmp_path):
+    """The whole fTRI pipeline (batched capture, statistics, profile) on the planted model spread over the servers:
+    the same per-prompt activation maps, hence the same files, as the local run."""
+    from mote_local.synthetic import planted
+
+    path = str(planted_files[0])
+    args = ["ftri", path, "--prompts", str(planted.prompts_path()), "--n-boot", "5"]
+    local = CliRunner().invoke(main, args + ["--out", str(tmp_path / "local")])
+    remote = CliRunner().invoke(main, args + ["--out", str(tmp_path / "remote"), "--rpc", ",".join(servers),
+                                              "-ngl", "3", "-ts", "1,1"])
+    assert local.exit_code == 0, local.output
+    assert remote.exit_code == 0, remote.output
+    for name in ("profile.json", "ftri_mean_diff.csv"):
+        assert (tmp_path / "remote" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+
+
 def test_cli_refuses_bad_placement_in_one_line(tiny_path):
     path = str(tiny_path("qwen3moe"))
     port = free_port()
