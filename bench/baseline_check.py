@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import sys
 from pathlib import Path
@@ -41,16 +40,7 @@ def main() -> None:
     for q in ("q8_0", "q4_k_m"):
         plan[f"mote {q}"] = dict(kind="mote_ftri", gguf=str(args.workdir / f"model-{q}.gguf"), scope="prompt",
                                  batch_size=32, model_params=cap)
-    rounds = []
-    rng = random.Random(0)
-    for i in range(args.rounds):
-        order = list(plan)
-        rng.shuffle(order)
-        rr = {}
-        for key in order:
-            c = dict(plan[key])
-            rr[key] = run(c.pop("kind"), out_npz=str(args.workdir / f"bc{i}.npz"), **c, **common)
-        rounds.append(rr)
+    rounds = bf.interleaved_rounds(run, plan, args.rounds, lambda i, key: str(args.workdir / f"bc{i}.npz"), common)
 
     print(f"\n{'configuration':<28} {'tok/s median':>12} {'min-max':>15} {'peak RSS MiB':>13} "
           f"{'x fastest transformers (per round)':>36}")

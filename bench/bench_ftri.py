@@ -548,16 +548,7 @@ def main() -> None:
     if args.lean:
         del gen_cfgs["gen_q4_k_m"]
     plan = {**{f"hf:{n}": dict(kind="hf_prompt", **S[n]["cfg"]["run"]) for n in contenders}, **mote, **gen_cfgs}
-    rounds: list[dict[str, dict]] = []
-    rng = random.Random(0)
-    for i in range(args.rounds):
-        order = list(plan)
-        rng.shuffle(order)
-        rr = {}
-        for key in order:
-            c = dict(plan[key])
-            rr[key] = run(c.pop("kind"), out_npz=npz(f"r{i}_{key.replace(':', '_')}"), **c, **common)
-        rounds.append(rr)
+    rounds = interleaved_rounds(run, plan, args.rounds, lambda i, key: npz(f"r{i}_{key.replace(':', '_')}"), common)
     # f32 once (its counts feed the fidelity comparison; its speed is not a target)
     R: dict[str, dict] = {"ftri_f32": run("mote_ftri", gguf=str(ggufs["f32"]), scope="prompt", batch_size=32,
                                           model_params=cap, out_npz=npz("ftri_f32"), **common)}
@@ -581,6 +572,23 @@ def main() -> None:
     if args.results:
         append_section(args.results, report)
         print(f"\nwritten to {args.results}")
+
+
+def interleaved_rounds(run: Runner, plan: dict[str, dict], n_rounds: int, out_npz,
+                       common: dict) -> list[dict[str, dict]]:
+    """Every configuration of ``plan`` (worker kind and options) once per round, in an order shuffled anew in each
+    round (seeded), so that drift of the machine hits every configuration alike; ``out_npz(round, key)``."""
+    rounds: list[dict[str, dict]] = []
+    rng = random.Random(0)
+    for i in range(n_rounds):
+        order = list(plan)
+        rng.shuffle(order)
+        rr = {}
+        for key in order:
+            c = dict(plan[key])
+            rr[key] = run(c.pop("kind"), out_npz=out_npz(i, key), **c, **common)
+        rounds.append(rr)
+    return rounds
 
 
 def hf_grid(args, workdir: Path) -> list[dict]:
