@@ -472,13 +472,13 @@ std::vector<uint8_t> queue_read(ggml_backend_sched_t sched, ggml_tensor * t) {
     return out;
 }
 
-// A layer's tap, copied out of its chain's bytes.
-template <typename T> std::vector<T> tap_values(const std::vector<std::vector<uint8_t>> & chains,
-                                                const steer_input::tap & tap) {
-    std::vector<T> out(ggml_nelements(tap.t));
-    const uint8_t * src = chains[tap.chain].data() + tap.offset * tap.t->nb[1];
-    memcpy(out.data(), src, ggml_nbytes(tap.t));
-    return out;
+// A layer's tap inside its chain's bytes (rows of 4-byte values: aligned for T), or nullptr for no tap.
+template <typename T> const T * tap_values(const std::vector<std::vector<uint8_t>> & chains,
+                                           const steer_input::tap & tap) {
+    if (tap.t == nullptr) {
+        return nullptr;
+    }
+    return reinterpret_cast<const T *>(chains[tap.chain].data() + tap.offset * tap.t->nb[1]);
 }
 
 label_stats & stats_for(context_state & st, int32_t label) {
@@ -528,11 +528,11 @@ void after_ubatch(const llama_context * lctx, ggml_backend_sched_t sched, const 
         }
     }
 
-    struct layer_read {
-        std::vector<int32_t> ids;
-        std::vector<float>   weights;
-        std::vector<float>   probs;
-        std::vector<float>   norms;
+    struct layer_read { // views into the chains' bytes
+        const int32_t * ids     = nullptr;
+        const float *   weights = nullptr;
+        const float *   probs   = nullptr;
+        const float *   norms   = nullptr;
     };
     std::vector<std::vector<uint8_t>> chains(in->chains.size());
     for (size_t c = 0; c < chains.size(); ++c) {
@@ -552,22 +552,20 @@ void after_ubatch(const llama_context * lctx, ggml_backend_sched_t sched, const 
         }
         reads[il].ids     = tap_values<int32_t>(chains, taps.ids);
         reads[il].weights = tap_values<float>(chains, taps.weights);
-        if (taps.probs.t != nullptr) {
-            reads[il].probs = tap_values<float>(chains, taps.probs);
-        }
+        reads[il].probs   = tap_values<float>(chains, taps.probs);
         if (taps.norms.t != nullptr && taps.norms.t->ne[1] == rows) {
             reads[il].norms = tap_values<float>(chains, taps.norms);
         }
     }
 
     for (int32_t il = 0; il < st->n_layer; ++il) {
-        if (reads[il].ids.empty()) {
+        const int32_t * ids     = reads[il].ids;
+        const float *   weights = reads[il].weights;
+        const float *   probs   = reads[il].probs;
+        const float *   norms   = reads[il].norms;
+        if (ids == nullptr) {
             continue;
         }
-        const auto & ids     = reads[il].ids;
-        const auto & weights = reads[il].weights;
-        const auto & probs   = reads[il].probs;
-        const auto & norms   = reads[il].norms;
         const int64_t n_used = in->taps[il].ids.t->ne[0];
         const int64_t rows   = in->taps[il].ids.t->ne[1];
         for (int64_t r = 0; r < rows; ++r) {
@@ -587,12 +585,12 @@ void after_ubatch(const llama_context * lctx, ggml_backend_sched_t sched, const 
                     if (e >= 0 && e < st->n_expert) {
                         ls.counts[base + e] += 1;
                         ls.weight_sums[base + e] += weights[r * n_used + j];
-                        if (!norms.empty() && !ls.output_norms.empty()) {
+                        if (norms != nullptr && !ls.output_norms.empty()) {
                             ls.output_norms[base + e] += (double) weights[r * n_used + j] * norms[r * n_used + j];
                         }
                     }
                 }
-                if (!probs.empty() && !ls.prob_sums.empty()) {
+                if (probs != nullptr && !ls.prob_sums.empty()) {
                     for (int32_t e = 0; e < st->n_expert; ++e) {
                         ls.prob_sums[base + e] += probs[r * st->n_expert + e];
                     }
@@ -600,12 +598,11 @@ void after_ubatch(const llama_context * lctx, ggml_backend_sched_t sched, const 
                 ls.tokens[il] += 1;
                 if (trace) {
                     cap.trace_meta.insert(cap.trace_meta.end(), { b->second.label, seq, pos, il });
-                    cap.trace_ids.insert(cap.trace_ids.end(), ids.begin() + r * n_used, ids.begin() + (r + 1) * n_used);
-                    cap.trace_weights.insert(cap.trace_weights.end(), weights.begin() + r * n_used,
-                                             weights.begin() + (r + 1) * n_used);
-                    if (!probs.empty()) {
-                        cap.trace_probs.insert(cap.trace_probs.end(), probs.begin() + r * st->n_expert,
-                                               probs.begin() + (r + 1) * st->n_expert);
+                    cap.trace_ids.insert(cap.trace_ids.end(), ids + r * n_used, ids + (r + 1) * n_used);
+                    cap.trace_weights.insert(cap.trace_weights.end(), weights + r * n_used, weights + (r + 1) * n_used);
+                    if (probs != nullptr) {
+                        cap.trace_probs.insert(cap.trace_probs.end(), probs + r * st->n_expert,
+                                               probs + (r + 1) * st->n_expert);
                     }
                 }
             }
