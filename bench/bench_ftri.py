@@ -8,7 +8,7 @@ llama.cpp's convert_hf_to_gguf.py, quantized with llama_model_quantize), same pr
                    implementation 5.x offers (eager, grouped_mm, batched_mm), bf16/f32, several batch sizes, a
                    forward hook on every ``mlp.gate``: screened once each (time-budgeted), the families within
                    --keep x of the best go on to the rounds                                        vs
-                   mote_local.ftri.runner.capture_activations at Q8_0 / BF16 / Q4_K_M as `mote ftri` runs it
+                   mote_local.ftri.capture.capture_activations at Q8_0 / BF16 / Q4_K_M as `mote ftri` runs it
                    (batch_size 32, ftri.CAPTURE_MODEL_OPTIONS) and levers beside it (repacking, 1 thread, more
                    sequences per decode with a larger ubatch through the Session/Capture API)
   generated scope  transformers ``generate`` (greedy, batched, left padding, same hooks)      vs
@@ -263,8 +263,8 @@ def _prompt_objs(cfg: dict):
 
 
 def worker_mote_ftri(cfg: dict) -> dict:
-    """The product path: mote_local.ftri.runner.capture_activations, as `mote ftri` runs it."""
-    from mote_local.ftri.runner import capture_activations
+    """The product path: mote_local.ftri.capture.capture_activations, as `mote ftri` runs it."""
+    from mote_local.ftri.capture import capture_activations
 
     beh, base, data = _prompt_objs(cfg)
     n = cfg.get("n_prompts")
@@ -413,7 +413,7 @@ def ftri_compare(ca: np.ndarray, cb: np.ndarray, is_behavior: np.ndarray, top: i
 
 
 def capture_options() -> dict:
-    from mote_local.ftri.runner import CAPTURE_MODEL_OPTIONS
+    from mote_local.ftri.capture import CAPTURE_MODEL_OPTIONS
     return dict(CAPTURE_MODEL_OPTIONS)
 
 

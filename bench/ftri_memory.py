@@ -4,7 +4,7 @@ logits out (keep, the old path) or routing only. python bench/ftri_memory.py tin
 import resource, sys
 from mote_local.engine import Model
 from mote_local.engine.model import Session
-from mote_local.ftri import runner
+from mote_local.ftri import capture
 from mote_local.prompts import load_prompt_set, select_classes
 from mote_local.synthetic import planted, tiny
 vocab, keep = sys.argv[1], sys.argv[2] == "keep"
@@ -15,5 +15,5 @@ path = tiny.tiny_model("qwen3moe", **({"vocab": "qwen3", "qtype": "q8_0"} if voc
 b, n = select_classes(load_prompt_set(planted.prompts_path()), "trigger", "neutral")
 with Model(path, n_threads=1) as m:
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    run = runner.capture_activations(m, b, n, chat=False, batch_size=32, show_progress=False)
+    run = capture.capture_activations(m, b, n, chat=False, batch_size=32, show_progress=False)
 print(vocab, "keep" if keep else "routing-only", "peak RSS MiB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, "before capture", base // 1024)

@@ -19,7 +19,8 @@ LAYERS = [
     {"modelfile"},
     {"steering"},
     {"engine", "synthetic"},
-    {"ftri", "evaluation"},
+    {"ftri"},
+    {"evaluation"},  # a sweep reads fTRI's ranking
     {"serve"},
     {"cli"},  # the mote command registers every command, the server's too
 ]

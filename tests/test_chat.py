@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from mote_local.cli.commands import main
 from mote_local.engine.model import Session
-from mote_local.ftri.runner import FTRI_FORMAT
+from mote_local.ftri.outputs import FTRI_FORMAT
 from mote_local.steering.entries import Entry, Mode
 from mote_local.steering.profile import Profile
 from mote_local.synthetic import planted

@@ -8,7 +8,8 @@ from click.testing import CliRunner
 from mote_local.cli.commands import main
 from mote_local.engine.model import Model, ThinkMarkers
 from mote_local.errors import MoteError
-from mote_local.ftri import runner as ftri
+from mote_local.ftri.capture import capture_activations, run_ftri
+from mote_local.ftri.export import profile_from_ranking
 from mote_local.prompts import load_prompt_set, select_classes
 from mote_local.steering.profile import Profile
 from mote_local.synthetic import planted
@@ -29,7 +30,7 @@ def classes():
 def test_planted_experts_rank_on_top(model, planted_files, classes, scope):
     truth = planted_files[1]
     n = len(truth.planted)
-    run, results = ftri.run_ftri(model, *classes, methods=("mean_diff", "risk_diff", "log_odds"), scope=scope,
+    run, results = run_ftri(model, *classes, methods=("mean_diff", "risk_diff", "log_odds"), scope=scope,
                                  top=n, n_boot=50, show_progress=False)
     assert not run.partial and run.activations.n_behavior == len(classes[0])
     for method in ("mean_diff", "risk_diff"):
@@ -43,10 +44,10 @@ def test_planted_experts_rank_on_top(model, planted_files, classes, scope):
 
 def test_exported_profile_removes_the_refusals(model, planted_files, classes):
     truth = planted_files[1]
-    run, results = ftri.run_ftri(model, *classes, methods=("mean_diff",), top=len(truth.planted), n_boot=20,
+    run, results = run_ftri(model, *classes, methods=("mean_diff",), top=len(truth.planted), n_boot=20,
                                  show_progress=False)
     ranked = results["mean_diff"].ranked(len(truth.planted), layers=model.layout.moe_layers)
-    profile = ftri.profile_from_ranking(ranked, model)
+    profile = profile_from_ranking(ranked, model)
     profile.validate(model.layout)
     trigger = classes[0][:12]
     with model.session(n_ctx=256) as s:
@@ -72,16 +73,16 @@ def test_interrupted_capture_keeps_partial_results(model, classes, monkeypatch):
         return route(self, sequences, **kwargs)
 
     monkeypatch.setattr(Session, "route", interrupt_on_third)
-    run = ftri.capture_activations(model, *classes, batch_size=4, show_progress=False)
+    run = capture_activations(model, *classes, batch_size=4, show_progress=False)
     assert run.partial and run.activations.n_prompts == 8
     assert run.activations.n_behavior == 4 and run.activations.n_baseline == 4
 
 
 def test_bad_scope_and_missing_responses(model, classes):
     with pytest.raises(MoteError, match="unknown scope"):
-        ftri.capture_activations(model, *classes, scope="everything")
+        capture_activations(model, *classes, scope="everything")
     with pytest.raises(MoteError, match="paired response"):
-        ftri.capture_activations(model, *classes, scope="target")
+        capture_activations(model, *classes, scope="target")
 
 
 def test_ftri_cli_writes_everything(planted_files, tmp_path):
@@ -108,7 +109,7 @@ def test_target_scope_counts_only_the_response_tokens(model, tmp_path):
                     '[classes.neutral]\nprompts = ["what happened at the market ?"]\n'
                     'responses = ["It was a calm day in town."]\n')
     behavior, baseline = select_classes(load_prompt_set(path))
-    run = ftri.capture_activations(model, behavior, baseline, scope="target", show_progress=False)
+    run = capture_activations(model, behavior, baseline, scope="target", show_progress=False)
     expected = [len(model.tokenize(p.response, add_bos=False)) for p in run.prompts]
     for layer in model.layout.moe_layers:
         assert run.activations.tokens[:, layer].tolist() == expected
@@ -136,5 +137,5 @@ def test_thinking_scope_counts_the_tokens_between_the_markers(model, classes, mo
     opener, closer = reply[1], reply[5]
     assert opener not in reply[:1] + reply[2:6] and closer not in reply[:5]
     monkeypatch.setattr(Model, "think_markers", property(lambda self: ThinkMarkers((opener,), closer)))
-    run = ftri.capture_activations(model, behavior, baseline, scope="thinking", show_progress=False)
+    run = capture_activations(model, behavior, baseline, scope="thinking", show_progress=False)
     assert run.activations.tokens[0, model.layout.moe_layers].tolist() == [3] * len(model.layout.moe_layers)

@@ -37,7 +37,7 @@ from mote_local.engine.model import Model, Session
 from mote_local.errors import ModelFileError, NotMoeError, SteeringError
 from mote_local.evaluation import report
 from mote_local.evaluation.evaluate import EvalResult, evaluate
-from mote_local.ftri import runner as ftri
+from mote_local.ftri import capture as ftri
 from mote_local.ftri.stats import METHODS, Activations, FtriResult, analyse
 from mote_local.modelfile import layout as layout_mod
 from mote_local.modelfile.fingerprint import Fingerprint

@@ -15,7 +15,7 @@ from mote_local.cli.commands import main
 from mote_local.engine.model import Model, Session
 from mote_local.errors import ModelFileError
 from mote_local.evaluation.evaluate import evaluate
-from mote_local.ftri import runner as ftri
+from mote_local.ftri import capture as ftri
 from mote_local.modelfile.layout import read_layout
 from mote_local.prompts import Prompt
 from mote_local.steering.entries import Entry, Mode

@@ -14,7 +14,8 @@ from mote_local.engine.model import Model
 from mote_local.errors import EvalError
 from mote_local.evaluation import evaluate as ev
 from mote_local.evaluation import report
-from mote_local.evaluation.sweep import Ranking, SweepResult, parse_sweep, sweep, sweep_figure, sweep_table
+from mote_local.evaluation.sweep import SweepResult, parse_sweep, sweep, sweep_figure, sweep_table
+from mote_local.ftri.outputs import Ranking
 from mote_local.steering.entries import Entry, Mode
 from mote_local.synthetic import planted
 

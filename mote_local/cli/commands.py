@@ -355,8 +355,9 @@ def ftri(model: Path, prompts_file: Path, baseline_prompts: Path | None, behavio
          top: int, per_layer_cap, off_mode: str, chat: bool, out: Path, batch_size: int, n_boot: int, seed: int,
          placement: dict, ctx_size: int, threads, verbose: bool, **export_options) -> None:
     """Find the experts of MODEL that fire differently on behaviour prompts than on baseline ones."""
-    from mote_local.engine.model import Model
-    from mote_local.ftri import runner as ftri_mod
+    from mote_local.ftri.capture import open_capture_model, run_ftri
+    from mote_local.ftri.export import export_profile
+    from mote_local.ftri.outputs import ranking_table, write_outputs
     from mote_local.prompts import combine, load_prompt_set, select_classes
     from mote_local.synthetic.planted import read_truth
 
@@ -376,22 +377,22 @@ def ftri(model: Path, prompts_file: Path, baseline_prompts: Path | None, behavio
         baseline = names[0]
         prompt_set = combine(prompts_file, baseline_prompts)
     behavior_prompts, baseline_set = select_classes(prompt_set, behavior, baseline)
-    with Model(model, **placement, verbose=verbose, **ftri_mod.CAPTURE_MODEL_OPTIONS) as m:
-        run, results = ftri_mod.run_ftri(m, behavior_prompts, baseline_set, methods=methods, scope=scope,
-                                         chat=chat, top=top, n_boot=n_boot, seed=seed, batch_size=batch_size,
-                                         n_ctx=n_ctx, n_threads=threads, sign=export_options["sign"])
+    with open_capture_model(model, **placement, verbose=verbose) as m:
+        run, results = run_ftri(m, behavior_prompts, baseline_set, methods=methods, scope=scope, chat=chat, top=top,
+                                n_boot=n_boot, seed=seed, batch_size=batch_size, n_ctx=n_ctx, n_threads=threads,
+                                sign=export_options["sign"])
         from mote_local.evaluation.super_experts import cached_super_experts
         from mote_local.ftri.stats import score
 
         graded = export_options["graded"] is not None
-        export = ftri_mod.export_profile(
+        export = export_profile(
             results[methods[0]], m, top=top, per_layer_cap=per_layer_cap, off_mode=off_mode,
             log_ratio=score(run.activations, "log_odds") if graded else None,
             super_experts=cached_super_experts(model) or (), metadata={
                 "source": "mote ftri", "method": methods[0], "scope": scope, "prompts": str(prompts_file),
                 "partial": run.partial}, **export_options)
         ranked = export.chosen
-        paths = ftri_mod.write_outputs(out, run, results, m, top, per_layer_cap, export)
+        paths = write_outputs(out, run, results, m, top, per_layer_cap, export)
     try:
         planted = set(read_truth(model).planted)  # a planted model knows its answer
     except ValueError:
@@ -402,9 +403,8 @@ def ftri(model: Path, prompts_file: Path, baseline_prompts: Path | None, behavio
                f"{run.activations.n_baseline} baseline ({baseline_set[0].cls}) prompts, {scope} tokens")
     for method in methods:
         click.echo(f"\n{method}:")
-        click.echo(ftri_mod.ranking_table(results[method], results[method].ranked(top, layers=layout.moe_layers),
-                                          planted, threshold=export_options["threshold"],
-                                          evidence=export_options["evidence"]))
+        click.echo(ranking_table(results[method], results[method].ranked(top, layers=layout.moe_layers), planted,
+                                 threshold=export_options["threshold"], evidence=export_options["evidence"]))
     click.echo("\n" + export.summary())
     if planted:
         found = planted & {(r.layer, r.expert) for r in ranked}
@@ -572,13 +572,12 @@ def _eval_sweep(model: Path, layout: MoeLayout, prompts, sizes_text: str, ftri_p
     """`mote eval --sweep`: the paper's curve, one table and one plot."""
     from mote_local.engine.model import Model
     from mote_local.evaluation.super_experts import cached_super_experts
-    from mote_local.evaluation.sweep import Ranking, parse_sweep, sweep, sweep_table, write_sweep_report
-    from mote_local.ftri.runner import read_ranking
+    from mote_local.evaluation.sweep import parse_sweep, sweep, sweep_table, write_sweep_report
+    from mote_local.ftri.outputs import read_ranking
 
     sizes = parse_sweep(sizes_text)
     flagged = () if include_super_experts else (cached_super_experts(model) or ())
-    r = read_ranking(ftri_path, layout.moe_layers, method=ftri_method, exclude=flagged)
-    ranking = Ranking(r["experts"], r["evidence"], r["source"], r["method"], r["left_out"])
+    ranking = read_ranking(ftri_path, layout.moe_layers, method=ftri_method, exclude=flagged)
     with Model(model, **placement, n_threads=threads, verbose=verbose) as m:
         result = sweep(m, prompts, ranking, sizes, mode=mode, exclude_super_experts=not include_super_experts,
                        **common)
@@ -614,7 +613,9 @@ def demo(out: Path, top: int, export_dir: Path | None, which: str, threads: int 
     from mote_local.engine.model import Model
     from mote_local.evaluation.evaluate import evaluate
     from mote_local.evaluation.report import format_table, write_report
-    from mote_local.ftri import runner as ftri_mod
+    from mote_local.ftri.capture import run_ftri
+    from mote_local.ftri.export import profile_from_ranking
+    from mote_local.ftri.outputs import ranking_table, write_heatmap
     from mote_local.prompts import load_prompt_set, select_classes
     from mote_local.synthetic import planted
 
@@ -632,22 +633,22 @@ def demo(out: Path, top: int, export_dir: Path | None, which: str, threads: int 
     prompt_set = load_prompt_set(planted.prompts_path())
     behavior, baseline = select_classes(prompt_set, "trigger", "neutral")
     with Model(path, n_threads=threads) as m:
-        run, results = ftri_mod.run_ftri(m, behavior, baseline, methods=("mean_diff", "risk_diff"), top=top)
+        run, results = run_ftri(m, behavior, baseline, methods=("mean_diff", "risk_diff"), top=top)
         full = results["mean_diff"].ranked(layers=m.layout.moe_layers)
         ranked = full[:top]
-        table = ftri_mod.ranking_table(results["mean_diff"], full[:max(top, 5)], set(truth.planted))
+        table = ranking_table(results["mean_diff"], full[:max(top, 5)], set(truth.planted))
         click.echo(f"\n1. fTRI: {len(behavior)} trigger vs {len(baseline)} neutral prompts, prompt tokens, "
                    f"class-mean difference of per-prompt activation maps\n{table}")
         rank_of = {(r.layer, r.expert): i for i, r in enumerate(full, 1)}
         click.echo("   planted experts ranked " + ", ".join(f"{l}:{e} #{rank_of[(l, e)]}" for l, e in truth.planted))
-        profile = ftri_mod.profile_from_ranking(ranked, m, name="demo", metadata={"source": "mote demo"})
+        profile = profile_from_ranking(ranked, m, name="demo", metadata={"source": "mote demo"})
         click.echo(f"\n2. profile: drop the top {top}: " + ", ".join(f"{e.layer}:{e.expert}" for e in profile.entries))
         click.echo("\n3. evaluation on all prompts, greedy: unsteered, profile, random control (3 seeds), forced")
         result = evaluate(m, list(behavior) + list(baseline), profile, n_random=3, max_tokens=12)
         heatmap = out / "heatmap_mean_diff.png"
         out.mkdir(parents=True, exist_ok=True)
-        ftri_mod.write_heatmap(heatmap, results["mean_diff"], m.layout.moe_layers, ranked,
-                               f"fTRI mean_diff, prompt tokens\n{path.name}")
+        write_heatmap(heatmap, results["mean_diff"], m.layout.moe_layers, ranked,
+                      f"fTRI mean_diff, prompt tokens\n{path.name}")
     click.echo(format_table(result))
     html = write_report(out, result, ftri_heatmap=heatmap, ftri_table=table, title="mote demo: a planted refusal")
     click.echo(f"\ndone in {time.perf_counter() - started:.0f} s — report: {html.resolve()}")
@@ -662,7 +663,9 @@ def trained_demo(out: Path, top: int, threads: int | None) -> None:
     from mote_local.evaluation.detectors import Detector
     from mote_local.evaluation.evaluate import evaluate
     from mote_local.evaluation.report import format_table, write_report
-    from mote_local.ftri import runner as ftri_mod
+    from mote_local.ftri.capture import run_ftri
+    from mote_local.ftri.export import profile_from_ranking
+    from mote_local.ftri.outputs import ranking_table, write_heatmap
     from mote_local.prompts import load_prompt_set, select_classes
 
     started = time.perf_counter()
@@ -673,12 +676,12 @@ def trained_demo(out: Path, top: int, threads: int | None) -> None:
     behavior, baseline = select_classes(load_prompt_set(data / "prompts.toml"), "de", "en")
     top = max(top, 4)
     with Model(path, n_threads=threads) as m:
-        _, results = ftri_mod.run_ftri(m, behavior, baseline, methods=("mean_diff",), chat=False, top=top)
+        _, results = run_ftri(m, behavior, baseline, methods=("mean_diff",), chat=False, top=top)
         full = results["mean_diff"].ranked(layers=m.layout.moe_layers)
-        table = ftri_mod.ranking_table(results["mean_diff"], full[:8])
+        table = ranking_table(results["mean_diff"], full[:8])
         click.echo(f"\n1. fTRI: {len(behavior)} German vs {len(baseline)} English prompts (the same held-out "
                    f"sections), prompt tokens, class-mean difference\n{table}")
-        profile = ftri_mod.profile_from_ranking(full[:top], m, name="demo-trained", metadata={"source": "mote demo"})
+        profile = profile_from_ranking(full[:top], m, name="demo-trained", metadata={"source": "mote demo"})
         click.echo(f"\n2. profile: drop the top {top}: " + ", ".join(f"{e.layer}:{e.expert}" for e in profile.entries))
         click.echo("\n3. evaluation on 16 German prompts, greedy, 24 tokens: the rate of German continuations "
                    "(a German stop-word detector); capability cost on held-out German text")
@@ -686,8 +689,8 @@ def trained_demo(out: Path, top: int, threads: int | None) -> None:
                           neutral_text=data / "heldout_de.txt", n_random=2, max_tokens=24, chat=False)
         heatmap = out / "heatmap_mean_diff.png"
         out.mkdir(parents=True, exist_ok=True)
-        ftri_mod.write_heatmap(heatmap, results["mean_diff"], m.layout.moe_layers, full[:top],
-                               f"fTRI mean_diff, German vs English\n{path.name}")
+        write_heatmap(heatmap, results["mean_diff"], m.layout.moe_layers, full[:top],
+                      f"fTRI mean_diff, German vs English\n{path.name}")
     click.echo(format_table(result))
     click.echo("\nWhat this model shows (the recorded experiment, MODEL_CARD.md): fTRI finds German-selective "
                "experts with tight intervals, but switching them off does not stop German continuations; it "

@@ -13,7 +13,7 @@ from mote_local.engine.model import Model
 from mote_local.errors import ProfileError, ProfileMismatchError
 from mote_local.evaluation.controls import off_experts
 from mote_local.evaluation.super_experts import SuperExpertCheck, check_super_experts
-from mote_local.ftri.runner import FTRI_FORMAT
+from mote_local.ftri.outputs import FTRI_FORMAT
 from mote_local.modelfile.fingerprint import Fingerprint
 from mote_local.modelfile.layout import MoeLayout
 from mote_local.steering.profile import Profile

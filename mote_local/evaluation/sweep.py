@@ -9,7 +9,7 @@ At each N, against the same unsteered run, on the same prompts:
 ============  ===============================================================================================
 
 Rates, intervals, deltas, capability cost and the collapse flag are :mod:`~mote_local.evaluation.evaluate`'s.
-The ranking comes from an fTRI result (``mote_local.ftri.runner.read_ranking``): the experts of the chosen
+The ranking comes from an fTRI result (``mote_local.ftri.outputs.read_ranking``): the experts of the chosen
 method ordered by score, MoE layers only, flagged super-experts left out unless asked; each N says how many of its
 experts carry evidence (a simultaneous band above 0), since a top N that outgrows the signal switches off noise.
 
@@ -67,24 +67,14 @@ from mote_local.evaluation.report import (
     text_table,
 )
 from mote_local.evaluation.super_experts import cached_super_experts
+from mote_local.ftri.outputs import Ranking
 from mote_local.steering.entries import Entry, Mode
 
-__all__ = ["Ranking", "SweepPoint", "SweepResult", "parse_sweep", "sweep", "sweep_table", "write_sweep_report"]
+__all__ = ["SweepPoint", "SweepResult", "parse_sweep", "sweep", "sweep_table", "write_sweep_report"]
 
 SWEEP_FORMAT = "mote-sweep"
 PLOT_NAME = "sweep.png"
 OFF_MODES = (Mode.DROP, Mode.MASK)
-
-
-@dataclass
-class Ranking:
-    """Experts in rank order (best first), which of them carry evidence, and where the ranking came from."""
-
-    experts: list[tuple[int, int]]
-    evidence: set[tuple[int, int]] = field(default_factory=set)
-    source: str = ""
-    method: str = ""
-    left_out: list[tuple[int, int]] = field(default_factory=list)  # flagged super-experts not ranked
 
 
 def parse_sweep(text: str) -> list[int]:
