@@ -330,7 +330,9 @@ def test_validate_refuses_another_model(models):
         p.validate(layout)
     msg = str(info.value)
     assert "profile 'olmoe-refusal' does not fit" in msg and layout.path.name in msg
-    assert "arch olmoe" in msg and "arch qwen3moe" in msg and "--force" in msg
+    assert "arch olmoe" in msg and "arch qwen3moe" in msg and "pass force=True to apply it anyway" in msg
+    with pytest.raises(ProfileMismatchError, match="or set steering.force to true to apply it anyway"):
+        p.validate(layout, way_out="set steering.force to true")
     assert p.validate(layout, force=True) is p
 
 

@@ -16,7 +16,6 @@ import numpy as np
 
 from mote_local.cache import cache_dir
 from mote_local.cli.shared import (
-    check_fits,
     load_profile,
     profile_target,
     super_expert_note,
@@ -27,7 +26,7 @@ from mote_local.engine.model import Generation, Model, RoutingStats, Session
 from mote_local.errors import MoteError, SteeringError
 from mote_local.evaluation.controls import off_experts
 from mote_local.steering.entries import Entry, Mode, Scope, applies_in
-from mote_local.steering.profile import Profile
+from mote_local.steering.profile import Profile, compose
 from mote_local.steering.spec import SPEC_KINDS, parse_spec
 
 HELP = """commands:
@@ -128,11 +127,9 @@ class Chat:
         if action == "show" and not words:
             self.write(describe(self.state.profile))
         elif action == "load" and len(paths) == 1:
-            loaded = load_profile(Path(paths[0]).expanduser())
-            if not any_model:
-                check_fits(loaded, self.model.layout, paths[0],
-                           f"load it with /profile load {ANY_MODEL} {shlex.quote(paths[0])}")
-            self.steer(loaded.validate(self.model.layout, force=True))
+            way_out = f"load it with /profile load {ANY_MODEL} {shlex.quote(paths[0])}"
+            self.steer(compose([(paths[0], load_profile(Path(paths[0]).expanduser()))], [], self.model.layout,
+                               force=any_model, way_out=way_out))
             self.write(f"loaded {paths[0]}: {describe(self.state.profile)}")
         elif action == "save" and len(paths) == 1 and not any_model:
             target = profile_target(paths[0])

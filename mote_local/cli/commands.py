@@ -9,7 +9,6 @@ import contextlib
 import functools
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -17,10 +16,8 @@ import click
 
 from mote_local.errors import MoteError
 from mote_local.modelfile.layout import MoeLayout, read_layout
-from mote_local.steering.entries import Entry, Scope
-
-STEER_FLAGS = ("off", "drop", "force", "bias", "gain")
-
+from mote_local.steering.entries import Scope
+from mote_local.steering.spec import SPEC_KINDS
 
 class OneLineUsageError(click.UsageError):
     """A usage error (a bad flag or value) shown as one line that points to --help, not the whole usage text."""
@@ -109,30 +106,13 @@ def build_profile(layout: MoeLayout, profiles: Sequence[Path], specs: dict[str, 
                   strength: float | None, scope: str | None, force: bool):
     """The composition of the profile files and the command-line entries, validated for the model; a profile
     file made for another model only with ``force`` (--force-profile)."""
-    from mote_local.cli.shared import check_fits, load_profile
-    from mote_local.steering.profile import Profile
+    from mote_local.cli.shared import load_profile
+    from mote_local.steering.profile import compose
     from mote_local.steering.spec import parse_spec
 
-    total = None
-    for path in profiles:
-        p = load_profile(path)
-        if not force:
-            check_fits(p, layout, str(path), "pass --force-profile")
-        total = p if total is None else total + p
-    entries: list[Entry] = []
-    for kind in STEER_FLAGS:
-        for text in specs.get(kind, ()):
-            entries += parse_spec(kind, text)
-    if scope:
-        entries = [Entry(e.layer, e.expert, e.mode, e.value, Scope(scope)) for e in entries]
-    if entries:
-        flags = Profile.from_entries(entries, model_path=layout.path)
-        total = flags if total is None else total + flags
-    if total is None:
-        return None
-    if strength is not None:
-        total = replace(total, strength=strength)
-    return total.validate(layout, force=True)  # each file's fit was checked above; the model's limits apply
+    entries = [e for kind in SPEC_KINDS for text in specs.get(kind, ()) for e in parse_spec(kind, text)]
+    return compose([(str(path), load_profile(path)) for path in profiles], entries, layout, strength=strength,
+                   scope=scope, force=force, way_out="pass --force-profile")
 
 
 @main.command()
@@ -226,7 +206,7 @@ def warn_super_experts(model, profile, profiles: Sequence[Path], specs: dict[str
 
     check = super_experts_off(model, profile, threads)
     for layer, expert in check.flagged:
-        origin = next((f"--{kind} {text}" for kind in STEER_FLAGS for text in specs.get(kind, ())
+        origin = next((f"--{kind} {text}" for kind in SPEC_KINDS for text in specs.get(kind, ())
                        if (layer, expert) in off_experts(parse_spec(kind, text), profile.strength)),
                       "the profile " + ", ".join(map(str, profiles)))
         click.echo(f"warning: {origin} switches off layer {layer} expert {expert}, "
@@ -466,12 +446,11 @@ def profile_convert(src: Path, dst: Path) -> None:
 @click.option("--force-profile", is_flag=True, help="Accept a profile made for another model (limits still apply).")
 def profile_validate(path: Path, model: Path, force_profile: bool) -> None:
     """Check that a profile can steer MODEL."""
-    from mote_local.cli.shared import check_fits, load_profile
+    from mote_local.cli.shared import load_profile
+    from mote_local.steering.profile import compose
 
-    p, layout = load_profile(path), read_layout(model).require_moe()
-    if not force_profile:
-        check_fits(p, layout, str(path), "pass --force-profile")
-    p.validate(layout, force=True)
+    compose([(str(path), load_profile(path))], [], read_layout(model).require_moe(), force=force_profile,
+            way_out="pass --force-profile")
     click.echo(f"{path} fits {model}")
 
 
@@ -529,7 +508,7 @@ def eval_command(model: Path, prompts_file: Path, classes, profiles, strength, s
 
     layout = read_layout(model).require_moe()
     threads = specs.pop("threads", None)
-    steering = bool(profiles) or any(specs.get(k) for k in STEER_FLAGS)
+    steering = bool(profiles) or any(specs.get(k) for k in SPEC_KINDS)
     if sweep_sizes is None and (ftri_path or ftri_method):
         raise click.UsageError("--ftri gives the ranking for --sweep: add --sweep N,N,… (e.g. 1,2,5,10,20)")
     if sweep_sizes is not None:

@@ -1,7 +1,7 @@
 """What the command line and the chat REPL share: the checks before they steer a model (that a file is a
-steering profile and not, say, fTRI's result file; that a profile was made for this model; which super-experts a
-steering switches off; where a profile may be saved) and how many tokens -n asks for. Messages name the way out
-in the caller's own words: a flag on the command line, a command in the REPL."""
+steering profile and not, say, fTRI's result file; which super-experts a steering switches off; where a profile
+may be saved) and how many tokens -n asks for. Messages name the way out in the caller's own words: a flag on the
+command line, a command in the REPL."""
 
 from __future__ import annotations
 
@@ -10,12 +10,10 @@ import os
 from pathlib import Path
 
 from mote_local.engine.model import Model
-from mote_local.errors import ProfileError, ProfileMismatchError
+from mote_local.errors import ProfileError
 from mote_local.evaluation.controls import off_experts
 from mote_local.evaluation.super_experts import SuperExpertCheck, check_super_experts
 from mote_local.ftri.outputs import FTRI_FORMAT
-from mote_local.modelfile.fingerprint import Fingerprint
-from mote_local.modelfile.layout import MoeLayout
 from mote_local.steering.profile import Profile
 
 
@@ -36,17 +34,6 @@ def _is_ftri_result(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(doc, dict) and doc.get("format") == FTRI_FORMAT
-
-
-def check_fits(profile: Profile, layout: MoeLayout, what: str, override: str) -> None:
-    """Raises ProfileMismatchError when the profile was made for another model; ``what`` names the profile and
-    ``override`` says how to apply it anyway (e.g. "pass --force-profile")."""
-    if profile.fingerprint is None:
-        return
-    problem = profile.fingerprint.mismatch(Fingerprint.of_layout(layout))
-    if problem:
-        raise ProfileMismatchError(f"{what} does not fit {layout.path.name}: {problem}. Use a profile made for "
-                                   f"this model, or {override} to apply it anyway")
 
 
 def profile_target(path: str | os.PathLike) -> Path:

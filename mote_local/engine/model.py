@@ -42,7 +42,7 @@ from mote_local.modelfile.fingerprint import Fingerprint
 from mote_local.modelfile.layout import MoeLayout, read_layout
 from mote_local.steering import rules
 from mote_local.steering.entries import NATIVE_SCOPE, Entry, Scope
-from mote_local.steering.profile import Profile, ProfileMismatchError
+from mote_local.steering.profile import Profile
 
 # llama.cpp's llama_flash_attn_type
 FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
@@ -507,11 +507,8 @@ class Session:
         for another model (its fingerprint differs) is refused unless `force`.
         """
         profile = steering if isinstance(steering, Profile) else Profile(tuple(steering))
-        if profile.fingerprint is not None and not force:
-            problem = profile.fingerprint.mismatch(self.model.fingerprint)
-            if problem:
-                raise ProfileMismatchError(f"the profile does not fit {self.model.path.name}: {problem}; "
-                                           "pass force=True to apply it anyway")
+        if not force:
+            profile.check_fits(self.model.fingerprint, self.model.path.name, way_out="pass force=True")
         if strength is not None:
             profile = Profile(profile.entries, float(strength), profile.fingerprint, profile.name)
         self.model.layout.require_moe()

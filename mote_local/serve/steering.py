@@ -4,7 +4,6 @@ JSON and the CLI's flag syntax, composed the way ``mote run`` composes ``--profi
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 from mote_local.errors import ProfileError
@@ -12,7 +11,7 @@ from mote_local.modelfile.fingerprint import Fingerprint
 from mote_local.modelfile.layout import MoeLayout
 from mote_local.serve.types import SteeringRequest
 from mote_local.steering.entries import Entry, Scope
-from mote_local.steering.profile import FORMAT, VERSION, Profile
+from mote_local.steering.profile import FORMAT, VERSION, Profile, compose
 from mote_local.steering.spec import SPEC_KINDS, parse_spec
 
 __all__ = ["load_profiles", "request_profile", "steering_key"]
@@ -26,7 +25,7 @@ def load_profiles(paths: dict[str, Path], layout: MoeLayout, *, force: bool = Fa
     out = {}
     for name, path in paths.items():
         try:
-            out[name] = Profile.load(path).validate(layout, force=force)
+            out[name] = Profile.load(path).validate(layout, force=force, way_out="pass --force-profile")
         except ProfileError as err:
             raise ProfileError(f"--profile {name}={path}: {err}") from None
     return out
@@ -40,30 +39,24 @@ def request_profile(req: SteeringRequest | None, layout: MoeLayout, fingerprint:
     """
     if req is None:
         return None
-    total = None
+    files: list[tuple[str, Profile]] = []
     if isinstance(req.profile, str):
         if req.profile not in named:
             have = ", ".join(sorted(named)) if named else "none (start the server with --profile NAME=FILE)"
             raise ProfileError(f"steering.profile: unknown profile {req.profile!r}; this server has {have}")
-        total = named[req.profile]
+        files.append((f"steering.profile {req.profile!r}", named[req.profile]))
     elif req.profile is not None:
         try:
-            total = Profile.from_json(json.dumps(req.profile, allow_nan=False))
+            files.append(("steering.profile", Profile.from_json(json.dumps(req.profile, allow_nan=False))))
         except ValueError as err:  # ProfileError, or a NaN/Infinity the JSON body carried
             raise ProfileError(f"steering.profile: {err}") from None
     entries: list[Entry] = []
     for i, item in enumerate(req.entries):
         entries += _entry(item, req.scope, f"steering.entries[{i}]")
-    if entries:
-        flags = Profile(tuple(entries), fingerprint=fingerprint)
-        total = flags if total is None else total + flags
-    if total is None:
-        if req.strength is not None or req.scope is not None:
-            raise ProfileError("steering: strength and scope need a profile or entries to act on")
-        return None
-    if req.strength is not None:
-        total = replace(total, strength=req.strength)
-    return total.validate(layout, force=req.force)
+    if not files and not entries and (req.strength is not None or req.scope is not None):
+        raise ProfileError("steering: strength and scope need a profile or entries to act on")
+    return compose(files, entries, layout, strength=req.strength, force=req.force,
+                   way_out="set steering.force to true", fingerprint=fingerprint)
 
 
 def _entry(item: str | dict, scope: str | None, where: str) -> list[Entry]:

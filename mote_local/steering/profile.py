@@ -53,7 +53,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from numbers import Real
 from pathlib import Path
@@ -76,7 +76,7 @@ from mote_local.steering.entries import (
     applies_in,
 )
 
-__all__ = ["Profile", "ProfileError", "ProfileMismatchError"]
+__all__ = ["Profile", "ProfileError", "ProfileMismatchError", "compose"]
 
 
 FORMAT = "mote-profile"
@@ -234,18 +234,24 @@ class Profile:
                 merged[key] = _combine(merged[key], e) if key in merged else e
         return tuple(sorted(merged.values()))
 
-    def validate(self, layout: MoeLayout, *, force: bool = False) -> Profile:
+    def check_fits(self, fingerprint: Fingerprint, model: str, *, way_out: str, what: str | None = None) -> None:
+        """Raises ProfileMismatchError when this profile was made for another model than the one ``fingerprint``
+        describes (named ``model``). ``what`` names the profile (default: its name) and ``way_out`` says, in the
+        caller's own words, how to apply it anyway ("pass --force-profile", "set steering.force to true")."""
+        problem = self.fingerprint.mismatch(fingerprint) if self.fingerprint is not None else None
+        if problem:
+            raise ProfileMismatchError(f"{what or self._label()} does not fit {model}: {problem}. Use a profile made "
+                                       f"for this model, or {way_out} to apply it anyway")
+
+    def validate(self, layout: MoeLayout, *, force: bool = False, way_out: str = "pass force=True") -> Profile:
         """This profile if it can steer the model of ``layout``; else a ProfileError saying what does not fit.
 
-        A fingerprint mismatch raises ProfileMismatchError unless ``force``; the model's limits always apply.
+        A fingerprint mismatch raises ProfileMismatchError (naming ``way_out``) unless ``force``; the model's limits
+        always apply.
         """
         layout.require_moe()
-        model = layout.path.name
-        if self.fingerprint is not None and not force:
-            problem = self.fingerprint.mismatch(Fingerprint.of_layout(layout))
-            if problem:
-                raise ProfileMismatchError(f"{self._label()} does not fit {model}: {problem}. Use a profile made "
-                                           "for this model, or pass --force-profile to apply it anyway")
+        if not force:
+            self.check_fits(Fingerprint.of_layout(layout), layout.path.name, way_out=way_out)
         rules.check(self.entries, self.strength, layout, error=ProfileError)
         return self
 
@@ -485,6 +491,32 @@ def _no_constants(v: object, path: str) -> None:
     elif isinstance(v, list):
         for i, item in enumerate(v):
             _no_constants(item, f"{path}[{i}]")
+
+
+def compose(files: Sequence[tuple[str, Profile]], entries: Sequence[Entry], layout: MoeLayout, *,
+            strength: float | None = None, scope: Scope | str | None = None, force: bool = False,
+            way_out: str = "pass force=True", fingerprint: Fingerprint | None = None) -> Profile | None:
+    """The steering a command or a request asks for: profile files (each ``(what, profile)``, ``what`` naming it in
+    errors) composed with loose entries (``scope``, when given, applies to those entries), at ``strength`` when
+    given, validated for the model of ``layout`` (whose ``fingerprint`` a caller that keeps it may pass); None when
+    nothing was asked. A file made for another model is refused, naming ``way_out``, unless ``force``; the model's
+    limits always apply."""
+    if not files and not entries:
+        return None
+    fingerprint = fingerprint or Fingerprint.of_layout(layout)
+    total = None
+    for what, profile in files:
+        if not force:
+            profile.check_fits(fingerprint, layout.path.name, way_out=way_out, what=what)
+        total = profile if total is None else total + profile
+    if scope is not None:
+        entries = [replace(e, scope=Scope(scope)) for e in entries]
+    if entries:
+        loose = Profile(tuple(entries), fingerprint=fingerprint)
+        total = loose if total is None else total + loose
+    if strength is not None:
+        total = replace(total, strength=strength)
+    return total.validate(layout, force=True)  # each file's fit was checked above
 
 
 def entry_to_json(e: Entry) -> dict[str, Any]:
