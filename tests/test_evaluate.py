@@ -25,7 +25,7 @@ from mote_local.evaluation import (
     super_experts,
 )
 from mote_local.evaluation import evaluate as ev
-from mote_local.steering.entries import Entry, Mode, Scope
+from mote_local.steering.entries import Entry, Mode, Scope, off_experts
 from mote_local.steering.profile import Profile
 from mote_local.synthetic import tiny
 
@@ -174,7 +174,10 @@ def test_forced_counterpart():
                Entry(3, 2, Mode.BIAS, 1.0), Entry(0, 0, Mode.GAIN, 2.0)]
     assert controls.forced_counterpart(entries) == [Entry(1, 2, Mode.FORCE), Entry(2, 4, Mode.FORCE, scope=Scope.DECODE),
                                               Entry(3, 1, Mode.FORCE)]
-    assert controls.off_experts(entries) == [(1, 2), (2, 4), (3, 1)]
+    assert off_experts(entries) == [(1, 2), (2, 4), (3, 1)]
+    assert off_experts(entries, strength=0.0) == [(1, 2), (2, 4)]  # a -inf bias scaled to nothing is no switch-off
+    assert controls.forced_counterpart(entries, strength=0.0) == [Entry(1, 2, Mode.FORCE),
+                                                                   Entry(2, 4, Mode.FORCE, scope=Scope.DECODE)]
     assert controls.forced_counterpart([Entry(3, 2, Mode.BIAS, 1.0)]) == []
 
 

@@ -24,8 +24,7 @@ from mote_local.cli.shared import (
 )
 from mote_local.engine.model import Generation, Model, RoutingStats, Session
 from mote_local.errors import MoteError, SteeringError
-from mote_local.evaluation.controls import off_experts
-from mote_local.steering.entries import Entry, Mode, Scope, applies_in
+from mote_local.steering.entries import Entry, Mode, Scope, applies_in, off_experts
 from mote_local.steering.profile import Profile, compose
 from mote_local.steering.spec import SPEC_KINDS, parse_spec
 

@@ -201,7 +201,7 @@ def warn_super_experts(model, profile, profiles: Sequence[Path], specs: dict[str
     """Warns, naming the flag or the profile file, when the steering switches off a super-expert (checked on
     the model: no earlier `mote inspect --super-experts` needed)."""
     from mote_local.cli.shared import super_expert_note, super_experts_off
-    from mote_local.evaluation.controls import off_experts
+    from mote_local.steering.entries import off_experts
     from mote_local.steering.spec import parse_spec
 
     check = super_experts_off(model, profile, threads)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from mote_local.engine.model import Model
 from mote_local.errors import ProfileError
-from mote_local.evaluation.controls import off_experts
 from mote_local.evaluation.super_experts import SuperExpertCheck, check_super_experts
 from mote_local.ftri.outputs import FTRI_FORMAT
+from mote_local.steering.entries import off_experts
 from mote_local.steering.profile import Profile
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from typing import Iterable, Sequence
 
@@ -14,19 +13,12 @@ from mote_local.steering.entries import Entry, Mode
 from mote_local.steering.profile import Profile, ProfileError
 
 
-def off_experts(entries: Iterable[Entry], strength: float = 1.0) -> list[tuple[int, int]]:
-    """The (layer, expert) pairs that the entries switch off: mask, drop, or a -inf bias at positive strength."""
-    out = {(e.layer, e.expert) for e in entries
-           if e.mode in (Mode.MASK, Mode.DROP) or (e.mode is Mode.BIAS and e.value == -math.inf and strength > 0)}
-    return sorted(out)
-
-
 def forced_counterpart(entries: Iterable[Entry], strength: float = 1.0) -> list[Entry]:
     """The experts the entries switch off, forced on instead (each keeps its entry's scope); other entries
     are left out. Empty when nothing is switched off."""
     out = {}
     for e in entries:
-        if e.mode in (Mode.MASK, Mode.DROP) or (e.mode is Mode.BIAS and e.value == -math.inf and strength > 0):
+        if e.switches_off(strength):
             f = Entry(e.layer, e.expert, Mode.FORCE, scope=e.scope)
             out[(f.layer, f.expert, f.scope)] = f
     return sorted(out.values())

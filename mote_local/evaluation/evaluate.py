@@ -49,7 +49,6 @@ from mote_local.errors import EvalError
 from mote_local.evaluation.controls import (
     check_control_entries,
     forced_counterpart,
-    off_experts,
     random_control,
 )
 from mote_local.evaluation.cost import (
@@ -72,7 +71,7 @@ from mote_local.evaluation.super_experts import (
     cached_super_experts,
 )
 from mote_local.progress import progress_bar
-from mote_local.steering.entries import Entry
+from mote_local.steering.entries import Entry, off_experts
 from mote_local.steering.profile import entry_to_json
 
 __all__ = ["CONDITIONS", "COLLAPSE_KL", "COLLAPSE_PERPLEXITY_RATIO", "ConditionResult", "EvalResult", "evaluate"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -12,7 +13,7 @@ from mote_local.errors import SteeringError
 class Mode(str, Enum):
     MASK = "mask"    # never selected; the token gets its next-best expert
     DROP = "drop"    # selected as usual, weight zeroed before top-k normalisation (served by k-1)
-    FORCE = "force"  # selected for every token with the token's top router logit
+    FORCE = "force"  # selected for every token: router logit lifted to the best remaining one + epsilon
     BIAS = "bias"    # additive router-logit bias before gating (scaled by strength); -inf == mask
     GAIN = "gain"    # expert output multiplied by value >= 0 after weighting and normalisation
 
@@ -68,3 +69,14 @@ class Entry:
 
     def native(self) -> tuple[int, int, int, float, int]:
         return (self.layer, self.expert, NATIVE_MODE[self.mode], self.value, NATIVE_SCOPE[self.scope])
+
+    def switches_off(self, strength: float = 1.0) -> bool:
+        """Whether this entry takes the expert out of the token's experts: mask, drop, or a -inf bias at positive
+        strength (the engine scales biases by strength)."""
+        return self.mode in (Mode.MASK, Mode.DROP) or (self.mode is Mode.BIAS and self.value == -math.inf
+                                                       and strength > 0)
+
+
+def off_experts(entries: Iterable[Entry], strength: float = 1.0) -> list[tuple[int, int]]:
+    """The (layer, expert) pairs that the entries switch off, sorted."""
+    return sorted({(e.layer, e.expert) for e in entries if e.switches_off(strength)})

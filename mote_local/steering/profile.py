@@ -203,7 +203,7 @@ class Profile:
         """Off <-> on: mask, drop and -inf bias become force, force becomes mask; bias b -> -b, gain g -> 1/g."""
         out = []
         for e in self.entries:
-            if e.mode in (Mode.MASK, Mode.DROP) or (e.mode is Mode.BIAS and e.value == -math.inf):
+            if e.switches_off():
                 out.append(Entry(e.layer, e.expert, Mode.FORCE, scope=e.scope))
             elif e.mode is Mode.FORCE:
                 out.append(Entry(e.layer, e.expert, Mode.MASK, scope=e.scope))
