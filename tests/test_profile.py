@@ -306,6 +306,18 @@ def test_bad_fingerprint(kw, message):
         Fingerprint(**fields)
 
 
+def test_entries_and_profiles_read_as_the_steering_syntax():
+    entries = [E(1, 6, "drop"), E(2, 0, "bias", -5), E(2, 1, "bias", -INF), E(3, 1, "force", scope="decode"),
+               E(0, 3, "mask"), E(1, 2, "gain", 0.5)]
+    assert [str(e) for e in entries] == ["drop 1:6", "bias 2:0=-5", "bias 2:1=-inf", "force 3:1@decode", "mask 0:3",
+                                         "gain 1:2=0.5"]
+    for e in entries:  # the text after the mode is what the flags parse back
+        kind = {"mask": "off"}.get(e.mode.value, e.mode.value)
+        assert parse_spec(kind, str(e).split(" ", 1)[1].split("@")[0], e.scope) == [e]
+    assert P(*entries[:2], strength=2.0).describe() == "drop 1:6, bias 2:0=-5 (strength 2)"
+    assert P().describe() == "none"
+
+
 def test_from_entries_fills_fingerprint(models):
     p = Profile.from_entries([E(1, 2, "mask")], models["qwen3moe"], name="n", strength=2.0)
     assert p.fingerprint == Fingerprint.of(models["qwen3moe"]) and p.name == "n" and p.strength == 2.0

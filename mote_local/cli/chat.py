@@ -24,7 +24,7 @@ from mote_local.cli.shared import (
 )
 from mote_local.engine.model import Generation, Model, RoutingStats, Session
 from mote_local.errors import MoteError, SteeringError
-from mote_local.steering.entries import Entry, Mode, Scope, applies_in, off_experts
+from mote_local.steering.entries import Entry, Scope, applies_in, off_experts
 from mote_local.steering.profile import Profile, compose
 from mote_local.steering.spec import SPEC_KINDS, parse_spec
 
@@ -105,7 +105,7 @@ class Chat:
         new = _parse(name, name, arg, self.state.scope)
         current = self.state.profile
         self.steer(replace(current, entries=_toggled(current.entries, new)))
-        self.write(f"steering: {describe(self.state.profile)}")
+        self.write(f"steering: {self.state.profile.describe()}")
 
     def unset(self, arg: str) -> None:
         experts = {(e.layer, e.expert) for e in _parse("unset", "off", arg)}
@@ -113,7 +113,7 @@ class Chat:
         idle = sorted(experts - {(e.layer, e.expert) for e in current.entries})
         self.steer(replace(current, entries=tuple(e for e in current.entries if (e.layer, e.expert) not in experts)))
         note = f" ({', '.join(f'{l}:{x}' for l, x in idle)} had no steering)" if idle else ""
-        self.write(f"steering: {describe(self.state.profile)}{note}")
+        self.write(f"steering: {self.state.profile.describe()}{note}")
 
     def profile_command(self, arg: str) -> None:
         action, _, rest = arg.partition(" ")
@@ -124,12 +124,12 @@ class Chat:
         any_model = ANY_MODEL in words
         paths = [w for w in words if w != ANY_MODEL]
         if action == "show" and not words:
-            self.write(describe(self.state.profile))
+            self.write(self.state.profile.describe())
         elif action == "load" and len(paths) == 1:
             way_out = f"load it with /profile load {ANY_MODEL} {shlex.quote(paths[0])}"
             self.steer(compose([(paths[0], load_profile(Path(paths[0]).expanduser()))], [], self.model.layout,
                                force=any_model, way_out=way_out))
-            self.write(f"loaded {paths[0]}: {describe(self.state.profile)}")
+            self.write(f"loaded {paths[0]}: {self.state.profile.describe()}")
         elif action == "save" and len(paths) == 1 and not any_model:
             target = profile_target(paths[0])
             Profile.from_entries(self.state.profile.entries, model_path=self.model.path,
@@ -198,7 +198,7 @@ class Chat:
             self.write("steering cleared (the conversation goes on; /clear starts a new one)")
         elif name == "clear":
             self.state.history, self.state.last = [], None
-            self.write(f"conversation cleared (steering: {describe(self.state.profile)})")
+            self.write(f"conversation cleared (steering: {self.state.profile.describe()})")
         elif name == "trace":
             if self.state.last is None or self.state.last.routing is None:
                 raise MoteError("no reply yet: /trace shows the routing of the last reply")
@@ -280,17 +280,6 @@ def _toggled(entries: Iterable[Entry], new: Sequence[Entry]) -> tuple[Entry, ...
         return False
 
     return tuple(e for e in entries if not replaced(e)) + tuple(new)
-
-
-def describe(profile: Profile) -> str:
-    if not profile.entries:
-        return "none"
-    parts = []
-    for e in profile.entries:
-        value = f"={e.value:g}" if e.mode in (Mode.BIAS, Mode.GAIN) else ""
-        scope = "" if e.scope is Scope.ALL else f"@{e.scope.value}"
-        parts.append(f"{e.mode.value} {e.layer}:{e.expert}{value}{scope}")
-    return ", ".join(parts) + (f" (strength {profile.strength:g})" if profile.strength != 1.0 else "")
 
 
 def render_routing(stats: RoutingStats, entries: Sequence[Entry], top: int = 8) -> str:

@@ -403,7 +403,6 @@ def profile() -> None:
 @click.argument("path", type=click.Path(path_type=Path))
 def profile_show(path: Path) -> None:
     """Print a profile's entries, strength and the model it was made for."""
-    from mote_local.cli.chat import describe
     from mote_local.cli.shared import load_profile
 
     p = load_profile(path)
@@ -412,7 +411,7 @@ def profile_show(path: Path) -> None:
     click.echo(f"made for: {fp.arch}, {fp.n_layer} layers, {fp.n_expert} experts, top-{fp.n_expert_used}, "
                f"router sha256 {fp.router_sha256[:12]}…" if fp else "made for: any model (no fingerprint)")
     click.echo(f"strength: {p.strength:g}")
-    click.echo(f"{len(p.entries)} entries: {describe(p)}")
+    click.echo(f"{len(p.entries)} entries: {p.describe()}")
 
 
 @profile.command("merge")

@@ -45,9 +45,7 @@ class Export:
         lines = [f"profile: {self.n_qualified} expert(s) {what} with evidence ({interval} beyond {bound}); "
                  f"exported {len(self.chosen)} (--top {self.top})"]
         if self.chosen:
-            lines.append("  " + ", ".join(f"{e.mode.value} {e.layer}:{e.expert}"
-                                           + (f"={e.value:+.3g}" if e.mode is Mode.BIAS else "")
-                                           for e in self.profile.entries))
+            lines.append("  " + ", ".join(map(str, self.profile.entries)))
         elif s["n_boot"] < MIN_BOOT_EVIDENCE:
             lines.append(f"  no expert qualified: {s['n_boot']} bootstrap replicates are too few for evidence "
                          f"(--n-boot {MIN_BOOT_EVIDENCE} or more; 200 by default)")

@@ -70,6 +70,13 @@ class Entry:
     def native(self) -> tuple[int, int, int, float, int]:
         return (self.layer, self.expert, NATIVE_MODE[self.mode], self.value, NATIVE_SCOPE[self.scope])
 
+    def __str__(self) -> str:
+        """The entry as people read it: its mode, then LAYER:EXPERT[=VALUE] as steering.spec parses it, then the
+        scope when not all (``drop 1:6``, ``bias 2:0=-5``, ``force 3:1@decode``, ``mask 0:3``)."""
+        value = f"={self.value:g}" if self.mode in VALUED_MODES else ""
+        scope = "" if self.scope is Scope.ALL else f"@{self.scope.value}"
+        return f"{self.mode.value} {self.layer}:{self.expert}{value}{scope}"
+
     def switches_off(self, strength: float = 1.0) -> bool:
         """Whether this entry takes the expert out of the token's experts: mask, drop, or a -inf bias at positive
         strength (the engine scales biases by strength)."""

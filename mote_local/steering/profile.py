@@ -223,6 +223,13 @@ class Profile:
             raise ProfileError(f"cannot invert {self._label()}: {err}") from None
 
     # use
+    def describe(self) -> str:
+        """The entries as a person reads them (``drop 1:6, bias 2:0=-5 (strength 2)``), or ``none``."""
+        if not self.entries:
+            return "none"
+        strength = f" (strength {self.strength:g})" if self.strength != 1.0 else ""
+        return ", ".join(map(str, self.entries)) + strength
+
     def for_scope(self, scope: Scope | str) -> tuple[Entry, ...]:
         """The entries that apply in one phase: the ``all`` entries plus that scope's, merged as ``+`` merges
         them (so the engine accepts them). Values are unscaled: pass ``strength`` along with them."""
