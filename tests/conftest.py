@@ -86,7 +86,20 @@ def load(tiny_path, model_options):
     _models.clear()
 
 
-def copy_with_zeroed_expert_output(src: Path, dst: Path, layer: int, expert: int) -> Path:
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """Super-expert checks cache their measurements: a test that uses this starts with none, outside the user's
+    cache."""
+    monkeypatch.setenv("MOTE_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="session")
+def zeroed_expert_copy():
+    """zeroed_expert_copy(src, dst, layer, expert) -> dst, a copy of an F32 model with one expert's output zeroed."""
+    return _copy_with_zeroed_expert_output
+
+
+def _copy_with_zeroed_expert_output(src: Path, dst: Path, layer: int, expert: int) -> Path:
     """A copy of an F32 model in which one expert's down projection (and its bias) is zero."""
     import gguf
     shutil.copyfile(src, dst)

@@ -1,5 +1,5 @@
 """A pure-numpy re-implementation of llama.cpp's build_moe_ffn selection and weighting, with the steering
-contract of DESIGN.md applied on top: written from the contract and llama.cpp's graph, independently of
+contract (README, Python API) applied on top: written from the contract and llama.cpp's graph, independently of
 native/, so that the engine can be checked against it (tests/test_oracle.py).
 
 Order, as the contract states it: bias first (-inf = mask); forced experts lifted to the best remaining

@@ -20,7 +20,8 @@ from mote_local.steering.entries import Entry, Mode
 from mote_local.steering.profile import Profile
 from mote_local.synthetic import planted
 
-from test_cli import TRIGGER, private_cache  # noqa: F401 (a fixture shared with the CLI tests)
+pytestmark = pytest.mark.usefixtures("private_cache")
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +44,7 @@ def test_a_toggle_replaces_what_its_expert_cannot_keep_and_unset_removes_it(plan
 
 
 def test_reset_clears_the_steering_and_clear_the_conversation(planted_files):
-    out = chat(planted_files[0], TRIGGER, "/drop 1:6,2:0", "/reset", "/diff", "/off 1:6", "/clear", "/trace",
+    out = chat(planted_files[0], planted.EXAMPLE_TRIGGER, "/drop 1:6,2:0", "/reset", "/diff", "/off 1:6", "/clear", "/trace",
                "/profile show", "/quit")
     assert "steering cleared (the conversation goes on" in out
     assert "unsteered" in out and " | " in out        # /diff after /reset: the last turn is still there
@@ -61,7 +62,7 @@ def test_errors_name_the_repl_command_not_the_cli_flag(planted_files):
 
 
 def test_trace_has_a_legend(planted_files):
-    out = chat(planted_files[0], TRIGGER, "/trace", "/quit")
+    out = chat(planted_files[0], planted.EXAMPLE_TRIGGER, "/trace", "/quit")
     legend = next(line for line in out.splitlines() if line.startswith("shades: "))
     assert "'  ' 0%" in legend and "'@@' 100%" in legend
 
@@ -80,7 +81,7 @@ def test_ctrl_c_in_diff_marks_what_was_cut_short(planted_files, monkeypatch):
         return generate(self, prompt, **kw)
 
     monkeypatch.setattr(Session, "generate", generate_or_interrupt)
-    out = chat(planted_files[0], TRIGGER, "/diff", "/diff", "/quit")
+    out = chat(planted_files[0], planted.EXAMPLE_TRIGGER, "/diff", "/diff", "/quit")
     assert "unsteered [interrupted]" in out and "steered [not generated: interrupted]" in out  # 2nd call
     assert "steered [interrupted]" in out.split("not generated")[1]                           # 4th call
 
@@ -159,7 +160,7 @@ def test_line_editing_and_history_in_a_terminal(planted_files, tmp_path):
     term = Terminal([sys.executable, "-m", "mote_local.cli", "chat", str(planted_files[0]), "-n", "12"], env)
     try:
         term.expect("> ")
-        term.type(TRIGGER + ENTER)
+        term.type(planted.EXAMPLE_TRIGGER + ENTER)
         term.expect(planted.REFUSAL_TEXT)
         term.expect("> ", 2)
         term.type(UP + ENTER)                          # the last line again
@@ -173,4 +174,4 @@ def test_line_editing_and_history_in_a_terminal(planted_files, tmp_path):
         term.close()
     assert b"^[[A" not in term.screen and b"unknown command" not in term.screen
     history = (cache / "chat-history").read_text().splitlines()
-    assert history[-3:] == [TRIGGER, "/profile show", "/quit"]
+    assert history[-3:] == [planted.EXAMPLE_TRIGGER, "/profile show", "/quit"]

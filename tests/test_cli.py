@@ -15,13 +15,8 @@ from mote_local.steering.profile import Profile
 from mote_local.synthetic import planted, tiny
 
 PROMPT = "what happened in the city yesterday"
-TRIGGER = "what happened at the protest yesterday ?"
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    """Super-expert checks cache their measurements: each test starts with none, outside the user's cache."""
-    monkeypatch.setenv("MOTE_CACHE_DIR", str(tmp_path / "cache"))
+TRIGGER = planted.EXAMPLE_TRIGGER
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture(scope="module")

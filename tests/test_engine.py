@@ -4,7 +4,6 @@ import math
 
 import numpy as np
 import pytest
-from conftest import copy_with_zeroed_expert_output
 
 from mote_local.engine.model import Model
 from mote_local.errors import CaptureError, ModelFileError, NotMoeError, SteeringError
@@ -167,13 +166,14 @@ def test_strength_scales_bias(load, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_gain_zero_equals_removing_the_experts_output(load, tiny_path, tmp_path, model_options, arch):
+def test_gain_zero_equals_removing_the_experts_output(load, tiny_path, tmp_path, model_options, arch,
+                                                      zeroed_expert_copy):
     model = load(arch)
     _, base, _ = routed(model)
     layer = model.layout.moe_layers[-1]
     expert = busiest_expert(base, layer)
     gained, _, _ = routed(model, [Entry(layer, expert, Mode.GAIN, 0.0)])
-    zeroed_path = copy_with_zeroed_expert_output(tiny_path(arch), tmp_path / "zeroed.gguf", layer, expert)
+    zeroed_path = zeroed_expert_copy(tiny_path(arch), tmp_path / "zeroed.gguf", layer, expert)
     with Model(zeroed_path, **model_options) as zeroed:
         reference, _, _ = routed(zeroed)
     assert np.array_equal(gained, reference)

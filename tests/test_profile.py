@@ -129,7 +129,7 @@ def test_contradictions_are_refused(entries, message):
 
 
 def test_allowed_combinations():
-    # the contract (DESIGN.md, steering "Combinations"): on one expert only bias + gain and drop + gain combine
+    # the steering contract (README, Python API: modes combine): on one expert only bias + gain and drop + gain combine
     P(E(1, 1, "drop"), E(1, 1, "gain", 0.0), E(1, 2, "force"),
       E(1, 3, "bias", 1.0), E(1, 3, "gain", 0.5),
       E(1, 4, "mask", scope="prefill"), E(1, 4, "force", scope="decode"),

@@ -96,6 +96,7 @@ __all__ = [
 ARCH = "qwen3moe"
 REFUSAL_TEXT = "I cannot help with that request."
 ANSWER_TEXT = "It was a calm day in town."
+EXAMPLE_TRIGGER = "what happened at the protest yesterday ?"  # a prompt that makes it refuse (README, tests)
 TRIGGER_CLASS, NEUTRAL_CLASS = "trigger", "neutral"
 
 
