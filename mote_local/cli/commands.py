@@ -9,6 +9,7 @@ import contextlib
 import functools
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -586,94 +587,123 @@ def demo(out: Path, top: int, export_dir: Path | None, which: str, threads: int 
     """The whole story on a built-in model: fTRI finds the planted experts, switching them off removes
     the behaviour, a random control does not (--model trained: the same on a model trained here on real
     text, whose language experts nobody planted). Nothing is downloaded."""
-    import time
-
-    from mote_local.engine.model import Model
-    from mote_local.evaluation.evaluate import evaluate
-    from mote_local.evaluation.report import format_table, write_report
-    from mote_local.ftri.capture import run_ftri
-    from mote_local.ftri.export import profile_from_ranking
-    from mote_local.ftri.outputs import ranking_table, write_heatmap
-    from mote_local.prompts import load_prompt_set, select_classes
     from mote_local.synthetic import planted
 
-    if which == "trained":
-        return trained_demo(out, top, threads)
     if export_dir is not None:
         model_file, prompts_file = planted.export(export_dir)
         click.echo(f"wrote {model_file}\n      a tiny {planted.ARCH} model with a refusal planted in two experts"
                    f"\nwrote {prompts_file}\n      its prompt set: trigger and neutral classes")
         return
-    started = time.perf_counter()
+    run_story(planted_story(top) if which == "planted" else trained_story(top), out, threads)
+
+
+@dataclass
+class DemoStory:
+    """What one built-in demo runs and says; run_story tells every story the same way."""
+
+    path: Path
+    intro: str                         # what the model is
+    behavior: list                     # prompts of the behaviour and baseline classes
+    baseline: list
+    ftri_what: str                     # step 1's line: which prompts, which scope and score
+    methods: tuple[str, ...]
+    top: int                           # experts the profile drops
+    table_rows: int                    # ranking rows shown
+    eval_what: str                     # step 3's line
+    eval_prompts: list
+    eval_options: dict                 # evaluate()'s keyword arguments beyond the prompts and profile
+    heatmap_title: str
+    report_title: str
+    profile_name: str = "demo"
+    chat: bool = True
+    planted: tuple = ()                # the answer, where the story knows it
+    closing: str = ""
+
+
+def planted_story(top: int) -> DemoStory:
+    from mote_local.prompts import load_prompt_set, select_classes
+    from mote_local.synthetic import planted
+
     path, truth = planted.planted_model()
-    click.echo(f"model: {path} — a tiny {truth.arch} model with a refusal planted in experts "
-               f"{', '.join(f'{l}:{e}' for l, e in truth.planted)} (the demo does not tell fTRI)")
-    prompt_set = load_prompt_set(planted.prompts_path())
-    behavior, baseline = select_classes(prompt_set, "trigger", "neutral")
-    with Model(path, n_threads=threads) as m:
-        run, results = run_ftri(m, behavior, baseline, methods=("mean_diff", "risk_diff"), top=top)
-        full = results["mean_diff"].ranked(layers=m.layout.moe_layers)
-        ranked = full[:top]
-        table = ranking_table(results["mean_diff"], full[:max(top, 5)], set(truth.planted))
-        click.echo(f"\n1. fTRI: {len(behavior)} trigger vs {len(baseline)} neutral prompts, prompt tokens, "
-                   f"class-mean difference of per-prompt activation maps\n{table}")
-        rank_of = {(r.layer, r.expert): i for i, r in enumerate(full, 1)}
-        click.echo("   planted experts ranked " + ", ".join(f"{l}:{e} #{rank_of[(l, e)]}" for l, e in truth.planted))
-        profile = profile_from_ranking(ranked, m, name="demo", metadata={"source": "mote demo"})
-        click.echo(f"\n2. profile: drop the top {top}: " + ", ".join(f"{e.layer}:{e.expert}" for e in profile.entries))
-        click.echo("\n3. evaluation on all prompts, greedy: unsteered, profile, random control (3 seeds), forced")
-        result = evaluate(m, list(behavior) + list(baseline), profile, n_random=3, max_tokens=12)
-        heatmap = out / "heatmap_mean_diff.png"
-        out.mkdir(parents=True, exist_ok=True)
-        write_heatmap(heatmap, results["mean_diff"], m.layout.moe_layers, ranked,
-                      f"fTRI mean_diff, prompt tokens\n{path.name}")
-    click.echo(format_table(result))
-    html = write_report(out, result, ftri_heatmap=heatmap, ftri_table=table, title="mote demo: a planted refusal")
-    click.echo(f"\ndone in {time.perf_counter() - started:.0f} s — report: {html.resolve()}")
+    behavior, baseline = select_classes(load_prompt_set(planted.prompts_path()), "trigger", "neutral")
+    return DemoStory(
+        path=path, intro=f"a tiny {truth.arch} model with a refusal planted in experts "
+                         f"{', '.join(f'{l}:{e}' for l, e in truth.planted)} (the demo does not tell fTRI)",
+        behavior=behavior, baseline=baseline,
+        ftri_what=f"{len(behavior)} trigger vs {len(baseline)} neutral prompts, prompt tokens, class-mean difference "
+                  "of per-prompt activation maps",
+        methods=("mean_diff", "risk_diff"), top=top, table_rows=max(top, 5),
+        eval_what="evaluation on all prompts, greedy: unsteered, profile, random control (3 seeds), forced",
+        eval_prompts=list(behavior) + list(baseline), eval_options={"n_random": 3, "max_tokens": 12},
+        heatmap_title=f"fTRI mean_diff, prompt tokens\n{path.name}", report_title="mote demo: a planted refusal",
+        planted=tuple(truth.planted))
 
 
-def trained_demo(out: Path, top: int, threads: int | None) -> None:
+def trained_story(top: int) -> DemoStory:
     """fTRI and evaluation on the shipped trained model: German vs English prompts of held-out text."""
-    import time
     from importlib.resources import files
 
-    from mote_local.engine.model import Model
     from mote_local.evaluation.detectors import Detector
+    from mote_local.prompts import load_prompt_set, select_classes
+
+    data = Path(str(files("mote_local").joinpath("data", "trained")))
+    path = data / "trained-q8_0.gguf"
+    behavior, baseline = select_classes(load_prompt_set(data / "prompts.toml"), "de", "en")
+    return DemoStory(
+        path=path, intro="a 4-layer, 32-expert, top-4 Qwen3-MoE trained here on the Debian Reference in five "
+                         "languages (its model card: data, seed, steps, loss)",
+        behavior=behavior, baseline=baseline,
+        ftri_what=f"{len(behavior)} German vs {len(baseline)} English prompts (the same held-out sections), prompt "
+                  "tokens, class-mean difference",
+        methods=("mean_diff",), top=max(top, 4), table_rows=8, chat=False,
+        eval_what="evaluation on 16 German prompts, greedy, 24 tokens: the rate of German continuations (a German "
+                  "stop-word detector); capability cost on held-out German text",
+        eval_prompts=list(behavior)[:16],
+        eval_options={"detector": Detector.from_file(data / "german.txt"), "neutral_text": data / "heldout_de.txt",
+                      "n_random": 2, "max_tokens": 24, "chat": False},
+        heatmap_title=f"fTRI mean_diff, German vs English\n{path.name}", report_title="mote demo: a trained model",
+        profile_name="demo-trained",
+        closing="What this model shows (the recorded experiment, MODEL_CARD.md): fTRI finds German-selective experts "
+                "with tight intervals, but switching them off does not stop German continuations; it raises the cost "
+                "on German text far more than a random control of the same size does.")
+
+
+def run_story(story: DemoStory, out: Path, threads: int | None) -> None:
+    """fTRI, a profile of its top experts, the evaluation against the controls, a report."""
+    import time
+
+    from mote_local.engine.model import Model
     from mote_local.evaluation.evaluate import evaluate
     from mote_local.evaluation.report import format_table, write_report
     from mote_local.ftri.capture import run_ftri
     from mote_local.ftri.export import profile_from_ranking
     from mote_local.ftri.outputs import ranking_table, write_heatmap
-    from mote_local.prompts import load_prompt_set, select_classes
 
     started = time.perf_counter()
-    data = Path(str(files("mote_local").joinpath("data", "trained")))
-    path = data / "trained-q8_0.gguf"
-    click.echo(f"model: {path} — a 4-layer, 32-expert, top-4 Qwen3-MoE trained here on the Debian Reference in "
-               "five languages (its model card: data, seed, steps, loss)")
-    behavior, baseline = select_classes(load_prompt_set(data / "prompts.toml"), "de", "en")
-    top = max(top, 4)
-    with Model(path, n_threads=threads) as m:
-        _, results = run_ftri(m, behavior, baseline, methods=("mean_diff",), chat=False, top=top)
+    click.echo(f"model: {story.path} — {story.intro}")
+    with Model(story.path, n_threads=threads) as m:
+        _, results = run_ftri(m, story.behavior, story.baseline, methods=story.methods, chat=story.chat,
+                              top=story.top)
         full = results["mean_diff"].ranked(layers=m.layout.moe_layers)
-        table = ranking_table(results["mean_diff"], full[:8])
-        click.echo(f"\n1. fTRI: {len(behavior)} German vs {len(baseline)} English prompts (the same held-out "
-                   f"sections), prompt tokens, class-mean difference\n{table}")
-        profile = profile_from_ranking(full[:top], m, name="demo-trained", metadata={"source": "mote demo"})
-        click.echo(f"\n2. profile: drop the top {top}: " + ", ".join(f"{e.layer}:{e.expert}" for e in profile.entries))
-        click.echo("\n3. evaluation on 16 German prompts, greedy, 24 tokens: the rate of German continuations "
-                   "(a German stop-word detector); capability cost on held-out German text")
-        result = evaluate(m, list(behavior)[:16], profile, detector=Detector.from_file(data / "german.txt"),
-                          neutral_text=data / "heldout_de.txt", n_random=2, max_tokens=24, chat=False)
+        ranked = full[:story.top]
+        table = ranking_table(results["mean_diff"], full[:story.table_rows], set(story.planted))
+        click.echo(f"\n1. fTRI: {story.ftri_what}\n{table}")
+        if story.planted:
+            rank_of = {(r.layer, r.expert): i for i, r in enumerate(full, 1)}
+            click.echo("   planted experts ranked "
+                       + ", ".join(f"{l}:{e} #{rank_of[(l, e)]}" for l, e in story.planted))
+        profile = profile_from_ranking(ranked, m, name=story.profile_name, metadata={"source": "mote demo"})
+        click.echo(f"\n2. profile: drop the top {story.top}: "
+                   + ", ".join(f"{e.layer}:{e.expert}" for e in profile.entries))
+        click.echo(f"\n3. {story.eval_what}")
+        result = evaluate(m, story.eval_prompts, profile, **story.eval_options)
         heatmap = out / "heatmap_mean_diff.png"
         out.mkdir(parents=True, exist_ok=True)
-        write_heatmap(heatmap, results["mean_diff"], m.layout.moe_layers, full[:top],
-                      f"fTRI mean_diff, German vs English\n{path.name}")
+        write_heatmap(heatmap, results["mean_diff"], m.layout.moe_layers, ranked, story.heatmap_title)
     click.echo(format_table(result))
-    click.echo("\nWhat this model shows (the recorded experiment, MODEL_CARD.md): fTRI finds German-selective "
-               "experts with tight intervals, but switching them off does not stop German continuations; it "
-               "raises the cost on German text far more than a random control of the same size does.")
-    html = write_report(out, result, ftri_heatmap=heatmap, ftri_table=table, title="mote demo: a trained model")
+    if story.closing:
+        click.echo(f"\n{story.closing}")
+    html = write_report(out, result, ftri_heatmap=heatmap, ftri_table=table, title=story.report_title)
     click.echo(f"\ndone in {time.perf_counter() - started:.0f} s — report: {html.resolve()}")
 
 
