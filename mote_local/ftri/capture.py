@@ -62,7 +62,9 @@ def _sequences(model: Model, prompts: Sequence[Prompt], scope: str, chat: bool, 
     are placeholders: the tokens are not known yet).
     """
     generating = scope in ("generated", "thinking")
-    sequences, spans, texts = [], [], []
+    sequences: list[list[int]] = []
+    spans: list[tuple[int, int]] = []
+    texts: list[str] = []
     for p in prompts:
         text = _prompt_text(model, p, chat)
         toks = model.prompt_tokens(p.text, chat=chat)
@@ -93,8 +95,9 @@ def _generate_counting(model: Model, s, cap, sequences: list[list[int]], labels:
     if scope == "generated":
         for seq, label in enumerate(labels):
             cap.bind(seq, label, len(sequences[seq]))
-    if scope == "thinking":  # a template may open the span in the prompt (DeepSeek-R1's "<think>\n")
-        trackers = [model.think_markers.tracker(tokens) for tokens in sequences]
+    markers = model.think_markers  # capture_activations refused the thinking scope without them
+    if scope == "thinking" and markers is not None:  # the template may open the span (DeepSeek-R1's "<think>\n")
+        trackers = [markers.tracker(tokens) for tokens in sequences]
         for seq, tracker in enumerate(trackers):
             if tracker.inside:
                 opened[seq] = len(sequences[seq])
@@ -185,7 +188,7 @@ def capture_activations(model: Model, behavior: Sequence[Prompt], baseline: Sequ
         for label in cap.labels:
             st = cap.stats(label)
             counts[label], weights[label], tokens[label] = st.counts, st.weight_sums, st.tokens
-            if output_norms:
+            if norms is not None:
                 norms[label] = st.output_norm_sums
     keep = slice(0, done)
     if done == 0:

@@ -107,7 +107,7 @@ def export_profile(result: FtriResult, model: Model, *, top: int = 10, sign: str
         if per_layer_cap is not None and per_layer.get(r.layer, 0) >= per_layer_cap:
             skipped.append((r, f"layer {r.layer} already has --per-layer-cap {per_layer_cap} experts"))
             continue
-        if graded is not None:
+        if graded is not None and log_ratio is not None:  # both checked above
             value = -float(graded) * float(log_ratio[r.layer, r.expert])
             if value == 0:
                 skipped.append((r, "its log odds ratio is 0: no bias to set"))

@@ -9,7 +9,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import AbstractSet, Iterable, Sequence
 
 import numpy as np
 
@@ -67,11 +67,11 @@ def read_ranking(path: str | os.PathLike, moe_layers: Sequence[int], *, method: 
     kind = "simultaneous" if result.se is not None else "per-expert"
     evidence = {(r.layer, r.expert) for r in result.evidence(sign="positive", layers=moe_layers, evidence=kind)[0]}
     excluded = {(int(l), int(e)) for l, e in exclude}
-    return Ranking([x for x in ranked if x not in excluded], evidence, str(p), method,
+    return Ranking([x for x in ranked if x not in excluded], evidence, str(p), str(method),
                    [x for x in ranked if x in excluded])
 
 
-def ranking_table(result: FtriResult, ranked: Sequence[RankedExpert], truth: set[tuple[int, int]] = frozenset(),
+def ranking_table(result: FtriResult, ranked: Sequence[RankedExpert], truth: AbstractSet[tuple[int, int]] = frozenset(),
                   *, threshold: float = 0.0, evidence: str = "simultaneous") -> str:
     """The ranking as a terminal table: score, per-expert 95% interval, rank stability, and whether the expert
     carries evidence for the result's sign (``qualified``, as the export asks)."""

@@ -187,7 +187,7 @@ def _inputs(act: Activations, method: str) -> tuple[np.ndarray, ...]:
         # per-prompt maps; a prompt that counted no tokens in a layer has no map there and is left out
         num = act.counts if method == "mean_diff" else act.weight_sums
         safe = np.where(present, act.tokens, 1)[:, :, None]
-        arrays = (np.where(present[:, :, None], num / safe, 0.0), present)
+        arrays: tuple[np.ndarray, ...] = (np.where(present[:, :, None], num / safe, 0.0), present)
     elif method == "reap":
         if act.output_norm_sums is None:
             raise ValueError("reap needs the experts' output norms (Activations.output_norm_sums), which this "
@@ -385,7 +385,7 @@ class FtriResult:
             "level": float(self.level), "n_boot": int(self.n_boot), "options": dict(self.options),
             **{k: np.asarray(getattr(self, k), dtype=np.float64).tolist() for k in _ARRAYS},
             **({} if self.se is None else {"se": np.asarray(self.se, dtype=np.float64).tolist(),
-                                           "band_crit": float(self.band_crit)}),
+                                           "band_crit": float(self.band_crit or 0.0)}),
         }
 
     @classmethod
@@ -396,8 +396,8 @@ class FtriResult:
         if data["method"] not in ALL_METHODS:
             raise ValueError(f"fTRI result has unknown method {data['method']!r}; known: {', '.join(ALL_METHODS)}")
         _check_sign(data["sign"])
-        arrays = {k: np.asarray(data[k], dtype=np.float64) for k in _ARRAYS}
-        band = {}
+        arrays: dict[str, Any] = {k: np.asarray(data[k], dtype=np.float64) for k in _ARRAYS}
+        band: dict[str, Any] = {}
         if data.get("se") is not None:  # results written before the band existed have none
             arrays["se"] = np.asarray(data["se"], dtype=np.float64)
             band["band_crit"] = float(data["band_crit"])

@@ -188,7 +188,7 @@ class PlantedTruth:
 
 
 def _pairs(value: object) -> tuple[Pair, ...]:
-    return tuple((int(layer), int(expert)) for layer, expert in value)  # type: ignore[union-attr]
+    return tuple((int(layer), int(expert)) for layer, expert in value)  # type: ignore[attr-defined]
 
 
 def read_truth(path: str | os.PathLike[str]) -> PlantedTruth:

@@ -21,17 +21,18 @@ import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
 
-from mote_local.cache import cache_dir
 from mote_local.atomic import atomic_write_bytes
+from mote_local.cache import cache_dir
 from mote_local.errors import MoteError
 from mote_local.modelfile.layout import read_header
 
 try:  # the build records the pin it was built from; without a build there is no sdist to read either
-    from mote_local_engine import LLAMA_CPP_PYTHON_VERSION as PIN
+    from mote_local_engine import LLAMA_CPP_PYTHON_VERSION as PIN  # type: ignore[attr-defined]  # written by the build
 except ImportError:  # pragma: no cover - an unbuilt checkout
     PIN = None
 
@@ -173,8 +174,14 @@ def _extracted(member: str) -> Path:
             data = tar.extractfile(f"{root}/{_MODELS_DIR}/{member}")
         except KeyError:
             raise SdistMissing(f"{sdist} has no {_MODELS_DIR}/{member}: is it the pinned llama-cpp-python?") from None
+        if data is None:
+            raise SdistMissing(f"{sdist}: {_MODELS_DIR}/{member} is not a regular file")
         atomic_write_bytes(target, data.read())
     return target
+
+
+def _optional_str(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 def template_text(name: str) -> str:
@@ -195,17 +202,17 @@ def load(name: str) -> RealVocab:
     tokens = list(header.arrays[_KT.LIST])
     types = np.array(header.arrays[_KT.TOKEN_TYPE], dtype=np.int32)
     _add_tokens(tokens, types, preset.added, f"ggml-vocab-{preset.vocab}.gguf")
-    special = {key: header.values[key] for key in _SPECIAL_IDS if key in header.values}
+    special: dict[str, Any] = {key: header.values[key] for key in _SPECIAL_IDS if key in header.values}
     if preset.eos is not None:
         special[_KT.EOS_ID] = tokens.index(preset.eos.encode())
-    flags = {key: header.values[key] for key in _FLAGS if key in header.values}
+    flags: dict[str, Any] = {key: header.values[key] for key in _FLAGS if key in header.values}
     if preset.add_bos is not None:
         flags[_KT.ADD_BOS] = preset.add_bos
     scores = header.arrays.get(_KT.SCORES)
     return RealVocab(
-        name=name, model=header.values[_KT.MODEL], pre=header.values.get(_KT.PRE), tokens=tuple(tokens),
+        name=name, model=str(header.values[_KT.MODEL]), pre=_optional_str(header.values.get(_KT.PRE)), tokens=tuple(tokens),
         types=types, scores=None if scores is None else np.array(scores, dtype=np.float32),
-        merges=header.arrays.get(_KT.MERGES, ()), special=special, flags=flags,
+        merges=tuple(header.arrays.get(_KT.MERGES, ())), special=special, flags=flags,
         chat_template=template_text(preset.template))
 
 

@@ -31,8 +31,8 @@ import numpy as np
 from gguf import MODEL_TENSOR as MT
 from gguf import GGMLQuantizationType as QT
 
-from mote_local.cache import cache_dir
 from mote_local.atomic import atomic_path
+from mote_local.cache import cache_dir
 from mote_local.modelfile.layout import read_header
 from mote_local.synthetic import real_vocab
 
@@ -239,7 +239,7 @@ def make_vocab(extra_words: tuple[str, ...] | list[str] = (), n_vocab: int = 0) 
             raise ValueError(f"extra word {w!r} must be a non-empty string without whitespace")
 
     tokens: list[str] = [_UNK, _BOS, _EOS, _IM_START, _IM_END]
-    types: list[int] = [gguf.TokenType.UNKNOWN] + [gguf.TokenType.CONTROL] * 4
+    types: list[int] = [int(gguf.TokenType.UNKNOWN)] + [int(gguf.TokenType.CONTROL)] * 4
     scores: list[float] = [0.0] * 5
 
     tokens += [f"<0x{b:02X}>" for b in range(256)]
@@ -760,7 +760,7 @@ def tiny_model(arch: str | TinySpec, cache_dir: str | os.PathLike[str] | None = 
                **overrides: object) -> Path:
     """Path of the cached tiny model for ``arch`` (or a full spec) with ``overrides``; generated if missing."""
     if isinstance(arch, TinySpec):
-        spec = dataclasses.replace(arch, **overrides) if overrides else arch
+        spec = dataclasses.replace(arch, **overrides) if overrides else arch  # type: ignore[arg-type]
     else:
         spec = spec_for(arch, **overrides)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
