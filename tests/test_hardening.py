@@ -41,7 +41,7 @@ from mote_local.ftri import runner as ftri
 from mote_local.ftri.stats import METHODS, Activations, FtriResult, analyse
 from mote_local.modelfile import layout as layout_mod
 from mote_local.modelfile.fingerprint import Fingerprint
-from mote_local.modelfile.layout import read_layout
+from mote_local.modelfile.layout import read_header, read_layout
 from mote_local.prompts import (
     Prompt,
     PromptSet,
@@ -361,15 +361,17 @@ def test_unreadable_model_file_message(tiny_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def granite(tiny_path, tmp_path_factory) -> Path:
-    """The tiny mixtral as `granitemoe`: an MoE architecture llama.cpp loads whose gating mote-local does not
-    know (no entry in layout.ARCH_ROUTER_DEFAULTS, no gating key in the file)."""
+    """The tiny mixtral as `granitemoe`: an MoE architecture llama.cpp loads whose file does not say its gating
+    (no gating or weight-normalisation key: the graph's defaults decide)."""
     return rewrite(tiny_path("mixtral"), tmp_path_factory.mktemp("granite") / "granitemoe.gguf", "granitemoe",
                    [("granitemoe.logit_scale", 1.0, VT.FLOAT32)])
 
 
 def test_moe_arch_whose_keys_do_not_say_its_gating_is_inspected_from_the_engine_and_steers(granite):
     layout = read_layout(granite)
-    assert layout.arch == "granitemoe" and layout.is_moe and layout.gating is None  # the keys do not say
+    keys = read_header(granite).values
+    assert layout.arch == "granitemoe" and layout.is_moe
+    assert not any(k.endswith((".expert_gating_func", ".expert_weights_norm")) for k in keys)  # the keys do not say
     r = invoke("inspect", granite)
     assert r.exit_code == 0 and "softmax, top-k weights" in next(l for l in r.output.splitlines() if "gating" in l)
     assert json.loads(invoke("inspect", granite, "--json").stdout)["gating"] == "softmax"
@@ -382,15 +384,6 @@ def test_moe_arch_whose_keys_do_not_say_its_gating_is_inspected_from_the_engine_
         with s.capture() as cap:
             masked = s.logits(toks)
         assert cap.stats().counts[layer, busiest] == 0 and not np.array_equal(masked, idle)
-
-
-def test_unknown_gating_via_patched_defaults(tiny_path, monkeypatch):
-    """The same code path on a tiny qwen3moe whose architecture is taken out of the defaults table."""
-    monkeypatch.setattr(layout_mod, "_LAYOUTS", {})  # layouts read before knew the defaults
-    monkeypatch.delitem(layout_mod.ARCH_ROUTER_DEFAULTS, "qwen3moe")
-    assert read_layout(tiny_path("qwen3moe")).gating is None
-    r = invoke("inspect", tiny_path("qwen3moe"))
-    assert r.exit_code == 0 and "softmax, top-k weights normalised" in r.output  # the engine's word, not the table
 
 
 def test_validation_accepts_every_good_file(tiny_path, model_dir):

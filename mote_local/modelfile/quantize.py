@@ -24,7 +24,7 @@ import gguf
 
 from mote_local.atomic import atomic_path
 from mote_local.errors import EngineError, ModelFileError
-from mote_local.modelfile.layout import read_header, read_layout
+from mote_local.modelfile.layout import read_layout, read_model_header
 
 __all__ = ["Recipe", "RECIPES", "GROUPS", "MEASURED", "Fidelity", "RoutingClass", "QuantizeResult", "quantize",
            "plan", "routing_class", "group_types", "check_paths"]
@@ -131,7 +131,7 @@ def _n_bytes(qtype: QT, shape: tuple[int, ...]) -> int:
 
 def plan(src: str | os.PathLike, recipe: Recipe) -> list[tuple[str, QT, QT]]:
     """(name, source type, type after quantizing) of every tensor of ``src`` under ``recipe``."""
-    header = read_header(src)
+    header = read_model_header(src)
     out = []
     for t in header.tensors:
         new = _fallback(recipe.type_for(t.name), t.shape[0]) if quantizable(t.name, t.shape) else t.type
@@ -160,7 +160,7 @@ def check_paths(src: str | os.PathLike, dst: str | os.PathLike, force: bool = Fa
 def _check_source_precision(src: Path) -> None:
     """Every tensor the quantizer may change must be F32/F16/BF16: llama.cpp refuses to requantize, and a
     requantized file would carry the source's routing drift under the recipe's name."""
-    quantized = [(t.name, t.type) for t in read_header(src).tensors
+    quantized = [(t.name, t.type) for t in read_model_header(src).tensors
                  if quantizable(t.name, t.shape) and t.type not in FLOAT_TYPES]
     if quantized:
         name, old = quantized[0]
@@ -170,7 +170,7 @@ def _check_source_precision(src: Path) -> None:
 
 
 def _check_space(dst: Path, steps: list[tuple[str, QT, QT]], src: Path) -> int:
-    header = read_header(src)
+    header = read_model_header(src)
     shapes = {t.name: t.shape for t in header.tensors}
     need = sum(_n_bytes(new, shapes[name]) for name, _, new in steps) + header.data_offset
     where = dst.parent if dst.parent.exists() else Path(".")
