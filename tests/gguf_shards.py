@@ -1,4 +1,4 @@
-"""Split GGUF files for tests, written with gguf-py the two ways big models ship.
+"""GGUF files for tests written again with gguf-py: split the two ways big models ship, or retyped.
 
 * ``"gguf-py"``: gguf-py's own sharding (``GGUFWriter(split_max_tensors=N)``, what ``convert_hf_to_gguf.py
   --split-max-tensors`` does): the first shard holds every metadata key and the first N tensors.
@@ -12,9 +12,11 @@ shards nothing else, and the shards are named ``NAME-%05d-of-%05d.gguf``.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import gguf
+import numpy as np
 
 STYLES = ("gguf-py", "no-tensor-first-split")
 _SKIPPED = ("GGUF.", gguf.Keys.General.ARCHITECTURE, "split.")
@@ -27,22 +29,42 @@ def split_gguf(src: Path, dest: Path, n_shards: int, style: str = "gguf-py") -> 
         raise ValueError(f"style must be one of {STYLES}, got {style!r}")
     reader = gguf.GGUFReader(src)
     holding = n_shards - 1 if style == "no-tensor-first-split" else n_shards
-    per_shard = -(-len(reader.tensors) // holding)
-    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
     dest.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(dest / src.name, arch, split_max_tensors=per_shard,
+    writer = gguf.GGUFWriter(dest / src.name, _arch(reader), split_max_tensors=-(-len(reader.tensors) // holding),
                              small_first_shard=style == "no-tensor-first-split")
+    _copy(reader, writer)
+    shards = [dest / f"{src.stem}-{i:05d}-of-{n_shards:05d}.gguf" for i in range(1, n_shards + 1)]
+    assert all(p.is_file() for p in shards), f"gguf-py wrote other shard names than {shards}"
+    return shards
+
+
+def retyped_gguf(src: Path, dst: Path, types: dict[str, gguf.GGMLQuantizationType]) -> Path:
+    r"""A copy of the F32 model ``src`` whose tensors matching a pattern of ``types`` (searched, first match) are
+    quantized to its type with gguf-py (e.g. {r"_exps\.weight$": MXFP4}: gpt-oss's release layout)."""
+    def retype(t):
+        qtype = next((q for pattern, q in types.items() if re.search(pattern, t.name)), None)
+        return (t.data, t.tensor_type) if qtype is None else (gguf.quants.quantize(np.array(t.data), qtype), qtype)
+
+    reader = gguf.GGUFReader(src)
+    _copy(reader, gguf.GGUFWriter(dst, _arch(reader)), retype)
+    return dst
+
+
+def _arch(reader: gguf.GGUFReader) -> str:
+    return reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+
+
+def _copy(reader: gguf.GGUFReader, writer: gguf.GGUFWriter, retype=None) -> None:
+    """Every metadata key but the writer's own and every tensor of ``reader`` into ``writer``, written out."""
     for name, field in reader.fields.items():
         if name.startswith(_SKIPPED):
             continue
         sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(name, field.contents(), field.types[0], sub_type)
     for t in reader.tensors:
-        writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+        data, qtype = retype(t) if retype else (t.data, t.tensor_type)
+        writer.add_tensor(t.name, data, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    shards = [dest / f"{src.stem}-{i:05d}-of-{n_shards:05d}.gguf" for i in range(1, n_shards + 1)]
-    assert all(p.is_file() for p in shards), f"gguf-py wrote other shard names than {shards}"
-    return shards
