@@ -142,23 +142,29 @@ def test_mote_quantize_command(wide, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["out.gguf"]
 
 
-def test_mote_ftri_warns_only_where_the_quantization_moves_routing(tiny_path, tmp_path):
+def _ftri_stderr(model, tmp_path) -> str:
+    """What `mote ftri` on a few prompts of the tiny vocabulary writes to stderr."""
     from mote_local.cli.commands import main
 
     words = list(tiny.WORDS)
     behaviour, baseline = tmp_path / "a.txt", tmp_path / "b.txt"
     behaviour.write_text("\n".join(" ".join(words[i:i + 5]) for i in range(0, 20, 5)) + "\n")
     baseline.write_text("\n".join(" ".join(words[i:i + 5]) for i in range(20, 40, 5)) + "\n")
+    r = CliRunner().invoke(main, ["ftri", str(model), "--prompts", str(behaviour), "--baseline-prompts",
+                                  str(baseline), "--raw", "--n-boot", "5", "--top", "2",
+                                  "--out", str(tmp_path / f"f-{model.stem}")])
+    assert r.exit_code == 0, r.output
+    return r.stderr
+
+
+def test_mote_ftri_warns_only_where_the_quantization_moves_routing(tiny_path, tmp_path):
     q8 = tiny_path("qwen3moe", qtype="q8_0")  # measured to keep routing: no warning
     q4 = tiny_path("qwen3moe", n_embd=256, n_ff_exp=256, qtype="q4_k")  # measured to move it
     for model, warned in ((q8, False), (q4, True)):
-        r = CliRunner().invoke(main, ["ftri", str(model), "--prompts", str(behaviour), "--baseline-prompts",
-                                      str(baseline), "--raw", "--n-boot", "5", "--top", "2",
-                                      "--out", str(tmp_path / f"f-{model.stem}")])
-        assert r.exit_code == 0, r.output
-        assert ("mote quantize SRC.gguf DST.gguf --recipe capture" in r.stderr) == warned, r.stderr
+        stderr = _ftri_stderr(model, tmp_path)
+        assert ("mote quantize SRC.gguf DST.gguf --recipe capture" in stderr) == warned, stderr
         if warned:
-            assert "18.8%" in r.stderr and len([x for x in r.stderr.splitlines() if "warning" in x]) == 1
+            assert "18.8%" in stderr and len([x for x in stderr.splitlines() if "warning" in x]) == 1
 
 
 def _types_of(experts: str, rest: str) -> tuple[tuple[str, str], ...]:
@@ -202,18 +208,8 @@ def test_mote_ftri_on_mxfp4_gives_no_advice_that_mote_quantize_refuses(gpt_oss_m
     release, attn_q8 = gpt_oss_mxfp4
     r = CliRunner().invoke(main, ["quantize", str(release), str(tmp_path / "q.gguf")])
     assert r.exit_code == 1 and "is already quantized" in r.stderr  # why the usual advice cannot be given here
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("\n".join(" ".join(tiny.WORDS[i:i + 5]) for i in range(0, 40, 5)) + "\n")
-    half = prompts.read_text().splitlines()
-    behaviour, baseline = tmp_path / "a.txt", tmp_path / "b.txt"
-    behaviour.write_text("\n".join(half[:4]) + "\n")
-    baseline.write_text("\n".join(half[4:]) + "\n")
     for model, warned in ((release, False), (attn_q8, True)):
-        r = CliRunner().invoke(main, ["ftri", str(model), "--prompts", str(behaviour), "--baseline-prompts",
-                                      str(baseline), "--raw", "--n-boot", "5", "--top", "2",
-                                      "--out", str(tmp_path / f"f-{model.stem}")])
-        assert r.exit_code == 0, r.output
-        assert ("warning:" in r.stderr) == warned, r.stderr
-        assert "mote quantize SRC" not in r.stderr
+        stderr = _ftri_stderr(model, tmp_path)
+        assert ("warning:" in stderr) == warned and "mote quantize SRC" not in stderr, stderr
         if warned:
-            assert "MXFP4 is not measured" in r.stderr and "release GGUF" in r.stderr
+            assert "MXFP4 is not measured" in stderr and "release GGUF" in stderr
