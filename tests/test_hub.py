@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from gguf_shards import split_gguf
 
+from mote_local.engine.model import Model
 from mote_local.errors import ModelFileError
 from mote_local.modelfile import hub
 from mote_local.modelfile.fingerprint import Fingerprint
@@ -29,6 +30,7 @@ from mote_local.modelfile.layout import read_layout
 ROOT = Path(__file__).resolve().parents[1]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 ORG = "mote-test"
+TRIGGER = "what happened at the protest yesterday ?"
 
 
 # ------------------------------------------------------------------------------------------- choosing a file
@@ -231,6 +233,12 @@ def test_a_split_model_is_fetched_whole_and_reads_as_the_model(fake_hub, repo_fi
     downloads = sorted(p for m, p in fake_hub.requests if m == "GET" and "/resolve/" in p)
     assert [p.rsplit("/", 1)[1] for p in downloads] == [f"planted-Q4_K_M-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
     assert len(read_layout(path).files) == 3 and Fingerprint.of(path) == Fingerprint.of(planted_files[0])
+    # the engine finds the other shards beside the first one's link in the snapshot, as the layout reader does
+    replies = []
+    for model in (path, planted_files[0]):
+        with Model(model) as m, m.session(n_ctx=64, n_threads=1) as s:
+            replies.append(s.generate(m.prompt_tokens([{"role": "user", "content": TRIGGER}]), max_tokens=6).text)
+    assert replies[0] == replies[1] and "cannot" in replies[0]
     assert all(f"planted-Q4_K_M-0000{i}-of-00003.gguf" in stderr for i in (1, 2, 3)), stderr  # progress, on the terminal
     # asked again: the cache answers, nothing is downloaded again
     fake_hub.requests.clear()
