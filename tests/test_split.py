@@ -119,3 +119,14 @@ def test_the_super_expert_cache_follows_every_shard(models, tmp_path):
     stat = last.stat()
     os.utime(last, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the last shard replaced: not the same key
     assert super_experts._model_key(first) != key
+
+
+def test_mote_quantize_reads_every_shard_of_a_split_source(models, tmp_path):
+    for style in LAYOUTS[1:]:
+        dst = tmp_path / f"{style}-q8.gguf"
+        r = mote("quantize", models[style], dst, "--recipe", "q8_0")
+        assert r.exit_code == 0, r.output
+        layout = read_layout(dst)
+        assert len(layout.files) == 1 and {t for n, t in layout.tensor_types if "_exps" in n} == {"Q8_0"}
+        assert len(layout.tensor_types) == len(read_layout(models["one file"]).tensor_types)
+        assert Fingerprint.of(dst) == Fingerprint.of(models["one file"])  # routers kept, as from one file

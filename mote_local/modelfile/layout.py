@@ -9,6 +9,9 @@ before llama.cpp sees it. Two kinds of file must never reach llama.cpp:
 * files its parser accepts but whose hyperparameters trip a GGML_ASSERT/GGML_ABORT (for example
   more experts used per token than experts, or an unknown expert gating function): those abort the
   whole Python process. :func:`read_layout` checks the same limits that llama.cpp asserts.
+
+A split model (``NAME-00001-of-0000N.gguf`` …) is read whole from its first shard's path, as llama.cpp loads it
+(:func:`read_model_header`), so its layout and router bytes are those of the same model in one file.
 """
 
 from __future__ import annotations
