@@ -87,9 +87,12 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
-    def _error(self, status: int, code: str):
+    def _error(self, status: int, code: str | None, message: str | None = None):
         self.send_response(status)
-        self.send_header("X-Error-Code", code)
+        if code:
+            self.send_header("X-Error-Code", code)
+        if message:
+            self.send_header("X-Error-Message", message)
         self.send_header("Content-Type", "application/json")
         body = json.dumps({"error": code}).encode()
         self.send_header("Content-Length", str(len(body)))
@@ -111,7 +114,10 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
                 return self._error(404, "EntryNotFound")
         if repo in self.server.gated:
             return self._error(403, "GatedRepo")
-        if repo in self.server.private and self.headers.get("Authorization") != f"Bearer {self.server.private[repo]}":
+        token = self.headers.get("Authorization")
+        if repo in self.server.private and token != f"Bearer {self.server.private[repo]}":
+            if token:  # what the Hub answers to a token it does not know
+                return self._error(401, None, "Invalid credentials in Authorization header")
             return self._error(401, "RepoNotFound")
         files = self.server.repos.get(repo)
         if files is None:
@@ -270,6 +276,8 @@ def test_hub_errors_are_one_line_with_the_fix(fake_hub, tmp_path):
     # the token reaches the Hub
     path, _ = resolve(f"{ORG}/private-GGUF:Q8_0", {**env, "HF_TOKEN": "hf_secret"})
     assert path is not None and path.name == "planted-Q8_0.gguf"
+    _, message = resolve(f"{ORG}/private-GGUF:Q8_0", {**env, "HF_TOKEN": "hf_expired"})
+    assert "(HTTP 401): authentication required; set HF_TOKEN" in message, message
 
 
 def test_offline_from_a_prefilled_cache(repo_files, planted_files, tmp_path):
