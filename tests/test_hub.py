@@ -178,8 +178,8 @@ def repo_files(planted_files, tmp_path_factory):
 
 @pytest.fixture
 def fake_hub(repo_files):
-    server = FakeHub({f"{ORG}/planted-GGUF": repo_files, f"{ORG}/private-GGUF": repo_files}, gated={f"{ORG}/gated-GGUF"},
-                     private={f"{ORG}/private-GGUF": "hf_secret"})
+    server = FakeHub({f"{ORG}/planted-GGUF": repo_files, f"{ORG}/private-GGUF": repo_files},
+                     gated={f"{ORG}/gated-GGUF"}, private={f"{ORG}/private-GGUF": "hf_secret"})
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
@@ -245,7 +245,8 @@ def test_a_split_model_is_fetched_whole_and_reads_as_the_model(fake_hub, repo_fi
         with Model(model) as m, m.session(n_ctx=64, n_threads=1) as s:
             replies.append(s.generate(m.prompt_tokens([{"role": "user", "content": TRIGGER}]), max_tokens=6).text)
     assert replies[0] == replies[1] and "cannot" in replies[0]
-    assert all(f"planted-Q4_K_M-0000{i}-of-00003.gguf" in stderr for i in (1, 2, 3)), stderr  # progress, on the terminal
+    # progress bars, on the terminal
+    assert all(f"planted-Q4_K_M-0000{i}-of-00003.gguf" in stderr for i in (1, 2, 3)), stderr
     # asked again: the cache answers, nothing is downloaded again
     fake_hub.requests.clear()
     assert resolve(f"{ORG}/planted-GGUF:Q4_K_M", hub_env(fake_hub, tmp_path / "hf"))[0] == path
@@ -308,11 +309,12 @@ def test_offline_from_a_prefilled_cache(repo_files, planted_files, tmp_path):
 
 # ------------------------------------------------------------------------------------------------- ollama
 
-def fake_ollama(store: Path, model: Path, name: str = "planted", tag: str = "latest") -> Path:
+def fake_ollama(store: Path, model: Path, name: str = "planted", tag: str = "latest",
+                where: str = "registry.ollama.ai/library") -> Path:
     digest = _sha256(model)
     (store / "blobs").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(model, store / "blobs" / f"sha256-{digest}")
-    manifest = store / "manifests" / "registry.ollama.ai" / "library" / name / tag
+    manifest = store / "manifests" / where / name / tag
     manifest.parent.mkdir(parents=True, exist_ok=True)
     manifest.write_text(json.dumps({"schemaVersion": 2, "layers": [
         {"mediaType": "application/vnd.ollama.image.template", "digest": "sha256:" + "0" * 64, "size": 10},
@@ -328,6 +330,13 @@ def test_ollama_names_resolve_to_their_blob(planted_files, tmp_path, monkeypatch
     assert hub.resolve_model("ollama:planted") == blob == hub.resolve_ollama("planted:q8")
     assert Fingerprint.of(hub.resolve_model("ollama:planted")) == Fingerprint.of(planted_files[0])
     assert hub.resolve_model("models/x.gguf") == Path("models/x.gguf")  # a path stays a path
+    # a namespace, and a model pulled from another registry (ollama pull hf.co/ORG/REPO:TAG)
+    fake_ollama(store, planted_files[0], where="registry.ollama.ai/someone")
+    fake_ollama(store, planted_files[0], name="planted-GGUF", tag="Q8_0", where="hf.co/mote-test")
+    assert hub.resolve_model("ollama:someone/planted") == blob
+    assert hub.resolve_model("ollama:hf.co/mote-test/planted-GGUF:Q8_0") == blob
+    with pytest.raises(ModelFileError, match="not an ollama model name"):
+        hub.resolve_model("ollama:a/b/c/d")
     monkeypatch.delenv("OLLAMA_MODELS")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     (tmp_path / "home").mkdir()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mote_local.errors import ModelFileError
 
-__all__ = ["resolve_hf", "resolve_ollama", "resolve_model", "choose_gguf", "OLLAMA_PREFIX"]
+__all__ = ["OLLAMA_PREFIX", "choose_gguf", "resolve_hf", "resolve_model", "resolve_ollama"]
 
 OLLAMA_PREFIX = "ollama:"
 # llama.cpp's -hf default when no tag is given: the first of these present, else the first model file
@@ -39,7 +39,7 @@ class _GgufName:
     count: int   # shards in all (1: not split)
 
     @classmethod
-    def of(cls, path: str) -> "_GgufName | None":
+    def of(cls, path: str) -> _GgufName | None:
         if not path.endswith(".gguf"):
             return None
         prefix, index, count = path[:-len(".gguf")], 1, 1
@@ -175,23 +175,28 @@ def ollama_store() -> Path:
     return Path(os.environ.get("OLLAMA_MODELS") or Path.home() / ".ollama" / "models").expanduser()
 
 
-_OLLAMA_NAME = re.compile(r"^(?:(?P<host>[^/:]+(?::\d+)?)/)?(?:(?P<ns>[^/:]+)/)?(?P<model>[^/:]+)(?::(?P<tag>[^/:]+))?$")
+# one part of an ollama name ([HOST[:PORT]/][NAMESPACE/]MODEL[:TAG], hf.co/ORG/REPO:TAG among them)
+_OLLAMA_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _OLLAMA_MODEL_LAYER = "application/vnd.ollama.image.model"
 
 
 def resolve_ollama(name: str) -> Path:
     """The GGUF blob of ollama's model ``NAME[:TAG]`` (``library/NAME``, tag ``latest`` by default; also
     ``NAMESPACE/NAME`` and ``HOST/NAMESPACE/NAME``), read from its manifest in the ollama store."""
-    m = _OLLAMA_NAME.match(name)
-    if not m or not name:
+    *where, last = name.split("/")
+    model, _, tag = last.partition(":")
+    host = where.pop(0) if len(where) == 2 else "registry.ollama.ai"
+    ns = where[0] if where else "library"
+    parts = [ns, model] + ([tag] if tag else [])
+    if len(where) > 1 or not all(_OLLAMA_PART.match(x) for x in parts) or not re.match(r"^[\w.-]+(:\d+)?$", host):
         raise ModelFileError(f"{OLLAMA_PREFIX}{name} is not an ollama model name: give ollama:NAME or "
                              "ollama:NAME:TAG (e.g. ollama:qwen3:30b-a3b)")
+    tag = tag or "latest"
     store = ollama_store()
     manifests = store / "manifests"
     if not manifests.is_dir():
         raise ModelFileError(f"no ollama model store at {store} (no manifests folder): pull the model with "
                              f"`ollama pull {name}`, or set OLLAMA_MODELS to the store's folder")
-    host, ns, model, tag = (m["host"] or "registry.ollama.ai", m["ns"] or "library", m["model"], m["tag"] or "latest")
     manifest = manifests / host / ns / model / tag
     if not manifest.is_file():
         present = sorted(f"{p.parent.name}:{p.name}" for p in (manifests / host / ns).glob("*/*") if p.is_file())

@@ -317,7 +317,8 @@ RESULTS_SECTION = "bench/RESULTS.md, \"Capture-friendly quantization\""
 
 # What to do about a quantization that moves routing. `mote quantize` takes F32/F16/BF16 sources only; a model whose
 # experts are MXFP4 (gpt-oss's release format: its experts were trained in MXFP4) has no such source to offer.
-_ADVICE_QUANTIZE = "for fTRI quantize the model's F32/F16/BF16 GGUF with `mote quantize SRC.gguf DST.gguf --recipe capture`"
+_ADVICE_QUANTIZE = ("for fTRI quantize the model's F32/F16/BF16 GGUF with "
+                    "`mote quantize SRC.gguf DST.gguf --recipe capture`")
 _ADVICE_MXFP4 = ("for fTRI use the model's release GGUF: MXFP4 routed experts with BF16/F32 everything else (`mote "
                  "quantize` takes F32/F16/BF16 sources only)")
 
