@@ -328,6 +328,7 @@ def test_ollama_names_resolve_to_their_blob(planted_files, tmp_path, monkeypatch
     fake_ollama(store, planted_files[0], tag="q8")
     monkeypatch.setenv("OLLAMA_MODELS", str(store))
     assert hub.resolve_model("ollama:planted") == blob == hub.resolve_ollama("planted:q8")
+    assert hub.resolve_ollama("ollama:planted:q8") == blob
     assert Fingerprint.of(hub.resolve_model("ollama:planted")) == Fingerprint.of(planted_files[0])
     assert hub.resolve_model("models/x.gguf") == Path("models/x.gguf")  # a path stays a path
     # a namespace, and a model pulled from another registry (ollama pull hf.co/ORG/REPO:TAG)

@@ -182,7 +182,9 @@ _OLLAMA_MODEL_LAYER = "application/vnd.ollama.image.model"
 
 def resolve_ollama(name: str) -> Path:
     """The GGUF blob of ollama's model ``NAME[:TAG]`` (``library/NAME``, tag ``latest`` by default; also
-    ``NAMESPACE/NAME`` and ``HOST/NAMESPACE/NAME``), read from its manifest in the ollama store."""
+    ``NAMESPACE/NAME`` and ``HOST/NAMESPACE/NAME``; with or without the ``ollama:`` prefix), read from its manifest
+    in the ollama store."""
+    name = name.removeprefix(OLLAMA_PREFIX)
     *where, last = name.split("/")
     model, _, tag = last.partition(":")
     host = where.pop(0) if len(where) == 2 else "registry.ollama.ai"
@@ -223,5 +225,5 @@ def resolve_model(path_or_name: str) -> Path:
     """A model given on the command line: ``ollama:NAME[:TAG]`` is looked up in the ollama store; anything else is
     a path, returned as it is (checking it is the layout reader's job)."""
     if path_or_name.startswith(OLLAMA_PREFIX):
-        return resolve_ollama(path_or_name[len(OLLAMA_PREFIX):])
+        return resolve_ollama(path_or_name)
     return Path(path_or_name)
