@@ -28,6 +28,7 @@ import gguf
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from gguf_shards import split_gguf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -39,9 +40,10 @@ from mote_local.evaluation import report
 from mote_local.evaluation.evaluate import EvalResult, evaluate
 from mote_local.ftri import capture as ftri
 from mote_local.ftri.stats import METHODS, Activations, FtriResult, analyse
+from mote_local.modelfile import hub
 from mote_local.modelfile import layout as layout_mod
 from mote_local.modelfile.fingerprint import Fingerprint
-from mote_local.modelfile.layout import read_layout
+from mote_local.modelfile.layout import read_header, read_layout
 from mote_local.prompts import (
     Prompt,
     PromptSet,
@@ -260,17 +262,53 @@ def bad_models(tiny_path, tmp_path_factory) -> dict[str, tuple[Path, str]]:
         "a directory": (d, "is a directory"),
         "a missing file": (d / "missing.gguf", "model file not found"),
     }
+    cases.update(_bad_splits(qwen, deepseek, d))
     fifo = d / "pipe.gguf"
     os.mkfifo(fifo)  # opening a FIFO for reading blocks: the check must not open it
     cases["a named pipe"] = (fifo, "not a regular file")
     return counted("model files", cases)
 
 
+def _bad_splits(qwen: Path, deepseek: Path, d: Path) -> dict[str, tuple[Path, str]]:
+    """Split models (3 shards) with a shard missing, broken, or from another model or split."""
+    def shards(name: str, src: Path = qwen, n: int = 3, style: str = "gguf-py") -> list[Path]:
+        return split_gguf(src, d / name, n, style)
+
+    n_tensors = len(gguf.GGUFReader(qwen).tensors)
+    missing, no_first, truncated, empty = (shards("missing"), shards("no-first", style="no-tensor-first-split"),
+                                           shards("truncated"), shards("empty"))
+    other_split, other_model, renamed = shards("other-split"), shards("other-model"), shards("renamed")
+    missing[2].unlink()
+    no_first[1].unlink()
+    truncated[1].write_bytes(truncated[1].read_bytes()[:truncated[1].stat().st_size // 2])
+    empty[1].write_bytes(b"")
+    shutil.copyfile(shards("two", n=2)[1], other_split[1])
+    shutil.copyfile(shards("deepseek", src=deepseek)[2], other_model[2])
+    shutil.copyfile(renamed[0], d / "renamed" / "model.gguf")
+    (d / "count").mkdir()
+    count = [copy_patched(shard, d / "count" / shard.name, split__tensors__count=n_tensors + 1)
+             for shard in shards("count-src")]
+    return {
+        "split: a later shard given": (shards("later")[1], "is shard 2 of 3 of a split model: give its first shard"),
+        "split: a shard missing": (missing[0], f"{missing[2]} is missing: it is shard 3 of 3"),
+        "split: a shard missing (no tensors in the first)": (no_first[0], f"{no_first[1]} is missing"),
+        "split: a shard truncated": (truncated[0], f"{truncated[1]} is truncated inside the tensor data"),
+        "split: a shard empty": (empty[0], f"shard 2 of 3 of {empty[0]}: {empty[1]} is empty"),
+        "split: a shard of another split": (other_split[0], f"{other_split[1]} is not shard 2 of 3"),
+        "split: a shard of another model": (other_model[0], f"{other_model[2]} is not shard 3 of 3"),
+        "split: the first shard renamed": (d / "renamed" / "model.gguf", "its name does not end in -00001-of-00003"),
+        "split: split.tensors.count wrong": (count[0], f"hold {n_tensors} tensors, but its split.tensors.count says "
+                                                       f"{n_tensors + 1}"),
+    }
+
+
 # the cases the CLI runs in a subprocess (both `inspect` and `run`); the in-process loop covers every case
 CLI_CASES = ["empty file", "random bytes", "cut inside the metadata", "cut inside the tensor table",
              "cut in the middle of the tensor data", "version flipped", "tensor type f32 -> f16",
              "tensor offset unaligned", "expert_used_count > expert_count", "unknown gating function",
-             "block_count 600", "duplicate token in the vocabulary", "a directory", "a named pipe"]
+             "block_count 600", "duplicate token in the vocabulary", "a directory", "a named pipe",
+             "split: a later shard given", "split: a shard missing", "split: a shard truncated",
+             "split: a shard of another model"]
 
 
 def test_every_bad_model_file_gets_a_clear_model_file_error(bad_models):
@@ -317,6 +355,47 @@ def test_cli_inspect_in_process_for_every_bad_file(bad_models):
         assert_one_line_error(r.exit_code, r.stderr, needle)
 
 
+@pytest.fixture(scope="module")
+def bad_model_names(tmp_path_factory) -> dict[str, tuple[str, Path | None, str]]:
+    """name -> (a model name, the ollama store it is looked up in, what its error must say): names that are not
+    paths (hub.resolve_model, hub.resolve_hf); the Hub's own answers are in tests/test_hub.py."""
+    d = tmp_path_factory.mktemp("ollama")
+    manifests = d / "store" / "manifests" / "registry.ollama.ai" / "library"
+    for name, doc in {"planted": {"layers": [{"mediaType": "application/vnd.ollama.image.model",
+                                                 "digest": "sha256:" + "ab" * 32}]},
+                      "notjson": None, "nolayer": {"layers": [{"mediaType": "application/vnd.ollama.image.template",
+                                                                 "digest": "sha256:" + "cd" * 32}]},
+                      "baddigest": {"layers": [{"mediaType": "application/vnd.ollama.image.model",
+                                                "digest": "../../etc/passwd"}]}}.items():
+        (manifests / name).mkdir(parents=True)
+        (manifests / name / "latest").write_text("{not json" if doc is None else json.dumps(doc))
+    store = d / "store"
+    return counted("model names", {
+        "hf: no organisation": ("just-a-name", None, "is not a Hugging Face model name"),
+        "hf: too many parts": ("a/b/c", None, "is not a Hugging Face model name"),
+        "hf: two tags": ("org/name:Q4_K_M:Q8_0", None, "is not a Hugging Face model name"),
+        "hf: empty name": ("org/", None, "is not a Hugging Face model name"),
+        "ollama: no store": ("ollama:qwen3", d / "nowhere", "no ollama model store at"),
+        "ollama: empty name": ("ollama:", store, "is not an ollama model name"),
+        "ollama: a name not there": ("ollama:qwen3:30b", store, "ollama model qwen3:30b is not in"),
+        "ollama: a tag not there": ("ollama:planted:q8", store, "ollama model planted:q8 is not in"),
+        "ollama: the blob missing": ("ollama:planted", store, "the model blob of ollama's planted:latest, is missing"),
+        "ollama: a manifest that is not JSON": ("ollama:notjson", store, "is not an ollama manifest"),
+        "ollama: a manifest without a model layer": ("ollama:nolayer", store, "is not an ollama manifest"),
+        "ollama: a digest that is not sha256": ("ollama:baddigest", store, "not a sha256 digest"),
+    })
+
+
+def test_every_bad_model_name_gets_one_line_naming_the_fix(bad_model_names, monkeypatch):
+    for name, (spec, store, needle) in bad_model_names.items():
+        monkeypatch.setenv("OLLAMA_MODELS", str(store or "/nonexistent"))
+        with pytest.raises(ModelFileError) as info:
+            hub.resolve_model(spec) if spec.startswith(hub.OLLAMA_PREFIX) else hub.resolve_hf(spec)
+        message = str(info.value)
+        assert needle in message and "\n" not in message, (name, message)
+        assert any(fix in message for fix in ("ollama pull", "give", "OLLAMA_MODELS")), (name, message)
+
+
 def test_dense_model_inspects_but_run_refuses(tiny_path, env):
     dense = tiny_path(tiny.DENSE)
     r = invoke("inspect", dense)
@@ -361,15 +440,17 @@ def test_unreadable_model_file_message(tiny_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def granite(tiny_path, tmp_path_factory) -> Path:
-    """The tiny mixtral as `granitemoe`: an MoE architecture llama.cpp loads whose gating mote-local does not
-    know (no entry in layout.ARCH_ROUTER_DEFAULTS, no gating key in the file)."""
+    """The tiny mixtral as `granitemoe`: an MoE architecture llama.cpp loads whose file does not say its gating
+    (no gating or weight-normalisation key: the graph's defaults decide)."""
     return rewrite(tiny_path("mixtral"), tmp_path_factory.mktemp("granite") / "granitemoe.gguf", "granitemoe",
                    [("granitemoe.logit_scale", 1.0, VT.FLOAT32)])
 
 
 def test_moe_arch_whose_keys_do_not_say_its_gating_is_inspected_from_the_engine_and_steers(granite):
     layout = read_layout(granite)
-    assert layout.arch == "granitemoe" and layout.is_moe and layout.gating is None  # the keys do not say
+    keys = read_header(granite).values
+    assert layout.arch == "granitemoe" and layout.is_moe
+    assert not any(k.endswith((".expert_gating_func", ".expert_weights_norm")) for k in keys)  # the keys do not say
     r = invoke("inspect", granite)
     assert r.exit_code == 0 and "softmax, top-k weights" in next(l for l in r.output.splitlines() if "gating" in l)
     assert json.loads(invoke("inspect", granite, "--json").stdout)["gating"] == "softmax"
@@ -382,15 +463,6 @@ def test_moe_arch_whose_keys_do_not_say_its_gating_is_inspected_from_the_engine_
         with s.capture() as cap:
             masked = s.logits(toks)
         assert cap.stats().counts[layer, busiest] == 0 and not np.array_equal(masked, idle)
-
-
-def test_unknown_gating_via_patched_defaults(tiny_path, monkeypatch):
-    """The same code path on a tiny qwen3moe whose architecture is taken out of the defaults table."""
-    monkeypatch.setattr(layout_mod, "_LAYOUTS", {})  # layouts read before knew the defaults
-    monkeypatch.delitem(layout_mod.ARCH_ROUTER_DEFAULTS, "qwen3moe")
-    assert read_layout(tiny_path("qwen3moe")).gating is None
-    r = invoke("inspect", tiny_path("qwen3moe"))
-    assert r.exit_code == 0 and "softmax, top-k weights normalised" in r.output  # the engine's word, not the table
 
 
 def test_validation_accepts_every_good_file(tiny_path, model_dir):

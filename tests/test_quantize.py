@@ -7,6 +7,7 @@ import os
 import gguf
 import pytest
 from click.testing import CliRunner
+from gguf_shards import retyped_gguf
 
 from mote_local.engine.model import Model
 from mote_local.errors import EngineError, ModelFileError, NotMoeError
@@ -141,20 +142,74 @@ def test_mote_quantize_command(wide, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["out.gguf"]
 
 
-def test_mote_ftri_warns_only_where_the_quantization_moves_routing(tiny_path, tmp_path):
+def _ftri_stderr(model, tmp_path) -> str:
+    """What `mote ftri` on a few prompts of the tiny vocabulary writes to stderr."""
     from mote_local.cli.commands import main
 
     words = list(tiny.WORDS)
     behaviour, baseline = tmp_path / "a.txt", tmp_path / "b.txt"
     behaviour.write_text("\n".join(" ".join(words[i:i + 5]) for i in range(0, 20, 5)) + "\n")
     baseline.write_text("\n".join(" ".join(words[i:i + 5]) for i in range(20, 40, 5)) + "\n")
+    r = CliRunner().invoke(main, ["ftri", str(model), "--prompts", str(behaviour), "--baseline-prompts",
+                                  str(baseline), "--raw", "--n-boot", "5", "--top", "2",
+                                  "--out", str(tmp_path / f"f-{model.stem}")])
+    assert r.exit_code == 0, r.output
+    return r.stderr
+
+
+def test_mote_ftri_warns_only_where_the_quantization_moves_routing(tiny_path, tmp_path):
     q8 = tiny_path("qwen3moe", qtype="q8_0")  # measured to keep routing: no warning
     q4 = tiny_path("qwen3moe", n_embd=256, n_ff_exp=256, qtype="q4_k")  # measured to move it
     for model, warned in ((q8, False), (q4, True)):
-        r = CliRunner().invoke(main, ["ftri", str(model), "--prompts", str(behaviour), "--baseline-prompts",
-                                      str(baseline), "--raw", "--n-boot", "5", "--top", "2",
-                                      "--out", str(tmp_path / f"f-{model.stem}")])
-        assert r.exit_code == 0, r.output
-        assert ("mote quantize SRC.gguf DST.gguf --recipe capture" in r.stderr) == warned, r.stderr
+        stderr = _ftri_stderr(model, tmp_path)
+        assert ("mote quantize SRC.gguf DST.gguf --recipe capture" in stderr) == warned, stderr
         if warned:
-            assert "18.8%" in r.stderr and len([x for x in r.stderr.splitlines() if "warning" in x]) == 1
+            assert "18.8%" in stderr and len([x for x in stderr.splitlines() if "warning" in x]) == 1
+
+
+def _types_of(experts: str, rest: str) -> tuple[tuple[str, str], ...]:
+    """The tensor types of a model with routed experts of one type and the other weights of another."""
+    return (("token_embd.weight", rest), ("blk.0.attn_v.weight", rest), ("blk.0.ffn_gate_inp.weight", "F32"),
+            ("blk.0.ffn_up_exps.weight", experts), ("blk.0.ffn_down_exps.weight", experts), ("output.weight", "Q6_K"))
+
+
+@pytest.mark.parametrize("experts, rest, unmeasured", [
+    ("IQ4_XS", "Q8_0", "IQ4_XS is not measured"), ("IQ2_XXS", "F16", "IQ2_XXS is not measured"),
+    ("Q4_K", "IQ4_NL", "IQ4_NL is not measured"), ("MXFP4", "Q8_0", "MXFP4 is not measured"),
+    ("MXFP4", "IQ4_XS", "IQ4_XS, MXFP4 are not measured"),
+])
+def test_types_never_measured_are_said_to_be_unmeasured_not_ranked_by_bits(experts, rest, unmeasured):
+    c = qz.routing_class(_types_of(experts, rest))
+    assert c.fidelity is None and c.moves_routing is None
+    assert unmeasured in c.warning and "%" not in c.text  # no borrowed measurement
+    # the advice is one the next command accepts: a model with MXFP4 experts has no F32/F16/BF16 GGUF to quantize
+    assert ("mote quantize SRC.gguf" in c.warning) == (experts != "MXFP4")
+
+
+def test_mxfp4_experts_with_float_weights_are_gpt_oss_release_format():
+    c = qz.routing_class(_types_of("MXFP4", "BF16"))
+    assert c.moves_routing is False and c.warning is None and "release format" in c.text
+    assert qz.routing_class(_types_of("Q4_K", "Q8_0")).fidelity == qz.MEASURED[("q8", "q4")]  # measured: as before
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_mxfp4(tiny_path, tmp_path_factory):
+    """The tiny gpt-oss with MXFP4 routed experts (its release layout), and with Q8_0 attention besides."""
+    d, src = tmp_path_factory.mktemp("mxfp4"), tiny_path("gpt-oss")
+    release = retyped_gguf(src, d / "release.gguf", {r"_exps\.weight$": QT.MXFP4})
+    attn_q8 = retyped_gguf(src, d / "attn-q8.gguf",
+                           {r"_exps\.weight$": QT.MXFP4, r"\.attn_(q|k|v|output)\.weight$": QT.Q8_0})
+    return release, attn_q8
+
+
+def test_mote_ftri_on_mxfp4_gives_no_advice_that_mote_quantize_refuses(gpt_oss_mxfp4, tmp_path):
+    from mote_local.cli.commands import main
+
+    release, attn_q8 = gpt_oss_mxfp4
+    r = CliRunner().invoke(main, ["quantize", str(release), str(tmp_path / "q.gguf")])
+    assert r.exit_code == 1 and "is already quantized" in r.stderr  # why the usual advice cannot be given here
+    for model, warned in ((release, False), (attn_q8, True)):
+        stderr = _ftri_stderr(model, tmp_path)
+        assert ("warning:" in stderr) == warned and "mote quantize SRC" not in stderr, stderr
+        if warned:
+            assert "MXFP4 is not measured" in stderr and "release GGUF" in stderr

@@ -23,6 +23,7 @@ from mote_local.atomic import atomic_write_text
 from mote_local.engine.model import Model
 from mote_local.errors import EvalError
 from mote_local.evaluation.cost import CostSums, resolve_text
+from mote_local.modelfile.layout import read_layout
 from mote_local.progress import progress_bar
 from mote_local.steering.entries import VALUED_MODES, Entry, Mode
 
@@ -81,9 +82,17 @@ def _super_cache_dir() -> Path:
 
 
 def _model_key(model_path: str | os.PathLike) -> dict[str, Any]:
-    p = Path(model_path).resolve()
-    st = p.stat()
-    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    """The model's files as they are now: the (first) file's resolved path, size and mtime, and those of the other
+    shards of a split model, so that a shard replaced since invalidates what was measured."""
+    def stat(p: Path) -> tuple[str, int, int]:
+        st = p.stat()
+        return str(p.resolve()), st.st_size, st.st_mtime_ns
+
+    first, *shards = [stat(f.path) for f in read_layout(model_path).files]
+    key: dict[str, Any] = dict(zip(("path", "size", "mtime_ns"), first))
+    if shards:
+        key["shards"] = [list(s) for s in shards]
+    return key
 
 
 def super_experts_cache_path(model_path: str | os.PathLike) -> Path:

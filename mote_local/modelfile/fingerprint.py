@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -44,13 +45,15 @@ class Fingerprint:
 
     @classmethod
     def of_layout(cls, layout: MoeLayout) -> Fingerprint:
-        """The fingerprint of the model whose layout was read: hashes its router tensors' bytes."""
+        """The fingerprint of the model whose layout was read: hashes its router tensors' bytes, layer by layer,
+        whichever file holds them (a split model has the fingerprint of the same model in one file)."""
         layout = layout.require_moe()
         h = hashlib.sha256()
-        with open(layout.path, "rb") as f:
-            for offset, n_bytes in layout.router_spans:
-                f.seek(offset)
-                h.update(f.read(n_bytes))
+        with contextlib.ExitStack() as stack:
+            files = [stack.enter_context(open(f.path, "rb")) for f in layout.files]
+            for index, offset, n_bytes in layout.router_spans:
+                files[index].seek(offset)
+                h.update(files[index].read(n_bytes))
         return cls(layout.arch, layout.n_layer, layout.n_expert, layout.n_expert_used, h.hexdigest())
 
     def mismatch(self, other: Fingerprint) -> str | None:

@@ -9,6 +9,9 @@ before llama.cpp sees it. Two kinds of file must never reach llama.cpp:
 * files its parser accepts but whose hyperparameters trip a GGML_ASSERT/GGML_ABORT (for example
   more experts used per token than experts, or an unknown expert gating function): those abort the
   whole Python process. :func:`read_layout` checks the same limits that llama.cpp asserts.
+
+A split model (``NAME-00001-of-0000N.gguf`` …) is read whole from its first shard's path, as llama.cpp loads it
+(:func:`read_model_header`), so its layout and router bytes are those of the same model in one file.
 """
 
 from __future__ import annotations
@@ -33,19 +36,9 @@ GGML_MAX_NAME = 64       # llama.cpp refuses tensor names of this length or long
 LLAMA_MAX_LAYERS = 512   # llama-hparams.h: block_count must be 1..LLAMA_MAX_LAYERS
 LLAMA_MAX_EXPERTS = 1024
 
-# Gating and top-k weight normalisation that llama.cpp hard-codes per architecture when the
-# file carries no {arch}.expert_gating_func / {arch}.expert_weights_norm key.
-ARCH_ROUTER_DEFAULTS: dict[str, tuple[str, bool]] = {
-    "qwen3moe": ("softmax", True),
-    "qwen2moe": ("softmax", False),
-    "olmoe": ("softmax", False),
-    "llama": ("softmax", True),
-    "gpt-oss": ("softmax_weight", False),
-    "deepseek2": ("softmax", False),
-}
-# llama.cpp's llama_expert_gating_func_type; 0 (NONE) means "the architecture's default". Any other
-# value reaches a GGML_ABORT in build_moe_ffn.
-GATING_NAMES = {1: "softmax", 2: "sigmoid", 3: "softmax_weight", 4: "sqrt_softplus"}
+# llama.cpp's llama_expert_gating_func_type runs 0 (the architecture's default) to 4 (sqrt-softplus); any other
+# value reaches a GGML_ABORT in build_moe_ffn. What the graph does with it is the engine's to say (Model.routers).
+GATING_FUNC_MAX = 4
 # architectures that llama.cpp treats as dense when they declare at most one expert
 _DENSE_IF_ONE_EXPERT = ("hunyuan-dense", "hunyuan_vl")
 
@@ -61,16 +54,15 @@ class MoeLayout:
     moe_layers: tuple[int, ...]
     n_expert: int
     n_expert_used: int
-    gating: str | None  # None: an architecture whose gating mote-local does not know
-    norm_weights: bool
     n_shared_experts: int
     n_expert_groups: int
     n_group_used: int
     file_type: str
-    size_bytes: int
+    size_bytes: int      # of every file of the model
     context_length: int  # the training context (0 when the file does not say)
-    data_offset: int = 0  # where the tensor data starts: everything above is the header read here
-    router_spans: tuple[tuple[int, int], ...] = ()  # (file offset, bytes) of each MoE layer's router tensor
+    files: tuple["ModelFile", ...] = ()  # the model's files: one, or the shards of a split model, first first
+    # (index in files, offset in that file, bytes) of each MoE layer's router tensor
+    router_spans: tuple[tuple[int, int, int], ...] = ()
     tensor_types: tuple[tuple[str, str], ...] = ()  # (name, ggml type name) of every tensor, in file order
 
     @property
@@ -210,6 +202,16 @@ class TensorInfo:
     type: gguf.GGMLQuantizationType
     offset: int             # in the file
     n_bytes: int
+    file: int = 0           # which of the model's files holds it (GgufHeader.files), for a split model
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """One file of a model: the whole model, or one shard of a split one."""
+
+    path: Path
+    size_bytes: int
+    data_offset: int  # where its tensor data starts: everything above is its header
 
 
 @dataclass(frozen=True)
@@ -226,6 +228,7 @@ class GgufHeader:
     arrays: dict[str, tuple[bytes, ...] | np.ndarray]
     tensors: tuple[TensorInfo, ...]
     data_offset: int
+    files: tuple[ModelFile, ...] = ()  # the file read; of a split model read whole, every shard
 
     def tensor(self, name: str) -> TensorInfo | None:
         return self._by_name.get(name)
@@ -268,7 +271,8 @@ def _read_header(p: Path, arrays: tuple[str, ...] = ()) -> GgufHeader:
     with open(p, "rb") as f:
         _check_header(f.read(24), size)
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return _walk(buf, size, arrays)
+            header = _walk(buf, size, arrays)
+    return replace(header, files=(ModelFile(p, size, header.data_offset),))
 
 
 def _walk(buf, size: int, wanted: tuple[str, ...]) -> GgufHeader:
@@ -376,6 +380,93 @@ def read_header(path: str | os.PathLike, arrays: tuple[str, ...] = (),
         raise error(f"{p} {err}") from None
 
 
+# ---------------------------------------------------------------------------------------------- split models
+
+# A split model (llama.cpp's gguf-split, gguf-py's GGUFWriter(split_max_tensors=N)): every shard says which it is
+# and how many there are; the first holds all the metadata and the tensor count, the others only these keys.
+SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS = (gguf.Keys.Split.LLM_KV_SPLIT_NO, gguf.Keys.Split.LLM_KV_SPLIT_COUNT,
+                                        gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)
+_SHARD_SUFFIX = "-{:05d}-of-{:05d}.gguf"  # llama.cpp's llama_split_path: PREFIX-%05d-of-%05d.gguf, from 1
+_FIX_SHARDS = "download the shards of this model again, all into one folder"
+
+
+def shard_path(given: Path, given_no: int, no: int, count: int) -> Path | None:
+    """The path of shard ``no`` (from 0) of ``count``, beside shard ``given_no`` at ``given``, as llama.cpp
+    derives it (llama_split_prefix, llama_split_path); None when ``given``'s name is not that shard's name."""
+    suffix = _SHARD_SUFFIX.format(given_no + 1, count)
+    if not given.name.endswith(suffix) or given.name == suffix:
+        return None
+    return given.with_name(given.name[:-len(suffix)] + _SHARD_SUFFIX.format(no + 1, count))
+
+
+def _split_value(p: Path, header: GgufHeader, key: str, default: int | None = None) -> int:
+    value = header.values.get(key, default)
+    if value is None:
+        raise ModelFileError(f"{p} is a shard of a split model without a {key} key; {_FIX_SHARDS}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ModelFileError(f"{p}: metadata key {key} holds {value!r}, not a shard number; {_FIX_CORRUPT}")
+    return value
+
+
+def read_model_header(path: str | os.PathLike, arrays: tuple[str, ...] = ()) -> GgufHeader:
+    """The header of a model read as llama.cpp loads it: one file, or every shard of a split model from its first
+    shard's path (the first shard's metadata, every shard's tensors in order, each shard in ``files``).
+
+    A shard given in place of the first, a missing, truncated or corrupt shard, or one of another model or split
+    raises ModelFileError naming the shard and the fix, before llama.cpp would refuse or misread it."""
+    p = Path(path)
+    first = read_header(p, arrays)
+    count = _split_value(p, first, SPLIT_COUNT, 0)
+    if count <= 1:
+        return first
+    no = _split_value(p, first, SPLIT_NO)
+    if no != 0:
+        given = shard_path(p, no, 0, count)
+        which = (f"{given}" if given is not None else
+                 f"the file whose name ends in {_SHARD_SUFFIX.format(1, count)}")
+        raise ModelFileError(f"{p} is shard {no + 1} of {count} of a split model: give its first shard, {which} "
+                             "(llama.cpp loads every shard from the first one's path)")
+    if shard_path(p, 0, 0, count) is None:
+        raise ModelFileError(f"{p} is the first of {count} shards of a split model, but its name does not end in "
+                             f"{_SHARD_SUFFIX.format(1, count)}, which llama.cpp needs to find the other shards: "
+                             f"give the shards their names back (NAME{_SHARD_SUFFIX.format(1, count)} … "
+                             f"NAME{_SHARD_SUFFIX.format(count, count)})")
+    n_tensors = _split_value(p, first, SPLIT_TENSORS)
+    files, tensors = list(first.files), list(first.tensors)
+    holder = {t.name: p for t in first.tensors}
+    for i in range(1, count):
+        sp = shard_path(p, 0, i, count)
+        if not (sp.exists() or sp.is_symlink()):
+            raise ModelFileError(f"{sp} is missing: it is shard {i + 1} of {count} of the split model {p}; download "
+                                 "it into the folder of the first shard")
+        try:
+            shard = read_header(check_model_file(sp))
+        except ModelFileError as err:
+            raise ModelFileError(f"shard {i + 1} of {count} of {p}: {err}") from None
+        says = (shard.values.get(SPLIT_NO), shard.values.get(SPLIT_COUNT), shard.values.get(SPLIT_TENSORS))
+        if says != (i, count, n_tensors):
+            what = ("is not a shard of a split model (no split keys)" if says == (None, None, None) else
+                    f"says it is shard {_shard_words(says[0])} of {says[1]}, of a model of {says[2]} tensors")
+            raise ModelFileError(f"{sp} is not shard {i + 1} of {count} of {p} (a model of {n_tensors} tensors): it "
+                                 f"{what}; it belongs to another model or another split: {_FIX_SHARDS}")
+        for t in shard.tensors:
+            if t.name in holder:
+                raise ModelFileError(f"{sp} (shard {i + 1} of {count} of {p}) holds the tensor {t.name!r}, which "
+                                     f"{holder[t.name].name} holds too: one of them is a shard of another model or "
+                                     f"another split; {_FIX_SHARDS}")
+            holder[t.name] = sp
+            tensors.append(replace(t, file=i))
+        files.extend(shard.files)
+    if len(tensors) != n_tensors:
+        raise ModelFileError(f"the {count} shards of {p} hold {len(tensors)} tensors, but its {SPLIT_TENSORS} "
+                             f"says {n_tensors}: a shard is from another model or another split; {_FIX_SHARDS}")
+    return replace(first, tensors=tuple(tensors), files=tuple(files))
+
+
+def _shard_words(no) -> str:
+    return str(no + 1) if isinstance(no, int) else repr(no)
+
+
 def open_gguf(p: Path, error: type[Exception] = ModelFileError) -> gguf.GGUFReader:
     """gguf-py's reader of the GGUF file p, after read_header has checked its structure."""
     read_header(p, error=error)
@@ -388,46 +479,54 @@ def open_gguf(p: Path, error: type[Exception] = ModelFileError) -> gguf.GGUFRead
 
 # ---------------------------------------------------------------------------------------------- layout
 
-# Layouts already read in this process, by resolved path: (digest of the file's header, layout). One command
-# reads a model's layout several times.
-_LAYOUTS: dict[Path, tuple[bytes, MoeLayout]] = {}
+# Layouts already read in this process, by resolved path of the (first) file: (digests of the headers of the
+# model's files, layout). One command reads a model's layout several times.
+_LAYOUTS: dict[Path, tuple[tuple[bytes | None, ...], MoeLayout]] = {}
 _LAYOUTS_KEPT = 8
 
 
-def _header_digest(p: Path, end: int) -> bytes:
-    with open(p, "rb") as f:
-        return hashlib.blake2b(f.read(end), digest_size=16).digest()
+def _header_digests(files: tuple[ModelFile, ...]) -> tuple[bytes | None, ...]:
+    """A digest of each file's size and header (None: the file cannot be read any more)."""
+    digests = []
+    for f in files:
+        try:
+            with open(f.path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                digests.append(hashlib.blake2b(fh.read(f.data_offset) + size.to_bytes(8, "little"),
+                                               digest_size=16).digest())
+        except OSError:
+            digests.append(None)
+    return tuple(digests)
 
 
 def read_layout(path: str | os.PathLike) -> MoeLayout:
-    """The MoE layout of a GGUF model, validated so that llama.cpp will not abort on the file.
+    """The MoE layout of a GGUF model (one file, or every shard of a split model from the first one's path),
+    validated so that llama.cpp will not abort on it.
 
-    A file read before in this process is not parsed again while its size and header (all that the
-    layout depends on) are unchanged.
+    A model read before in this process is not parsed again while the sizes and headers of its files (all that
+    the layout depends on) are unchanged.
     """
     p = check_model_file(path)
     key = p.resolve()
     cached = _LAYOUTS.get(key)
-    if (cached is not None and cached[1].size_bytes == p.stat().st_size
-            and _header_digest(p, cached[1].data_offset) == cached[0]):
-        return replace(cached[1], path=p)
+    if cached is not None and cached[1].files[0].path.name == p.name:  # the other shards' names follow the first's
+        files = tuple(replace(f, path=p.with_name(f.path.name)) for f in cached[1].files)
+        if None not in cached[0] and _header_digests(files) == cached[0]:
+            return replace(cached[1], path=p, files=files)
     layout = _parse_layout(p)
     _LAYOUTS.pop(key, None)
-    _LAYOUTS[key] = (_header_digest(p, layout.data_offset), layout)
+    _LAYOUTS[key] = (_header_digests(layout.files), layout)
     while len(_LAYOUTS) > _LAYOUTS_KEPT:
         _LAYOUTS.pop(next(iter(_LAYOUTS)))
     return layout
 
 
 def _parse_layout(p: Path) -> MoeLayout:
-    header = read_header(p, arrays=(gguf.Keys.Tokenizer.LIST,))
+    header = read_model_header(p, arrays=(gguf.Keys.Tokenizer.LIST,))
     meta = header.values
     arch = meta.get(gguf.Keys.General.ARCHITECTURE)
     if not isinstance(arch, str):
         raise ModelFileError(f"{p} has no general.architecture key: not a llama.cpp model")
-
-    def key(template: str, default=None):
-        return meta.get(template.format(arch=arch), default)
 
     def integer(template: str, default: int | None = 0, *, per_layer: bool = False) -> int | None:
         """An integer key; per_layer keys may hold one value per layer (the largest counts)."""
@@ -477,13 +576,10 @@ def _parse_layout(p: Path) -> MoeLayout:
             raise ModelFileError(f"{p}: router tensor {router.format(bid=il)}.weight has shape {shape}, but "
                                  f"{arch}.expert_count says {n_expert} experts; {_FIX_CORRUPT}")
 
-    default_gating, default_norm = ARCH_ROUTER_DEFAULTS.get(arch, (None, False))
-    gating_id = integer(gguf.Keys.LLM.EXPERT_GATING_FUNC, None)
-    if gating_id is not None and gating_id != 0 and gating_id not in GATING_NAMES:
-        raise corrupt(f"{arch}.expert_gating_func is {gating_id}, not a gating function llama.cpp knows ("
-                      + ", ".join(f"{k} {v}" for k, v in GATING_NAMES.items()) + ")")
-    gating = GATING_NAMES[gating_id] if gating_id else default_gating
-    norm = key(gguf.Keys.LLM.EXPERT_WEIGHTS_NORM)
+    gating_id = integer(gguf.Keys.LLM.EXPERT_GATING_FUNC)
+    if not 0 <= gating_id <= GATING_FUNC_MAX:
+        raise corrupt(f"{arch}.expert_gating_func is {gating_id}, not a gating function llama.cpp knows "
+                      f"(0..{GATING_FUNC_MAX})")
     shared = integer(gguf.Keys.LLM.EXPERT_SHARED_COUNT, None)
     if shared is None:
         shexp = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP].format(bid=moe_layers[0]) if moe_layers else ""
@@ -501,12 +597,11 @@ def _parse_layout(p: Path) -> MoeLayout:
     _check_vocabulary(p, header.arrays.get(gguf.Keys.Tokenizer.LIST))
     return MoeLayout(
         path=p, arch=arch, n_layer=n_layer, moe_layers=moe_layers, n_expert=n_expert,
-        n_expert_used=n_expert_used, gating=gating,
-        norm_weights=bool(norm) if norm is not None else default_norm,
+        n_expert_used=n_expert_used,
         n_shared_experts=shared, n_expert_groups=groups, n_group_used=group_used,
-        file_type=file_type_name, size_bytes=p.stat().st_size, context_length=max(context_length, 0),
-        data_offset=header.data_offset,
-        router_spans=tuple((t.offset, t.n_bytes) for t in routers.values()),
+        file_type=file_type_name, size_bytes=sum(f.size_bytes for f in header.files),
+        context_length=max(context_length, 0), files=header.files,
+        router_spans=tuple((t.file, t.offset, t.n_bytes) for t in routers.values()),
         tensor_types=tuple((t.name, t.type.name) for t in header.tensors),
     )
 

@@ -24,7 +24,7 @@ import gguf
 
 from mote_local.atomic import atomic_path
 from mote_local.errors import EngineError, ModelFileError
-from mote_local.modelfile.layout import read_header, read_layout
+from mote_local.modelfile.layout import read_layout, read_model_header
 
 __all__ = ["Recipe", "RECIPES", "GROUPS", "MEASURED", "Fidelity", "RoutingClass", "QuantizeResult", "quantize",
            "plan", "routing_class", "group_types", "check_paths"]
@@ -131,7 +131,7 @@ def _n_bytes(qtype: QT, shape: tuple[int, ...]) -> int:
 
 def plan(src: str | os.PathLike, recipe: Recipe) -> list[tuple[str, QT, QT]]:
     """(name, source type, type after quantizing) of every tensor of ``src`` under ``recipe``."""
-    header = read_header(src)
+    header = read_model_header(src)
     out = []
     for t in header.tensors:
         new = _fallback(recipe.type_for(t.name), t.shape[0]) if quantizable(t.name, t.shape) else t.type
@@ -160,7 +160,7 @@ def check_paths(src: str | os.PathLike, dst: str | os.PathLike, force: bool = Fa
 def _check_source_precision(src: Path) -> None:
     """Every tensor the quantizer may change must be F32/F16/BF16: llama.cpp refuses to requantize, and a
     requantized file would carry the source's routing drift under the recipe's name."""
-    quantized = [(t.name, t.type) for t in read_header(src).tensors
+    quantized = [(t.name, t.type) for t in read_model_header(src).tensors
                  if quantizable(t.name, t.shape) and t.type not in FLOAT_TYPES]
     if quantized:
         name, old = quantized[0]
@@ -170,7 +170,7 @@ def _check_source_precision(src: Path) -> None:
 
 
 def _check_space(dst: Path, steps: list[tuple[str, QT, QT]], src: Path) -> int:
-    header = read_header(src)
+    header = read_model_header(src)
     shapes = {t.name: t.shape for t in header.tensors}
     need = sum(_n_bytes(new, shapes[name]) for name, _, new in steps) + header.data_offset
     where = dst.parent if dst.parent.exists() else Path(".")
@@ -257,17 +257,21 @@ def group_types(tensor_types: tuple[tuple[str, str], ...]) -> dict[str, str]:
 # experts, everything else) is in the bucket of its least precise tensor.
 _BUCKETS = ("f16", "bf16", "q8", "q6", "q5", "q4", "low")
 _BITS_FLOOR = (("q8", 8.5), ("q6", 6.5), ("q5", 5.5), ("q4", 4.5))
+# The types whose routing drift follows bits per weight alongside the measured ones: llama.cpp's integer block
+# types (Q4_0 … Q8_1 and the K-quants). IQ*, MXFP4, the ternary types and others quantize otherwise and are
+# not measured: their bits per weight say nothing about their routing.
+_BLOCK_INTEGER = re.compile(r"^Q[2-8]_(0|1|K)$")
 
 
-def _bucket_of(type_name: str) -> str:
+def _bucket_of(type_name: str) -> str | None:
+    """The type's precision bucket; None for a type whose routing was never measured nor can be ordered."""
     if type_name in ("F32", "F64", "F16"):
         return "f16"
     if type_name == "BF16":
         return "bf16"
-    try:
-        block, size = gguf.GGML_QUANT_SIZES[QT[type_name]]
-    except KeyError:
-        return "low"  # a type gguf-py does not know: assume the worst
+    if not _BLOCK_INTEGER.match(type_name):
+        return None
+    block, size = gguf.GGML_QUANT_SIZES[QT[type_name]]
     return next((name for name, floor in _BITS_FLOOR if size * 8 / block >= floor), "low")
 
 
@@ -311,19 +315,27 @@ MEASURED: dict[tuple[str, str], Fidelity] = {
 RESULTS_SECTION = "bench/RESULTS.md, \"Capture-friendly quantization\""
 
 
+# What to do about a quantization that moves routing. `mote quantize` takes F32/F16/BF16 sources only; a model whose
+# experts are MXFP4 (gpt-oss's release format: its experts were trained in MXFP4) has no such source to offer.
+_ADVICE_QUANTIZE = ("for fTRI quantize the model's F32/F16/BF16 GGUF with "
+                    "`mote quantize SRC.gguf DST.gguf --recipe capture`")
+_ADVICE_MXFP4 = ("for fTRI use the model's release GGUF: MXFP4 routed experts with BF16/F32 everything else (`mote "
+                 "quantize` takes F32/F16/BF16 sources only)")
+
+
 @dataclass(frozen=True)
 class RoutingClass:
-    name: str                  # "float", "q8/q4" (non-experts/experts), ...
-    fidelity: Fidelity | None  # None: full precision, or a class not measured
-    moves_routing: bool
-    text: str                  # one line for the user
+    name: str                   # "F32", "Q8_0 non-expert weights, Q4 routed experts", ...
+    fidelity: Fidelity | None   # None: full precision, or a class not measured
+    moves_routing: bool | None  # None: not known, its types were never measured
+    text: str                   # one line for the user
+    advice: str = _ADVICE_QUANTIZE  # what to do where it moves routing (or may)
 
     @property
     def warning(self) -> str | None:
-        if not self.moves_routing:
+        if self.moves_routing is False:
             return None
-        return (f"warning: {self.text}; for fTRI quantize a higher-precision GGUF with "
-                "`mote quantize SRC.gguf DST.gguf --recipe capture`")
+        return f"warning: {self.text}; {self.advice}"
 
 
 def routing_class(tensor_types: tuple[tuple[str, str], ...]) -> RoutingClass:
@@ -332,7 +344,9 @@ def routing_class(tensor_types: tuple[tuple[str, str], ...]) -> RoutingClass:
     Tensors are split into routed experts and everything else that shapes the router's input (attention,
     shared experts, dense FFNs, the token embedding); the output projection and the unquantized routers and
     norms do not count. A class not measured is judged by a measured one it is at least as precise as (it keeps
-    routing if that one did), or one at least as precise as it (it moves routing if that one did)."""
+    routing if that one did), or one at least as precise as it (it moves routing if that one did), where bits per
+    weight order them: among floats and llama.cpp's integer block types. A class with any other type (IQ*,
+    MXFP4, ...) is said to be not measured, with advice that the next command accepts."""
     experts, rest = [], []
     for name, tname in tensor_types:
         if not quantizable(name, (0, 0)) or re.search(GROUPS["output"], name):
@@ -340,9 +354,12 @@ def routing_class(tensor_types: tuple[tuple[str, str], ...]) -> RoutingClass:
         (experts if re.search(ROUTED_EXPERTS, name) else rest).append(tname)
     if all(t == QT.F32.name for t in experts + rest):
         return RoutingClass("F32", None, False, "F32 weights: the reference routing")
+    where = f"({RESULTS_SECTION})"
+    unmeasured = sorted({t for t in experts + rest if _bucket_of(t) is None})
+    if unmeasured:
+        return _unmeasured(experts, rest, unmeasured)
     key = (_bucket(rest), _bucket(experts))
     name = f"{_label(key[0])} non-expert weights, {_label(key[1])} routed experts"
-    where = f"({RESULTS_SECTION})"
     measured = MEASURED.get(key)
     if measured is not None:
         verdict = "keeps" if measured.keeps_routing else "moves"
@@ -361,7 +378,25 @@ def routing_class(tensor_types: tuple[tuple[str, str], ...]) -> RoutingClass:
         return RoutingClass(name, None, True, f"this quantization ({name}) moves routing: {f.example}, more "
                                               f"precise, kept only {100 * f.set_identical:.1f}% of per-token "
                                               f"expert sets identical to f32 {where}")
-    return RoutingClass(name, None, True, f"this quantization ({name}) may move routing: not measured {where}")
+    return RoutingClass(name, None, None, f"this quantization ({name}) may move routing: not measured {where}")
+
+
+def _unmeasured(experts: list[str], rest: list[str], types: list[str]) -> RoutingClass:
+    """A class with types whose routing was never measured (IQ*, MXFP4, ...): said so, not guessed from bits."""
+    def side(names: list[str]) -> str:
+        odd = sorted({t for t in names if _bucket_of(t) is None})
+        return "/".join(odd) if odd else _label(_bucket(names))
+
+    name = f"{side(rest)} non-expert weights, {side(experts)} routed experts"
+    mxfp4 = bool(experts) and set(experts) == {QT.MXFP4.name}
+    if mxfp4 and all(_bucket_of(t) in ("f16", "bf16") for t in rest):
+        return RoutingClass(name, None, False,
+                            f"{name}: gpt-oss's release format (its experts were trained in MXFP4), the model's own "
+                            "routing; experts quantized to MXFP4 from higher precision were not measured")
+    return RoutingClass(name, None, None,
+                        f"this quantization ({name}) may move routing: {', '.join(types)} "
+                        f"{'is' if len(types) == 1 else 'are'} not measured ({RESULTS_SECTION} measured F16, BF16, "
+                        "Q8_0, Q6_K, Q5_K and Q4_K)", _ADVICE_MXFP4 if mxfp4 else _ADVICE_QUANTIZE)
 
 
 def _label(bucket: str) -> str:
