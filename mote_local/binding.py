@@ -31,7 +31,8 @@ except (ImportError, OSError, RuntimeError) as err:  # not built, or the shared 
 _lib = llama._lib
 
 MOTE_ABI_VERSION = 4
-# enum mote_mode { MOTE_MODE_MASK = 0, MOTE_MODE_DROP = 1, MOTE_MODE_FORCE = 2, MOTE_MODE_BIAS = 3, MOTE_MODE_GAIN = 4 };
+# enum mote_mode { MOTE_MODE_MASK = 0, MOTE_MODE_DROP = 1, MOTE_MODE_FORCE = 2, MOTE_MODE_BIAS = 3,
+#                  MOTE_MODE_GAIN = 4 };
 MODE_CODES = {"mask": 0, "drop": 1, "force": 2, "bias": 3, "gain": 4}
 # enum mote_scope { MOTE_SCOPE_ALL = 0, MOTE_SCOPE_PREFILL = 1, MOTE_SCOPE_DECODE = 2, MOTE_SCOPE_THINKING = 3 };
 SCOPE_CODES = {"all": 0, "prefill": 1, "decode": 2, "thinking": 3}

@@ -382,7 +382,8 @@ int32_t check(const shape_view & shape, const mote_entry * entries, int32_t n_en
         }
     }
     // limits name the phase only when some entry is scoped to one
-    const bool scoped = std::any_of(entries, entries + n_entries, [](const mote_entry & e) { return e.scope != MOTE_SCOPE_ALL; });
+    const bool scoped =
+        std::any_of(entries, entries + n_entries, [](const mote_entry & e) { return e.scope != MOTE_SCOPE_ALL; });
     for (size_t p = 0; p < std::size(kPhases); ++p) {
         const expert_entries on = entries_in(kPhases[p], entries, n_entries);
         if (check_pairs(on) != 0) {
