@@ -251,8 +251,8 @@ int32_t check_pairs(const expert_entries & on) {
     return 0;
 }
 
-// What one phase's entries ask of one layer (each entry counts, so an expert masked in two scopes that
-// both apply counts twice).
+// What one phase's entries ask of one layer: experts switched off and forced, each counted once (an expert
+// may carry the same selection in two scopes that both apply).
 struct layer_load {
     int32_t           forced = 0;
     int32_t           masked = 0;
@@ -262,15 +262,15 @@ struct layer_load {
 std::vector<layer_load> loads_of(const shape_view & shape, const expert_entries & on, double strength) {
     std::vector<layer_load> loads(shape.n_layer);
     const int32_t group_size = shape.n_expert_groups > 1 ? shape.n_expert / shape.n_expert_groups : 0;
-    for (const auto & kv : on) {
-        for (const mote_entry * en : kv.second) {
-            layer_load & load = loads[en->layer];
-            load.masked += switches_off(*en, strength);
-            if (en->mode == MOTE_MODE_FORCE) {
-                load.forced += 1;
-                if (group_size > 0) {
-                    load.forced_groups.insert(en->expert / group_size);
-                }
+    for (const auto & [target, list] : on) {
+        const auto [layer, expert] = target;
+        layer_load & load          = loads[layer];
+        auto         any           = [&](auto pred) { return std::any_of(list.begin(), list.end(), pred); };
+        load.masked += any([strength](const mote_entry * en) { return switches_off(*en, strength); });
+        if (any([](const mote_entry * en) { return en->mode == MOTE_MODE_FORCE; })) {
+            load.forced += 1;
+            if (group_size > 0) {
+                load.forced_groups.insert(expert / group_size);
             }
         }
     }
