@@ -3,6 +3,10 @@
 Each binding carries the C prototype it mirrors. Raw ctypes stays in here: the rest of the package
 calls the small Python functions at the bottom. It sits below the model-file and steering layers
 because the steering rules live in the native code (``steer_check``) and profiles are checked there.
+
+One error rule for every function: it returns its value, or raises the MoteError subclass of its
+concern (SteeringError for steering, CaptureError for capture, EngineError for the rest) carrying the
+engine's one-line message, which says "this model" where a caller may put the model's name.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import sys
 
 import numpy as np
 
-from mote_local.errors import EngineError
+from mote_local.errors import CaptureError, EngineError, MoteError, SteeringError
 
 try:
     from mote_local_engine.llama_cpp import _internals as llama_internals
@@ -26,9 +30,13 @@ except (ImportError, OSError, RuntimeError) as err:  # not built, or the shared 
 
 _lib = llama._lib
 
-MOTE_ABI_VERSION = 3
-MODE_MASK, MODE_DROP, MODE_FORCE, MODE_BIAS, MODE_GAIN = range(5)
-SCOPE_ALL, SCOPE_PREFILL, SCOPE_DECODE, SCOPE_THINKING = range(4)
+MOTE_ABI_VERSION = 4
+# enum mote_mode { MOTE_MODE_MASK = 0, MOTE_MODE_DROP = 1, MOTE_MODE_FORCE = 2, MOTE_MODE_BIAS = 3,
+#                  MOTE_MODE_GAIN = 4 };
+MODE_CODES = {"mask": 0, "drop": 1, "force": 2, "bias": 3, "gain": 4}
+# enum mote_scope { MOTE_SCOPE_ALL = 0, MOTE_SCOPE_PREFILL = 1, MOTE_SCOPE_DECODE = 2, MOTE_SCOPE_THINKING = 3 };
+SCOPE_CODES = {"all": 0, "prefill": 1, "decode": 2, "thinking": 3}
+# enum mote_capture_flags
 CAPTURE_PROBS = 1
 CAPTURE_TRACE = 2
 CAPTURE_OUTPUT_NORMS = 4
@@ -94,8 +102,6 @@ _steer_phase = _bind("mote_steer_phase", [_ctx, _i32], _i32)
 _steer_phase_seq = _bind("mote_steer_phase_seq", [_ctx, _i32, _i32], _i32)
 # void mote_steer_clear(struct llama_context * ctx);
 _steer_clear = _bind("mote_steer_clear", [_ctx], None)
-# int32_t mote_steer_count(const struct llama_context * ctx);
-_steer_count = _bind("mote_steer_count", [_ctx], _i32)
 # int32_t mote_capture_start(struct llama_context * ctx, int32_t flags);
 _capture_start = _bind("mote_capture_start", [_ctx, _i32], _i32)
 # void mote_capture_stop(struct llama_context * ctx);
@@ -155,21 +161,22 @@ def set_verbose(verbose: bool) -> None:
     _log["verbose"] = verbose
 
 
-def last_error() -> str:
-    return (_last_error() or b"").decode("utf-8", "replace")
+def _checked(rc: int, error: type[MoteError]) -> int:
+    """rc, unless the call failed (rc < 0): then `error` with the engine's message."""
+    if rc < 0:
+        raise error((_last_error() or b"").decode("utf-8", "replace"))
+    return rc
 
 
 def router_info(model) -> mote_router_info:
     info = mote_router_info()
-    if _router_info(model, ctypes.byref(info)) != 0:
-        raise EngineError(last_error())
+    _checked(_router_info(model, ctypes.byref(info)), EngineError)
     return info
 
 
 def layer_router(ctx, layer: int) -> mote_layer_router:
     out = mote_layer_router()
-    if _layer_router(ctx, layer, ctypes.byref(out)) != 0:
-        raise EngineError(last_error())
+    _checked(_layer_router(ctx, layer, ctypes.byref(out)), EngineError)
     return out
 
 
@@ -177,52 +184,46 @@ def _entries(entries: list[tuple[int, int, int, float, int]]):
     return (mote_entry * len(entries))(*[mote_entry(*e) for e in entries])
 
 
-def steer_check(shape: dict | None, entries: list[tuple[int, int, int, float, int]], strength: float) -> str | None:
+def steer_check(shape: dict | None, entries: list[tuple[int, int, int, float, int]], strength: float) -> None:
     """The engine's steering rules applied to entries (layer, expert, mode, value, scope) for a router shape
     (n_layer, n_expert, n_expert_used, n_expert_groups, n_group_used, moe_layers), or without one (None);
-    returns the reason they are refused, or None."""
+    raises SteeringError with the reason they are refused."""
     native_shape = None
     if shape is not None:
         layers = (ctypes.c_uint8 * shape["n_layer"])(*[int(il in shape["moe_layers"]) for il in range(shape["n_layer"])])
         native_shape = ctypes.byref(mote_shape(shape["n_layer"], shape["n_expert"], shape["n_expert_used"],
                                                shape["n_expert_groups"], shape["n_group_used"], layers))
-    return None if _steer_check(native_shape, _entries(entries), len(entries), strength) == 0 else last_error()
+    _checked(_steer_check(native_shape, _entries(entries), len(entries), strength), SteeringError)
 
 
-def steer_set(ctx, entries: list[tuple[int, int, int, float, int]], strength: float) -> str | None:
-    """Applies entries (all or nothing, every phase validated); returns the engine's error message, or None."""
-    return None if _steer_set(ctx, _entries(entries), len(entries), strength) == 0 else last_error()
+def steer_set(ctx, entries: list[tuple[int, int, int, float, int]], strength: float) -> None:
+    """Applies entries (all or nothing, every phase validated); raises SteeringError with the engine's reason."""
+    _checked(_steer_set(ctx, _entries(entries), len(entries), strength), SteeringError)
 
 
-def steer_set_seq(ctx, seq_id: int, entries: list[tuple[int, int, int, float, int]], strength: float) -> str | None:
-    """A sequence's own steering (no entries: back to the context's); returns the engine's error, or None."""
-    return None if _steer_set_seq(ctx, seq_id, _entries(entries), len(entries), strength) == 0 else last_error()
+def steer_set_seq(ctx, seq_id: int, entries: list[tuple[int, int, int, float, int]], strength: float) -> None:
+    """A sequence's own steering (no entries: back to the context's); raises SteeringError with the reason."""
+    _checked(_steer_set_seq(ctx, seq_id, _entries(entries), len(entries), strength), SteeringError)
 
 
 def steer_phase(ctx, phase: int, seq_id: int | None = None) -> None:
-    rc = _steer_phase(ctx, phase) if seq_id is None else _steer_phase_seq(ctx, seq_id, phase)
-    if rc != 0:
-        raise EngineError(last_error())
+    _checked(_steer_phase(ctx, phase) if seq_id is None else _steer_phase_seq(ctx, seq_id, phase), SteeringError)
 
 
 def steer_clear(ctx) -> None:
     _steer_clear(ctx)
 
 
-def steer_count(ctx) -> int:
-    return _steer_count(ctx)
-
-
-def capture_start(ctx, flags: int) -> str | None:
-    return None if _capture_start(ctx, flags) == 0 else last_error()
+def capture_start(ctx, flags: int) -> None:
+    _checked(_capture_start(ctx, flags), CaptureError)
 
 
 def capture_stop(ctx) -> None:
     _capture_stop(ctx)
 
 
-def capture_bind(ctx, seq_id: int, label: int, pos_begin: int, pos_end: int) -> str | None:
-    return None if _capture_bind(ctx, seq_id, label, pos_begin, pos_end) == 0 else last_error()
+def capture_bind(ctx, seq_id: int, label: int, pos_begin: int, pos_end: int) -> None:
+    _checked(_capture_bind(ctx, seq_id, label, pos_begin, pos_end), CaptureError)
 
 
 def capture_unbind_all(ctx) -> None:
@@ -250,16 +251,15 @@ def _opt(a: np.ndarray | None) -> ctypes.c_void_p | None:
 
 def capture_read(ctx, label: int, n_layer: int, n_expert: int, probs: bool, output_norms: bool):
     """(counts, weight_sums, prob_sums or None, output_norm_sums or None, tokens) of one label, as numpy
-    arrays sized by the engine's own dimensions (the engine refuses buffers of another size)."""
+    arrays sized by the engine's own dimensions (the engine refuses buffers of another size, and a label it
+    did not count: CaptureError)."""
     counts = np.zeros((n_layer, n_expert), dtype=np.int64)
     weights = np.zeros((n_layer, n_expert), dtype=np.float64)
     prob_sums = np.zeros((n_layer, n_expert), dtype=np.float64) if probs else None
     norm_sums = np.zeros((n_layer, n_expert), dtype=np.float64) if output_norms else None
     tokens = np.zeros(n_layer, dtype=np.int64)
-    rc = _capture_read(ctx, label, n_layer, n_expert, _ptr(counts), _ptr(weights), _opt(prob_sums), _opt(norm_sums),
-                       _ptr(tokens))
-    if rc != 0:
-        raise KeyError(last_error())
+    _checked(_capture_read(ctx, label, n_layer, n_expert, _ptr(counts), _ptr(weights), _opt(prob_sums),
+                           _opt(norm_sums), _ptr(tokens)), CaptureError)
     return counts, weights, prob_sums, norm_sums, tokens
 
 
@@ -270,23 +270,19 @@ def capture_trace(ctx, n_expert_used: int, n_expert: int, probs: bool):
     ids = np.zeros((rows, n_expert_used), dtype=np.int32)
     weights = np.zeros((rows, n_expert_used), dtype=np.float32)
     p = np.zeros((rows, n_expert), dtype=np.float32) if probs else None
-    if _capture_trace_read(ctx, rows, n_expert_used, n_expert, _ptr(meta), _ptr(ids), _ptr(weights), _opt(p)) != 0:
-        raise EngineError(last_error())
+    _checked(_capture_trace_read(ctx, rows, n_expert_used, n_expert, _ptr(meta), _ptr(ids), _ptr(weights), _opt(p)),
+             CaptureError)
     return meta, ids, weights, p
 
 
 def rpc_probe(endpoint: str, timeout_ms: int) -> None:
     """Raises EngineError, with the reason, unless an rpc-server of this engine's protocol answers at endpoint."""
-    if _rpc_probe(endpoint.encode(), timeout_ms) != 0:
-        raise EngineError(last_error())
+    _checked(_rpc_probe(endpoint.encode(), timeout_ms), EngineError)
 
 
 def rpc_add_server(endpoint: str) -> int:
     """Connects to an (answering) rpc-server and lists its devices, unregistered; returns their number."""
-    n = _rpc_add_server(endpoint.encode())
-    if n < 0:
-        raise EngineError(last_error())
-    return n
+    return _checked(_rpc_add_server(endpoint.encode()), EngineError)
 
 
 def rpc_model_devices(endpoints: list[str]) -> ctypes.Array:
@@ -294,8 +290,7 @@ def rpc_model_devices(endpoints: list[str]) -> ctypes.Array:
     raw = (ctypes.c_char_p * max(1, len(endpoints)))(*(e.encode() for e in endpoints))
     cap = 64 + len(endpoints) * 8
     devices = (ctypes.c_void_p * cap)()
-    if _rpc_model_devices(raw, len(endpoints), devices, cap) < 0:
-        raise EngineError(last_error())
+    _checked(_rpc_model_devices(raw, len(endpoints), devices, cap), EngineError)
     return devices
 
 

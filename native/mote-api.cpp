@@ -16,6 +16,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 
 namespace mote {
@@ -109,9 +110,11 @@ std::string layer_list(const shape_view & s) {
     return out.empty() ? "none" : out;
 }
 
-// The steering contract's rules. On one expert, only bias + gain and drop + gain combine: every other pair of
-// modes is a contradiction. Per layer: at most k forced experts, masks leave at least k selectable, forced
-// experts within the groups a token keeps.
+// The steering contract's rules, one step each. check() applies them in this order and stops at the first
+// violation: the arguments, each entry on its own, then, phase by phase, the entries that meet on one expert
+// and (with a model) each layer's limits.
+
+// On one expert, only bias + gain and drop + gain combine: every other pair of modes is a contradiction.
 bool combinable(int32_t a, int32_t b) {
     auto pair = [&](int32_t x, int32_t y) { return (a == x && b == y) || (a == y && b == x); };
     return pair(MOTE_MODE_BIAS, MOTE_MODE_GAIN) || pair(MOTE_MODE_DROP, MOTE_MODE_GAIN);
@@ -122,10 +125,13 @@ bool applies_in(int32_t scope, int32_t phase) {
     return scope == MOTE_SCOPE_ALL || scope == phase || (phase == MOTE_SCOPE_THINKING && scope == MOTE_SCOPE_DECODE);
 }
 
-// Validates entries for every phase and, when `out` is given, compiles each phase's arrays. Returns -1
-// (with the error set) on the first violation.
-int32_t check(const shape_view & shape, const mote_entry * entries, int32_t n_entries, double strength,
-              std::array<phase_steering, std::size(kPhases)> * out) {
+// Whether an entry takes its expert out of selection: a mask, or a -inf bias at a positive strength (at
+// strength 0 every bias, -inf included, is ignored).
+bool switches_off(const mote_entry & en, double strength) {
+    return en.mode == MOTE_MODE_MASK || (en.mode == MOTE_MODE_BIAS && en.value == -INFINITY && strength > 0.0f);
+}
+
+int32_t check_arguments(const shape_view & shape, const mote_entry * entries, int32_t n_entries, double strength) {
     if (n_entries < 0 || (entries == nullptr && n_entries > 0)) {
         return fail("steering: null entries");
     }
@@ -135,178 +141,263 @@ int32_t check(const shape_view & shape, const mote_entry * entries, int32_t n_en
     if (!std::isfinite(strength)) {
         return fail("strength must be a finite number, got %g", strength);
     }
+    return 0;
+}
+
+// An entry's layer, expert, mode and scope; with a model, also that the layer routes and the expert exists.
+int32_t check_target(const shape_view & shape, const mote_entry & en) {
+    if (en.layer < 0) {
+        return fail("layer %d is out of range: layers are numbered from 0", en.layer);
+    }
+    if (en.expert < 0 || (shape.known && en.expert >= shape.n_expert)) {
+        return shape.known ? fail("expert %d is out of range: this model has experts 0..%d per layer", en.expert,
+                                  shape.n_expert - 1)
+                           : fail("expert %d is out of range: experts are numbered from 0", en.expert);
+    }
+    if (en.mode < MOTE_MODE_MASK || en.mode > MOTE_MODE_GAIN) {
+        return fail("unknown steering mode %d for layer %d expert %d", en.mode, en.layer, en.expert);
+    }
+    if (en.scope < MOTE_SCOPE_ALL || en.scope > MOTE_SCOPE_THINKING) {
+        return fail("unknown steering scope %d for layer %d expert %d", en.scope, en.layer, en.expert);
+    }
+    if (shape.known && (en.layer >= shape.n_layer || !shape.moe_layers[en.layer])) {
+        return fail("layer %d is not an MoE layer of this model: its MoE layers are %s", en.layer,
+                    layer_list(shape).c_str());
+    }
+    return 0;
+}
+
+// A bias is finite or -inf, stays a 32-bit float once scaled, and a -inf one is never scaled negative.
+int32_t check_bias(const mote_entry & en, double strength) {
+    if (std::isnan(en.value) || en.value == INFINITY) {
+        return fail("bias for layer %d expert %d must be finite or -inf, got %g", en.layer, en.expert, en.value);
+    }
+    if (std::isfinite(en.value) && !std::isfinite((float) (en.value * strength))) {
+        return fail("bias %g for layer %d expert %d times strength %g overflows a 32-bit float", en.value, en.layer,
+                    en.expert, strength);
+    }
+    if (en.value == -INFINITY && strength < 0.0f) {
+        return fail("a -inf bias (layer %d expert %d) cannot be scaled by a negative strength: use -profile to "
+                    "invert it (a -inf bias becomes a force)", en.layer, en.expert);
+    }
+    return 0;
+}
+
+int32_t check_gain(const mote_entry & en) {
+    if (!std::isfinite(en.value) || en.value < 0.0f) {
+        return fail("gain for layer %d expert %d must be a finite number >= 0, got %g", en.layer, en.expert,
+                    en.value);
+    }
+    return 0;
+}
+
+// One entry on its own, whatever the others are.
+int32_t check_entry(const shape_view & shape, const mote_entry & en, double strength) {
+    if (check_target(shape, en) != 0) {
+        return -1;
+    }
+    switch (en.mode) {
+        case MOTE_MODE_BIAS: return check_bias(en, strength);
+        case MOTE_MODE_GAIN: return check_gain(en);
+        default:             return 0;
+    }
+}
+
+// The entries in effect in one phase, by (layer, expert), each expert's in the order given.
+using expert_entries = std::map<std::pair<int32_t, int32_t>, std::vector<const mote_entry *>>;
+
+expert_entries entries_in(int32_t phase, const mote_entry * entries, int32_t n_entries) {
+    expert_entries on;
     for (int32_t i = 0; i < n_entries; ++i) {
-        const mote_entry & en = entries[i];
-        if (en.layer < 0) {
-            return fail("layer %d is out of range: layers are numbered from 0", en.layer);
-        }
-        if (en.expert < 0 || (shape.known && en.expert >= shape.n_expert)) {
-            return shape.known ? fail("expert %d is out of range: this model has experts 0..%d per layer", en.expert,
-                                      shape.n_expert - 1)
-                               : fail("expert %d is out of range: experts are numbered from 0", en.expert);
-        }
-        if (en.mode < MOTE_MODE_MASK || en.mode > MOTE_MODE_GAIN) {
-            return fail("unknown steering mode %d for layer %d expert %d", en.mode, en.layer, en.expert);
-        }
-        if (en.scope < MOTE_SCOPE_ALL || en.scope > MOTE_SCOPE_THINKING) {
-            return fail("unknown steering scope %d for layer %d expert %d", en.scope, en.layer, en.expert);
-        }
-        if (shape.known && (en.layer >= shape.n_layer || !shape.moe_layers[en.layer])) {
-            return fail("layer %d is not an MoE layer of this model: its MoE layers are %s", en.layer,
-                        layer_list(shape).c_str());
-        }
-        if (en.mode == MOTE_MODE_BIAS) {
-            if (std::isnan(en.value) || en.value == INFINITY) {
-                return fail("bias for layer %d expert %d must be finite or -inf, got %g", en.layer, en.expert, en.value);
-            }
-            if (std::isfinite(en.value) && !std::isfinite((float) (en.value * strength))) {
-                return fail("bias %g for layer %d expert %d times strength %g overflows a 32-bit float", en.value,
-                            en.layer, en.expert, strength);
-            }
-            if (en.value == -INFINITY && strength < 0.0f) {
-                return fail("a -inf bias (layer %d expert %d) cannot be scaled by a negative strength", en.layer,
-                            en.expert);
-            }
-        }
-        if (en.mode == MOTE_MODE_GAIN && (!std::isfinite(en.value) || en.value < 0.0f)) {
-            return fail("gain for layer %d expert %d must be a finite number >= 0, got %g", en.layer, en.expert,
-                        en.value);
+        if (applies_in(entries[i].scope, phase)) {
+            on[{ entries[i].layer, entries[i].expert }].push_back(&entries[i]);
         }
     }
+    return on;
+}
 
-    // limits name the phase only when some entry is scoped to one
-    const bool scoped = std::any_of(entries, entries + n_entries, [](const mote_entry & e) { return e.scope != MOTE_SCOPE_ALL; });
-    for (size_t p = 0; p < std::size(kPhases); ++p) {
-        const int32_t     phase  = kPhases[p];
-        const std::string during = scoped ? std::string(" during ") + scope_name(phase) : std::string();
-        // entries of this phase by (layer, expert)
-        std::map<std::pair<int32_t, int32_t>, std::vector<const mote_entry *>> on;
-        for (int32_t i = 0; i < n_entries; ++i) {
-            if (applies_in(entries[i].scope, phase)) {
-                on[{ entries[i].layer, entries[i].expert }].push_back(&entries[i]);
-            }
+// Two entries on one expert in one phase, x given before y. The same selection twice is one; a bias or gain
+// of another scope adds to (multiplies) this phase's; two of one scope are a mistake.
+int32_t check_pair(const mote_entry & x, const mote_entry & y) {
+    if (x.mode != y.mode) {
+        if (combinable(x.mode, y.mode)) {
+            return 0;
         }
-        for (const auto & kv : on) {
-            const auto & list = kv.second;
-            for (size_t a = 0; a < list.size(); ++a) {
-                for (size_t b = 0; b < a; ++b) {
-                    const mote_entry & x = *list[b];
-                    const mote_entry & y = *list[a];
-                    if (x.mode == y.mode) {
-                        // the same selection twice is one; a bias or gain of another scope adds to (multiplies)
-                        // this phase's; two of one scope are a mistake
-                        if (x.scope == y.scope && (x.mode == MOTE_MODE_BIAS || x.mode == MOTE_MODE_GAIN)) {
-                            return fail("two %s entries for layer %d expert %d%s%s%s: give one (sum the biases, "
-                                        "multiply the gains), or compose two profiles with +", mode_name(x.mode),
-                                        x.layer, x.expert, x.scope == MOTE_SCOPE_ALL ? "" : " (",
-                                        x.scope == MOTE_SCOPE_ALL ? "" : scope_name(x.scope),
-                                        x.scope == MOTE_SCOPE_ALL ? "" : ")");
-                        }
-                        continue;
-                    }
-                    if (!combinable(x.mode, y.mode)) {
-                        return fail("contradictory entries for layer %d expert %d: %s (%s) cannot be combined with %s "
-                                    "(%s); keep one of them (on one expert only bias + gain and drop + gain combine)",
-                                    x.layer, x.expert, mode_name(x.mode), scope_name(x.scope), mode_name(y.mode),
-                                    scope_name(y.scope));
-                    }
+        return fail("contradictory entries for layer %d expert %d: %s (%s) cannot be combined with %s (%s); keep "
+                    "one of them (on one expert only bias + gain and drop + gain combine)", x.layer, x.expert,
+                    mode_name(x.mode), scope_name(x.scope), mode_name(y.mode), scope_name(y.scope));
+    }
+    const bool valued = x.mode == MOTE_MODE_BIAS || x.mode == MOTE_MODE_GAIN;
+    if (!valued || x.scope != y.scope) {
+        return 0;
+    }
+    const std::string scope = x.scope == MOTE_SCOPE_ALL ? "" : std::string(" (") + scope_name(x.scope) + ")";
+    return fail("two %s entries for layer %d expert %d%s: give one (sum the biases, multiply the gains), or "
+                "compose two profiles with +", mode_name(x.mode), x.layer, x.expert, scope.c_str());
+}
+
+// Every pair of entries that meet on one expert.
+int32_t check_pairs(const expert_entries & on) {
+    for (const auto & kv : on) {
+        const std::vector<const mote_entry *> & list = kv.second;
+        for (size_t a = 0; a < list.size(); ++a) {
+            for (size_t b = 0; b < a; ++b) {
+                if (check_pair(*list[b], *list[a]) != 0) {
+                    return -1;
                 }
             }
+        }
+    }
+    return 0;
+}
+
+// What one phase's entries ask of one layer: experts switched off and forced, each counted once (an expert
+// may carry the same selection in two scopes that both apply).
+struct layer_load {
+    int32_t           forced = 0;
+    int32_t           masked = 0;
+    std::set<int32_t> forced_groups; // the expert groups of forced experts (group-limited routing only)
+};
+
+std::vector<layer_load> loads_of(const shape_view & shape, const expert_entries & on, double strength) {
+    std::vector<layer_load> loads(shape.n_layer);
+    const int32_t group_size = shape.n_expert_groups > 1 ? shape.n_expert / shape.n_expert_groups : 0;
+    for (const auto & [target, list] : on) {
+        const auto [layer, expert] = target;
+        layer_load & load          = loads[layer];
+        auto         any           = [&](auto pred) { return std::any_of(list.begin(), list.end(), pred); };
+        load.masked += any([strength](const mote_entry * en) { return switches_off(*en, strength); });
+        if (any([](const mote_entry * en) { return en->mode == MOTE_MODE_FORCE; })) {
+            load.forced += 1;
+            if (group_size > 0) {
+                load.forced_groups.insert(expert / group_size);
+            }
+        }
+    }
+    return loads;
+}
+
+// Per layer: at most k forced experts, masks leave at least k selectable, forced experts within the groups a
+// token keeps. `during` names the phase, or is empty.
+int32_t check_limits(const shape_view & shape, const std::vector<layer_load> & loads, const std::string & during) {
+    for (int32_t il = 0; il < shape.n_layer; ++il) {
+        const layer_load & load = loads[il];
+        const int32_t      k    = shape.n_used[il];
+        if (load.forced > k) {
+            return fail("layer %d forces %d experts%s but this model selects only %d per token: force at most %d",
+                        il, load.forced, during.c_str(), k, k);
+        }
+        if (shape.n_expert - load.masked < k) {
+            return fail("layer %d masks %d of %d experts%s, leaving fewer than the %d each token needs: mask at "
+                        "most %d per layer", il, load.masked, shape.n_expert, during.c_str(), k, shape.n_expert - k);
+        }
+        const int32_t groups = (int32_t) load.forced_groups.size();
+        if (shape.n_expert_groups > 1 && groups > shape.n_group_used) {
+            return fail("layer %d forces experts in %d expert groups%s but this model keeps only %d groups per "
+                        "token: force experts of at most %d groups", il, groups, during.c_str(), shape.n_group_used,
+                        shape.n_group_used);
+        }
+    }
+    return 0;
+}
+
+// One layer's tables before any entry: every expert as upstream routes it.
+layer_steering idle_layer(int32_t n_expert) {
+    layer_steering ls;
+    ls.logit_bias.assign(n_expert, 0.0f);
+    ls.force.assign(n_expert, 0.0f);
+    ls.selection.assign(n_expert, 0.0f);
+    ls.keep.assign(n_expert, 1.0f);
+    ls.gain.assign(n_expert, 1.0f);
+    return ls;
+}
+
+// Writes one entry into its layer's tables; biases of several scopes add up, gains multiply.
+void apply(layer_steering & ls, const mote_entry & en, double strength) {
+    const int32_t e = en.expert;
+    if (switches_off(en, strength)) {
+        ls.logit_bias[e] = -INFINITY;
+        ls.selection[e]  = -INFINITY;
+        return;
+    }
+    switch (en.mode) {
+        case MOTE_MODE_DROP:
+            ls.keep[e] = 0.0f;
+            break;
+        case MOTE_MODE_FORCE:
+            ls.force[e]     = 1.0f;
+            ls.selection[e] = kForceSelection;
+            break;
+        case MOTE_MODE_BIAS:
+            if (std::isfinite(en.value)) { // a -inf bias left here is at strength 0: ignored
+                ls.logit_bias[e] += (float) (en.value * strength);
+            }
+            break;
+        case MOTE_MODE_GAIN:
+            ls.gain[e] *= en.value;
+            break;
+    }
+}
+
+// Sets the flags that say which of the layer's tables differ from identity (and so get graph nodes).
+void mark_tables(layer_steering & ls) {
+    auto differs = [](const std::vector<float> & table, float identity) {
+        return std::any_of(table.begin(), table.end(), [identity](float v) { return v != identity; });
+    };
+    ls.has_logit_bias = differs(ls.logit_bias, 0.0f);
+    ls.has_force      = differs(ls.force, 0.0f);
+    ls.has_selection  = differs(ls.selection, 0.0f);
+    ls.has_keep       = differs(ls.keep, 1.0f);
+    ls.has_gain       = differs(ls.gain, 1.0f);
+}
+
+// One phase's tables, per layer; empty when no entry applies in the phase, so the graph stays upstream's.
+phase_steering compile(const shape_view & shape, const expert_entries & on, double strength) {
+    phase_steering layers;
+    if (on.empty()) {
+        return layers;
+    }
+    layers.assign(shape.n_layer, idle_layer(shape.n_expert));
+    for (const auto & kv : on) {
+        for (const mote_entry * en : kv.second) {
+            apply(layers[en->layer], *en, strength);
+        }
+    }
+    for (layer_steering & ls : layers) {
+        mark_tables(ls);
+    }
+    return layers;
+}
+
+// Validates entries for every phase and, when `out` is given, compiles each phase's tables. Returns -1
+// (with the error set) on the first violation.
+int32_t check(const shape_view & shape, const mote_entry * entries, int32_t n_entries, double strength,
+              std::array<phase_steering, std::size(kPhases)> * out) {
+    if (check_arguments(shape, entries, n_entries, strength) != 0) {
+        return -1;
+    }
+    for (int32_t i = 0; i < n_entries; ++i) {
+        if (check_entry(shape, entries[i], strength) != 0) {
+            return -1;
+        }
+    }
+    // limits name the phase only when some entry is scoped to one
+    const bool scoped =
+        std::any_of(entries, entries + n_entries, [](const mote_entry & e) { return e.scope != MOTE_SCOPE_ALL; });
+    for (size_t p = 0; p < std::size(kPhases); ++p) {
+        const expert_entries on = entries_in(kPhases[p], entries, n_entries);
+        if (check_pairs(on) != 0) {
+            return -1;
         }
         if (!shape.known) {
             continue;
         }
-        // per-layer limits
-        std::vector<int32_t> n_forced(shape.n_layer, 0), n_masked(shape.n_layer, 0);
-        std::vector<std::vector<bool>> forced_groups(shape.n_layer);
-        for (const auto & kv : on) {
-            for (const mote_entry * e : kv.second) {
-                const bool masks = e->mode == MOTE_MODE_MASK ||
-                                   (e->mode == MOTE_MODE_BIAS && e->value == -INFINITY && strength > 0.0f);
-                n_masked[e->layer] += masks;
-                if (e->mode == MOTE_MODE_FORCE) {
-                    n_forced[e->layer] += 1;
-                    if (shape.n_expert_groups > 1) {
-                        auto & groups = forced_groups[e->layer];
-                        groups.resize(shape.n_expert_groups, false);
-                        groups[e->expert / (shape.n_expert / shape.n_expert_groups)] = true;
-                    }
-                }
-            }
+        const std::string during = scoped ? std::string(" during ") + scope_name(kPhases[p]) : std::string();
+        if (check_limits(shape, loads_of(shape, on, strength), during) != 0) {
+            return -1;
         }
-        for (int32_t il = 0; il < shape.n_layer; ++il) {
-            const int32_t k = shape.n_used[il];
-            if (n_forced[il] > k) {
-                return fail("layer %d forces %d experts%s but this model selects only %d per token: force at most %d",
-                            il, n_forced[il], during.c_str(), k, k);
-            }
-            if (shape.n_expert - n_masked[il] < k) {
-                return fail("layer %d masks %d of %d experts%s, leaving fewer than the %d each token needs: mask at "
-                            "most %d per layer", il, n_masked[il], shape.n_expert, during.c_str(), k, shape.n_expert - k);
-            }
-            const int32_t groups = (int32_t) std::count(forced_groups[il].begin(), forced_groups[il].end(), true);
-            if (shape.n_expert_groups > 1 && groups > shape.n_group_used) {
-                return fail("layer %d forces experts in %d expert groups%s but this model keeps only %d groups per "
-                            "token: force experts of at most %d groups", il, groups, during.c_str(), shape.n_group_used,
-                            shape.n_group_used);
-            }
-        }
-        if (out == nullptr) {
-            continue;
-        }
-        phase_steering & layers = (*out)[p];
-        layers.clear();
-        if (on.empty()) {
-            continue; // idle in this phase: the graph stays upstream's
-        }
-        layers.assign(shape.n_layer, {});
-        for (auto & ls : layers) {
-            ls.logit_bias.assign(shape.n_expert, 0.0f);
-            ls.force.assign(shape.n_expert, 0.0f);
-            ls.selection.assign(shape.n_expert, 0.0f);
-            ls.keep.assign(shape.n_expert, 1.0f);
-            ls.gain.assign(shape.n_expert, 1.0f);
-        }
-        for (const auto & kv : on) {
-            for (const mote_entry * en : kv.second) {
-                layer_steering & ls = layers[en->layer];
-                const int32_t    e  = en->expert;
-                switch (en->mode) {
-                    case MOTE_MODE_MASK:
-                        ls.logit_bias[e] = -INFINITY;
-                        ls.selection[e]  = -INFINITY;
-                        break;
-                    case MOTE_MODE_DROP:
-                        ls.keep[e] = 0.0f;
-                        break;
-                    case MOTE_MODE_FORCE:
-                        ls.force[e]     = 1.0f;
-                        ls.selection[e] = kForceSelection;
-                        break;
-                    case MOTE_MODE_BIAS:
-                        if (en->value == -INFINITY) {
-                            if (strength > 0.0f) {
-                                ls.logit_bias[e] = -INFINITY;
-                                ls.selection[e]  = -INFINITY;
-                            }
-                        } else {
-                            ls.logit_bias[e] += (float) (en->value * strength);
-                        }
-                        break;
-                    case MOTE_MODE_GAIN:
-                        ls.gain[e] *= en->value;
-                        break;
-                }
-            }
-        }
-        for (auto & ls : layers) {
-            for (int32_t e = 0; e < shape.n_expert; ++e) {
-                ls.has_logit_bias |= ls.logit_bias[e] != 0.0f;
-                ls.has_force |= ls.force[e] != 0.0f;
-                ls.has_selection |= ls.selection[e] != 0.0f;
-                ls.has_keep |= ls.keep[e] != 1.0f;
-                ls.has_gain |= ls.gain[e] != 1.0f;
-            }
+        if (out != nullptr) {
+            (*out)[p] = compile(shape, on, strength);
         }
     }
     return 0;
@@ -358,7 +449,6 @@ int32_t set_slot(llama_context * ctx, steer_slot & slot, const mote_entry * entr
         return -1;
     }
     slot.compiled = std::move(compiled);
-    slot.entries.assign(entries, entries + n_entries);
     return 0;
 }
 
@@ -448,7 +538,7 @@ int32_t mote_steer_set(llama_context * ctx, const mote_entry * entries, int32_t 
     }
     context_state & st = state_for_write(ctx);
     if (n_entries == 0) {
-        st.base = steer_slot{ {}, {}, st.base.phase };
+        st.base = steer_slot{ {}, st.base.phase };
         return 0;
     }
     return set_slot(ctx, st.base, entries, n_entries, strength);
@@ -467,7 +557,7 @@ int32_t mote_steer_set_seq(llama_context * ctx, int32_t seq_id, const mote_entry
         st.seqs.erase(seq_id);
         return 0;
     }
-    steer_slot slot{ {}, {}, st.base.phase };
+    steer_slot slot{ {}, st.base.phase };
     if (set_slot(ctx, slot, entries, n_entries, strength) != 0) {
         return -1;
     }
@@ -502,18 +592,9 @@ int32_t mote_steer_phase_seq(llama_context * ctx, int32_t seq_id, int32_t phase)
 
 void mote_steer_clear(llama_context * ctx) {
     if (context_state * st = ctx ? state_of(ctx) : nullptr) {
-        st->base = steer_slot{ {}, {}, st->base.phase };
+        st->base = steer_slot{ {}, st->base.phase };
         st->seqs.clear();
     }
-}
-
-int32_t mote_steer_count(const llama_context * ctx) {
-    const context_state * st = ctx ? state_of(ctx) : nullptr;
-    if (st == nullptr) {
-        return 0;
-    }
-    return (int32_t) std::count_if(st->base.entries.begin(), st->base.entries.end(),
-                                   [st](const mote_entry & e) { return applies_in(e.scope, st->base.phase); });
 }
 
 int32_t mote_capture_start(llama_context * ctx, int32_t flags) {

@@ -498,6 +498,132 @@ label_stats & stats_for(context_state & st, int32_t label) {
     return s;
 }
 
+const steer_input * steer_input_of(const llm_graph_result * res) {
+    for (const auto & inp : res->inputs) {
+        if (const auto * in = dynamic_cast<const steer_input *>(inp.get())) {
+            return in;
+        }
+    }
+    return nullptr;
+}
+
+// Every chain's tail in host memory: the copies are queued on their backends, then synchronised once.
+std::vector<std::vector<uint8_t>> read_chains(ggml_backend_sched_t sched, const steer_input & in) {
+    std::vector<std::vector<uint8_t>> chains(in.chains.size());
+    for (size_t c = 0; c < chains.size(); ++c) {
+        chains[c] = queue_read(sched, in.chains[c].tail);
+    }
+    ggml_backend_sched_synchronize(sched);
+    return chains;
+}
+
+// The ubatch token index of every output row (a layer that routed only the output tokens has one tap row each).
+std::vector<uint32_t> output_tokens_of(const llama_ubatch & ubatch) {
+    std::vector<uint32_t> out;
+    for (uint32_t i = 0; i < ubatch.n_tokens; ++i) {
+        if (ubatch.output != nullptr && ubatch.output[i]) {
+            out.push_back(i);
+        }
+    }
+    return out;
+}
+
+// One layer's routing in a ubatch: views into the chains' bytes, a row per token the layer routed.
+struct layer_read {
+    const int32_t * ids     = nullptr; // [rows, n_used]
+    const float *   weights = nullptr; // [rows, n_used]
+    const float *   probs   = nullptr; // [rows, n_expert], when captured
+    const float *   norms   = nullptr; // [rows, n_used], when captured
+    int64_t         n_used  = 0;
+    int64_t         rows    = 0; // 0: nothing to count in this layer
+    // the ubatch token of each row: every token, or only the output tokens
+    const std::vector<uint32_t> * tokens = nullptr; // nullptr: row r is token r
+};
+
+layer_read read_layer(const steer_input::layer_taps & taps, const std::vector<std::vector<uint8_t>> & chains,
+                      const llama_ubatch & ubatch, const std::vector<uint32_t> & output_tokens) {
+    layer_read rd;
+    if (taps.ids.t == nullptr) {
+        return rd;
+    }
+    const int64_t rows = taps.ids.t->ne[1];
+    if (rows != (int64_t) ubatch.n_tokens && rows != (int64_t) output_tokens.size()) {
+        return rd; // rows cannot be attributed to tokens
+    }
+    rd.ids     = tap_values<int32_t>(chains, taps.ids);
+    rd.weights = tap_values<float>(chains, taps.weights);
+    rd.probs   = tap_values<float>(chains, taps.probs);
+    if (taps.norms.t != nullptr && taps.norms.t->ne[1] == rows) {
+        rd.norms = tap_values<float>(chains, taps.norms);
+    }
+    rd.n_used = taps.ids.t->ne[0];
+    rd.rows   = rows;
+    rd.tokens = rows == (int64_t) ubatch.n_tokens ? nullptr : &output_tokens;
+    return rd;
+}
+
+// The binding under which sequence seq counts at position pos, or nullptr.
+const seq_binding * binding_at(const capture_state & cap, llama_seq_id seq, llama_pos pos) {
+    const auto b = cap.bindings.find(seq);
+    if (b == cap.bindings.end() || pos < b->second.pos_begin || (b->second.pos_end >= 0 && pos >= b->second.pos_end)) {
+        return nullptr;
+    }
+    return &b->second;
+}
+
+// Adds row r of layer il to a label's counts and sums.
+void accumulate(label_stats & ls, const layer_read & rd, int64_t r, int32_t il, int32_t n_expert) {
+    const size_t    base    = (size_t) il * n_expert;
+    const int32_t * ids     = rd.ids + r * rd.n_used;
+    const float *   weights = rd.weights + r * rd.n_used;
+    for (int64_t j = 0; j < rd.n_used; ++j) {
+        const int32_t e = ids[j];
+        if (e < 0 || e >= n_expert) {
+            continue;
+        }
+        ls.counts[base + e] += 1;
+        ls.weight_sums[base + e] += weights[j];
+        if (rd.norms != nullptr && !ls.output_norms.empty()) {
+            ls.output_norms[base + e] += (double) weights[j] * rd.norms[r * rd.n_used + j];
+        }
+    }
+    if (rd.probs != nullptr && !ls.prob_sums.empty()) {
+        for (int32_t e = 0; e < n_expert; ++e) {
+            ls.prob_sums[base + e] += rd.probs[r * n_expert + e];
+        }
+    }
+    ls.tokens[il] += 1;
+}
+
+// Appends row r of layer il to the trace.
+void append_trace(capture_state & cap, const layer_read & rd, int64_t r, int32_t il, int32_t n_expert, int32_t label,
+                  llama_seq_id seq, llama_pos pos) {
+    const int64_t row = r * rd.n_used;
+    cap.trace_meta.insert(cap.trace_meta.end(), { label, seq, pos, il });
+    cap.trace_ids.insert(cap.trace_ids.end(), rd.ids + row, rd.ids + row + rd.n_used);
+    cap.trace_weights.insert(cap.trace_weights.end(), rd.weights + row, rd.weights + row + rd.n_used);
+    if (rd.probs != nullptr) {
+        cap.trace_probs.insert(cap.trace_probs.end(), rd.probs + r * n_expert, rd.probs + (r + 1) * n_expert);
+    }
+}
+
+// Counts row r of layer il once for each bound sequence its token belongs to.
+void count_row(context_state & st, const layer_read & rd, int64_t r, int32_t il, const llama_ubatch & ubatch) {
+    const uint32_t  i   = rd.tokens == nullptr ? (uint32_t) r : (*rd.tokens)[r];
+    const llama_pos pos = ubatch.pos[i];
+    for (int32_t s = 0; s < ubatch.n_seq_id[i]; ++s) {
+        const llama_seq_id  seq = ubatch.seq_id[i][s];
+        const seq_binding * b   = binding_at(st.capture, seq, pos);
+        if (b == nullptr) {
+            continue;
+        }
+        accumulate(stats_for(st, b->label), rd, r, il, st.n_expert);
+        if (st.capture.flags & MOTE_CAPTURE_TRACE) {
+            append_trace(st.capture, rd, r, il, st.n_expert, b->label, seq, pos);
+        }
+    }
+}
+
 } // namespace
 
 void after_ubatch(const llama_context * lctx, ggml_backend_sched_t sched, const llm_graph_result * res,
@@ -506,106 +632,17 @@ void after_ubatch(const llama_context * lctx, ggml_backend_sched_t sched, const 
     if (st == nullptr || !st->capture.active || st->capture.bindings.empty() || res == nullptr) {
         return;
     }
-    const steer_input * in = nullptr;
-    for (const auto & inp : res->inputs) {
-        if ((in = dynamic_cast<const steer_input *>(inp.get())) != nullptr) {
-            break;
-        }
-    }
+    const steer_input * in = steer_input_of(res);
     if (in == nullptr) {
         return;
     }
     ggml_backend_sched_synchronize(sched); // the ubatch is computed before any tap is read
-
-    capture_state & cap = st->capture;
-    const bool trace = cap.flags & MOTE_CAPTURE_TRACE;
-
-    // ubatch token index of every output row (used when a layer only routed the output tokens)
-    std::vector<uint32_t> output_tokens;
-    for (uint32_t i = 0; i < ubatch.n_tokens; ++i) {
-        if (ubatch.output != nullptr && ubatch.output[i]) {
-            output_tokens.push_back(i);
-        }
-    }
-
-    struct layer_read { // views into the chains' bytes
-        const int32_t * ids     = nullptr;
-        const float *   weights = nullptr;
-        const float *   probs   = nullptr;
-        const float *   norms   = nullptr;
-    };
-    std::vector<std::vector<uint8_t>> chains(in->chains.size());
-    for (size_t c = 0; c < chains.size(); ++c) {
-        chains[c] = queue_read(sched, in->chains[c].tail);
-    }
-    ggml_backend_sched_synchronize(sched);
-
-    std::vector<layer_read> reads(st->n_layer);
+    const std::vector<std::vector<uint8_t>> chains        = read_chains(sched, *in);
+    const std::vector<uint32_t>             output_tokens = output_tokens_of(ubatch);
     for (int32_t il = 0; il < st->n_layer; ++il) {
-        const auto & taps = in->taps[il];
-        if (taps.ids.t == nullptr) {
-            continue;
-        }
-        const int64_t rows = taps.ids.t->ne[1];
-        if (rows != (int64_t) ubatch.n_tokens && rows != (int64_t) output_tokens.size()) {
-            continue; // rows cannot be attributed to tokens
-        }
-        reads[il].ids     = tap_values<int32_t>(chains, taps.ids);
-        reads[il].weights = tap_values<float>(chains, taps.weights);
-        reads[il].probs   = tap_values<float>(chains, taps.probs);
-        if (taps.norms.t != nullptr && taps.norms.t->ne[1] == rows) {
-            reads[il].norms = tap_values<float>(chains, taps.norms);
-        }
-    }
-
-    for (int32_t il = 0; il < st->n_layer; ++il) {
-        const int32_t * ids     = reads[il].ids;
-        const float *   weights = reads[il].weights;
-        const float *   probs   = reads[il].probs;
-        const float *   norms   = reads[il].norms;
-        if (ids == nullptr) {
-            continue;
-        }
-        const int64_t n_used = in->taps[il].ids.t->ne[0];
-        const int64_t rows   = in->taps[il].ids.t->ne[1];
-        for (int64_t r = 0; r < rows; ++r) {
-            const uint32_t i = rows == (int64_t) ubatch.n_tokens ? (uint32_t) r : output_tokens[r];
-            const llama_pos pos = ubatch.pos[i];
-            for (int32_t s = 0; s < ubatch.n_seq_id[i]; ++s) {
-                const llama_seq_id seq = ubatch.seq_id[i][s];
-                const auto b = cap.bindings.find(seq);
-                if (b == cap.bindings.end() || pos < b->second.pos_begin ||
-                    (b->second.pos_end >= 0 && pos >= b->second.pos_end)) {
-                    continue;
-                }
-                label_stats & ls = stats_for(*st, b->second.label);
-                const size_t base = (size_t) il * st->n_expert;
-                for (int64_t j = 0; j < n_used; ++j) {
-                    const int32_t e = ids[r * n_used + j];
-                    if (e >= 0 && e < st->n_expert) {
-                        ls.counts[base + e] += 1;
-                        ls.weight_sums[base + e] += weights[r * n_used + j];
-                        if (norms != nullptr && !ls.output_norms.empty()) {
-                            ls.output_norms[base + e] += (double) weights[r * n_used + j] * norms[r * n_used + j];
-                        }
-                    }
-                }
-                if (probs != nullptr && !ls.prob_sums.empty()) {
-                    for (int32_t e = 0; e < st->n_expert; ++e) {
-                        ls.prob_sums[base + e] += probs[r * st->n_expert + e];
-                    }
-                }
-                ls.tokens[il] += 1;
-                if (trace) {
-                    cap.trace_meta.insert(cap.trace_meta.end(), { b->second.label, seq, pos, il });
-                    cap.trace_ids.insert(cap.trace_ids.end(), ids + r * n_used, ids + (r + 1) * n_used);
-                    cap.trace_weights.insert(cap.trace_weights.end(), weights + r * n_used, weights + (r + 1) * n_used);
-                    if (probs != nullptr) {
-                        cap.trace_probs.insert(cap.trace_probs.end(), probs + r * st->n_expert,
-                                               probs + (r + 1) * st->n_expert);
-                    }
-                }
-            }
+        const layer_read rd = read_layer(in->taps[il], chains, ubatch, output_tokens);
+        for (int64_t r = 0; r < rd.rows; ++r) {
+            count_row(*st, rd, r, il, ubatch);
         }
     }
 }

@@ -63,9 +63,8 @@ struct capture_state {
     std::vector<float>   trace_probs;   // [rows * n_expert]
 };
 
-// One steering: the entries as given, compiled once per phase, and the phase in effect.
+// One steering: its entries compiled once per phase, and the phase in effect.
 struct steer_slot {
-    std::vector<mote_entry>                        entries;
     std::array<phase_steering, std::size(kPhases)> compiled;
     int32_t                                        phase = MOTE_SCOPE_PREFILL;
 

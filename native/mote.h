@@ -21,13 +21,13 @@ extern "C" {
 struct llama_context;
 struct llama_model;
 
-#define MOTE_ABI_VERSION 3
+#define MOTE_ABI_VERSION 4
 
-// Steering modes (see the steering contract in the project's design brief).
+// Steering modes (the steering contract: README, "Python API").
 enum mote_mode {
     MOTE_MODE_MASK  = 0, // never selected; the slot goes to the next-best expert
     MOTE_MODE_DROP  = 1, // selected as usual, weight zeroed before any top-k normalisation
-    MOTE_MODE_FORCE = 2, // selected for every token with the token's top router logit (+epsilon)
+    MOTE_MODE_FORCE = 2, // selected for every token: logit lifted to the best remaining one (+epsilon)
     MOTE_MODE_BIAS  = 3, // additive bias on the router logit before gating (value, scaled by strength)
     MOTE_MODE_GAIN  = 4, // expert output multiplied by value >= 0 after weighting and normalisation
 };
@@ -116,8 +116,6 @@ MOTE_API int32_t mote_steer_phase(struct llama_context * ctx, int32_t phase);
 MOTE_API int32_t mote_steer_phase_seq(struct llama_context * ctx, int32_t seq_id, int32_t phase);
 // Clears the context's steering and every sequence's.
 MOTE_API void    mote_steer_clear(struct llama_context * ctx);
-// Number of the context's entries in effect in its current phase (0 when idle).
-MOTE_API int32_t mote_steer_count(const struct llama_context * ctx);
 
 // Capture accumulates per label: counts [n_layer * n_expert], weight sums [n_layer * n_expert],
 // optional probability sums and output-norm sums [n_layer * n_expert] and tokens counted per layer

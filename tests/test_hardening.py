@@ -402,9 +402,9 @@ def test_dense_model_inspects_but_run_refuses(tiny_path, env):
     assert r.exit_code == 0 and "dense (no experts)" in r.output
     r = mote(env, "run", dense, "-p", PROMPT, "-n", "2")
     assert_one_line_error(r.returncode, r.stderr, "is a dense model", "Mixture-of-Experts")
-    with Model(dense) as m:  # the engine loads it; only steering and capture need experts
+    with Model(dense) as m, m.session(n_ctx=64) as s:  # the engine loads it; only steering and capture need experts
         with pytest.raises(NotMoeError):
-            m.check_entries([Entry(0, 0, Mode.MASK)])
+            s.steer([Entry(0, 0, Mode.MASK)])
 
 
 def test_unreadable_model_file(tiny_path, tmp_path, env):

@@ -378,6 +378,16 @@ def test_validate_phases_are_separate(models):
     P(E(1, 0, "force"), E(1, 4, "force")).validate(layout_ds)
 
 
+def test_an_expert_selected_in_two_scopes_counts_once_against_the_limits(models):
+    # k = 2 of 8: six masked experts and two forced ones are the limits, whichever scopes name them
+    layout = read_layout(models["qwen3moe"])
+    P(*(E(2, e, "mask") for e in range(6)), E(2, 0, "mask", scope="prefill"),
+      E(2, 1, "mask", scope="decode")).validate(layout)
+    P(E(1, 0, "force"), E(1, 1, "force"), E(1, 1, "force", scope="thinking")).validate(layout)
+    with pytest.raises(ProfileError, match="layer 2 masks 7 of 8 experts during prefill"):
+        P(*(E(2, e, "mask") for e in range(6)), E(2, 6, "mask", scope="prefill")).validate(layout)
+
+
 def test_validate_dense_layout(tiny_path):
     with pytest.raises(NotMoeError):
         P().validate(read_layout(tiny_path("dense")))

@@ -41,7 +41,7 @@ from mote_local.errors import (
 from mote_local.modelfile.fingerprint import Fingerprint
 from mote_local.modelfile.layout import MoeLayout, read_layout
 from mote_local.steering import rules
-from mote_local.steering.entries import NATIVE_SCOPE, Entry, Scope
+from mote_local.steering.entries import Entry, Scope
 from mote_local.steering.profile import Profile
 
 # llama.cpp's llama_flash_attn_type
@@ -223,15 +223,6 @@ class Model:
         self._require_open()
         return Session(self, **ctx_params)
 
-    def check_entries(self, entries: Iterable[Entry], strength: float = 1.0) -> list[Entry]:
-        """Entries checked by the engine's steering rules against this model's router, applying nothing."""
-        entries = list(entries)
-        for e in entries:
-            if not isinstance(e, Entry):
-                raise SteeringError(f"expected a steering Entry, got {e!r}")
-        rules.check(entries, strength, self.layout)
-        return entries
-
     @functools.cached_property
     def routers(self) -> tuple[LayerRouter, ...]:
         """What the engine's graph does in each layer (built once in a small context and asked, not guessed
@@ -355,10 +346,7 @@ class Capture:
         """Counts tokens of sequence seq_id at positions [pos_begin, pos_end) under label."""
         self._require_active()
         with self._session._exclusive():
-            err = binding.capture_bind(self._session._ctx_ptr, seq_id, label, pos_begin,
-                                       -1 if pos_end is None else pos_end)
-        if err:
-            raise CaptureError(err)
+            binding.capture_bind(self._session._ctx_ptr, seq_id, label, pos_begin, -1 if pos_end is None else pos_end)
 
     def unbind_all(self) -> None:
         self._require_active()
@@ -385,11 +373,8 @@ class Capture:
             return self._stats[label]
         router = self._session.model.router
         with self._session._exclusive():
-            try:
-                counts, weights, probs, norms, tokens = binding.capture_read(
-                    self._session._ctx_ptr, label, router.n_layer, router.n_expert, self.probs, self.output_norms)
-            except KeyError as err:
-                raise CaptureError(str(err.args[0])) from None
+            counts, weights, probs, norms, tokens = binding.capture_read(
+                self._session._ctx_ptr, label, router.n_layer, router.n_expert, self.probs, self.output_norms)
         return RoutingStats(counts, weights, probs, tokens, self._session.model.layout.moe_layers, norms)
 
     def trace(self) -> RoutingTrace:
@@ -514,13 +499,13 @@ class Session:
         self.model.layout.require_moe()
         # the engine checks every phase against what its graph routes, and keeps the old steering on error
         native = [e.native() for e in profile.entries]
-        if seq_id is None:
-            err = binding.steer_set(self._ctx_ptr, native, profile.strength)
-        else:
+        if seq_id is not None:
             self._check_seq_id(seq_id)
-            err = binding.steer_set_seq(self._ctx_ptr, seq_id, native, profile.strength)
-        if err:
-            raise SteeringError(rules.name_model(err, self.model.path.name))
+        with rules.naming_model(self.model.path.name):
+            if seq_id is None:
+                binding.steer_set(self._ctx_ptr, native, profile.strength)
+            else:
+                binding.steer_set_seq(self._ctx_ptr, seq_id, native, profile.strength)
         if seq_id is None:
             self._profile = profile
         elif profile.entries:
@@ -552,7 +537,7 @@ class Session:
             if seq_id is None:
                 self._set_phase(phase)
             elif seq_id in self._seq_profiles:
-                binding.steer_phase(self._ctx_ptr, NATIVE_SCOPE[phase], seq_id)
+                binding.steer_phase(self._ctx_ptr, binding.SCOPE_CODES[phase.value], seq_id)
 
     def _check_seq_id(self, seq_id: int) -> None:
         if isinstance(seq_id, bool) or not isinstance(seq_id, int) or not 0 <= seq_id < self.n_seq_max:
@@ -561,7 +546,7 @@ class Session:
     def _set_phase(self, phase: Scope) -> None:
         """Selects which scoped entries the engine applies from the next decode."""
         if phase is not self._phase:
-            binding.steer_phase(self._ctx_ptr, NATIVE_SCOPE[phase])
+            binding.steer_phase(self._ctx_ptr, binding.SCOPE_CODES[phase.value])
             self._phase = phase
 
     @property
@@ -580,9 +565,8 @@ class Session:
             self.model.layout.require_moe()
             flags = ((binding.CAPTURE_PROBS if probs else 0) | (binding.CAPTURE_TRACE if trace else 0)
                      | (binding.CAPTURE_OUTPUT_NORMS if output_norms else 0))
-            err = binding.capture_start(self._ctx_ptr, flags)
-            if err:
-                raise CaptureError(rules.name_model(err, self.model.path.name))
+            with rules.naming_model(self.model.path.name):
+                binding.capture_start(self._ctx_ptr, flags)
             cap = self._capture = Capture(self, probs, trace, output_norms)
             cap.active = True
         try:

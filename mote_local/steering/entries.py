@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
+from mote_local import binding
 from mote_local.errors import SteeringError
 
 
@@ -32,15 +33,18 @@ def applies_in(scope: Scope, phase: Scope) -> bool:
     return scope in (Scope.ALL, phase) or (phase is Scope.THINKING and scope is Scope.DECODE)
 
 
-# the engine's enum mote_mode and enum mote_scope
-NATIVE_MODE = {Mode.MASK: 0, Mode.DROP: 1, Mode.FORCE: 2, Mode.BIAS: 3, Mode.GAIN: 4}
-NATIVE_SCOPE = {Scope.ALL: 0, Scope.PREFILL: 1, Scope.DECODE: 2, Scope.THINKING: 3}
 VALUED_MODES = (Mode.BIAS, Mode.GAIN)
 FLOAT32_MAX = 3.4028234663852886e38  # the engine holds values as 32-bit floats
 
 
 @dataclass(frozen=True, order=True)
 class Entry:
+    """One steering entry, checked on its own where it is made: layer and expert are integers, the value fits
+    the engine's 32-bit float, mask, drop and force carry none, a bias is finite or -inf and a gain finite and
+    >= 0. The engine holds the value rules too (:mod:`mote_local.steering.rules` asks it for every set); they
+    are checked here as well so that an entry read from a profile file, a flag or a chat command is refused
+    where it is read, and the error names that place."""
+
     layer: int
     expert: int
     mode: Mode
@@ -68,7 +72,8 @@ class Entry:
         object.__setattr__(self, "value", value)
 
     def native(self) -> tuple[int, int, int, float, int]:
-        return (self.layer, self.expert, NATIVE_MODE[self.mode], self.value, NATIVE_SCOPE[self.scope])
+        return (self.layer, self.expert, binding.MODE_CODES[self.mode.value], self.value,
+                binding.SCOPE_CODES[self.scope.value])
 
     def __str__(self) -> str:
         """The entry as people read it: its mode, then LAYER:EXPERT[=VALUE] as steering.spec parses it, then the

@@ -62,13 +62,13 @@ from typing import Any
 import gguf
 import numpy as np
 
+from mote_local import binding
 from mote_local.atomic import atomic_path, atomic_write_text
 from mote_local.errors import ProfileError, ProfileMismatchError, SteeringError
 from mote_local.modelfile.fingerprint import Fingerprint, differences
 from mote_local.modelfile.layout import MoeLayout, open_gguf
 from mote_local.steering import rules
 from mote_local.steering.entries import (
-    NATIVE_MODE,
     VALUED_MODES,
     Entry,
     Mode,
@@ -98,8 +98,8 @@ class GgufKeys:
     COLUMNS = ("expert", "mode", "scope", "value")
 
 
-_MODE_ORDER = sorted(NATIVE_MODE, key=NATIVE_MODE.__getitem__)
-_SCOPE_ORDER = list(Scope)
+_MODE_ORDER = sorted(Mode, key=lambda m: binding.MODE_CODES[m.value])
+_SCOPE_ORDER = sorted(Scope, key=lambda s: binding.SCOPE_CODES[s.value])
 
 
 @dataclass(frozen=True)
@@ -121,13 +121,10 @@ class Profile:
     def __post_init__(self):
         object.__setattr__(self, "entries", _normalise(self.entries))
         s = self.strength
-        if isinstance(s, bool) or not isinstance(s, Real) or not math.isfinite(s):
+        if isinstance(s, bool) or not isinstance(s, Real):
             raise ProfileError(f"strength must be a finite number, got {s!r}")
         object.__setattr__(self, "strength", float(s))
-        if self.strength < 0 and any(e.mode is Mode.BIAS and e.value == -math.inf for e in self.entries):
-            raise ProfileError("a -inf bias cannot be scaled by a negative strength: use -profile to invert it "
-                               "(a -inf bias becomes a force)")
-        rules.check(self.entries, self.strength, error=ProfileError)
+        rules.check(self.entries, self.strength, error=ProfileError)  # its finiteness too
         if self.fingerprint is not None and not isinstance(self.fingerprint, Fingerprint):
             raise ProfileError(f"fingerprint must be a Fingerprint or None, got {self.fingerprint!r}")
         for name in ("name", "description"):
