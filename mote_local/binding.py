@@ -59,8 +59,9 @@ class mote_shape(ctypes.Structure):
 # struct mote_layer_router { int32_t n_calls, n_expert, n_expert_used, gating, norm_w; float w_scale;
 #                            int32_t selection_bias; };
 class mote_layer_router(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_int32) for name in ("n_calls", "n_expert", "n_expert_used", "gating", "norm_w")] + \
-               [("w_scale", ctypes.c_float), ("selection_bias", ctypes.c_int32)]
+    _fields_ = [  # type: ignore[assignment]  # mixed field types
+        *((name, ctypes.c_int32) for name in ("n_calls", "n_expert", "n_expert_used", "gating", "norm_w")),
+        ("w_scale", ctypes.c_float), ("selection_bias", ctypes.c_int32)]
 
 
 # struct mote_router_info { int32_t n_layer, n_expert, n_expert_used, n_expert_groups, n_group_used, gating; };

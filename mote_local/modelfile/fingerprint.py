@@ -71,4 +71,5 @@ def differences(a: Fingerprint, b: Fingerprint) -> tuple[str, str] | None:
     names = [f.name for f in fields(Fingerprint) if getattr(a, f.name) != getattr(b, f.name)]
     if not names:
         return None
-    return tuple(", ".join(words[n].format(getattr(fp, n)) for n in names) for fp in (a, b))
+    mine, theirs = (", ".join(words[n].format(getattr(fp, n)) for n in names) for fp in (a, b))
+    return mine, theirs

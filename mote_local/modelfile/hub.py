@@ -59,7 +59,8 @@ def choose_gguf(files: list[str], tag: str, repo: str) -> list[str]:
     first, as llama.cpp's -hf picks them: the first model file (the first shard of a split one) whose path holds
     the tag followed by ``.`` or ``-``, case-insensitively; with no tag, Q4_K_M, else Q8_0, else the first model
     file. A ModelFileError lists the tags there when none matches."""
-    firsts = [f for f in files if _is_model(f) and _GgufName.of(f).index == 1]
+    names = {f: n for f in files if (n := _GgufName.of(f)) is not None}
+    firsts = [f for f in files if _is_model(f) and names[f].index == 1]
     chosen = None
     for t in (tag,) if tag else DEFAULT_TAGS:
         pattern = re.compile(re.escape(t) + r"[.-]", re.IGNORECASE)
@@ -72,15 +73,15 @@ def choose_gguf(files: list[str], tag: str, repo: str) -> list[str]:
         if not firsts:
             raise ModelFileError(f"{repo} holds no GGUF model file: give a repository of GGUF files (often named "
                                  "…-GGUF)")
-        tags = list(dict.fromkeys(_GgufName.of(f).tag or f for f in firsts))
+        tags = list(dict.fromkeys(names[f].tag or f for f in firsts))
         raise ModelFileError(f"{repo} has no GGUF file with the tag {tag}: the tags there are {', '.join(tags)}; "
                              f"give one as {repo}:TAG")
-    name = _GgufName.of(chosen)
+    name = names[chosen]
     if name.count == 1:
         return [chosen]
-    shards = sorted((f for f in files if (n := _GgufName.of(f)) and n.prefix == name.prefix
-                     and n.count == name.count), key=lambda f: _GgufName.of(f).index)
-    if [_GgufName.of(f).index for f in shards] != list(range(1, name.count + 1)):
+    shards = sorted((f for f, n in names.items() if n.prefix == name.prefix and n.count == name.count),
+                    key=lambda f: names[f].index)
+    if [names[f].index for f in shards] != list(range(1, name.count + 1)):
         raise ModelFileError(f"{repo} lists {len(shards)} of the {name.count} shards of {chosen}: the repository is "
                              "incomplete; choose another tag")
     return shards

@@ -23,6 +23,7 @@ import os
 import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import cast
 
 import gguf
 import numpy as np
@@ -433,9 +434,9 @@ def read_model_header(path: str | os.PathLike, arrays: tuple[str, ...] = ()) -> 
                              f"NAME{_SHARD_SUFFIX.format(count, count)})")
     n_tensors = _split_value(p, first, SPLIT_TENSORS)
     files, tensors = list(first.files), list(first.tensors)
-    holder = {t.name: p for t in first.tensors}
+    holder: dict[str, Path] = {t.name: p for t in first.tensors}
     for i in range(1, count):
-        sp = shard_path(p, 0, i, count)
+        sp = cast(Path, shard_path(p, 0, i, count))  # the first shard's name was checked above
         if not (sp.exists() or sp.is_symlink()):
             raise ModelFileError(f"{sp} is missing: it is shard {i + 1} of {count} of the split model {p}; download "
                                  "it into the folder of the first shard")
@@ -487,7 +488,7 @@ _LAYOUTS_KEPT = 8
 
 def _header_digests(files: tuple[ModelFile, ...]) -> tuple[bytes | None, ...]:
     """A digest of each file's size and header (None: the file cannot be read any more)."""
-    digests = []
+    digests: list[bytes | None] = []
     for f in files:
         try:
             with open(f.path, "rb") as fh:
@@ -528,21 +529,26 @@ def _parse_layout(p: Path) -> MoeLayout:
     if not isinstance(arch, str):
         raise ModelFileError(f"{p} has no general.architecture key: not a llama.cpp model")
 
-    def integer(template: str, default: int | None = 0, *, per_layer: bool = False) -> int | None:
-        """An integer key; per_layer keys may hold one value per layer (the largest counts)."""
+    def optional_integer(template: str, *, per_layer: bool = False) -> int | None:
+        """An integer key, None where absent; per_layer keys may hold one value per layer (the largest counts)."""
         name = template.format(arch=arch)
         value = meta.get(name)
         if value is None:
-            return default
+            return None
         values = value if per_layer and isinstance(value, list) else [value]
         if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
             raise ModelFileError(f"{p}: metadata key {name} holds {value!r}, not an integer; {_FIX_CORRUPT}")
         return max(values)
 
+    def integer(template: str, *, per_layer: bool = False) -> int:
+        """An integer key, 0 where absent."""
+        value = optional_integer(template, per_layer=per_layer)
+        return 0 if value is None else value
+
     def corrupt(what: str) -> ModelFileError:
         return ModelFileError(f"{p}: {what}; llama.cpp would abort on it: {_FIX_CORRUPT}")
 
-    n_layer = integer(gguf.Keys.LLM.BLOCK_COUNT, None)
+    n_layer = optional_integer(gguf.Keys.LLM.BLOCK_COUNT)
     if n_layer is None:
         raise ModelFileError(f"{p} has no {arch}.block_count key: not a llama.cpp language model "
                              "(a vocabulary-only or projector file?)")
@@ -560,8 +566,8 @@ def _parse_layout(p: Path) -> MoeLayout:
     _check_experts(corrupt, arch, n_expert, n_expert_used, groups, group_used)
 
     router = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.FFN_GATE_INP]
-    routers = {il: header.tensor(f"{router.format(bid=il)}.weight") for il in range(n_layer)}
-    routers = {il: t for il, t in routers.items() if t is not None}
+    found = {il: header.tensor(f"{router.format(bid=il)}.weight") for il in range(n_layer)}
+    routers = {il: t for il, t in found.items() if t is not None}
     moe_layers = tuple(routers)
     if n_expert > 0 and not moe_layers:
         # a truncated conversion, or an architecture that keeps expert keys without routing (ernie4_5's
@@ -580,14 +586,15 @@ def _parse_layout(p: Path) -> MoeLayout:
     if not 0 <= gating_id <= GATING_FUNC_MAX:
         raise corrupt(f"{arch}.expert_gating_func is {gating_id}, not a gating function llama.cpp knows "
                       f"(0..{GATING_FUNC_MAX})")
-    shared = integer(gguf.Keys.LLM.EXPERT_SHARED_COUNT, None)
+    shared = optional_integer(gguf.Keys.LLM.EXPERT_SHARED_COUNT)
     if shared is None:
         shexp = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP].format(bid=moe_layers[0]) if moe_layers else ""
         up_shexp = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.FFN_UP_SHEXP].format(bid=moe_layers[0]) if moe_layers else ""
         shared = 1 if moe_layers and (header.tensor(f"{shexp}.weight") or header.tensor(f"{up_shexp}.weight")) else 0
     file_type = meta.get(gguf.Keys.General.FILE_TYPE)
     try:
-        file_type_name = gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_") if file_type is not None else "unknown"
+        file_type_name = (gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")  # type: ignore[call-overload]
+                          if file_type is not None else "unknown")
     except (TypeError, ValueError):
         file_type_name = f"type {file_type}"
     context_length = integer(gguf.Keys.LLM.CONTEXT_LENGTH)
@@ -606,7 +613,7 @@ def _parse_layout(p: Path) -> MoeLayout:
     )
 
 
-def _check_vocabulary(p: Path, tokens: tuple[bytes, ...] | None) -> None:
+def _check_vocabulary(p: Path, tokens: object) -> None:
     """llama.cpp asserts that no two tokens of the vocabulary are the same string; a flipped byte in the token
     list is enough to trip it and abort the process. Tokens are compared as llama.cpp reads them: as C strings
     (up to the first NUL byte), an empty one counting as "[EMPTY_<id>]"."""

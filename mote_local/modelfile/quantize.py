@@ -219,7 +219,7 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe | st
         llama.llama_model_tensor_override(None, 0))  # {NULL, …} ends the list
     kv = (llama.llama_model_kv_override * 2)()
     kv[0].tag, kv[0].key = llama.LLAMA_KV_OVERRIDE_TYPE_STR, RECIPE_KEY.encode()
-    kv[0].value.val_str = recipe.name.encode()[:127]
+    kv[0].value.val_str = recipe.name.encode()[:127]  # type: ignore[union-attr]  # a ctypes union field
     params = llama.llama_model_quantize_default_params()
     params.ftype = int(recipe.ftype)
     params.nthread = threads
@@ -271,12 +271,13 @@ def _bucket_of(type_name: str) -> str | None:
         return "bf16"
     if not _BLOCK_INTEGER.match(type_name):
         return None
-    block, size = gguf.GGML_QUANT_SIZES[QT[type_name]]
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
     return next((name for name, floor in _BITS_FLOOR if size * 8 / block >= floor), "low")
 
 
 def _bucket(type_names: list[str]) -> str:
-    return max((_bucket_of(t) for t in type_names), key=_BUCKETS.index, default="f16")
+    """The least precise bucket of the types (callers pass only types that have one)."""
+    return max((b for t in type_names if (b := _bucket_of(t)) is not None), key=_BUCKETS.index, default="f16")
 
 
 def _at_least(a: tuple[str, str], b: tuple[str, str]) -> bool:
@@ -347,7 +348,8 @@ def routing_class(tensor_types: tuple[tuple[str, str], ...]) -> RoutingClass:
     routing if that one did), or one at least as precise as it (it moves routing if that one did), where bits per
     weight order them: among floats and llama.cpp's integer block types. A class with any other type (IQ*,
     MXFP4, ...) is said to be not measured, with advice that the next command accepts."""
-    experts, rest = [], []
+    experts: list[str] = []
+    rest: list[str] = []
     for name, tname in tensor_types:
         if not quantizable(name, (0, 0)) or re.search(GROUPS["output"], name):
             continue

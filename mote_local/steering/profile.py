@@ -163,8 +163,9 @@ class Profile:
         if not isinstance(other, Profile):
             return NotImplemented
         a, b = self.fingerprint, other.fingerprint
-        if a is not None and b is not None and a != b:
-            mine, theirs = differences(a, b)
+        diff = differences(a, b) if a is not None and b is not None else None
+        if diff:
+            mine, theirs = diff
             raise ProfileMismatchError(f"cannot compose {self._label()} and {other._label()}: they were made for "
                                        f"different models ({mine} vs {theirs})")
         merged: dict[tuple, Entry] = {}
@@ -332,9 +333,9 @@ class Profile:
                     w.add_string(GgufKeys.FINGERPRINT.format(field="router_sha256"), fp.router_sha256)
                     for name in ("n_layer", "n_expert", "n_expert_used"):
                         w.add_uint64(GgufKeys.FINGERPRINT.format(field=name), getattr(fp, name))
-                for layer, rows in itertools.groupby(self.entries, key=lambda e: e.layer):
-                    rows = list(rows)
-                    columns = {
+                for layer, group in itertools.groupby(self.entries, key=lambda e: e.layer):
+                    rows = list(group)
+                    columns: dict[str, np.ndarray] = {
                         "expert": np.array([e.expert for e in rows], dtype=np.int32),
                         "mode": np.array([_MODE_ORDER.index(e.mode) for e in rows], dtype=np.int32),
                         "scope": np.array([_SCOPE_ORDER.index(e.scope) for e in rows], dtype=np.int32),
@@ -508,7 +509,7 @@ def compose(files: Sequence[tuple[str, Profile]], entries: Sequence[Entry], layo
     if not files and not entries:
         return None
     fingerprint = fingerprint or Fingerprint.of_layout(layout)
-    total = None
+    total: Profile | None = None
     for what, profile in files:
         if not force:
             profile.check_fits(fingerprint, layout.path.name, way_out=way_out, what=what)
@@ -518,6 +519,7 @@ def compose(files: Sequence[tuple[str, Profile]], entries: Sequence[Entry], layo
     if entries:
         loose = Profile(tuple(entries), fingerprint=fingerprint)
         total = loose if total is None else total + loose
+    assert total is not None  # files or entries were given
     if strength is not None:
         total = replace(total, strength=strength)
     return total.validate(layout, force=True)  # each file's fit was checked above
@@ -533,8 +535,8 @@ def entry_to_json(e: Entry) -> dict[str, Any]:
     return row
 
 
-def _entry_from_json(row: object, path: str) -> Entry:
-    _object(row, path, {"layer", "expert", "mode"}, {"value", "scope"})
+def _entry_from_json(doc: object, path: str) -> Entry:
+    row = _object(doc, path, {"layer", "expert", "mode"}, {"value", "scope"})
     mode = _choice(row["mode"], f"{path}.mode", Mode)
     scope = _choice(row.get("scope", Scope.ALL.value), f"{path}.scope", Scope)
     layer, expert = _int(row["layer"], f"{path}.layer"), _int(row["expert"], f"{path}.expert")
