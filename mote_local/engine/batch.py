@@ -12,15 +12,21 @@ tokens (:func:`plan_batch`: a long prompt is cut into chunks rather than stallin
 
 Prefill is shared where steering allows it: requests with the same prompt whose steering is the same in the
 prefill phase (entries scoped ``all`` or ``prefill``; none for unsteered and decode- or thinking-scoped
-steering) decode the prompt once; the others copy its cache cells (``llama_memory_seq_cp``, cells shared in
-the unified KV cache) and sample their first token from the same logits row. Their own steering applies from
-their first generated token on, as in ``Session.generate``.
+steering) decode the prompt once; the others copy its cache (``llama_memory_seq_cp``) and sample their first
+token from the same logits row. Their own steering applies from their first generated token on, as in
+``Session.generate``.
+
+Each sequence has a KV stream of its own (a session opened with ``kv_unified=False``, llama.cpp's default):
+attention then runs over that sequence's cells only, as it does alone, so the logits do not depend on the
+neighbours (a unified cache changes the float order of attention and moved greedy near-ties on a trained Q8_0
+model). A copy between streams copies the stream's buffer, then drops what the source had generated beyond the
+prompt.
 
 Token choice follows ``Session.generate``: greedy is the argmax; sampling is llama.cpp's own chain (top-k,
 top-p, temperature, seeded distribution) applied to the sequence's logits row, one sampler per request and
-seeded by the request, so what a request draws does not depend on what it is batched with. Several sequences
-in one batch change llama.cpp's float accumulation order, so a continuation may part from a lone one where two
-logits nearly tie (``Session.generate_batch`` says the same).
+seeded by the request, so what a request draws does not depend on what it is batched with. Where a backend's
+kernels sum a batch's rows in another order than one row alone, a continuation may still part from a lone
+one at a near-tie (on this CPU the planted and the trained model give identical text, tests/test_batched_eval.py).
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ from mote_local.errors import InputError
 from mote_local.steering.entries import Entry, Scope
 from mote_local.steering.profile import Profile
 
-__all__ = ["Request", "generate_many", "logits_many", "plan_batch", "prefill_key", "kv_cache_bytes"]
+__all__ = ["Request", "generate_many", "kv_cache_bytes", "logits_many", "plan_batch", "prefill_key", "seq_capacity",
+           "stream_cells"]
 
 MAX_LOGITS_BYTES = 256 * 2**20  # full logits held at once by logits_many
 _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data
@@ -141,13 +148,14 @@ class _Run:
         self.first: dict[tuple, np.ndarray] = {}       # that prefill's last logits row
         self.step = 0
         self.tokens = 0                                # generated so far
+        self.capacity = seq_capacity(session)
         for r in requests:
             if not r.prompt:
                 raise InputError("a request's prompt is empty")
-            if len(r.prompt) + r.max_tokens - 1 > session.n_ctx:
+            if len(r.prompt) + r.max_tokens - 1 > self.capacity:
                 raise InputError(f"a prompt of {len(r.prompt)} tokens and {r.max_tokens} new ones need "
-                                 f"{len(r.prompt) + r.max_tokens - 1} positions but the context holds "
-                                 f"{session.n_ctx}: raise n_ctx")
+                                 f"{len(r.prompt) + r.max_tokens - 1} positions but a sequence holds "
+                                 f"{self.capacity}: raise n_ctx")
 
     def run(self) -> Iterator[list[tuple[int, Generation]]]:
         try:
@@ -192,7 +200,9 @@ class _Run:
 
     def _copy(self, src: _Slot, dst: _Slot, done: list) -> None:
         n = len(dst.request.prompt)
-        llama.llama_memory_seq_cp(self.s._ctx.memory, src.seq_id, dst.seq_id, 0, n)
+        memory = self.s._ctx.memory
+        llama.llama_memory_seq_cp(memory, src.seq_id, dst.seq_id, -1, -1)  # between streams: all of it
+        llama.llama_memory_seq_rm(memory, dst.seq_id, n, -1)               # then only the prompt
         dst.pos, dst.prefilling = n, False
         self.holders[dst.key].append(dst)
         self._advance(dst, self.first[dst.key], done)
@@ -228,7 +238,7 @@ class _Run:
             return
         slot.out.append(token)
         self.tokens += 1
-        if len(slot.out) >= r.max_tokens or slot.pos >= self.s.n_ctx:
+        if len(slot.out) >= r.max_tokens or slot.pos >= self.capacity:
             self._finish(slot, done)
             return
         slot.feed = [token]
@@ -262,8 +272,8 @@ class _Run:
 
 
 def generate_many(session: Session, requests: Sequence[Request]) -> Iterator[list[tuple[int, Generation]]]:
-    """Generates every request in ``session``, ``session.n_seq_max`` at a time (open the session with
-    ``kv_unified=True``, so that shared prefills share cache cells): after each decode step, yields the
+    """Generates every request in ``session``, ``session.n_seq_max`` at a time (a session with a KV stream per
+    sequence, ``kv_unified=False``): after each decode step, yields the
     requests that finished in it as (index into ``requests``, Generation). Closing the iterator early (or
     Ctrl-C) frees every slot: their memory and steering."""
     runner = _Run(session, requests)
@@ -273,17 +283,18 @@ def generate_many(session: Session, requests: Sequence[Request]) -> Iterator[lis
 def logits_many(session: Session, sequences: Sequence[tuple[Sequence[int], Profile | None]], *,
                 max_logits_bytes: int = MAX_LOGITS_BYTES) -> Iterator[tuple[int, np.ndarray]]:
     """Full next-token logits [len(tokens), n_vocab] of fresh sequences, each with its own steering (None:
-    unsteered) in the prefill phase, several per decode call: as many as the session's sequences, its context
-    and ``max_logits_bytes`` of logits allow. Yields (index into ``sequences``, logits), in order."""
+    unsteered) in the prefill phase, several per decode call: as many as the session's sequences and
+    ``max_logits_bytes`` of logits allow. Yields (index into ``sequences``, logits), in order."""
     row_bytes = 4 * session.model.n_vocab
+    capacity = seq_capacity(session)
     i = 0
     while i < len(sequences):
         group, tokens = [], 0
         while i < len(sequences) and len(group) < session.n_seq_max:
             n = len(sequences[i][0])
-            if n > session.n_ctx:
-                raise InputError(f"a sequence of {n} tokens does not fit the context of {session.n_ctx}")
-            if group and (tokens + n > session.n_ctx or (tokens + n) * row_bytes > max_logits_bytes):
+            if n > capacity:
+                raise InputError(f"a sequence of {n} tokens does not fit a sequence's {capacity} positions")
+            if group and (tokens + n) * row_bytes > max_logits_bytes:
                 break
             group.append(i)
             tokens += n
@@ -306,6 +317,16 @@ def logits_many(session: Session, sequences: Sequence[tuple[Sequence[int], Profi
             n = len(sequences[j][0])
             yield j, logits[start:start + n]
             start += n
+
+
+def seq_capacity(session: Session) -> int:
+    """Positions one sequence of the session holds (its KV stream, or the whole context when unified)."""
+    return llama.llama_n_ctx_seq(session._ctx_ptr)
+
+
+def stream_cells(positions: int) -> int:
+    """The cells llama.cpp gives each sequence's stream for ``positions`` (it rounds them up to 256)."""
+    return -(-positions // 256) * 256
 
 
 def kv_cache_bytes(model: Model, n_ctx: int) -> int:

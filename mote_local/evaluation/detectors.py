@@ -130,11 +130,13 @@ class JudgeDetector:
     behaviour and is not shown to the judge. The request is shown along with the response when known.
 
     ``model`` is a path (loaded here, freed by :meth:`close`) or a loaded :class:`Model` (left open).
-    :meth:`detect_many` judges up to ``batch_size`` responses per decode call, within ``n_ctx`` tokens in all.
+    :meth:`detect_many` judges up to ``batch_size`` responses per decode call, each in a cache of its own of
+    ``n_ctx`` tokens (so a verdict does not depend on its neighbours; the judge's KV cache is ``batch_size`` ×
+    ``n_ctx`` cells).
     """
 
     def __init__(self, model: str | os.PathLike | Model, question: str = JUDGE_QUESTION, *, n_ctx: int = 2048,
-                 include_prompt: bool = True, batch_size: int = 16, **model_params: Any):
+                 include_prompt: bool = True, batch_size: int = 8, **model_params: Any):
         if not isinstance(question, str) or not question.strip():
             raise DetectorError("the judge's question must be a non-empty string")
         if not 1 <= batch_size <= 256:
@@ -191,18 +193,13 @@ class JudgeDetector:
     def scores_many(self, responses: Sequence[str], prompts: Sequence[str | None]) -> list[tuple[float, float]]:
         """:meth:`scores` of each response, as many per decode call as ``batch_size`` and the context allow."""
         if self._session is None:
-            self._session = self.model.session(n_ctx=self.n_ctx, n_batch=self.n_ctx, n_seq_max=self.batch_size,
-                                               kv_unified=True)
+            self._session = self.model.session(n_ctx=self.n_ctx * self.batch_size, n_batch=self.n_ctx,
+                                               n_seq_max=self.batch_size)
         s = self._session
         queue = [self._prompt_tokens(r, p) for r, p in zip(responses, prompts)]
         out: list[tuple[float, float]] = []
         while len(out) < len(queue):
-            group, used = [], 0
-            for toks in queue[len(out):len(out) + s.n_seq_max]:
-                if group and used + len(toks) > s.n_ctx:
-                    break
-                group.append(toks)
-                used += len(toks)
+            group = queue[len(out):len(out) + s.n_seq_max]
             s.reset()
             logits = s.decode([(i, toks, 0) for i, toks in enumerate(group)], outputs="last")
             out += [(float(row[self.yes_ids].max()), float(row[self.no_ids].max())) for row in logits]

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from mote_local.engine.batch import Request, generate_many, kv_cache_bytes
+from mote_local.engine.batch import Request, generate_many, kv_cache_bytes, stream_cells
 from mote_local.engine.model import Model
 from mote_local.errors import EvalError
 from mote_local.evaluation.checkpoint import Checkpoint, record_key
@@ -108,22 +108,22 @@ class Outcome:
 
 def batch_shape(model: Model, need: int, n_pairs: int, n_parallel: int | None, n_ctx: int | None,
                 min_ctx: int = 0) -> tuple[int, int]:
-    """(sequences per batch, context cells): each sequence needs ``need`` cells; ``n_ctx`` (when given) bounds
-    them all, as -c does in `mote serve`; the default batch is at most DEFAULT_PARALLEL sequences and keeps its
-    KV cache under KV_BUDGET_BYTES and a quarter of the free memory."""
+    """(sequences per batch, context cells): each sequence holds a KV stream of its own, of ``need`` positions
+    (and ``min_ctx``, what the capability cost's chunks need) rounded up to llama.cpp's 256; ``n_ctx`` (when
+    given) bounds them all, as -c does in `mote serve`; the default batch is at most DEFAULT_PARALLEL sequences
+    and keeps its KV cache under KV_BUDGET_BYTES and a quarter of the free memory."""
     if n_ctx is not None and n_ctx > 0 and need > n_ctx:
         raise EvalError(f"a prompt and its new tokens need {need} positions but the context holds {n_ctx}: raise "
                         "-c/--ctx-size (or lower --max-tokens)")
-    room = n_ctx // need if n_ctx else MAX_PARALLEL
+    cells = stream_cells(max(need, min_ctx))
+    room = max(1, n_ctx // cells) if n_ctx else MAX_PARALLEL
     if n_parallel is None:
-        per_seq = max(1, kv_cache_bytes(model, need))
         budget = min(KV_BUDGET_BYTES, _free_memory() // 4)
-        n_parallel = max(1, min(DEFAULT_PARALLEL, n_pairs, room, budget // per_seq))
-    elif n_parallel > room:
-        raise EvalError(f"-np {n_parallel} sequences of {need} positions need a context of {n_parallel * need}, "
-                        f"but -c is {n_ctx}: raise -c or lower -np")
-    cells = n_ctx if n_ctx else n_parallel * need
-    return n_parallel, max(cells, min_ctx)
+        n_parallel = max(1, min(DEFAULT_PARALLEL, n_pairs, room, budget // max(1, kv_cache_bytes(model, cells))))
+    elif n_ctx and n_parallel * cells > n_ctx:
+        raise EvalError(f"-np {n_parallel} sequences of {need} positions need a context of {n_parallel * cells} "
+                        f"(each sequence's cache holds a multiple of 256), but -c is {n_ctx}: raise -c or lower -np")
+    return n_parallel, n_parallel * cells
 
 
 def _free_memory() -> int:
@@ -243,8 +243,7 @@ class Frame:
         partial = False
         costs: dict[str, tuple[float | None, float | None]] = {}
         resumed_costs = 0
-        with self.model.session(n_ctx=n_ctx, n_batch=min(n_ctx, max(512, n_parallel)), n_seq_max=n_parallel,
-                                kv_unified=True) as s:
+        with self.model.session(n_ctx=n_ctx, n_batch=max(512, n_parallel), n_seq_max=n_parallel) as s:
             for p in profiles.values():  # fail on a refused steering before any generation
                 if p is not None:
                     s.steer(p, seq_id=0)
