@@ -237,8 +237,8 @@ class Frame:
                        f"{batch['kv_bytes'] / 2**20:.1f} MiB")
         generations: dict[str, list[dict[str, Any]]] = {c.name: [] for c in plan}
         for j, rec in found.items():
-            if rec is not None:
-                generations[pairs[j][0].name].append(rec)
+            if rec is not None:  # the prompt's place in this run (the key holds its tokens, not its place)
+                generations[pairs[j][0].name].append(dict(rec, prompt=pairs[j][1]))
         profiles = {c.name: Profile(tuple(c.entries), strength) if c.entries else None for c in plan}
         partial = False
         costs: dict[str, tuple[float | None, float | None]] = {}
@@ -305,12 +305,16 @@ class Frame:
                             store.add(keys[j], rec)
                     bar.update(len(chunk))
 
-            for finished in generate_many(session, requests):
-                for j, g in finished:
-                    tokens += len(g.tokens)
-                    pending.append((j, g))
-                judge(final=False)
-                if finished:
-                    bar.set_postfix_str(f"{tokens / max(1e-9, time.perf_counter() - started):.0f} tok/s",
-                                        refresh=False)
+            steps = generate_many(session, requests)
+            try:
+                for finished in steps:
+                    for j, g in finished:
+                        tokens += len(g.tokens)
+                        pending.append((j, g))
+                    judge(final=False)
+                    if finished:
+                        bar.set_postfix_str(f"{tokens / max(1e-9, time.perf_counter() - started):.0f} tok/s",
+                                            refresh=False)
+            finally:
+                steps.close()  # frees the slots now, while the session is open, however the loop ended
             judge(final=True)
