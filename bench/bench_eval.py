@@ -9,8 +9,9 @@
 15cf668 mote_local | tar -x -C DIR`), each in a process of its own, in shuffled interleaved rounds.
 
 ``peer``: generated tokens/s of `mote eval` (unsteered, profile, 3 random seeds, forced = 6 conditions; capability
-cost off; the whole run, prefill included) against `llama-batched-bench -npl NP` (its S_TG, generation only) on
-the same generated model. ``--bench`` is a llama-batched-bench built from the pinned sdist (plain cmake on
+cost off; generated tokens over the whole run, prefill included) against `llama-batched-bench -npl NP` (its
+generated tokens over its whole time T, prefill included; its S_TG, generation alone, is printed beside) on the
+same generated model. ``--bench`` is a llama-batched-bench built from the pinned sdist (plain cmake on
 vendor/llama.cpp, target llama-batched-bench). The machine's load average is recorded before every run.
 """
 
@@ -123,8 +124,9 @@ def peer_bench(a) -> None:
                 if proc.returncode or not row:
                     raise SystemExit(f"llama-batched-bench failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
                 cells = [c.strip() for c in row[-1].strip("|").split("|")]
-                rate = float(cells[7])  # S_TG t/s
-                detail = f"S_TG {rate:.1f} t/s, S (prompt + generation) {float(cells[9]):.1f} t/s"
+                rate = a.np * a.n / float(cells[8])  # generated tokens over its whole time, as for mote eval
+                detail = (f"generated tokens / T {rate:.1f} t/s; S_TG (generation alone) {float(cells[7]):.1f} "
+                          f"t/s, S_PP {float(cells[5]):.1f} t/s")
             results[name].append(rate)
             print(f"round {r + 1}: {name:20s} {rate:7.1f} tok/s  ({detail}; load {load:.1f})", flush=True)
     mo, bb = results["mote eval"], results["llama-batched-bench"]
