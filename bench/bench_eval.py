@@ -70,7 +70,7 @@ def sweep_bench(a) -> None:
             wall, load = mote(trees[name], args + ["--out", str(work / f"out-{r}-{name[:5]}")])
             times[name].append((wall, load))
             print(f"round {r + 1}: {name:20s} {wall:7.1f} s  ({load})", flush=True)
-    report = json.loads((work / f"out-0-after/sweep.json").read_text())
+    report = json.loads((work / "out-0-after/sweep.json").read_text())
     n_gen = sum(len(v) for v in report["generations"].values())
     before = [w for w, _ in times["before (sequential)"]]
     after = [w for w, _ in times["after (batched)"]]

@@ -175,3 +175,29 @@ def test_the_batch_is_sized_and_bounded_before_it_starts(planted_files, tmp_path
     r = CliRunner().invoke(main, ["eval", str(path), "--prompts", str(prompts), "--off", "1:6", "-n", "3",
                                   "--n-random", "1", "-np", "64", "-c", "64", "--out", str(tmp_path / "e")])
     assert r.exit_code == 1 and "raise -c or lower -np" in r.output
+
+
+def test_the_cli_resumes_a_run_kept_in_its_folder_and_says_so(planted_files, tmp_path):
+    path, _ = planted_files
+    prompts = tmp_path / "two.txt"
+    prompts.write_text("what happened at the protest yesterday ?\nwhat happened at the market yesterday ?\n")
+    args = ["eval", str(path), "--prompts", str(prompts), "--off", "1:6", "-n", "3", "--n-random", "1",
+            "--out", str(tmp_path / "e")]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    assert list((tmp_path / "e" / "checkpoint").glob("records-*.json"))
+    before = ev.EvalResult.from_json((tmp_path / "e" / "report.json").read_text())
+    again = CliRunner().invoke(main, args + ["--resume"])
+    assert again.exit_code == 0, again.output
+    assert "resumed: 8 of 8 generations and 4 capability cost(s) from the earlier run in this folder" in again.stdout
+    after = ev.EvalResult.from_json((tmp_path / "e" / "report.json").read_text())
+    assert [c.to_dict() for c in after.conditions] == [c.to_dict() for c in before.conditions]
+    assert after.settings["resumed"] == {"pairs": 8, "generations": 8, "costs": 4}
+
+
+def test_progress_counts_generations_over_all_conditions_with_tokens_per_second(tiny_path, capsys):
+    with Model(tiny_path("qwen3moe")) as model:
+        ev.evaluate(model, ["the king left", "the dog ran"], [Entry(1, 3, Mode.DROP)], n_random=1, max_tokens=4,
+                    measure_cost=False, show_progress=True)
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "8/8" in bar and "tok/s" in bar and "generation" in bar
