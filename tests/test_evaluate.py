@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from mote_local import errors
-from mote_local.engine.model import Generation, Model, Session
+from mote_local.engine.model import Model
 from mote_local.evaluation import (
     controls,
     cost,
@@ -25,6 +25,7 @@ from mote_local.evaluation import (
     super_experts,
 )
 from mote_local.evaluation import evaluate as ev
+from mote_local.evaluation import run
 from mote_local.steering.entries import Entry, Mode, Scope, off_experts
 from mote_local.steering.profile import Profile
 from mote_local.synthetic import tiny
@@ -223,7 +224,8 @@ def test_neutral_text_sources(tmp_path):
 def test_infinite_cost_survives_json_and_table():
     c = ev.ConditionResult("profile", "profile", [], 1.0, n=2, hits=1, rate=0.5, ci=(0.1, 0.9), kl=math.inf,
                            perplexity=math.inf)
-    r = ev.EvalResult("m.gguf", [c], {"entries": []}, {"notes": []}, [], {})
+    r = ev.EvalResult(model="m.gguf", conditions=[c], profile={"entries": []}, settings={"notes": []}, samples=[],
+                      generations={})
     d = json.loads(json.dumps(r.to_dict(), allow_nan=False))
     assert d["conditions"][0]["kl"] == "inf"
     assert ev.EvalResult.from_dict(d).conditions[0].perplexity == math.inf
@@ -298,39 +300,39 @@ def test_evaluate_is_deterministic_and_json_round_trips(tiny_result, tiny_path):
     assert again.condition("profile").kl is None
 
 
-def test_evaluate_partial_on_keyboard_interrupt(load):
+def test_evaluate_partial_on_keyboard_interrupt_and_resume(load, tmp_path):
+    """Ctrl-C keeps what was judged, in the result and in the output folder; --resume finishes the run with the
+    very results of an uninterrupted one, and says what it resumed."""
     model = load("qwen3moe")
-    det = Says("the", interrupt_at=5)  # 3 prompts: unsteered done, 1 of profile, then Ctrl-C
-    r = ev.evaluate(model, PROMPTS, TINY_PROFILE, detector=det, n_random=1, max_tokens=4, show_progress=False)
+    kw = dict(n_random=1, max_tokens=4, max_neutral_tokens=64, chunk_tokens=32, show_progress=False, n_parallel=2)
+    whole = ev.evaluate(model, PROMPTS, TINY_PROFILE, detector=Says("the"), **kw)
+    det = Says("the", interrupt_at=5)
+    r = ev.evaluate(model, PROMPTS, TINY_PROFILE, detector=det, out_dir=tmp_path, **kw)
     assert r.partial
-    assert [c.n for c in r.conditions] == [3, 1, 0, 0]
-    assert r.condition("random").rate is None and r.condition("forced").ci is None
+    assert sum(c.n for c in r.conditions) == 4  # the fifth verdict was the Ctrl-C
     assert all(c.kl is None for c in r.conditions)
     assert any("interrupted" in n for n in r.settings["notes"])
     json.dumps(r.to_dict(), allow_nan=False)
     assert "PARTIAL" in report.format_table(r)
-
-
-def test_evaluate_partial_when_generation_is_interrupted(load, monkeypatch):
-    model = load("qwen3moe")
-    real = Session.generate
-    calls = []
-
-    def generate(self, *a, **kw):
-        calls.append(1)
-        g = real(self, *a, **kw)
-        if len(calls) == 2:  # Session.generate swallows Ctrl-C and says so
-            return Generation(g.text[:1], g.tokens[:1], g.prompt_tokens, interrupted=True)
-        return g
-
-    monkeypatch.setattr(Session, "generate", generate)
-    r = ev.evaluate(model, PROMPTS, TINY_PROFILE, n_random=1, max_tokens=4, show_progress=False)
-    assert r.partial and r.condition("unsteered").n == 1 and r.condition("profile").n == 0
+    again = Says("the")
+    done = ev.evaluate(model, PROMPTS, TINY_PROFILE, detector=again, out_dir=tmp_path, resume=True, **kw)
+    assert not done.partial and again.calls == 4 * len(PROMPTS) - 4
+    assert done.settings["resumed"] == {"pairs": 4 * len(PROMPTS), "generations": 4, "costs": 0}
+    assert any(n.startswith(f"resumed from {tmp_path}: 4 of 12 generations") for n in done.settings["notes"])
+    assert done.generations == whole.generations
+    assert [c.to_dict() for c in done.conditions] == [c.to_dict() for c in whole.conditions]
+    third = ev.evaluate(model, PROMPTS, TINY_PROFILE, detector=Says("the"), out_dir=tmp_path, resume=True, **kw)
+    assert third.settings["resumed"]["generations"] == 12 and third.settings["resumed"]["costs"] == 4
+    assert [c.to_dict() for c in third.conditions] == [c.to_dict() for c in whole.conditions]
+    fresh = ev.evaluate(model, PROMPTS, TINY_PROFILE, detector=Says("the"), out_dir=tmp_path, **kw)
+    assert fresh.settings["resumed"]["generations"] == 0  # without resume the folder starts afresh
+    with pytest.raises(errors.EvalError, match="give out_dir"):
+        ev.evaluate(model, PROMPTS, TINY_PROFILE, resume=True)
 
 
 def test_evaluate_warns_about_super_experts_and_keeps_controls_off_them(load, monkeypatch):
     model = load("qwen3moe")
-    monkeypatch.setattr(ev, "cached_super_experts", lambda path: {(1, 3), (2, 0), (2, 1), (2, 2)})
+    monkeypatch.setattr(run, "cached_super_experts", lambda path: {(1, 3), (2, 0), (2, 1), (2, 2)})
     profile = Profile.from_entries(TINY_PROFILE, name="tiny") * 2.0  # a Profile: its strength times ours
     r = ev.evaluate(model, PROMPTS[:1], profile, 0.5, n_random=3, max_tokens=2, measure_cost=False,
                     show_progress=False)
@@ -367,7 +369,7 @@ def test_controls_that_cannot_be_drawn_are_skipped_with_a_note(load, monkeypatch
     assert any(n.startswith("random: skipped, layer 1") for n in r.settings["notes"])
     assert any(n.startswith("forced: skipped") for n in r.settings["notes"])
     # super-experts that leave no room are not excluded, and the result says so
-    monkeypatch.setattr(ev, "cached_super_experts", lambda path: {(1, x) for x in range(1, 8)})
+    monkeypatch.setattr(run, "cached_super_experts", lambda path: {(1, x) for x in range(1, 8)})
     r = ev.evaluate(model, PROMPTS[:1], [Entry(1, 0, Mode.DROP)], n_random=1, max_tokens=2, measure_cost=False,
                     show_progress=False)
     assert r.condition("random").n == 1 and r.settings["random_excluded_super_experts"] == []

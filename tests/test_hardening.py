@@ -830,9 +830,9 @@ def _interrupt_after(env, args, marker: str, patch: str, after: int, timeout: fl
 _SLOW_ROUTE = ("import time\nfrom mote_local.engine.model import Session\n_route = Session.route\n"
                "def route(self, seqs, **k):\n    print('ROUTE', file=sys.stderr, flush=True)\n    time.sleep(0.2)\n"
                "    return _route(self, seqs, **k)\nSession.route = route\n")
-_SLOW_GENERATE = ("import time\nfrom mote_local.engine.model import Session\n_generate = Session.generate\n"
-                  "def generate(self, *a, **k):\n    print('GENERATE', file=sys.stderr, flush=True)\n"
-                  "    time.sleep(0.1)\n    return _generate(self, *a, **k)\nSession.generate = generate\n")
+_SLOW_STEP = ("import time\nfrom mote_local.engine import batch\n_decode = batch._Run._decode\n"
+              "def decode(self, *a, **k):\n    print('STEP', file=sys.stderr, flush=True)\n"
+              "    time.sleep(0.1)\n    return _decode(self, *a, **k)\nbatch._Run._decode = decode\n")
 
 
 def test_ctrl_c_during_mote_ftri_keeps_partial_results(planted_path, tmp_path, env):
@@ -855,7 +855,7 @@ def test_ctrl_c_during_mote_eval_keeps_partial_results(planted_path, tmp_path, e
     out = tmp_path / "eval"
     code, stdout, stderr = _interrupt_after(env, ["eval", planted_path, "--prompts", planted.prompts_path(),
                                                   "--class", "trigger", "--profile", profile, "--n-random", "1",
-                                                  "-n", "4", "--out", out], "GENERATE", _SLOW_GENERATE, after=5)
+                                                  "-n", "4", "--out", out], "STEP", _SLOW_STEP, after=6)
     assert code == 0, stderr[-3000:]
     assert "interrupted: the report holds what was measured so far (marked partial)" in stderr
     result = EvalResult.from_json((out / "report.json").read_text())

@@ -14,7 +14,8 @@ from mote_local.engine.model import Model
 from mote_local.errors import EvalError
 from mote_local.evaluation import evaluate as ev
 from mote_local.evaluation import report
-from mote_local.evaluation.sweep import SweepResult, parse_sweep, sweep, sweep_figure, sweep_table
+from mote_local.evaluation.report import sweep_figure, sweep_table
+from mote_local.evaluation.sweep import SweepPoint, SweepResult, parse_sweep, sweep
 from mote_local.ftri.outputs import Ranking
 from mote_local.steering.entries import Entry, Mode
 from mote_local.synthetic import planted
@@ -151,9 +152,9 @@ def test_sweep_table_and_figure_mark_collapse():
                            perplexity=5.0, delta=0.0, delta_ci=(0.0, 0.0))
     off = ev.ConditionResult("off[3]", "top 3 off", [], 1.0, n=4, hits=0, rate=0.0, ci=(0.0, 0.49), kl=28.0,
                              perplexity=1e12, delta=-0.5, delta_ci=(-0.9, -0.1), collapse="KL 28 nats > 1")
-    from mote_local.evaluation.sweep import SweepPoint
-    r = SweepResult("m.gguf", u, [SweepPoint(3, [(0, 3), (1, 6), (2, 0)], 2, off=off)], {"method": "mean_diff"},
-                    {"collapse": {"kl_nats": 1.0, "perplexity_ratio": 10.0}, "notes": []}, {},
+    r = SweepResult(model="m.gguf", unsteered=u, points=[SweepPoint(3, [(0, 3), (1, 6), (2, 0)], 2, off=off)],
+                    ranking={"method": "mean_diff"},
+                    settings={"collapse": {"kl_nats": 1.0, "perplexity_ratio": 10.0}, "notes": []}, generations={},
                     warnings=ev.collapse_warnings([off]))
     table = sweep_table(r)
     assert "0.0% [0.0%, 49.0%] COLLAPSED" in table and "skipped" in table

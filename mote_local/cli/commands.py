@@ -493,14 +493,21 @@ def detector_for(detector_file: Path | None, judge: Path | None):
               help="Flag a condition as collapsed when its mean KL on the neutral text exceeds this (nats).")
 @click.option("--collapse-ppl", type=click.FloatRange(min=1), default=10.0, show_default=True,
               help="... or when its perplexity exceeds this many times the unsteered one.")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("mote-eval"), show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("mote-eval"), show_default=True,
+              help="The report's folder; finished generations are kept there as they come (see --resume).")
+@click.option("--resume", is_flag=True, help="Continue the run kept in --out (cut short by Ctrl-C or a crash).")
+@click.option("--parallel", "-np", "n_parallel", type=click.IntRange(1, MAX_SEQUENCES), default=None,
+              help="Sequences decoded together (default: from the context size and memory, at most 32).")
 @engine_options
-def eval_command(model: Path, prompts_file: Path, classes, profiles, strength, scope, force_profile, sweep_sizes,
-                 ftri_path, ftri_method, sweep_mode, include_super_experts, detector_file, judge, neutral,
-                 n_random: int, max_tokens: int, seed: int, chat: bool, collapse_kl: float, collapse_ppl: float,
-                 out: Path, placement: dict, ctx_size: int, verbose: bool, **specs) -> None:
+@click.pass_context
+def eval_command(ctx: click.Context, model: Path, prompts_file: Path, classes, profiles, strength, scope,
+                 force_profile, sweep_sizes, ftri_path, ftri_method, sweep_mode, include_super_experts, detector_file,
+                 judge, neutral, n_random: int, max_tokens: int, seed: int, chat: bool, collapse_kl: float,
+                 collapse_ppl: float, out: Path, resume: bool, n_parallel: int | None, placement: dict,
+                 ctx_size: int, verbose: bool, **specs) -> None:
     """Measure how a profile moves a behaviour against random and forced controls, and what it costs; or, with
-    --sweep, how the behaviour falls as the top N experts of an fTRI ranking are switched off."""
+    --sweep, how the behaviour falls as the top N experts of an fTRI ranking are switched off. Every condition
+    and prompt decode together, -np sequences at a time; -c (when given) bounds their context cells in all."""
     from mote_local.engine.model import Model
     from mote_local.evaluation.evaluate import evaluate
     from mote_local.evaluation.report import format_table, write_report
@@ -529,8 +536,11 @@ def eval_command(model: Path, prompts_file: Path, classes, profiles, strength, s
         raise click.UsageError(f"unknown class(es) {', '.join(sorted(unknown))}: "
                                f"{prompts_file} has {', '.join(prompt_set.names)}")
     prompts = [p for name in (classes or prompt_set.names) for p in prompt_set.prompts(name)]
+    given_ctx = ctx.get_parameter_source("ctx_size") is not click.core.ParameterSource.DEFAULT
     common = dict(neutral_text=neutral, detector=detector_for(detector_file, judge), n_random=n_random, seed=seed,
-                  max_tokens=max_tokens, chat=chat, collapse_kl=collapse_kl, collapse_perplexity_ratio=collapse_ppl)
+                  max_tokens=max_tokens, chat=chat, collapse_kl=collapse_kl, collapse_perplexity_ratio=collapse_ppl,
+                  n_parallel=n_parallel, n_ctx=context_size(layout, ctx_size) if given_ctx else None, out_dir=out,
+                  resume=resume, announce=lambda line: click.echo(line, err=True))
     if profile is None:
         _eval_sweep(model, layout, prompts, sweep_sizes, ftri_path, ftri_method, sweep_mode, include_super_experts,
                     common, out, placement, verbose, threads)
@@ -540,9 +550,19 @@ def eval_command(model: Path, prompts_file: Path, classes, profiles, strength, s
         result = evaluate(m, prompts, profile, **common)
     html = write_report(out, result)
     click.echo(format_table(result))
-    if result.partial:
-        click.echo("interrupted: the report holds what was measured so far (marked partial)", err=True)
+    _eval_ending(result)
     click.echo(f"\nreport: {html}")
+
+
+def _eval_ending(result, notes_shown: bool = False) -> None:
+    """What was resumed (unless the notes, which say it too, were shown), and how to go on after Ctrl-C."""
+    resumed = result.settings.get("resumed", {})
+    if not notes_shown and (resumed.get("generations") or resumed.get("costs")):
+        click.echo(f"resumed: {resumed['generations']} of {resumed['pairs']} generations and {resumed['costs']} "
+                   "capability cost(s) from the earlier run in this folder")
+    if result.partial:
+        click.echo("interrupted: the report holds what was measured so far (marked partial); --resume continues",
+                   err=True)
 
 
 def _eval_sweep(model: Path, layout: MoeLayout, prompts, sizes_text: str, ftri_path: Path, ftri_method: str | None,
@@ -551,7 +571,8 @@ def _eval_sweep(model: Path, layout: MoeLayout, prompts, sizes_text: str, ftri_p
     """`mote eval --sweep`: the paper's curve, one table and one plot."""
     from mote_local.engine.model import Model
     from mote_local.evaluation.super_experts import cached_super_experts
-    from mote_local.evaluation.sweep import parse_sweep, sweep, sweep_table, write_sweep_report
+    from mote_local.evaluation.report import sweep_table, write_sweep_report
+    from mote_local.evaluation.sweep import parse_sweep, sweep
     from mote_local.ftri.outputs import read_ranking
 
     sizes = parse_sweep(sizes_text)
@@ -566,8 +587,7 @@ def _eval_sweep(model: Path, layout: MoeLayout, prompts, sizes_text: str, ftri_p
     click.echo(sweep_table(result))
     for note in result.settings["notes"]:
         click.echo(f"note: {note}")
-    if result.partial:
-        click.echo("interrupted: the report holds what was measured so far (marked partial)", err=True)
+    _eval_ending(result, notes_shown=True)
     click.echo(f"\nreport: {html}")
 
 

@@ -232,6 +232,16 @@ class Model:
             return tuple(LayerRouter.of(binding.layer_router(probe._ctx_ptr, il)) for il in range(self.router.n_layer))
 
 
+@contextlib.contextmanager
+def opened(model: "Model | str | os.PathLike", **options) -> Iterator["Model"]:
+    """The model itself when it is loaded (left open), else the file loaded with ``options`` and closed after."""
+    if isinstance(model, Model):
+        yield model
+        return
+    with Model(model, **options) as m:
+        yield m
+
+
 # llama.cpp's llama_expert_gating_func_type
 GATING_NAMES = {0: "none", 1: "softmax", 2: "sigmoid", 3: "softmax over the selected logits", 4: "sqrt-softplus"}
 

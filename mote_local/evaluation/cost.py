@@ -11,9 +11,11 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from mote_local.engine.batch import logits_many
 from mote_local.engine.model import Model, Session
 from mote_local.errors import EvalError
 from mote_local.steering.entries import Entry
+from mote_local.steering.profile import Profile
 
 _ROW_BLOCK = 64  # rows of float64 log-softmax at a time: bounded memory on large vocabularies
 
@@ -123,18 +125,25 @@ def capability_cost(session: Session, chunks: Sequence[Sequence[int]],
     """{condition: (mean KL(unsteered ‖ steered), perplexity)} over the chunks' positions.
 
     ``conditions`` maps a name to (entries, strength); the unsteered reference is computed here, once per chunk.
+    Each chunk's reference and its steered runs decode together, as many per decode call as the session's
+    sequences and memory allow (:func:`mote_local.engine.batch.logits_many`), each in the prefill phase.
     """
     costs = {name: CostSums() for name in conditions}
+    steered = [(name, Profile(tuple(entries), strength)) for name, (entries, strength) in conditions.items()
+               if entries]
+    sequences = []
     for chunk in chunks:
-        session.clear_steering()
-        ref = session.logits(chunk)
-        for name, (entries, strength) in conditions.items():
-            if entries:
-                session.steer(entries, strength)
-                logits = session.logits(chunk)
-            else:
-                session.clear_steering()
-                logits = ref
-            costs[name].add(ref, logits, chunk)
-    session.clear_steering()
+        sequences.append((chunk, None))
+        sequences += [(chunk, profile) for _, profile in steered]
+    per_chunk = 1 + len(steered)
+    ref = None
+    for j, logits in logits_many(session, sequences):
+        chunk = chunks[j // per_chunk]
+        if j % per_chunk == 0:
+            ref = logits
+            for name, (entries, _) in conditions.items():
+                if not entries:
+                    costs[name].add(ref, ref, chunk)
+        else:
+            costs[steered[j % per_chunk - 1][0]].add(ref, logits, chunk)
     return {name: (c.kl, c.perplexity) for name, c in costs.items()}

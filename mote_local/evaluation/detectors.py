@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from mote_local.engine.model import Model, Session
 from mote_local.errors import DetectorError
@@ -130,12 +130,18 @@ class JudgeDetector:
     behaviour and is not shown to the judge. The request is shown along with the response when known.
 
     ``model`` is a path (loaded here, freed by :meth:`close`) or a loaded :class:`Model` (left open).
+    :meth:`detect_many` judges up to ``batch_size`` responses per decode call, each in a cache of its own of
+    ``n_ctx`` tokens (so a verdict does not depend on its neighbours; the judge's KV cache is ``batch_size`` ×
+    ``n_ctx`` cells).
     """
 
     def __init__(self, model: str | os.PathLike | Model, question: str = JUDGE_QUESTION, *, n_ctx: int = 2048,
-                 include_prompt: bool = True, **model_params: Any):
+                 include_prompt: bool = True, batch_size: int = 8, **model_params: Any):
         if not isinstance(question, str) or not question.strip():
             raise DetectorError("the judge's question must be a non-empty string")
+        if not 1 <= batch_size <= 256:
+            raise DetectorError(f"the judge's batch_size must be 1..256, got {batch_size}")
+        self.batch_size = batch_size
         self._owned = not isinstance(model, Model)
         self.model = Model(model, **model_params) if self._owned else model
         self.question = question
@@ -182,18 +188,33 @@ class JudgeDetector:
 
     def scores(self, response: str, prompt: str | None = None) -> tuple[float, float]:
         """The best "yes" and the best "no" next-token logits for ``response``."""
+        return self.scores_many([response], [prompt])[0]
+
+    def scores_many(self, responses: Sequence[str], prompts: Sequence[str | None]) -> list[tuple[float, float]]:
+        """:meth:`scores` of each response, as many per decode call as ``batch_size`` and the context allow."""
         if self._session is None:
-            self._session = self.model.session(n_ctx=self.n_ctx)
-        toks = self._prompt_tokens(response, prompt)
-        self._session.reset()
-        logits = self._session.decode([(0, toks, 0)], outputs="last")[-1]
-        return float(logits[self.yes_ids].max()), float(logits[self.no_ids].max())
+            self._session = self.model.session(n_ctx=self.n_ctx * self.batch_size, n_batch=self.n_ctx,
+                                               n_seq_max=self.batch_size)
+        s = self._session
+        queue = [self._prompt_tokens(r, p) for r, p in zip(responses, prompts)]
+        out: list[tuple[float, float]] = []
+        while len(out) < len(queue):
+            group = queue[len(out):len(out) + s.n_seq_max]
+            s.reset()
+            logits = s.decode([(i, toks, 0) for i, toks in enumerate(group)], outputs="last")
+            out += [(float(row[self.yes_ids].max()), float(row[self.no_ids].max())) for row in logits]
+        return out
 
     def detect(self, response: str, prompt: str | None = None) -> bool:
-        if not response or not response.strip():
-            return False
-        yes, no = self.scores(response, prompt)
-        return yes > no
+        return self.detect_many([response], [prompt])[0]
+
+    def detect_many(self, responses: Sequence[str], prompts: Sequence[str | None]) -> list[bool]:
+        """The verdict on each response (empty ones are never the behaviour and are not shown to the judge)."""
+        shown = [i for i, r in enumerate(responses) if r and r.strip()]
+        verdict = [False] * len(responses)
+        for i, (yes, no) in zip(shown, self.scores_many([responses[i] for i in shown], [prompts[i] for i in shown])):
+            verdict[i] = yes > no
+        return verdict
 
     def __call__(self, response: str, prompt: str | None = None) -> bool:
         return self.detect(response, prompt)
@@ -220,6 +241,13 @@ def detect(detector: Any, response: str, prompt: str) -> bool:
     if hasattr(detector, "detect"):
         return bool(detector.detect(response, prompt))
     return bool(detector(response))
+
+
+def detect_many(detector: Any, responses: Sequence[str], prompts: Sequence[str]) -> list[bool]:
+    """Each response's verdict: in one call where the detector judges many at once (a judge model)."""
+    if hasattr(detector, "detect_many"):
+        return [bool(v) for v in detector.detect_many(responses, prompts)]
+    return [detect(detector, r, p) for r, p in zip(responses, prompts)]
 
 
 def describe_detector(detector: Any) -> dict[str, Any]:

@@ -30,6 +30,10 @@ says "the the the" refuses nothing). The table, the plot and the report mark it,
 
 Super-experts (:mod:`mote_local.evaluation.super_experts`): a warning when the profile switches off an expert
 the guard's cache flags, and random controls keep off them.
+
+Generation: every (condition, prompt) pair decodes in one batch with the others (:mod:`~mote_local.evaluation.run`,
+the frame this module and the sweep share); with ``out_dir`` finished pairs are kept there and ``resume=True``
+continues a run cut short.
 """
 
 from __future__ import annotations
@@ -37,55 +41,39 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from mote_local.engine.model import Model
+from mote_local.engine.model import Model, opened
 from mote_local.errors import EvalError
 from mote_local.evaluation.controls import (
     check_control_entries,
     forced_counterpart,
     random_control,
 )
-from mote_local.evaluation.cost import (
-    capability_cost,
-    n_ctx_train,
-    resolve_text,
-    text_chunks,
-)
-from mote_local.evaluation.detectors import (
-    Detector,
-    describe_detector,
-    detect,
-)
 from mote_local.evaluation.intervals import (
     clustered_rate_interval,
     paired_difference_interval,
     wilson_interval,
 )
-from mote_local.evaluation.super_experts import (
-    cached_super_experts,
+from mote_local.evaluation.run import (
+    COLLAPSE_KL,
+    COLLAPSE_PERPLEXITY_RATIO,
+    Frame,
+    Options,
+    Planned,
 )
-from mote_local.progress import progress_bar
 from mote_local.steering.entries import Entry, off_experts
 from mote_local.steering.profile import entry_to_json
 
-__all__ = ["CONDITIONS", "COLLAPSE_KL", "COLLAPSE_PERPLEXITY_RATIO", "ConditionResult", "EvalResult", "evaluate"]
+__all__ = ["CONDITIONS", "COLLAPSE_KL", "COLLAPSE_PERPLEXITY_RATIO", "ConditionResult", "EvalResult", "RunResult",
+           "evaluate"]
 
 #: Condition names, in report order.
 CONDITIONS = ("unsteered", "profile", "random", "forced")
-
-#: Mean KL(unsteered ‖ steered) on the neutral text, in nats, above which a condition counts as collapsed.
-COLLAPSE_KL = 1.0
-#: Perplexity on the neutral text, as a multiple of the unsteered one, above which a condition counts as collapsed.
-COLLAPSE_PERPLEXITY_RATIO = 10.0
-
-RATE_INTERVAL = "Wilson score, 95%; pooled random control: Wilson at the effective sample size (prompts as clusters)"
-DELTA_INTERVAL = "paired by prompt: Bonett-Price adjusted Wald on the per-prompt differences, 95%"
 
 _LABELS = {
     "unsteered": "unsteered",
@@ -151,19 +139,58 @@ class ConditionResult:
         return cls(**kw)
 
 
-@dataclass
-class EvalResult:
-    """What :func:`evaluate` measured. ``to_dict()`` is plain JSON (no NaN); ``from_dict`` reads it back."""
+@dataclass(kw_only=True)
+class RunResult:
+    """What an evaluation or a sweep measured, with what both share: the model, the settings, every generation,
+    the warnings, whether Ctrl-C cut it short and how long it took. ``to_dict()`` is plain JSON (no NaN);
+    ``from_dict`` reads it back. A subclass adds its own fields (:meth:`_own`, :meth:`_own_from`)."""
 
+    FORMAT: ClassVar[str] = ""
+    WHAT: ClassVar[str] = ""
     model: str
-    conditions: list[ConditionResult]
-    profile: dict[str, Any]
     settings: dict[str, Any]
-    samples: list[dict[str, Any]]
     generations: dict[str, list[dict[str, Any]]]
     warnings: list[str] = field(default_factory=list)
     partial: bool = False
     elapsed_s: float = 0.0
+
+    def _own(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def _own_from(cls, d: Mapping[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": self.FORMAT, "version": 1, "model": self.model, **self._own(), "settings": self.settings,
+                "generations": self.generations, "warnings": list(self.warnings), "partial": self.partial,
+                "elapsed_s": self.elapsed_s}
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False, ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]):
+        if d.get("format") != cls.FORMAT:
+            raise EvalError(f"not a {cls.WHAT} (format is not '{cls.FORMAT}')")
+        return cls(model=d["model"], settings=dict(d["settings"]), generations=dict(d["generations"]),
+                   warnings=list(d.get("warnings", [])), partial=bool(d.get("partial", False)),
+                   elapsed_s=float(d.get("elapsed_s", 0.0)), **cls._own_from(d))
+
+    @classmethod
+    def from_json(cls, text: str):
+        return cls.from_dict(json.loads(text))
+
+
+@dataclass(kw_only=True)
+class EvalResult(RunResult):
+    """What :func:`evaluate` measured: one result per condition, the profile, sample responses."""
+
+    FORMAT: ClassVar[str] = "mote-eval"
+    WHAT: ClassVar[str] = "mote evaluation result"
+    conditions: list[ConditionResult]
+    profile: dict[str, Any]
+    samples: list[dict[str, Any]] = field(default_factory=list)
 
     def condition(self, name: str) -> ConditionResult:
         for c in self.conditions:
@@ -178,42 +205,19 @@ class EvalResult:
     def rates(self) -> dict[str, float | None]:
         return {c.name: c.rate for c in self.conditions}
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"format": "mote-eval", "version": 1, "model": self.model,
-                "conditions": [c.to_dict() for c in self.conditions], "profile": self.profile,
-                "settings": self.settings, "samples": self.samples, "generations": self.generations,
-                "warnings": list(self.warnings), "partial": self.partial, "elapsed_s": self.elapsed_s}
-
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False, ensure_ascii=False)
+    def _own(self) -> dict[str, Any]:
+        return {"conditions": [c.to_dict() for c in self.conditions], "profile": self.profile,
+                "samples": self.samples}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "EvalResult":
-        if d.get("format") != "mote-eval":
-            raise EvalError("not a mote evaluation result (format is not 'mote-eval')")
-        return cls(model=d["model"], conditions=[ConditionResult.from_dict(c) for c in d["conditions"]],
-                   profile=d["profile"], settings=d["settings"], samples=d["samples"],
-                   generations=d["generations"], warnings=list(d.get("warnings", [])),
-                   partial=bool(d.get("partial", False)), elapsed_s=float(d.get("elapsed_s", 0.0)))
-
-    @classmethod
-    def from_json(cls, text: str) -> "EvalResult":
-        return cls.from_dict(json.loads(text))
+    def _own_from(cls, d: Mapping[str, Any]) -> dict[str, Any]:
+        return {"conditions": [ConditionResult.from_dict(c) for c in d["conditions"]], "profile": d["profile"],
+                "samples": d["samples"]}
 
 
 # --------------------------------------------------------------------------------------------------------
 # Parts shared with the sweep (mote_local.evaluation.sweep)
 # --------------------------------------------------------------------------------------------------------
-
-@dataclass
-class Planned:
-    """A condition to generate: its name, label, steering entries (none: unsteered) and random-control seed."""
-
-    name: str
-    label: str
-    entries: list[Entry]
-    seed: int | None = None
-
 
 def profile_parts(profile: Any, strength: float) -> tuple[list[Entry], float, str, str]:
     """(entries, strength, name, description) from a Profile or an iterable of entries."""
@@ -238,48 +242,6 @@ def describe_profile(entries: Sequence[Entry], strength: float, name: str, descr
             "entries": [entry_to_json(e) for e in entries], "n_entries": len(entries),
             "n_experts": len({(e.layer, e.expert) for e in entries}), "experts_per_layer": dict(per_layer),
             "modes": dict(modes)}
-
-
-def _prompt_text(prompt: Any) -> str:
-    text = prompt.text if hasattr(prompt, "text") else prompt
-    if not isinstance(text, str):
-        raise EvalError(f"a prompt must be a string or have .text, got {prompt!r}")
-    return text
-
-
-def check_settings(n_random: int, max_tokens: int, chunk_tokens: int) -> None:
-    if n_random < 0 or max_tokens < 1 or chunk_tokens < 2:
-        raise EvalError("n_random must be >= 0, max_tokens >= 1 and chunk_tokens >= 2")
-
-
-def prepare_prompts(model: Model, prompts: Sequence[Any], chat: bool) -> tuple[list[str], list[list[int]]]:
-    """The prompts' texts and the tokens fed to the model (through the chat template when asked)."""
-    texts = [_prompt_text(p) for p in prompts]
-    if not texts:
-        raise EvalError("no prompts to evaluate")
-    return texts, [model.prompt_tokens(t, chat=chat) for t in texts]
-
-
-def neutral_chunks(model: Model, neutral_text: str | os.PathLike | None, chunk_tokens: int,
-                   max_neutral_tokens: int) -> tuple[list[list[int]], str]:
-    """The neutral text's token chunks (at most the model's training context each) and where it came from."""
-    body, source = resolve_text(neutral_text)
-    n_train = n_ctx_train(model)
-    chunk = min(chunk_tokens, n_train) if n_train >= 2 else chunk_tokens
-    return text_chunks(model, body, chunk, max_neutral_tokens), source
-
-
-def super_expert_guard(model: Model, entries: Sequence[Entry], strength: float, exclude_super_experts: bool
-                       ) -> tuple[list[str], set[tuple[int, int]]]:
-    """(warnings about super-experts the entries switch off, the experts random controls must avoid)."""
-    supers = cached_super_experts(model.path)
-    warn = []
-    if supers:
-        hit = sorted(set(off_experts(entries, strength)) & supers)
-        if hit:
-            warn.append("the profile switches off super-expert(s) " + ", ".join(f"{l}:{x}" for l, x in hit)
-                        + ": a capability cost is likely (see the KL column)")
-    return warn, (supers if (exclude_super_experts and supers) else set())
 
 
 def draw_random_controls(entries: Sequence[Entry], layout, seeds: Sequence[int], exclude: set[tuple[int, int]],
@@ -315,46 +277,6 @@ def plan_forced(entries: Sequence[Entry], layout, strength: float, notes: list[s
         notes.append(f"{what}: skipped, {err}")
         return None
     return forced
-
-
-def run_conditions(model: Model, plan: Sequence[Planned], texts: Sequence[str], prompt_tokens: Sequence[list[int]],
-                   chunks: Sequence[list[int]], *, strength: float, detector: Any, seed: int, max_tokens: int,
-                   temperature: float, show_progress: bool | None, desc: str = "evaluating"
-                   ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, tuple[float | None, float | None]], bool]:
-    """Generates every prompt under every planned condition and measures each condition's capability cost on
-    the chunks. Returns (generations per condition, {condition: (KL, perplexity)}, partial). Steering the
-    engine refuses fails before any generation; Ctrl-C keeps what was finished (the cost is then skipped)."""
-    longest = max(max(len(t) for t in prompt_tokens) + max_tokens, max((len(c) for c in chunks), default=0)) + 8
-    generations: dict[str, list[dict[str, Any]]] = {c.name: [] for c in plan}
-    costs: dict[str, tuple[float | None, float | None]] = {}
-    partial = False
-    with model.session(n_ctx=longest, n_batch=min(longest, 2048)) as s:
-        for c in plan:  # fail on a refused steering before any generation
-            if c.entries:
-                s.steer(c.entries, strength)
-        s.clear_steering()
-        try:
-            with progress_bar(len(plan) * len(texts), desc, "generation", show_progress) as bar:
-                for c in plan:
-                    if c.entries:
-                        s.steer(c.entries, strength)
-                    else:
-                        s.clear_steering()
-                    for i, (text, toks) in enumerate(zip(texts, prompt_tokens)):
-                        gen = s.generate(toks, max_tokens=max_tokens, temperature=temperature, seed=seed,
-                                         add_bos=False)
-                        if gen.interrupted:  # generate() swallows Ctrl-C: honour it here
-                            raise KeyboardInterrupt
-                        hit = detect(detector, gen.text, text)
-                        generations[c.name].append({"prompt": i, "text": gen.text, "detected": bool(hit),
-                                                    "n_tokens": len(gen.tokens)})
-                        bar.update(1)
-            if chunks:
-                costs = capability_cost(s, chunks, {c.name: (c.entries, strength) for c in plan})
-        except KeyboardInterrupt:
-            partial = True
-        s.clear_steering()
-    return generations, costs, partial
 
 
 def _per_prompt(runs: Sequence[Sequence[Mapping[str, Any]]]) -> dict[int, tuple[int, int]]:
@@ -449,102 +371,65 @@ def collapse_warnings(results: Sequence[ConditionResult]) -> list[str]:
 
 
 def evaluate(model: Model | str | os.PathLike, prompts: Sequence[Any], profile_entries: Any,
-             strength: float = 1.0, *, neutral_text: str | os.PathLike | None = None, detector: Any = None,
-             n_random: int = 3, seed: int = 0, max_tokens: int = 32, chat: bool = True,
-             temperature: float = 0.0, n_samples: int = 5, measure_cost: bool = True,
-             chunk_tokens: int = 256, max_neutral_tokens: int = 1024, exclude_super_experts: bool = True,
-             collapse_kl: float = COLLAPSE_KL, collapse_perplexity_ratio: float = COLLAPSE_PERPLEXITY_RATIO,
-             show_progress: bool | None = None) -> EvalResult:
+             strength: float = 1.0, *, n_samples: int = 5, **options: Any) -> EvalResult:
     """Behaviour rate and capability cost of a steering profile against its controls.
 
     ``profile_entries`` is a Profile (its strength is multiplied by ``strength``) or steering entries.
-    ``prompts`` are strings or objects with ``.text`` (prompts.Prompt). ``detector`` is a :class:`Detector`
-    (default phrases when None), a :class:`JudgeDetector`, or any callable ``response -> bool``.
-    ``neutral_text`` is the text itself (str), a file (a PathLike), or None for the packaged default.
-    With ``exclude_super_experts``, random controls avoid experts the super-expert cache flags. A condition
-    whose KL exceeds ``collapse_kl`` or whose perplexity exceeds ``collapse_perplexity_ratio`` times the
-    unsteered one is flagged as collapsed.
+    ``prompts`` are strings or objects with ``.text`` (prompts.Prompt). ``options`` are
+    :class:`~mote_local.evaluation.run.Options` (detector, n_random, seed, max_tokens, temperature, chat,
+    neutral_text, measure_cost, n_parallel, out_dir, resume, …). With ``exclude_super_experts``, random
+    controls avoid experts the super-expert cache flags. A condition whose KL exceeds ``collapse_kl`` or whose
+    perplexity exceeds ``collapse_perplexity_ratio`` times the unsteered one is flagged as collapsed.
 
     Ctrl-C (KeyboardInterrupt) stops the run and returns what was measured so far, with ``partial=True``:
-    conditions cut short count only their finished generations; the capability cost is measured only when
-    every generation finished.
+    conditions count only their finished generations; the capability cost is measured only when every
+    generation finished.
     """
-    if not isinstance(model, Model):
-        with Model(model) as m:
-            return evaluate(m, prompts, profile_entries, strength, neutral_text=neutral_text, detector=detector,
-                            n_random=n_random, seed=seed, max_tokens=max_tokens, chat=chat,
-                            temperature=temperature, n_samples=n_samples, measure_cost=measure_cost,
-                            chunk_tokens=chunk_tokens, max_neutral_tokens=max_neutral_tokens,
-                            exclude_super_experts=exclude_super_experts, collapse_kl=collapse_kl,
-                            collapse_perplexity_ratio=collapse_perplexity_ratio, show_progress=show_progress)
-    started = time.perf_counter()
-    layout = model.layout.require_moe()
-    entries, strength, name, description = profile_parts(profile_entries, strength)
-    if not entries:
-        raise EvalError("the profile has no entries: nothing to evaluate")
-    texts, prompt_tokens = prepare_prompts(model, prompts, chat)
-    check_settings(n_random, max_tokens, chunk_tokens)
-    detector = Detector() if detector is None else detector
-    check_control_entries(entries, layout, strength, "the profile")
+    opts = Options(**options)
+    with opened(model) as m:
+        entries, strength, name, description = profile_parts(profile_entries, strength)
+        if not entries:
+            raise EvalError("the profile has no entries: nothing to evaluate")
+        frame = Frame(m, prompts, opts)
+        check_control_entries(entries, frame.layout, strength, "the profile")
+        warn = []
+        hit = sorted(set(off_experts(entries, strength)) & frame.supers)
+        if hit:
+            warn.append("the profile switches off super-expert(s) " + ", ".join(f"{l}:{x}" for l, x in hit)
+                        + ": a capability cost is likely (see the KL column)")
+        plan = [Planned("unsteered", _LABELS["unsteered"], []), Planned("profile", _LABELS["profile"], entries)]
+        controls, frame.exclude = draw_random_controls(entries, frame.layout, [opts.seed + i for i in range(opts.n_random)],
+                                                       frame.exclude, strength, frame.notes)
+        random_names = [f"random[seed={r}]" for r, _ in controls]
+        plan += [Planned(f"random[seed={r}]", f"random control, seed {r}", ctl, r) for r, ctl in controls]
+        forced = plan_forced(entries, frame.layout, strength, frame.notes)
+        if forced is not None:
+            plan.append(Planned("forced", _LABELS["forced"], forced))
 
-    notes: list[str] = []
-    warn, exclude = super_expert_guard(model, entries, strength, exclude_super_experts)
-    plan = [Planned("unsteered", _LABELS["unsteered"], []), Planned("profile", _LABELS["profile"], entries)]
-    controls, exclude = draw_random_controls(entries, layout, [seed + i for i in range(n_random)], exclude,
-                                             strength, notes)
-    random_names = [f"random[seed={r}]" for r, _ in controls]
-    plan += [Planned(f"random[seed={r}]", f"random control, seed {r}", ctl, r) for r, ctl in controls]
-    forced = plan_forced(entries, layout, strength, notes)
-    if forced is not None:
-        plan.append(Planned("forced", _LABELS["forced"], forced))
+        outcome = frame.run(plan, strength)
+        results = summarise(plan, outcome.generations, outcome.costs, strength,
+                            {"random": (_LABELS["random"], random_names)} if random_names else {},
+                            kl_limit=opts.collapse_kl, ppl_ratio=opts.collapse_perplexity_ratio)
+        ordered = [results[c] for c in CONDITIONS if c in results]
+        warn += collapse_warnings(ordered)
 
-    chunks, neutral_source = neutral_chunks(model, neutral_text, chunk_tokens, max_neutral_tokens) \
-        if measure_cost else ([], None)
-    generations, costs, partial = run_conditions(
-        model, plan, texts, prompt_tokens, chunks, strength=strength, detector=detector, seed=seed,
-        max_tokens=max_tokens, temperature=temperature, show_progress=show_progress)
-    results = summarise(plan, generations, costs, strength,
-                        {"random": (_LABELS["random"], random_names)} if random_names else {},
-                        kl_limit=collapse_kl, ppl_ratio=collapse_perplexity_ratio)
-    ordered = [results[c] for c in CONDITIONS if c in results]
-    warn += collapse_warnings(ordered)
-
-    shown = list(range(min(n_samples, len(texts))))
-    sample_conds = [("unsteered", "unsteered"), ("profile", "profile")]
-    if random_names:
-        sample_conds.append((random_names[0], "random"))
-    if "forced" in results:
-        sample_conds.append(("forced", "forced"))
-    samples = []
-    for i in shown:
-        row = {"prompt": texts[i], "responses": {}, "detected": {}}
-        for cname, key in sample_conds:
-            gens = generations[cname]
-            if i < len(gens):
-                row["responses"][key] = gens[i]["text"]
-                row["detected"][key] = gens[i]["detected"]
-        samples.append(row)
-
-    if partial:
-        notes.append("interrupted: partial results (only finished generations are counted)")
-    if not chunks:
-        notes.append("capability cost not measured: a collapsed condition cannot be flagged")
-    settings = {
-        "n_prompts": len(texts), "prompts": texts, "n_random": n_random,
-        "random_seeds": [r for r, _ in controls], "seed": seed, "max_tokens": max_tokens,
-        "temperature": temperature, "decoding": "greedy" if temperature <= 0 else f"sampled (temperature {temperature})",
-        "chat": chat, "chat_template": bool(chat and model.chat_template),
-        "detector": describe_detector(detector),
-        "neutral_text": neutral_source, "neutral_tokens": sum(len(c) for c in chunks), "chunks": len(chunks),
-        "chunk_tokens": max((len(c) for c in chunks), default=0),
-        "rate_interval": RATE_INTERVAL, "delta_interval": DELTA_INTERVAL,
-        "kl": "mean over positions of KL(unsteered || steered), nats, next-token distributions on the neutral "
-              "text",
-        "collapse": {"kl_nats": collapse_kl, "perplexity_ratio": collapse_perplexity_ratio},
-        "random_excluded_super_experts": [list(x) for x in sorted(exclude)],
-        "notes": notes,
-    }
-    return EvalResult(model=str(model.path), conditions=ordered,
-                      profile=describe_profile(entries, strength, name, description), settings=settings,
-                      samples=samples, generations=generations, warnings=warn, partial=partial,
-                      elapsed_s=time.perf_counter() - started)
+        sample_conds = [("unsteered", "unsteered"), ("profile", "profile")]
+        if random_names:
+            sample_conds.append((random_names[0], "random"))
+        if "forced" in results:
+            sample_conds.append(("forced", "forced"))
+        by_prompt = {cname: {g["prompt"]: g for g in outcome.generations[cname]} for cname, _ in sample_conds}
+        samples = []
+        for i in range(min(n_samples, len(frame.texts))):
+            row = {"prompt": frame.texts[i], "responses": {}, "detected": {}}
+            for cname, key in sample_conds:
+                g = by_prompt[cname].get(i)
+                if g is not None:
+                    row["responses"][key] = g["text"]
+                    row["detected"][key] = g["detected"]
+            samples.append(row)
+        settings = frame.settings(outcome, random_seeds=[r for r, _ in controls])
+        return EvalResult(model=str(m.path), conditions=ordered,
+                          profile=describe_profile(entries, strength, name, description), settings=settings,
+                          samples=samples, generations=outcome.generations, warnings=warn,
+                          partial=outcome.partial, elapsed_s=frame.elapsed)

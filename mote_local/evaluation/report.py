@@ -1,4 +1,5 @@
-"""Evaluation reports: a terminal table, and a folder with JSON, Markdown, a plot and a self-contained HTML page.
+"""Evaluation and sweep reports: a terminal table, and a folder with JSON, Markdown, a plot and a self-contained
+HTML page (the one home of both renderings).
 
     out = write_report("eval-out", result, ftri_heatmap=Path("ftri/heatmap.png"), ftri_table=table_text)
 
@@ -7,7 +8,8 @@ writes ``eval-out/report.json`` (the :class:`~mote_local.evaluation.evaluate.Eva
 interval, and KL per condition) and ``report.html`` (everything in one file, images embedded), each written
 atomically. The HTML and Markdown come from the jinja2 templates in ``templates/``; model text is escaped
 everywhere it is shown. A condition whose capability cost says the model collapsed is marked in the table, the
-plot and the report.
+plot and the report. ``write_sweep_report`` does the same for a sweep: ``sweep.json``, ``sweep.md``, ``sweep.png``
+(rate vs N, KL beside it) and ``sweep.html``.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from typing import Any, Sequence
 
 from mote_local.atomic import atomic_write_bytes, atomic_write_text
 from mote_local.evaluation.evaluate import ConditionResult, EvalResult
+from mote_local.evaluation.sweep import SweepResult
 
 __all__ = ["format_table", "table_rows", "plot_png", "write_report", "markdown_report", "html_report",
-           "render", "md_cell", "md_table"]
+           "render", "md_cell", "md_table", "sweep_table", "sweep_figure", "write_sweep_report"]
 
 DEFAULT_TITLE = "mote-local evaluation"
 PLOT_NAME = "behaviour.png"
+SWEEP_PLOT_NAME = "sweep.png"
 HEATMAP_NAME = "ftri_heatmap.png"
 COLLAPSED = "COLLAPSED"
 _HEADERS = ("condition", "behaviour rate [95% CI]", "Δ vs unsteered [95% CI]", "KL (nats)", "perplexity")
@@ -369,3 +373,140 @@ def write_report(out_dir: str | os.PathLike, result: EvalResult, *, ftri_heatmap
         heatmap_name=HEATMAP_NAME if heatmap else None, ftri_table=ftri_table))
     return atomic_write_text(out / "report.html", html_report(result, title=title, plot=plot, heatmap=heatmap,
                                                                 ftri_table=ftri_table))
+
+
+# --------------------------------------------------------------------------------------------------------
+# The sweep: table, plot, report
+# --------------------------------------------------------------------------------------------------------
+
+SWEEP_HEADERS = ("N", "evidence", "top N off [95% CI]", "Δ vs unsteered [95% CI]", "random control [95% CI]",
+                 "forced on [95% CI]", "KL off", "KL random", "KL forced")
+
+
+def _rate_cell(c: ConditionResult | None) -> str:
+    if c is None:
+        return "skipped"
+    if c.rate is None:
+        return "–"
+    text = f"{pct(c.rate)} [{pct(c.ci[0])}, {pct(c.ci[1])}]"
+    return f"{text} COLLAPSED" if c.collapsed else text
+
+
+def _kl_cell(c: ConditionResult | None) -> str:
+    return "–" if c is None else num(c.kl)
+
+
+def sweep_rows(result: SweepResult) -> list[tuple[str, ...]]:
+    return [(str(p.n), f"{p.n_evidence}/{p.n}", _rate_cell(p.off), delta_text(p.off) if p.off else "–",
+             _rate_cell(p.random), _rate_cell(p.forced), _kl_cell(p.off), _kl_cell(p.random), _kl_cell(p.forced))
+            for p in result.points]
+
+
+def sweep_table(result: SweepResult) -> str:
+    """The sweep as one terminal table: a row per N, the unsteered rate above it, warnings below."""
+    u = result.unsteered
+    head = [f"unsteered: {rate_text(u)}, perplexity {ppl_text(u.perplexity)}"]
+    rows = text_table(SWEEP_HEADERS, sweep_rows(result), ["<", ">", ">", ">", ">", ">", ">", ">", ">"])
+    return "\n".join(head + rows + footer(result.partial, result.warnings))
+
+
+def sweep_figure(result: SweepResult, title: str = "mote-local sweep"):
+    """Behaviour rate vs N (top N off, random control, forced on; 95% intervals; unsteered as a band), and
+    mean KL vs N beside it; collapsed points marked. None without matplotlib."""
+    fig = new_figure(10, 4)
+    if fig is None:
+        return None
+    ax, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    u = result.unsteered
+    if u.rate is not None:
+        ax.axhline(100 * u.rate, color=COLOURS["unsteered"], lw=1, label="unsteered")
+        ax.axhspan(100 * u.ci[0], 100 * u.ci[1], color=COLOURS["unsteered"], alpha=0.15, lw=0)
+    series = (("off", "top N off", COLOURS["profile"], "o", -0.04), ("random", "random control", COLOURS["random"], "s", 0.0),
+              ("forced", "top N forced on", COLOURS["forced"], "^", 0.04))
+    collapsed_pts: list[tuple[Any, float, float]] = []
+    for key, label, colour, marker, shift in series:
+        xs, ys, lo, hi, kls = [], [], [], [], []
+        for p in result.points:
+            c = getattr(p, key)
+            if c is None or c.rate is None:
+                continue
+            x = p.n * (1 + shift)  # a small offset on the log axis keeps the error bars apart
+            xs.append(x)
+            ys.append(100 * c.rate)
+            lo.append(100 * (c.rate - c.ci[0]))
+            hi.append(100 * (c.ci[1] - c.rate))
+            kls.append((x, c.kl))
+            if c.collapsed:
+                collapsed_pts.append((ax, x, 100 * c.rate))
+                if c.kl is not None and math.isfinite(c.kl):
+                    collapsed_pts.append((ax2, x, c.kl))
+        if xs:
+            ax.errorbar(xs, ys, yerr=[lo, hi], color=colour, marker=marker, capsize=4, label=label, lw=1.2)
+            finite = [(x, k) for x, k in kls if k is not None and math.isfinite(k)]
+            if finite:
+                ax2.plot([x for x, _ in finite], [k for _, k in finite], color=colour, marker=marker, label=label,
+                         lw=1.2)
+    for axis, x, y in collapsed_pts:  # ringed in both panels, named in the rates' panel
+        axis.scatter([x], [y], s=160, facecolors="none", edgecolors=COLLAPSE_COLOUR, linewidths=2, zorder=4)
+        if axis is ax:
+            axis.annotate("collapsed", (x, y), textcoords="offset points", xytext=(0, 9), ha="center", fontsize=8,
+                          color=COLLAPSE_COLOUR, fontweight="bold")
+    sizes = [p.n for p in result.points]
+    for axis in (ax, ax2):
+        axis.set_xscale("log")
+        axis.set_xticks(sizes, [str(n) for n in sizes])
+        axis.minorticks_off()
+        axis.set_xlabel("N (top experts)")
+    ax.set_ylim(-2, 112)
+    ax.set_ylabel("behaviour rate (%)")
+    ax.set_title("behaviour rate vs N, 95% CI", fontsize=10)
+    ax.legend(fontsize=7, loc="best", frameon=False)
+    kl_limit = result.settings.get("collapse", {}).get("kl_nats")
+    if kl_limit:
+        ax2.axhline(kl_limit, color=COLLAPSE_COLOUR, lw=0.8, ls="--", label=f"collapse ({kl_limit:g} nats)")
+    ax2.set_yscale("symlog", linthresh=1e-4)  # KL 0 (nothing moved) stays on the axis
+    top_kl = max([c.kl for p in result.points for c in p.conditions() if c.kl is not None and math.isfinite(c.kl)]
+                 + [kl_limit or 1.0])
+    ax2.set_ylim(0, top_kl * 5)
+    ax2.set_ylabel("mean KL(unsteered ‖ steered), nats")
+    ax2.set_title("capability cost on neutral text", fontsize=10)
+    ax2.legend(fontsize=7, loc="best", frameon=False)
+    fig.suptitle(title + (" (PARTIAL)" if result.partial else ""), fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def write_sweep_report(out_dir: str | os.PathLike, result: SweepResult, *, title: str = "mote-local sweep") -> Path:
+    """Writes sweep.json, sweep.png, sweep.md and sweep.html into ``out_dir`` (each atomically). Returns the HTML
+    file's path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "sweep.json", result.to_json() + "\n")
+    fig = sweep_figure(result, title)
+    plot = None if fig is None else png_bytes(fig)
+    if plot is not None:
+        atomic_write_bytes(out / SWEEP_PLOT_NAME, plot)
+    st = result.settings
+    settings = [
+        ("model", result.model), ("ranking", f"{result.ranking.get('method')} from {result.ranking.get('source')}"),
+        ("switched off by", st.get("mode")), ("prompts", str(st.get("n_prompts"))),
+        ("decoding", f"{st.get('decoding')}, max {st.get('max_tokens')} tokens, seed {st.get('seed')}"),
+        ("detector", detector_text(st.get("detector", {}))), ("random controls per N", str(st.get("n_random"))),
+        ("neutral text", f"{st.get('neutral_text')}: {st.get('neutral_tokens')} tokens"),
+        ("intervals", f"rate: {st.get('rate_interval')}; Δ: {st.get('delta_interval')}"),
+        ("collapse", f"mean KL > {st['collapse']['kl_nats']} nats or perplexity > "
+                     f"{st['collapse']['perplexity_ratio']}x unsteered"),
+        ("time", f"{result.elapsed_s:.1f} s"),
+    ]
+    rows = sweep_rows(result)
+    collapsed_rows = [any(c.collapsed for c in p.conditions()) for p in result.points]
+    context = dict(title=title, partial=result.partial, warnings=result.warnings, headers=SWEEP_HEADERS,
+                   unsteered=rate_text(result.unsteered), notes=st.get("notes", []), settings=settings,
+                   experts=", ".join(f"{l}:{e}" for l, e in result.ranking.get("experts", [])))
+    atomic_write_text(out / "sweep.md", render(
+        "sweep.md", **context, plot_name=SWEEP_PLOT_NAME if plot else None,
+        table=md_table(SWEEP_HEADERS, [tuple(md_cell(v) for v in r) for r in rows]),
+        settings_table=md_table(("setting", "value"), [(k, md_cell(v)) for k, v in settings])).rstrip() + "\n")
+    page = render("sweep.html", **context, rows=[{"cells": r, "collapsed": c} for r, c in zip(rows, collapsed_rows)],
+                  plot=b64(plot))
+    return atomic_write_text(out / "sweep.html", page.rstrip() + "\n")

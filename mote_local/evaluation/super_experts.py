@@ -20,7 +20,7 @@ import numpy as np
 
 from mote_local.cache import cache_dir
 from mote_local.atomic import atomic_write_text
-from mote_local.engine.model import Model
+from mote_local.engine.model import Model, opened
 from mote_local.errors import EvalError
 from mote_local.evaluation.cost import CostSums, resolve_text
 from mote_local.modelfile.layout import read_layout
@@ -146,13 +146,14 @@ def find_super_experts(model: Model | str | os.PathLike, text: str | os.PathLike
     The result is cached as JSON per model file; with ``use_cache`` an earlier result for the same text,
     mode, layers and thresholds is returned without recomputing.
     """
-    if not isinstance(model, Model):
-        with Model(model) as m:
-            return find_super_experts(m, text, factor=factor, layers=layers, mode=mode, floor=floor,
-                                      max_tokens=max_tokens, use_cache=use_cache, show_progress=show_progress,
-                                      n_threads=n_threads)
+    with opened(model) as m:
+        return _find_super_experts(m, text, factor, layers, Mode(mode), floor, max_tokens, use_cache, show_progress,
+                                   n_threads)
+
+
+def _find_super_experts(model: Model, text, factor: float, layers, mode: Mode, floor: float, max_tokens: int,
+                        use_cache: bool, show_progress: bool | None, n_threads: int | None) -> SuperExperts:
     layout = model.layout.require_moe()
-    mode = Mode(mode)
     if mode in VALUED_MODES:
         raise EvalError(f"find_super_experts switches experts off or on: mode {mode.value} needs a value")
     if not factor > 0 or not floor >= 0:

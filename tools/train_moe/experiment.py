@@ -5,7 +5,8 @@ held-out paragraphs, paired) and writes a profile that drops the top N (at most 
 the forced-on control stays possible); `mote eval` then generates from the German prompts with the German
 detector (behaviour = the continuation is German) and measures perplexity on held-out German text, and
 again from the English prompts with perplexity on held-out English text. Each eval runs the profile, a
-random control of the same size and layer distribution (3 seeds, pooled) and the same experts forced on.
+random control of the same size and layer distribution (3 seeds, pooled) and the same experts forced on, all
+of them and every prompt decoded together in batches (`mote eval`'s one generation path; --parallel sets -np).
 
     python3 tools/train_moe/experiment.py                       # all methods, N in 1 2 4 8 16
     python3 tools/train_moe/experiment.py --methods mean_diff --ns 4
@@ -74,6 +75,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--n-random", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads of each mote command (-t).")
+    ap.add_argument("--parallel", type=int, default=None,
+                    help="Sequences each `mote eval` decodes together (-np; default: its own choice).")
     ap.add_argument("--mote", default=f"{sys.executable} -m mote_local.cli", help="How to call the mote CLI.")
     args = ap.parse_args()
     mote = shlex.split(args.mote)
@@ -114,7 +117,8 @@ def main() -> None:
                 run(mote + ["eval", str(args.model), "--prompts", str(eval_prompts), "--class", cls,
                             "--profile", str(where / "ftri" / "profile.json"), "--detector", str(detector),
                             "--neutral", str(DATA / neutral), "--n-random", str(args.n_random),
-                            "-n", str(args.max_tokens), "--out", str(where / f"eval_{cls}"), *threads], log)
+                            "-n", str(args.max_tokens), "--out", str(where / f"eval_{cls}"), *threads,
+                            *(["-np", str(args.parallel)] if args.parallel else [])], log)
                 report = json.loads((where / f"eval_{cls}" / "report.json").read_text())
                 row[cls] = condition_rows(report)
                 row[f"notes_{cls}"] = report["settings"].get("notes", [])
