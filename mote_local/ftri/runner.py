@@ -18,6 +18,7 @@ import numpy as np
 
 from mote_local.atomic import atomic_path, atomic_write_text
 from mote_local.engine.model import Model
+from mote_local.engine.options import require_fit
 from mote_local.errors import MoteError
 from mote_local.ftri.stats import (
     MIN_BOOT_EVIDENCE,
@@ -57,11 +58,6 @@ class CaptureRun:
     texts: list[str]             # what was fed to the model (after the chat template)
 
 
-def _prompt_text(model: Model, prompt: Prompt, chat: bool) -> str:
-    """The text the model is given for a prompt (recorded; the tokens come from model.prompt_tokens)."""
-    return model.format_chat([{"role": "user", "content": prompt.text}]) if chat else prompt.text
-
-
 def _sequences(model: Model, prompts: Sequence[Prompt], scope: str, chat: bool, n_ctx: int, max_new_tokens: int
                ) -> tuple[list[list[int]], list[tuple[int, int]], list[str]]:
     """Token sequences to decode, the [begin, end) positions to count in each, and the texts fed.
@@ -72,12 +68,10 @@ def _sequences(model: Model, prompts: Sequence[Prompt], scope: str, chat: bool, 
     generating = scope in ("generated", "thinking")
     sequences, spans, texts = [], [], []
     for p in prompts:
-        text = _prompt_text(model, p, chat)
+        text = model.prompt_text(p.text, chat=chat)
         toks = model.prompt_tokens(p.text, chat=chat)
-        if len(toks) + (max_new_tokens if generating else 0) > n_ctx:
-            raise MoteError(f"prompt {len(texts) + 1} ({p.cls}: {p.text[:40]!r}…) needs "
-                            f"{len(toks)} tokens{' plus the generation' if generating else ''}, more than "
-                            f"the context of {n_ctx}: shorten it or raise --ctx-size")
+        require_fit(len(toks) + (max_new_tokens if generating else 0), n_ctx,
+                    f"the prompt {p.describe()}{' with its generation' if generating else ''}")
         texts.append(text)
         if scope == "target":
             if p.response is None:
