@@ -514,9 +514,9 @@ NUMERIC_FLAGS = counted("numeric flags", {
                             "'--n-boot': 1000000"),
     "ftri --per-layer-cap 0": (["ftri", "{model}", "--prompts", "{prompts}", "--per-layer-cap", "0"],
                                "'--per-layer-cap': 0"),
-    "ftri --batch-size 0": (["ftri", "{model}", "--prompts", "{prompts}", "--batch-size", "0"], "'--batch-size': 0"),
-    "ftri --batch-size 257": (["ftri", "{model}", "--prompts", "{prompts}", "--batch-size", "257"],
-                              "'--batch-size': 257"),
+    "ftri -np 0": (["ftri", "{model}", "--prompts", "{prompts}", "-np", "0"], "'--parallel' / '-np': 0"),
+    "ftri -np 257": (["ftri", "{model}", "--prompts", "{prompts}", "-np", "257"], "'--parallel' / '-np': 257"),
+    "ftri -b 0": (["ftri", "{model}", "--prompts", "{prompts}", "-b", "0"], "'--batch-size' / '-b': 0"),
     "ftri --seed -1": (["ftri", "{model}", "--prompts", "{prompts}", "--seed", "-1"], "'--seed': -1"),
     "ftri -t 0": (["ftri", "{model}", "--prompts", "{prompts}", "-t", "0"], "'--threads' / '-t': 0"),
     "eval --n-random -1": (["eval", "{model}", "--prompts", "{prompts}", "--off", "0:1", "--n-random", "-1"],
@@ -528,7 +528,47 @@ NUMERIC_FLAGS = counted("numeric flags", {
                    "'--ctx-size' / '-c': -1"),
     "demo --top 0": (["demo", "--top", "0"], "'--top': 0"),
     "inspect -t 0": (["inspect", "{model}", "--super-experts", "-t", "0"], "'--threads' / '-t': 0"),
+    # the model-loading flags (issue 22, items 2 and 5): every command that loads a model takes them
+    "inspect -c -1": (["inspect", "{model}", "-c", "-1"], "'--ctx-size' / '-c': -1"),
+    "run -b 0": (["run", "{model}", "-p", "x", "-b", "0"], "'--batch-size' / '-b': 0"),
+    "run -ub 0": (["run", "{model}", "-p", "x", "-ub", "0"], "'--ubatch-size' / '-ub': 0"),
+    "run --n-cpu-moe -1": (["run", "{model}", "-p", "x", "--n-cpu-moe", "-1"], "'--n-cpu-moe' / '-ncmoe': -1"),
+    "run --min-p 1.5": (["run", "{model}", "-p", "x", "--min-p", "1.5"], "'--min-p': 1.5"),
+    "run --repeat-penalty 0": (["run", "{model}", "-p", "x", "--repeat-penalty", "0"], "'--repeat-penalty': 0"),
+    "chat --top-k -1": (["chat", "{model}", "--top-k", "-1"], "'--top-k': -1"),
+    "chat --top-p 1.5": (["chat", "{model}", "--top-p", "1.5"], "'--top-p': 1.5"),
+    "chat --min-p -0.1": (["chat", "{model}", "--min-p", "-0.1"], "'--min-p': -0.1"),
+    "chat --repeat-penalty -1": (["chat", "{model}", "--repeat-penalty", "-1"], "'--repeat-penalty': -1"),
+    "chat --seed 2**32": (["chat", "{model}", "--seed", str(2**32)], "'--seed': 4294967296"),
+    "eval -ub 0": (["eval", "{model}", "--prompts", "{prompts}", "--off", "0:1", "-ub", "0"],
+                   "'--ubatch-size' / '-ub': 0"),
 })
+
+
+# flags whose value is refused before llama.cpp loads anything: one line naming the flag (or the value) and the fix
+LOADING_FLAGS = counted("model-loading flags", {
+    "unknown cache type": (["-ctk", "q9_0"], "'--cache-type-k' / '-ctk': 'q9_0'"),
+    "unknown V cache type": (["-ctv", "f8"], "'--cache-type-v' / '-ctv': 'f8'"),
+    "quantized V cache without flash attention": (["-ctv", "q8_0", "-fa", "off"], "needs flash attention"),
+    "quantized K cache on heads too narrow": (["-ctk", "q4_0"], "blocks of 32 values"),
+    "unknown flash attention mode": (["-fa", "maybe"], "'--flash-attn' / '-fa': 'maybe'"),
+    "override without a buffer type": (["-ot", "exps"], "PATTERN=BUFFER_TYPE"),
+    "override to an unknown buffer type": (["-ot", "exps=GPU7"], "unknown buffer type 'GPU7'; this build has CPU"),
+    "override pattern that is no regex": (["-ot", "ffn_(up=CPU"], "is not a regular expression"),
+    "two models": (["-m", "{model}"], "more than one model"),
+    "chat template neither a name nor a file": (["--chat", "--chat-template", "nosuch.jinja"],
+                                                "neither a built-in template"),
+    "tensor split that is not numbers": (["-ts", "a,b"], "--tensor-split takes proportions"),
+})
+
+
+@pytest.mark.parametrize("case", list(LOADING_FLAGS))
+def test_cli_refuses_bad_model_loading_flags_in_one_line(tiny_path, case):
+    flags, needle = LOADING_FLAGS[case]
+    model = tiny_path("qwen3moe")
+    r = invoke("run", model, "-p", PROMPT, "-n", "1", *(f.format(model=model) for f in flags))
+    assert_one_line_error(r.exit_code, r.stderr, needle)
+
 
 
 @pytest.mark.parametrize("case", list(NUMERIC_FLAGS))

@@ -210,6 +210,15 @@ class Model:
     def metadata(self) -> dict[str, str]:
         return self._model.metadata()
 
+    @functools.cached_property
+    def head_widths(self) -> tuple[int, int]:
+        """The width of one attention head's K and V (what a quantized cache's blocks must divide)."""
+        meta, arch = self.metadata, self.layout.arch
+        heads = int(meta.get(f"{arch}.attention.head_count", 0) or 0)
+        default = int(meta.get(f"{arch}.embedding_length", 0) or 0) // heads if heads else 0
+        return tuple(int(meta.get(f"{arch}.attention.{kind}_length", default) or default)  # type: ignore[return-value]
+                     for kind in ("key", "value"))
+
     @property
     def chat_template(self) -> str | None:
         """The model's own chat template (tokenizer.chat_template), or None."""
@@ -556,6 +565,8 @@ class Session:
         ctx_params = {**ctx_params, **{k: chosen[k] for k in ("type_k", "type_v") if k in chosen}}
         if flash_attn not in FLASH_ATTN:
             raise InputError(f"flash_attn must be one of {', '.join(FLASH_ATTN)}, got {flash_attn!r}")
+        options.check_cache_types(ctx_params.get("type_k"), ctx_params.get("type_v"), *model.head_widths,
+                                  model.path.name)
         self.model = model
         params = llama.llama_context_default_params()
         params.n_ctx = n_ctx

@@ -26,6 +26,7 @@ FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
 KV_CACHE_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "iq4_nl": 20, "q5_0": 6,
                   "q5_1": 7}
 UNQUANTIZED_CACHE = ("f32", "f16", "bf16")
+CACHE_BLOCK = 32  # the block of every quantized cache type above: a head's width must be a multiple of it
 # llama.cpp's llama_load_mode: (mmap, mlock) -> mode; mmap unless --no-mmap, as llama.cpp's default (auto)
 LOAD_MODES = {(True, False): -1, (False, False): 0, (True, True): 3, (False, True): 2}
 CONTEXT_FLAG = "-c/--ctx-size"
@@ -160,6 +161,17 @@ class ModelOptions:
     load: LoadOptions = field(default_factory=LoadOptions)
     context: ContextOptions = field(default_factory=ContextOptions)
     chat: ChatOptions = field(default_factory=ChatOptions)
+
+
+def check_cache_types(type_k: int | None, type_v: int | None, head_k: int, head_v: int, model: str) -> None:
+    """A quantized K or V cache (ggml types, KV_CACHE_TYPES) needs heads a whole number of blocks wide, or
+    llama.cpp refuses the context: refused here first, naming the flag."""
+    names = {v: k for k, v in KV_CACHE_TYPES.items()}
+    for flag, ggml_type, width in (("-ctk", type_k, head_k), ("-ctv", type_v, head_v)):
+        name = names.get(ggml_type)
+        if name is not None and name not in UNQUANTIZED_CACHE and width % CACHE_BLOCK:
+            raise InputError(f"{flag} {name} stores blocks of {CACHE_BLOCK} values, but the attention heads of {model} "
+                             f"are {width} wide: choose {'/'.join(UNQUANTIZED_CACHE)} for {model}")
 
 
 def context_size(layout: MoeLayout, asked: int | None) -> tuple[int, str | None]:
