@@ -758,6 +758,84 @@ def test_ftri_generated_scope_with_a_prompt_longer_than_its_context(tiny_path, t
     assert_one_line_error(r.returncode, r.stderr, "context")
 
 
+# -c means the same in every command (issue 22, item 5): a context too small for the input is one line naming what
+# does not fit (a prompt by its file and line) and -c
+CONTEXT_CASES = counted("context sizes", {
+    # llama.cpp pads a context to a multiple of 256: the prompt is longer than that
+    "run -c below the prompt": (["run", "{planted}", "-p", "{long_text}", "-c", "16"],
+                                ("sequence 0 needs", "more than the context of 256", "-c/--ctx-size")),
+    "chat -c below the first message": (["chat", "{planted}", "-c", "16"], ("more than the context of 256", "-c")),
+    "eval -c below a prompt": (["eval", "{planted}", "--prompts", "{prompts}", "--off", "1:6", "-c", "16", "-n", "4"],
+                               ("the prompt", "prompts.toml:", "more than the context of 16", "-c/--ctx-size")),
+    "ftri -c below a prompt": (["ftri", "{planted}", "--prompts", "{long}", "--baseline-prompts", "{baseline}", "-c",
+                                "64"], ("the prompt {long}:2 (behaviour:", "more than the context of 64",
+                                        "-c/--ctx-size")),
+})
+
+
+@pytest.fixture(scope="module")
+def context_inputs(planted_path, tmp_path_factory) -> dict[str, str]:
+    d = tmp_path_factory.mktemp("context")
+    long, baseline = _long_prompt_files(d, 120)
+    return {"planted": str(planted_path), "prompts": str(planted.prompts_path()), "long": str(long),
+            "baseline": str(baseline), "long_text": " ".join(["the city"] * 200)}
+
+
+@pytest.mark.parametrize("case", list(CONTEXT_CASES))
+def test_a_context_too_small_is_one_line_naming_the_input_and_c(context_inputs, tmp_path, monkeypatch, case):
+    args, needles = CONTEXT_CASES[case]
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, [a.format(**context_inputs) for a in args],
+                           input=context_inputs["long_text"] + "\n/quit\n")
+    if args[0] == "chat":  # the REPL says it and goes on
+        assert r.exit_code == 0 and all(n in r.output for n in needles), r.output
+        assert "error: sequence 0 needs" in r.output
+        return
+    assert_one_line_error(r.exit_code, r.stderr, *(n.format(**context_inputs) for n in needles))
+
+
+def test_c_above_the_training_context_warns_in_one_line_and_is_given(planted_path):
+    r = invoke("run", planted_path, "-p", PROMPT, "-n", "2", "-c", "2048", "--verbose")
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning: -c")]
+    assert r.exit_code == 0 and len(warnings) == 1 and "more than the 1024 tokens" in warnings[0]
+    assert "n_ctx                 = 2048" in r.stderr  # llama.cpp's own habit: warned, not capped
+
+
+# a chat template that fails (issue 22, item 4): one line naming the template, why, and --chat-template / --raw,
+# in every command that templates; the chat REPL says it and goes on
+TEMPLATE_CASES = counted("chat templates", {
+    "syntax error": ("{% for m in messages %}{{ m.content }", "cannot be read"),
+    "raise_exception": ("{{ raise_exception('this template takes no user turns') }}",
+                        "this template takes no user turns"),
+    "unknown filter": ("{{ messages[0].content | shout }}", "No filter named 'shout'"),
+    "undefined attribute used": ("{{ messages[0].content.no_such.thing }}", "failed on this conversation"),
+    "undefined function called": ("{{ strftime_later('%Y') }}", "'strftime_later' is undefined"),
+})
+TEMPLATED_COMMANDS = {
+    "run --chat": ["run", "{model}", "--chat", "-p", "{text}"],
+    "ftri": ["ftri", "{model}", "--prompts", "{prompts}", "--n-boot", "5", "--out", "{out}"],
+    "eval": ["eval", "{model}", "--prompts", "{prompts}", "--off", "1:6", "-n", "2", "--out", "{out}"],
+}
+
+
+@pytest.mark.parametrize("case", list(TEMPLATE_CASES))
+def test_a_broken_chat_template_is_one_line_everywhere(planted_path, tmp_path, case):
+    source, needle = TEMPLATE_CASES[case]
+    template = tmp_path / "broken.jinja"
+    template.write_text(source)
+    text = PROMPT
+    for name, args in TEMPLATED_COMMANDS.items():
+        r = invoke(*(a.format(model=planted_path, prompts=planted.prompts_path(), out=tmp_path / "out", text=text)
+                     for a in args), "--chat-template", template)
+        assert_one_line_error(r.exit_code, r.stderr, f"the chat template {template}", needle, "--chat-template",
+                              "--raw")
+        assert not (tmp_path / "out").exists(), name
+    r = CliRunner().invoke(main, ["chat", str(planted_path), "-n", "4", "--chat-template", str(template)],
+                           input=f"{text}\n/help\n/quit\n")
+    errors = [line for line in r.output.splitlines() if "error:" in line]
+    assert r.exit_code == 0 and len(errors) == 1 and needle in errors[0] and "/quit" in r.output
+
+
 # ---------------------------------------------------------------------------------------------- 4. faults
 
 @pytest.fixture(scope="module")
@@ -806,7 +884,7 @@ _SLOW_GENERATE = ("import time\nfrom mote_local.engine.model import Session\n_ge
 def test_ctrl_c_during_mote_ftri_keeps_partial_results(planted_path, tmp_path, env):
     out = tmp_path / "ftri"
     code, stdout, stderr = _interrupt_after(env, ["ftri", planted_path, "--prompts", planted.prompts_path(),
-                                                  "--batch-size", "2", "--n-boot", "10", "--top", "2", "--out", out],
+                                                  "-np", "2", "--n-boot", "10", "--top", "2", "--out", out],
                                             "ROUTE", _SLOW_ROUTE, after=3)
     assert code == 130, stderr[-3000:]  # interrupted is not success, though the partial results are kept
     assert "interrupted: scored the 4 prompts captured so far (marked partial)" in stderr

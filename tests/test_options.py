@@ -171,13 +171,6 @@ def test_c_0_is_the_training_context_and_more_warns_once(tiny_path):
     assert r.exit_code == 0 and len(warnings) == 1 and "-c 512 is more than the 256 tokens" in warnings[0]
 
 
-def test_eval_honours_c(planted_files, tmp_path):
-    r = CliRunner().invoke(main, ["eval", str(planted_files[0]), "--prompts", str(planted.prompts_path()), "--off",
-                                  "1:6", "-c", "16", "-n", "4", "--out", str(tmp_path / "e")])
-    assert r.exit_code == 1 and "more than the context of 16" in r.stderr and "-c/--ctx-size" in r.stderr
-    assert not (tmp_path / "e").exists()
-
-
 def test_a_too_long_prompt_is_named_by_its_file_and_line(tiny_path, tmp_path):
     behaviour = tmp_path / "behaviour.txt"
     behaviour.write_text("# a comment\nwhat happened in the city\n\n" + "the dog ran home " * 40 + "\n")
@@ -216,32 +209,6 @@ def test_decode_returns_the_rows_asked_for_while_capturing(load):
 
 
 # ---------------------------------------------------------------------------------------------- chat templates
-
-BROKEN = {
-    "syntax error": "{% for m in messages %}{{ m.content }",
-    "raise_exception": "{{ raise_exception('this template takes no user turns') }}",
-    "unknown filter": "{{ messages[0].content | shout }}",
-}
-
-
-@pytest.mark.parametrize("case", list(BROKEN))
-def test_a_broken_template_is_one_line_in_every_command(case, planted_files, tmp_path):
-    template = tmp_path / "broken.jinja"
-    template.write_text(BROKEN[case])
-    path, prompts = planted_files[0], planted.prompts_path()
-    pick = ["--chat-template", template]
-    for args in (["run", path, "--chat", "-p", TRIGGER, *pick],
-                 ["ftri", path, "--prompts", prompts, "--out", tmp_path / "f", *pick],
-                 ["eval", path, "--prompts", prompts, "--off", "1:6", "--out", tmp_path / "e", *pick]):
-        r = CliRunner().invoke(main, [str(a) for a in args])
-        lines = r.stderr.strip().splitlines()
-        assert r.exit_code == 1 and len(lines) == 1, r.stderr
-        assert f"the chat template {template}" in lines[0] and "--chat-template" in lines[0] and "--raw" in lines[0]
-    r = mote("chat", path, "-n", 8, *pick, input=f"{TRIGGER}\n/help\n/quit\n")
-    assert r.exit_code == 0 and f"error: the chat template {template}" in r.output and "/quit" in r.output
-    if case == "raise_exception":
-        assert "this template takes no user turns" in r.output
-
 
 def test_no_template_falls_back_to_chatml_and_says_so_once(tiny_path, tmp_path):
     import gguf

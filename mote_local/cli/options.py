@@ -50,24 +50,6 @@ def _override(ctx, param, values):
         raise click.BadParameter(str(err), ctx, param) from None
 
 
-def _tensor_split(ctx, param, value):
-    from mote_local.engine.rpc import parse_tensor_split
-
-    try:
-        return None if value is None else tuple(parse_tensor_split(value))
-    except InputError as err:
-        raise click.BadParameter(str(err), ctx, param) from None
-
-
-def _rpc(ctx, param, value):
-    from mote_local.engine.rpc import parse_endpoints
-
-    try:
-        return () if value is None else tuple(parse_endpoints(value))
-    except InputError as err:
-        raise click.BadParameter(str(err), ctx, param) from None
-
-
 def threads_option(f):
     return click.option("--threads", "-t", type=click.IntRange(min=1), default=None,
                         help="CPU threads for generation and prompt processing (default: every core).")(f)
@@ -77,11 +59,10 @@ _LOAD = [
     ("n_gpu_layers", click.option("--n-gpu-layers", "-ngl", "n_gpu_layers", type=click.IntRange(min=0), default=None,
                                   help="Layers to offload to the GPUs and rpc servers (default: 0; every layer with "
                                        "--rpc).")),
-    ("rpc_servers", click.option("--rpc", "rpc_servers", metavar="HOST:PORT[,…]", default=None, callback=_rpc,
+    ("rpc_servers", click.option("--rpc", "rpc_servers", metavar="HOST:PORT[,…]", default=None,
                                  help="Spread the offloaded layers over llama.cpp rpc-servers (start them with "
                                       "`mote rpc-server`).")),
     ("tensor_split", click.option("--tensor-split", "-ts", "tensor_split", metavar="P,P[,…]", default=None,
-                                  callback=_tensor_split,
                                   help="Offloaded layers per device, in proportion: the --rpc servers in order, then "
                                        "local GPUs.")),
     ("override_tensor", click.option("--override-tensor", "-ot", "override_tensor", multiple=True,
@@ -103,12 +84,16 @@ _LOAD = [
 
 def _load(n_gpu_layers, rpc_servers, tensor_split, override_tensor, cpu_moe, n_cpu_moe, no_mmap, mlock, threads,
           verbose) -> LoadOptions:
+    from mote_local.engine.rpc import parse_endpoints, parse_tensor_split
+
     overrides = list(override_tensor)
     if cpu_moe:
         overrides += cpu_moe_overrides()
     if n_cpu_moe:
         overrides += cpu_moe_overrides(n_cpu_moe)
-    return LoadOptions(n_gpu_layers=n_gpu_layers, rpc_servers=rpc_servers, tensor_split=tensor_split,
+    return LoadOptions(n_gpu_layers=n_gpu_layers,
+                       rpc_servers=tuple(parse_endpoints(rpc_servers)) if rpc_servers is not None else (),
+                       tensor_split=tuple(parse_tensor_split(tensor_split)) if tensor_split is not None else None,
                        overrides=tuple(overrides), mmap=not no_mmap, mlock=mlock, n_threads=threads, verbose=verbose)
 
 

@@ -573,6 +573,8 @@ class Session:
         params.n_batch = n_batch
         params.n_ubatch = n_ubatch or min(n_batch, 512)
         params.n_seq_max = n_seq_max
+        if n_seq_max > n_batch:  # llama.cpp's output buffer holds a row per sequence: sized to n_batch, it aborts
+            params.n_outputs_max = n_seq_max
         threads = n_threads or model.n_threads or max(1, os.cpu_count() or 1)
         params.n_threads = params.n_threads_batch = threads
         params.flash_attn_type = FLASH_ATTN[flash_attn]

@@ -9,7 +9,7 @@ llama.cpp's parameters. ``mote_local.engine.model.open_model`` loads a model wit
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 from mote_local import binding
@@ -137,8 +137,8 @@ class SamplingOptions:
     seed: int = 0
 
     def generate_kwargs(self) -> dict:
-        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p,
-                "repeat_penalty": self.repeat_penalty, "seed": self.seed}
+        """Session.generate's keyword arguments (the same names)."""
+        return asdict(self)
 
 
 @dataclass(frozen=True)
