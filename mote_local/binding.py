@@ -11,8 +11,10 @@ engine's one-line message, which says "this model" where a caller may put the mo
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import sys
+from typing import Iterator
 
 import numpy as np
 
@@ -134,6 +136,26 @@ _rpc_model_devices = _bind("mote_rpc_model_devices", [_P(ctypes.c_char_p), _i32,
 # int64_t mote_rpc_lost_replies(const char * endpoint);
 _rpc_lost_replies = _bind("mote_rpc_lost_replies", [ctypes.c_char_p], _i64)
 
+# ggml's backend registry, reached through the engine's library (it links ggml): the buffer types that
+# llama.cpp's -ot/--override-tensor names, looked up as llama.cpp's own argument parser does.
+_ptr_t = ctypes.c_void_p
+# void ggml_backend_load_all(void);
+_backend_load_all = _bind("ggml_backend_load_all", [], None)
+# size_t ggml_backend_dev_count(void);
+_dev_count = _bind("ggml_backend_dev_count", [], ctypes.c_size_t)
+# ggml_backend_dev_t ggml_backend_dev_get(size_t index);
+_dev_get = _bind("ggml_backend_dev_get", [ctypes.c_size_t], _ptr_t)
+# ggml_backend_buffer_type_t ggml_backend_dev_buffer_type(ggml_backend_dev_t device);
+_dev_buffer_type = _bind("ggml_backend_dev_buffer_type", [_ptr_t], _ptr_t)
+# const char * ggml_backend_buft_name(ggml_backend_buffer_type_t buft);
+_buft_name = _bind("ggml_backend_buft_name", [_ptr_t], ctypes.c_char_p)
+
+
+# struct llama_model_tensor_buft_override { const char * pattern; ggml_backend_buffer_type_t buft; };
+class llama_model_tensor_buft_override(ctypes.Structure):
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", _ptr_t)]
+
+
 if _abi_version() != MOTE_ABI_VERSION:
     raise EngineError(f"engine ABI {_abi_version()} does not match the Python package's {MOTE_ABI_VERSION}: "
                       "reinstall mote-local so both come from the same build")
@@ -142,7 +164,7 @@ if _abi_version() != MOTE_ABI_VERSION:
 # enum ggml_log_level { NONE = 0, DEBUG = 1, INFO = 2, WARN = 3, ERROR = 4, CONT = 5 };
 # (the pinned bindings' own log callback maps these one step off and prints warnings as errors)
 _LOG_ERROR, _LOG_CONT = 4, 5
-_log = {"verbose": False, "level": 0}
+_log = {"verbose": False, "level": 0, "sinks": []}
 
 
 # typedef void (*ggml_log_callback)(enum ggml_log_level level, const char * text, void * user_data);
@@ -150,8 +172,14 @@ _log = {"verbose": False, "level": 0}
 def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     if level != _LOG_CONT:
         _log["level"] = level
+    decoded = text.decode("utf-8", errors="replace")
+    for sink in _log["sinks"]:
+        if level == _LOG_CONT and sink:
+            sink[-1] += decoded
+        else:
+            sink.append(decoded)
     if _log["verbose"] or _log["level"] >= _LOG_ERROR:
-        print(text.decode("utf-8", errors="replace"), end="", flush=True, file=sys.stderr)
+        print(decoded, end="", flush=True, file=sys.stderr)
 
 
 llama.llama_log_set(_log_callback, ctypes.c_void_p(0))  # the module keeps _log_callback alive
@@ -297,3 +325,39 @@ def rpc_model_devices(endpoints: list[str]) -> ctypes.Array:
 
 def rpc_lost_replies(endpoint: str) -> int:
     return _rpc_lost_replies(endpoint.encode())
+
+
+def buffer_types() -> dict[str, int]:
+    """Every registered device's buffer type by name ("CPU", "CUDA0", …), as llama.cpp's -ot parser lists them
+    (rpc servers are not registered: see engine/rpc.py)."""
+    _backend_load_all()
+    found = {}
+    for i in range(_dev_count()):
+        buft = _dev_buffer_type(_dev_get(i))
+        if buft:
+            found[_buft_name(buft).decode()] = buft
+    return found
+
+
+def tensor_buft_overrides(overrides: list[tuple[str, int]]):
+    """The NULL-terminated llama_model_tensor_buft_override array of (pattern, buffer type) pairs, and the
+    pattern bytes it points into: the caller keeps both alive as long as the model (llama.cpp reads the
+    patterns while loading and keeps the pointer)."""
+    patterns = [ctypes.create_string_buffer(p.encode()) for p, _ in overrides]
+    array = (llama_model_tensor_buft_override * (len(overrides) + 1))()
+    for slot, buf, (_, buft) in zip(array, patterns, overrides):
+        slot.pattern = ctypes.cast(buf, ctypes.c_char_p)
+        slot.buft = buft
+    return array, patterns
+
+
+@contextlib.contextmanager
+def log_lines() -> Iterator[list[str]]:
+    """llama.cpp's log while the block runs, every level, as lines (tests read what the engine reports:
+    tensor placement, cache types, batch sizes); printing to stderr is unchanged."""
+    lines: list[str] = []
+    _log["sinks"].append(lines)
+    try:
+        yield lines
+    finally:
+        _log["sinks"].remove(lines)

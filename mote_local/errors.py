@@ -25,6 +25,11 @@ class ProfileMismatchError(ProfileError):
     """The profile was made for a different model (its fingerprint differs)."""
 
 
+class ChatTemplateError(MoteError, ValueError):
+    """A chat template cannot be read or fails on a conversation (a syntax error, raise_exception, an unknown
+    filter); the message names the template, why, and how to choose another (or --raw)."""
+
+
 class InputError(MoteError, ValueError):
     """Input the engine cannot take: too long for the context, token ids out of range, empty."""
 

@@ -20,13 +20,14 @@ the cartesian product of its slots' values, the first slot (by first appearance)
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import re
 import tomllib
 from bisect import bisect_right
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -58,6 +59,14 @@ class Prompt:
     response: str | None = None
     template: str | None = None
     slots: SlotValues = ()
+    # where it was written, "FILE:LINE" (the template's line for an expanded one), for messages; not its identity
+    origin: str | None = field(default=None, compare=False)
+
+    def describe(self) -> str:
+        """The prompt as messages name it: where it comes from, its class and its start."""
+        start = self.text if len(self.text) <= 40 else self.text[:40] + "…"
+        slots = f" with {', '.join(f'{k}={v!r}' for k, v in self.slots)}" if self.slots else ""
+        return f"{self.origin + ' ' if self.origin else ''}({self.cls}: {start!r}{slots})"
 
 
 @dataclass(frozen=True)
@@ -248,7 +257,7 @@ def _read_plain(path: Path, cls: str, max_prompts: int) -> tuple[Prompt, ...]:
                 if len(prompts) >= max_prompts:
                     raise PromptSetError(f"{path}: more than {max_prompts} prompts; split the file or raise "
                                          "max_prompts")
-                prompts.append(Prompt(text, cls))
+                prompts.append(Prompt(text, cls, origin=f"{path}:{lineno}"))
     except OSError as e:
         raise PromptSetError(f"{path}: cannot read the prompt file: {e.strerror or e}") from None
     if not prompts:
@@ -273,7 +282,22 @@ def _load_structured(path: Path, fmt: str, max_prompts: int) -> PromptSet:
     if "\x00" in text:
         raise PromptSetError(f"{path}: contains a NUL byte; is it a binary file?")
     data = _parse_toml(path, text) if fmt == "TOML" else _parse_yaml(path, text)
-    return _build(path, data, max_prompts)
+    return _build(path, data, max_prompts, _line_finder(path, text))
+
+
+def _line_finder(path: Path, text: str):
+    """string -> "FILE:LINE" of the first line that holds it as written (plain, or with JSON/TOML escapes), or
+    "FILE" where it is not found verbatim (a YAML block scalar, say)."""
+    lines = text.splitlines()
+
+    def find(value: str) -> str:
+        for needle in (value, json.dumps(value)[1:-1]):
+            for lineno, line in enumerate(lines, 1):
+                if needle and needle in line:
+                    return f"{path}:{lineno}"
+        return str(path)
+
+    return find
 
 
 def _parse_toml(path: Path, text: str) -> Any:
@@ -336,7 +360,7 @@ def _strings(spec: Mapping[str, Any], key: str) -> list[str] | None:
     return value
 
 
-def _build(path: Path, data: Any, max_prompts: int) -> PromptSet:
+def _build(path: Path, data: Any, max_prompts: int, locate) -> PromptSet:
     with _context(str(path)):
         if data is None:
             data = {}
@@ -355,11 +379,11 @@ def _build(path: Path, data: Any, max_prompts: int) -> PromptSet:
             if not isinstance(name, str) or not name:
                 raise PromptSetError(f"class name {name!r} must be a non-empty string")
             with _context(f"class {name!r}"):
-                out[name] = _build_class(name, spec, seed, cap, max_prompts - sum(map(len, out.values())))
+                out[name] = _build_class(name, spec, seed, cap, max_prompts - sum(map(len, out.values())), locate)
         return PromptSet(out)
 
 
-def _build_class(name: str, spec: Any, seed: int, cap: int | None, budget: int) -> tuple[Prompt, ...]:
+def _build_class(name: str, spec: Any, seed: int, cap: int | None, budget: int, locate) -> tuple[Prompt, ...]:
     if not isinstance(spec, dict):
         raise PromptSetError(f"must be a table with templates and/or prompts, got {type(spec).__name__}")
     _check_keys(spec, _CLASS_KEYS)
@@ -399,8 +423,9 @@ def _build_class(name: str, spec: Any, seed: int, cap: int | None, budget: int) 
                 raise PromptSetError(f"template {t.text!r} expands to an empty prompt with "
                                      f"{', '.join(f'{k}={v!r}' for k, v in values) or 'no slots'}; give those "
                                      "slots non-empty values or add text to the template")
-            out.append(Prompt(text, name, response, t.text, values))
+            out.append(Prompt(text, name, response, t.text, values, locate(t.text)))
         else:
-            out.append(Prompt(plain[src - len(templates)], name, response))
+            plain_text = plain[src - len(templates)]
+            out.append(Prompt(plain_text, name, response, origin=locate(plain_text)))
     return tuple(out)
 

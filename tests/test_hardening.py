@@ -586,9 +586,9 @@ NUMERIC_FLAGS = counted("numeric flags", {
                             "'--n-boot': 1000000"),
     "ftri --per-layer-cap 0": (["ftri", "{model}", "--prompts", "{prompts}", "--per-layer-cap", "0"],
                                "'--per-layer-cap': 0"),
-    "ftri --batch-size 0": (["ftri", "{model}", "--prompts", "{prompts}", "--batch-size", "0"], "'--batch-size': 0"),
-    "ftri --batch-size 257": (["ftri", "{model}", "--prompts", "{prompts}", "--batch-size", "257"],
-                              "'--batch-size': 257"),
+    "ftri -np 0": (["ftri", "{model}", "--prompts", "{prompts}", "-np", "0"], "'--parallel' / '-np': 0"),
+    "ftri -np 257": (["ftri", "{model}", "--prompts", "{prompts}", "-np", "257"], "'--parallel' / '-np': 257"),
+    "ftri -b 0": (["ftri", "{model}", "--prompts", "{prompts}", "-b", "0"], "'--batch-size' / '-b': 0"),
     "ftri --seed -1": (["ftri", "{model}", "--prompts", "{prompts}", "--seed", "-1"], "'--seed': -1"),
     "ftri -t 0": (["ftri", "{model}", "--prompts", "{prompts}", "-t", "0"], "'--threads' / '-t': 0"),
     "eval --n-random -1": (["eval", "{model}", "--prompts", "{prompts}", "--off", "0:1", "--n-random", "-1"],
@@ -600,7 +600,47 @@ NUMERIC_FLAGS = counted("numeric flags", {
                    "'--ctx-size' / '-c': -1"),
     "demo --top 0": (["demo", "--top", "0"], "'--top': 0"),
     "inspect -t 0": (["inspect", "{model}", "--super-experts", "-t", "0"], "'--threads' / '-t': 0"),
+    # the model-loading flags (issue 22, items 2 and 5): every command that loads a model takes them
+    "inspect -c -1": (["inspect", "{model}", "-c", "-1"], "'--ctx-size' / '-c': -1"),
+    "run -b 0": (["run", "{model}", "-p", "x", "-b", "0"], "'--batch-size' / '-b': 0"),
+    "run -ub 0": (["run", "{model}", "-p", "x", "-ub", "0"], "'--ubatch-size' / '-ub': 0"),
+    "run --n-cpu-moe -1": (["run", "{model}", "-p", "x", "--n-cpu-moe", "-1"], "'--n-cpu-moe' / '-ncmoe': -1"),
+    "run --min-p 1.5": (["run", "{model}", "-p", "x", "--min-p", "1.5"], "'--min-p': 1.5"),
+    "run --repeat-penalty 0": (["run", "{model}", "-p", "x", "--repeat-penalty", "0"], "'--repeat-penalty': 0"),
+    "chat --top-k -1": (["chat", "{model}", "--top-k", "-1"], "'--top-k': -1"),
+    "chat --top-p 1.5": (["chat", "{model}", "--top-p", "1.5"], "'--top-p': 1.5"),
+    "chat --min-p -0.1": (["chat", "{model}", "--min-p", "-0.1"], "'--min-p': -0.1"),
+    "chat --repeat-penalty -1": (["chat", "{model}", "--repeat-penalty", "-1"], "'--repeat-penalty': -1"),
+    "chat --seed 2**32": (["chat", "{model}", "--seed", str(2**32)], "'--seed': 4294967296"),
+    "eval -ub 0": (["eval", "{model}", "--prompts", "{prompts}", "--off", "0:1", "-ub", "0"],
+                   "'--ubatch-size' / '-ub': 0"),
 })
+
+
+# flags whose value is refused before llama.cpp loads anything: one line naming the flag (or the value) and the fix
+LOADING_FLAGS = counted("model-loading flags", {
+    "unknown cache type": (["-ctk", "q9_0"], "'--cache-type-k' / '-ctk': 'q9_0'"),
+    "unknown V cache type": (["-ctv", "f8"], "'--cache-type-v' / '-ctv': 'f8'"),
+    "quantized V cache without flash attention": (["-ctv", "q8_0", "-fa", "off"], "needs flash attention"),
+    "quantized K cache on heads too narrow": (["-ctk", "q4_0"], "blocks of 32 values"),
+    "unknown flash attention mode": (["-fa", "maybe"], "'--flash-attn' / '-fa': 'maybe'"),
+    "override without a buffer type": (["-ot", "exps"], "PATTERN=BUFFER_TYPE"),
+    "override to an unknown buffer type": (["-ot", "exps=GPU7"], "unknown buffer type 'GPU7'; this build has CPU"),
+    "override pattern that is no regex": (["-ot", "ffn_(up=CPU"], "is not a regular expression"),
+    "two models": (["-m", "{model}"], "more than one model"),
+    "chat template neither a name nor a file": (["--chat", "--chat-template", "nosuch.jinja"],
+                                                "neither a built-in template"),
+    "tensor split that is not numbers": (["-ts", "a,b"], "--tensor-split takes proportions"),
+})
+
+
+@pytest.mark.parametrize("case", list(LOADING_FLAGS))
+def test_cli_refuses_bad_model_loading_flags_in_one_line(tiny_path, case):
+    flags, needle = LOADING_FLAGS[case]
+    model = tiny_path("qwen3moe")
+    r = invoke("run", model, "-p", PROMPT, "-n", "1", *(f.format(model=model) for f in flags))
+    assert_one_line_error(r.exit_code, r.stderr, needle)
+
 
 
 @pytest.mark.parametrize("case", list(NUMERIC_FLAGS))
@@ -790,6 +830,84 @@ def test_ftri_generated_scope_with_a_prompt_longer_than_its_context(tiny_path, t
     assert_one_line_error(r.returncode, r.stderr, "context")
 
 
+# -c means the same in every command (issue 22, item 5): a context too small for the input is one line naming what
+# does not fit (a prompt by its file and line) and -c
+CONTEXT_CASES = counted("context sizes", {
+    # llama.cpp pads a context to a multiple of 256: the prompt is longer than that
+    "run -c below the prompt": (["run", "{planted}", "-p", "{long_text}", "-c", "16"],
+                                ("sequence 0 needs", "more than the context of 256", "-c/--ctx-size")),
+    "chat -c below the first message": (["chat", "{planted}", "-c", "16"], ("more than the context of 256", "-c")),
+    "eval -c below a prompt": (["eval", "{planted}", "--prompts", "{prompts}", "--off", "1:6", "-c", "16", "-n", "4"],
+                               ("the prompt", "prompts.toml:", "more than the context of 16", "-c/--ctx-size")),
+    "ftri -c below a prompt": (["ftri", "{planted}", "--prompts", "{long}", "--baseline-prompts", "{baseline}", "-c",
+                                "64"], ("the prompt {long}:2 (behaviour:", "more than the context of 64",
+                                        "-c/--ctx-size")),
+})
+
+
+@pytest.fixture(scope="module")
+def context_inputs(planted_path, tmp_path_factory) -> dict[str, str]:
+    d = tmp_path_factory.mktemp("context")
+    long, baseline = _long_prompt_files(d, 120)
+    return {"planted": str(planted_path), "prompts": str(planted.prompts_path()), "long": str(long),
+            "baseline": str(baseline), "long_text": " ".join(["the city"] * 200)}
+
+
+@pytest.mark.parametrize("case", list(CONTEXT_CASES))
+def test_a_context_too_small_is_one_line_naming_the_input_and_c(context_inputs, tmp_path, monkeypatch, case):
+    args, needles = CONTEXT_CASES[case]
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, [a.format(**context_inputs) for a in args],
+                           input=context_inputs["long_text"] + "\n/quit\n")
+    if args[0] == "chat":  # the REPL says it and goes on
+        assert r.exit_code == 0 and all(n in r.output for n in needles), r.output
+        assert "error: sequence 0 needs" in r.output
+        return
+    assert_one_line_error(r.exit_code, r.stderr, *(n.format(**context_inputs) for n in needles))
+
+
+def test_c_above_the_training_context_warns_in_one_line_and_is_given(planted_path):
+    r = invoke("run", planted_path, "-p", PROMPT, "-n", "2", "-c", "2048", "--verbose")
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning: -c")]
+    assert r.exit_code == 0 and len(warnings) == 1 and "more than the 1024 tokens" in warnings[0]
+    assert "n_ctx                 = 2048" in r.stderr  # llama.cpp's own habit: warned, not capped
+
+
+# a chat template that fails (issue 22, item 4): one line naming the template, why, and --chat-template / --raw,
+# in every command that templates; the chat REPL says it and goes on
+TEMPLATE_CASES = counted("chat templates", {
+    "syntax error": ("{% for m in messages %}{{ m.content }", "cannot be read"),
+    "raise_exception": ("{{ raise_exception('this template takes no user turns') }}",
+                        "this template takes no user turns"),
+    "unknown filter": ("{{ messages[0].content | shout }}", "No filter named 'shout'"),
+    "undefined attribute used": ("{{ messages[0].content.no_such.thing }}", "failed on this conversation"),
+    "undefined function called": ("{{ strftime_later('%Y') }}", "'strftime_later' is undefined"),
+})
+TEMPLATED_COMMANDS = {
+    "run --chat": ["run", "{model}", "--chat", "-p", "{text}"],
+    "ftri": ["ftri", "{model}", "--prompts", "{prompts}", "--n-boot", "5", "--out", "{out}"],
+    "eval": ["eval", "{model}", "--prompts", "{prompts}", "--off", "1:6", "-n", "2", "--out", "{out}"],
+}
+
+
+@pytest.mark.parametrize("case", list(TEMPLATE_CASES))
+def test_a_broken_chat_template_is_one_line_everywhere(planted_path, tmp_path, case):
+    source, needle = TEMPLATE_CASES[case]
+    template = tmp_path / "broken.jinja"
+    template.write_text(source)
+    text = PROMPT
+    for name, args in TEMPLATED_COMMANDS.items():
+        r = invoke(*(a.format(model=planted_path, prompts=planted.prompts_path(), out=tmp_path / "out", text=text)
+                     for a in args), "--chat-template", template)
+        assert_one_line_error(r.exit_code, r.stderr, f"the chat template {template}", needle, "--chat-template",
+                              "--raw")
+        assert not (tmp_path / "out").exists(), name
+    r = CliRunner().invoke(main, ["chat", str(planted_path), "-n", "4", "--chat-template", str(template)],
+                           input=f"{text}\n/help\n/quit\n")
+    errors = [line for line in r.output.splitlines() if "error:" in line]
+    assert r.exit_code == 0 and len(errors) == 1 and needle in errors[0] and "/quit" in r.output
+
+
 # ---------------------------------------------------------------------------------------------- 4. faults
 
 @pytest.fixture(scope="module")
@@ -838,7 +956,7 @@ _SLOW_STEP = ("import time\nfrom mote_local.engine import batch\n_decode = batch
 def test_ctrl_c_during_mote_ftri_keeps_partial_results(planted_path, tmp_path, env):
     out = tmp_path / "ftri"
     code, stdout, stderr = _interrupt_after(env, ["ftri", planted_path, "--prompts", planted.prompts_path(),
-                                                  "--batch-size", "2", "--n-boot", "10", "--top", "2", "--out", out],
+                                                  "-np", "2", "--n-boot", "10", "--top", "2", "--out", out],
                                             "ROUTE", _SLOW_ROUTE, after=3)
     assert code == 130, stderr[-3000:]  # interrupted is not success, though the partial results are kept
     assert "interrupted: scored the 4 prompts captured so far (marked partial)" in stderr

@@ -423,7 +423,7 @@ def test_chat_ends_with_the_reason_when_its_server_is_lost(tiny_path):
 
     try:
         with Model(path, rpc_servers=[f"127.0.0.1:{port}"], n_gpu_layers=99) as m, m.session(n_ctx=256) as s:
-            Chat(m, s, max_tokens=4, temperature=0.0, seed=0, n_threads=1,
+            Chat(m, s, max_tokens=4, n_threads=1,
                  write=lambda text="", end="\n": out.append(text)).loop(read)
     finally:
         proc.kill()

@@ -23,6 +23,7 @@ from mote_local.cli.shared import (
     tokens_to_generate,
 )
 from mote_local.engine.model import Generation, Model, RoutingStats, Session
+from mote_local.engine.options import SamplingOptions
 from mote_local.errors import MoteError, SteeringError
 from mote_local.steering.entries import Entry, Scope, applies_in, off_experts
 from mote_local.steering.profile import Profile, compose
@@ -68,17 +69,19 @@ class ChatState:
 class Chat:
     """One conversation with a model, its steering and the routing of its last reply.
 
-    ``max_tokens`` -1 generates each reply until its end (bounded by the context); ``n_threads`` is for the
-    super-expert checks' own context (the session has its threads).
+    ``max_tokens`` -1 generates each reply until its end (bounded by the context); ``sampling`` is the sampler's
+    settings (default greedy); ``chat`` False talks without a template (the messages as plain text);
+    ``n_threads`` is for the super-expert checks' own context (the session has its threads).
     """
 
-    def __init__(self, model: Model, session: Session, *, max_tokens: int = 128, temperature: float = 0.0,
-                 seed: int = 0, write: Callable[..., None] = print, n_threads: int | None = None):
+    def __init__(self, model: Model, session: Session, *, max_tokens: int = 128,
+                 sampling: SamplingOptions | None = None, chat: bool = True, write: Callable[..., None] = print,
+                 n_threads: int | None = None):
         self.model = model
         self.session = session
         self.max_tokens = max_tokens
-        self.temperature = temperature
-        self.seed = seed
+        self.sampling = sampling or SamplingOptions()
+        self.chat = chat
         self.write = write
         self.n_threads = n_threads
         self.state = ChatState()
@@ -141,15 +144,14 @@ class Chat:
     # conversation
     def ask(self, text: str, history: list[dict[str, str]], *, steered: bool = True, stream: bool = True) -> Turn:
         messages = history + [{"role": "user", "content": text}]
-        prompt = self.model.prompt_tokens(messages)
+        prompt = self.model.prompt_tokens(messages, chat=self.chat)
         max_tokens = tokens_to_generate(self.max_tokens, self.session.n_ctx)
         if not steered:
             self.session.clear_steering()
         try:
             with self.session.capture(label=None) as cap:
                 cap.bind(0, 0, pos_begin=len(prompt))  # the reply's tokens only
-                reply = self.session.generate(prompt, max_tokens=max_tokens, temperature=self.temperature,
-                                              seed=self.seed,
+                reply = self.session.generate(prompt, max_tokens=max_tokens, **self.sampling.generate_kwargs(),
                                               on_token=(lambda t: self.write(t, end="")) if stream else None)
             routing = cap.stats(0) if 0 in cap.labels else None
         finally:
@@ -160,7 +162,7 @@ class Chat:
     def say(self, text: str) -> Turn:
         turn = self.ask(text, self.state.history)
         self.write(" [interrupted]" if turn.reply.interrupted else "")
-        self.state.history += [{"role": "user", "content": text}, {"role": "assistant", "content": turn.reply.text}]
+        self.state.history += [{"role": "user", "content": text}, self.model.reply_message(turn.reply.text)]
         self.state.last = turn
         return turn
 

@@ -1,12 +1,12 @@
 """The `mote` command line: a thin click group, one verb per subcommand.
 
-Flags follow llama.cpp / llama-cpp-python habits (-m, -p, -n, --temp, --n-gpu-layers, -c).
+Flags follow llama.cpp habits (-m, -p, -n, --temp, -ngl, -c, …); the model-loading ones are declared once, in
+mote_local.cli.options.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import sys
 from dataclasses import dataclass
@@ -15,6 +15,14 @@ from typing import Sequence
 
 import click
 
+from mote_local.cli.options import (
+    context_for,
+    model_options,
+    open_model,
+    sampling_options,
+    threads_option,
+)
+from mote_local.engine.options import ModelOptions, require_fit
 from mote_local.errors import MoteError
 from mote_local.modelfile.layout import MoeLayout, read_layout
 from mote_local.steering.entries import Scope
@@ -53,40 +61,6 @@ def main() -> None:
     """See and tune the experts inside Mixture-of-Experts models (GGUF, llama.cpp)."""
 
 
-def model_argument(f):
-    return click.argument("model", type=click.Path(path_type=Path))(f)
-
-
-def engine_options(f):
-    f = placement_options(f)
-    f = click.option("--ctx-size", "-c", type=click.IntRange(min=0), default=4096, show_default=True,
-                     help="Context size (capped at the model's training context; 0: that context).")(f)
-    f = threads_option(f)
-    f = click.option("--verbose", is_flag=True, help="Show llama.cpp's log.")(f)
-    return f
-
-
-def placement_options(callback):
-    """-ngl, --rpc and -ts, which reach the command as one `placement` argument: Model's keyword arguments."""
-    @functools.wraps(callback)
-    def command(*args, n_gpu_layers, rpc_servers, tensor_split, **kwargs):
-        from mote_local.engine.rpc import placement
-        return callback(*args, placement=placement(n_gpu_layers, rpc_servers, tensor_split), **kwargs)
-
-    f = click.option("--n-gpu-layers", "-ngl", type=click.IntRange(min=0), default=None,
-                     help="Layers to offload to the GPUs and rpc servers (default: 0; every layer with --rpc).")(command)
-    f = click.option("--rpc", "rpc_servers", metavar="HOST:PORT[,…]", default=None,
-                     help="Spread the offloaded layers over llama.cpp rpc-servers (start them with `mote rpc-server`).")(f)
-    f = click.option("--tensor-split", "-ts", metavar="P,P[,…]", default=None,
-                     help="Offloaded layers per device, in proportion: the --rpc servers in order, then local GPUs.")(f)
-    return f
-
-
-def threads_option(f):
-    return click.option("--threads", "-t", type=click.IntRange(min=1), default=None,
-                        help="CPU threads for generation and prompt processing (default: every core).")(f)
-
-
 def steering_options(f):
     for kind, help_text in (("off", "switch experts off (mask: the slot goes to the next-best expert)"),
                             ("drop", "drop experts' weight (served by k-1 experts, the paper's switch-off)"),
@@ -117,26 +91,24 @@ def build_profile(layout: MoeLayout, profiles: Sequence[Path], specs: dict[str, 
 
 
 @main.command()
-@model_argument
+@model_options(chat=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--super-experts", is_flag=True,
               help="Also find experts whose removal alone collapses the model on neutral text (cached).")
 @click.option("--text", type=click.Path(path_type=Path), default=None,
               help="Neutral text for --super-experts (default: the packaged one).")
-@threads_option
-@placement_options
-def inspect(model: Path, as_json: bool, super_experts: bool, text: Path | None, threads, placement: dict) -> None:
+def inspect(model: Path, options: ModelOptions, as_json: bool, super_experts: bool, text: Path | None) -> None:
     """Describe MODEL's experts: architecture, MoE layers, experts, top-k, gating, quantization."""
-    from mote_local.engine.model import Model
-
     layout = read_layout(model)
+    n_ctx = context_for(layout, options)
+    threads = options.load.n_threads
     if super_experts:
         from mote_local.evaluation.super_experts import find_super_experts
 
         with contextlib.ExitStack() as stack:
             target = layout.require_moe().path  # a cached result needs no model
-            if placement["rpc_servers"]:
-                target = stack.enter_context(Model(target, n_threads=threads, **placement))
+            if options.load != ModelOptions().load or options.context != ModelOptions().context:
+                target = stack.enter_context(open_model(target, options, chat=False))
             found = find_super_experts(target, text, n_threads=threads)
         if as_json:
             click.echo(json.dumps({"super_experts": found.flagged, "median_kl": found.median,
@@ -158,7 +130,7 @@ def inspect(model: Path, as_json: bool, super_experts: bool, text: Path | None, 
             click.echo(f"{layout.path.name}: {layout.arch}, {layout.n_layer} layers, dense (no experts)")
         return
     # what the engine's graph does, asked of the engine (GGUF keys can be absent or overridden by the graph)
-    with Model(layout.path, n_threads=threads, **placement) as m:
+    with open_model(layout.path, options, chat=False) as m:
         routers = m.routers
     moe = [i for i, r in enumerate(routers) if r.n_calls]
     first = routers[moe[0]] if moe else None
@@ -170,6 +142,7 @@ def inspect(model: Path, as_json: bool, super_experts: bool, text: Path | None, 
         "router_calls_per_layer": max((r.n_calls for r in routers), default=0),
         "n_shared_experts": layout.n_shared_experts, "n_expert_groups": layout.n_expert_groups,
         "n_group_used": layout.n_group_used, "quantization": layout.file_type, "size_bytes": layout.size_bytes,
+        "n_ctx_train": layout.context_length, "n_ctx": n_ctx,
     }
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -189,6 +162,7 @@ def inspect(model: Path, as_json: bool, super_experts: bool, text: Path | None, 
         ("shared experts", str(layout.n_shared_experts)),
         ("quantization", layout.file_type), ("size", f"{layout.size_bytes / 2**20:.1f} MiB"),
         ("total experts", str(layout.n_expert * len(moe))),
+        ("context", f"{n_ctx} (-c; trained on {layout.context_length or 'an unknown number of'} tokens)"),
     ]
     if info["router_calls_per_layer"] > 1:
         rows.insert(4, ("router calls", f"{info['router_calls_per_layer']} per layer (steering's drop and gain, and "
@@ -214,15 +188,6 @@ def warn_super_experts(model, profile, profiles: Sequence[Path], specs: dict[str
                    f"{super_expert_note(model, check, layer, expert)}: the model may collapse", err=True)
 
 
-def context_size(layout: MoeLayout, asked: int) -> int:
-    """The context to open: -c capped at the model's training context; -c 0 is that context (llama.cpp's habit)."""
-    if asked == 0 and not layout.context_length:
-        raise click.UsageError(f"-c 0 asks for the training context of {layout.path.name}, which the file does not "
-                               "give: pass the context size, e.g. -c 4096")
-    return min(asked or layout.context_length, layout.context_length) if layout.context_length else asked
-
-
-SAMPLER_SEED = click.IntRange(0, 2**32 - 1)  # llama.cpp's sampler seeds are 32-bit
 MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ: sequences in one context
 MAX_BOOTSTRAP = 10_000  # replicates × layers × experts floats are held at once
 INTERRUPTED = 130  # the exit status of a run that Ctrl-C cut short (the shell's 128 + SIGINT)
@@ -242,45 +207,35 @@ def _span(layers: Sequence[int]) -> str:
 
 
 @main.command()
-@model_argument
+@model_options(chat=True)
 @click.option("--prompt", "-p", required=True, help="Prompt text.")
 @click.option("--n-predict", "-n", type=click.IntRange(min=-1), default=64, show_default=True,
               help="Tokens to generate (-1: until the end of generation, bounded by the context).")
-@click.option("--temp", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="Temperature (0: greedy).")
-@click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True,
-              help="Sample among the K most likely tokens (0: all).")
-@click.option("--top-p", type=click.FloatRange(0, 1), default=0.95, show_default=True,
-              help="Sample among the most likely tokens that make up this probability.")
-@click.option("--seed", type=SAMPLER_SEED, default=0, show_default=True)
+@sampling_options
 @click.option("--chat/--raw", "chat", default=False, help="Wrap the prompt in the model's chat template.")
 @click.option("--compare", is_flag=True, help="Print the unsteered and the steered output for the same seed.")
 @steering_options
-@engine_options
-def run(model: Path, prompt: str, n_predict: int, temp: float, top_k: int, top_p: float, seed: int, chat: bool,
-        compare: bool, profiles, strength, scope, force_profile, placement: dict, ctx_size: int, threads,
-        verbose: bool, **specs) -> None:
+def run(model: Path, options: ModelOptions, prompt: str, n_predict: int, sampling, chat: bool, compare: bool,
+        profiles, strength, scope, force_profile, **specs) -> None:
     """Generate from MODEL with experts switched off, forced on, biased or scaled."""
     from mote_local.cli.shared import tokens_to_generate
-    from mote_local.engine.model import Model
 
     layout = read_layout(model).require_moe()
-    n_ctx = context_size(layout, ctx_size)
+    n_ctx = context_for(layout, options)
     profile = build_profile(layout, profiles, specs, strength, scope, force_profile)
     if n_predict == 0:
         click.echo("nothing generated: -n 0 asks for no tokens (-n -1 generates until the end)", err=True)
         return
-    with Model(model, **placement, verbose=verbose) as m, m.session(n_ctx=n_ctx, n_threads=threads) as s:
+    with open_model(model, options, chat=chat) as m, m.session(n_ctx=n_ctx) as s:
         if profile is not None:
-            warn_super_experts(m, profile, profiles, specs, threads)
+            warn_super_experts(m, profile, profiles, specs, options.load.n_threads)
         tokens = m.prompt_tokens(prompt, chat=chat)
-        options = dict(max_tokens=tokens_to_generate(n_predict, s.n_ctx), temperature=temp, top_k=top_k,
-                       top_p=top_p, seed=seed)
+        generate = dict(max_tokens=tokens_to_generate(n_predict, s.n_ctx), **sampling.generate_kwargs())
         if compare:
-            plain = s.generate(tokens, **options)
+            plain = s.generate(tokens, **generate)
         if profile is not None:
             s.steer(profile, force=force_profile)
-        out = s.generate(tokens, **options)
+        out = s.generate(tokens, **generate)
     if compare:
         click.echo(click.style("unsteered:", bold=True) + plain.text)
         click.echo(click.style("steered:  ", bold=True) + out.text)
@@ -289,7 +244,6 @@ def run(model: Path, prompt: str, n_predict: int, temp: float, top_k: int, top_p
 
 
 @main.command()
-@model_argument
 @click.option("--prompts", "prompts_file", required=True, type=click.Path(path_type=Path),
               help="Prompt set: a TOML/YAML file with classes, or a plain file (one prompt per line).")
 @click.option("--baseline-prompts", type=click.Path(path_type=Path), default=None,
@@ -326,24 +280,24 @@ def run(model: Path, prompt: str, n_predict: int, temp: float, top_k: int, top_p
               help="Wrap prompts in the model's chat template.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("ftri-out"), show_default=True,
               callback=output_directory, help="Directory for ftri.json, the CSVs, heatmaps and profile.json.")
-@click.option("--batch-size", type=click.IntRange(1, MAX_SEQUENCES), default=32, show_default=True,
-              help="Prompts per decode call.")
+@click.option("--parallel", "-np", "parallel", type=click.IntRange(1, MAX_SEQUENCES), default=32, show_default=True,
+              help="Prompts decoded together, one sequence each (tokens per decode call: -b).")
 @click.option("--n-boot", type=click.IntRange(1, MAX_BOOTSTRAP), default=200, show_default=True,
               help="Bootstrap replicates.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@engine_options
-def ftri(model: Path, prompts_file: Path, baseline_prompts: Path | None, behavior, baseline, scope, methods,
-         top: int, per_layer_cap, off_mode: str, chat: bool, out: Path, batch_size: int, n_boot: int, seed: int,
-         placement: dict, ctx_size: int, threads, verbose: bool, **export_options) -> None:
+@model_options(chat=True)
+def ftri(model: Path, options: ModelOptions, prompts_file: Path, baseline_prompts: Path | None, behavior, baseline,
+         scope, methods, top: int, per_layer_cap, off_mode: str, chat: bool, out: Path, parallel: int, n_boot: int,
+         seed: int, **export_options) -> None:
     """Find the experts of MODEL that fire differently on behaviour prompts than on baseline ones."""
-    from mote_local.ftri.capture import open_capture_model, run_ftri
+    from mote_local.ftri.capture import run_ftri
     from mote_local.ftri.export import export_profile
     from mote_local.ftri.outputs import ranking_table, write_outputs
     from mote_local.prompts import combine, load_prompt_set, select_classes
     from mote_local.synthetic.planted import read_truth
 
     layout = read_layout(model).require_moe()
-    n_ctx = context_size(layout, ctx_size)
+    n_ctx = context_for(layout, options)
     warn_quantization(layout)
     if baseline_prompts is None:
         prompt_set = load_prompt_set(prompts_file)
@@ -358,9 +312,9 @@ def ftri(model: Path, prompts_file: Path, baseline_prompts: Path | None, behavio
         baseline = names[0]
         prompt_set = combine(prompts_file, baseline_prompts)
     behavior_prompts, baseline_set = select_classes(prompt_set, behavior, baseline)
-    with open_capture_model(model, **placement, verbose=verbose) as m:
+    with open_model(model, options, chat=chat, capture=True) as m:
         run, results = run_ftri(m, behavior_prompts, baseline_set, methods=methods, scope=scope, chat=chat, top=top,
-                                n_boot=n_boot, seed=seed, batch_size=batch_size, n_ctx=n_ctx, n_threads=threads,
+                                n_boot=n_boot, seed=seed, batch_size=parallel, n_ctx=n_ctx,
                                 sign=export_options["sign"])
         from mote_local.evaluation.super_experts import cached_super_experts
         from mote_local.ftri.stats import score
@@ -442,7 +396,7 @@ def profile_convert(src: Path, dst: Path) -> None:
 
 @profile.command("validate")
 @click.argument("path", type=click.Path(path_type=Path))
-@model_argument
+@click.argument("model", type=click.Path(path_type=Path))
 @click.option("--force-profile", is_flag=True, help="Accept a profile made for another model (limits still apply).")
 def profile_validate(path: Path, model: Path, force_profile: bool) -> None:
     """Check that a profile can steer MODEL."""
@@ -463,7 +417,7 @@ def detector_for(detector_file: Path | None, judge: Path | None):
 
 
 @main.command("eval")
-@model_argument
+@model_options(chat=True)
 @click.option("--prompts", "prompts_file", required=True, type=click.Path(path_type=Path),
               help="Prompts to generate for: a plain file or a TOML/YAML prompt set.")
 @click.option("--class", "classes", multiple=True, help="Only these classes of the prompt set (repeatable).")
@@ -498,23 +452,19 @@ def detector_for(detector_file: Path | None, judge: Path | None):
 @click.option("--resume", is_flag=True, help="Continue the run kept in --out (cut short by Ctrl-C or a crash).")
 @click.option("--parallel", "-np", "n_parallel", type=click.IntRange(1, MAX_SEQUENCES), default=None,
               help="Sequences decoded together (default: from the context size and memory, at most 32).")
-@engine_options
-@click.pass_context
-def eval_command(ctx: click.Context, model: Path, prompts_file: Path, classes, profiles, strength, scope,
+def eval_command(model: Path, options: ModelOptions, prompts_file: Path, classes, profiles, strength, scope,
                  force_profile, sweep_sizes, ftri_path, ftri_method, sweep_mode, include_super_experts, detector_file,
                  judge, neutral, n_random: int, max_tokens: int, seed: int, chat: bool, collapse_kl: float,
-                 collapse_ppl: float, out: Path, resume: bool, n_parallel: int | None, placement: dict,
-                 ctx_size: int, verbose: bool, **specs) -> None:
+                 collapse_ppl: float, out: Path, resume: bool, n_parallel: int | None, **specs) -> None:
     """Measure how a profile moves a behaviour against random and forced controls, and what it costs; or, with
     --sweep, how the behaviour falls as the top N experts of an fTRI ranking are switched off. Every condition
     and prompt decode together, -np sequences at a time; -c (when given) bounds their context cells in all."""
-    from mote_local.engine.model import Model
     from mote_local.evaluation.evaluate import evaluate
     from mote_local.evaluation.report import format_table, write_report
     from mote_local.prompts import load_prompt_set
 
     layout = read_layout(model).require_moe()
-    threads = specs.pop("threads", None)
+    n_ctx = context_for(layout, options)
     steering = bool(profiles) or any(specs.get(k) for k in SPEC_KINDS)
     if sweep_sizes is None and (ftri_path or ftri_method):
         raise click.UsageError("--ftri gives the ranking for --sweep: add --sweep N,N,… (e.g. 1,2,5,10,20)")
@@ -536,17 +486,17 @@ def eval_command(ctx: click.Context, model: Path, prompts_file: Path, classes, p
         raise click.UsageError(f"unknown class(es) {', '.join(sorted(unknown))}: "
                                f"{prompts_file} has {', '.join(prompt_set.names)}")
     prompts = [p for name in (classes or prompt_set.names) for p in prompt_set.prompts(name)]
-    given_ctx = ctx.get_parameter_source("ctx_size") is not click.core.ParameterSource.DEFAULT
     common = dict(neutral_text=neutral, detector=detector_for(detector_file, judge), n_random=n_random, seed=seed,
                   max_tokens=max_tokens, chat=chat, collapse_kl=collapse_kl, collapse_perplexity_ratio=collapse_ppl,
-                  n_parallel=n_parallel, n_ctx=context_size(layout, ctx_size) if given_ctx else None, out_dir=out,
+                  n_parallel=n_parallel, n_ctx=n_ctx if options.context.n_ctx is not None else None, out_dir=out,
                   resume=resume, announce=lambda line: click.echo(line, err=True))
     if profile is None:
         _eval_sweep(model, layout, prompts, sweep_sizes, ftri_path, ftri_method, sweep_mode, include_super_experts,
-                    common, out, placement, verbose, threads)
+                    common, out, options, n_ctx)
         return
-    with Model(model, **placement, n_threads=threads, verbose=verbose) as m:
-        warn_super_experts(m, profile, profiles, specs, threads)
+    with open_model(model, options, chat=chat) as m:
+        check_prompts_fit(m, prompts, n_ctx, max_tokens, chat)
+        warn_super_experts(m, profile, profiles, specs, options.load.n_threads)
         result = evaluate(m, prompts, profile, **common)
     html = write_report(out, result)
     click.echo(format_table(result))
@@ -565,11 +515,17 @@ def _eval_ending(result, notes_shown: bool = False) -> None:
                    err=True)
 
 
+def check_prompts_fit(model, prompts, n_ctx: int, max_tokens: int, chat: bool) -> None:
+    """Every prompt with its generation fits the context -c gives, or an error names the first that does not."""
+    for p in prompts:
+        require_fit(len(model.prompt_tokens(p.text, chat=chat)) + max_tokens, n_ctx,
+                    f"the prompt {p.describe()} with its {max_tokens} generated tokens (-n)")
+
+
 def _eval_sweep(model: Path, layout: MoeLayout, prompts, sizes_text: str, ftri_path: Path, ftri_method: str | None,
-                mode: str, include_super_experts: bool, common: dict, out: Path, placement: dict,
-                verbose: bool, threads: int | None) -> None:
+                mode: str, include_super_experts: bool, common: dict, out: Path, options: ModelOptions,
+                n_ctx: int) -> None:
     """`mote eval --sweep`: the paper's curve, one table and one plot."""
-    from mote_local.engine.model import Model
     from mote_local.evaluation.super_experts import cached_super_experts
     from mote_local.evaluation.report import sweep_table, write_sweep_report
     from mote_local.evaluation.sweep import parse_sweep, sweep
@@ -578,7 +534,8 @@ def _eval_sweep(model: Path, layout: MoeLayout, prompts, sizes_text: str, ftri_p
     sizes = parse_sweep(sizes_text)
     flagged = () if include_super_experts else (cached_super_experts(model) or ())
     ranking = read_ranking(ftri_path, layout.moe_layers, method=ftri_method, exclude=flagged)
-    with Model(model, **placement, n_threads=threads, verbose=verbose) as m:
+    with open_model(model, options, chat=common["chat"]) as m:
+        check_prompts_fit(m, prompts, n_ctx, common["max_tokens"], common["chat"])
         result = sweep(m, prompts, ranking, sizes, mode=mode, exclude_super_experts=not include_super_experts,
                        **common)
     html = write_sweep_report(out, result)
@@ -738,27 +695,25 @@ def warn_quantization(layout: MoeLayout) -> None:
 
 
 @main.command()
-@model_argument
+@model_options(chat=True)
 @click.option("--n-predict", "-n", type=click.IntRange(min=-1), default=128, show_default=True,
               help="Tokens per reply at most (-1: until the reply ends, bounded by the context).")
-@click.option("--temp", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="Temperature (0: greedy).")
-@click.option("--seed", type=SAMPLER_SEED, default=0, show_default=True)
+@sampling_options
+@click.option("--chat/--raw", "chat", default=True, show_default=True,
+              help="Talk through the chat template (--raw: the conversation as plain text, one message per line).")
 @steering_options
-@engine_options
-def chat(model: Path, n_predict: int, temp: float, seed: int, profiles, strength, scope, force_profile,
-         placement: dict, ctx_size: int, threads, verbose: bool, **specs) -> None:
+def chat(model: Path, options: ModelOptions, n_predict: int, sampling, chat: bool, profiles, strength, scope,
+         force_profile, **specs) -> None:
     """Chat with MODEL and toggle its experts live (/help inside lists the commands)."""
     from mote_local.cli.chat import Chat, history_path, terminal_reader
-    from mote_local.engine.model import Model
 
     if n_predict == 0:
         raise click.UsageError("-n 0 would make every reply empty: give -n N, or -n -1 for replies until they end")
     layout = read_layout(model).require_moe()
-    n_ctx = context_size(layout, ctx_size)
+    n_ctx = context_for(layout, options)
     profile = build_profile(layout, profiles, specs, strength, scope, force_profile)
-    with Model(model, **placement, verbose=verbose) as m, m.session(n_ctx=n_ctx, n_threads=threads) as s:
-        session = Chat(m, s, max_tokens=n_predict, temperature=temp, seed=seed, n_threads=threads,
+    with open_model(model, options, chat=chat) as m, m.session(n_ctx=n_ctx) as s:
+        session = Chat(m, s, max_tokens=n_predict, sampling=sampling, chat=chat, n_threads=options.load.n_threads,
                        write=lambda text="", end="\n": click.echo(text, nl=end == "\n"))
         if profile is not None:
             session.steer(profile)

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import click
 
+from mote_local.cli.options import threads_option
 from mote_local.errors import MoteError
 from mote_local.modelfile.quantize import RECIPES, quantize, routing_class
 
 __all__ = ["quantize_command"]
-
 
 
 @click.command("quantize")
@@ -24,8 +24,7 @@ __all__ = ["quantize_command"]
                    "output Q8_0 and everything else F16 (capture: the smallest measured to keep routing); q8_0 = "
                    "everything Q8_0. Routers and norms stay unquantized.")
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
-@click.option("--threads", "-t", type=click.IntRange(min=1), default=None,
-              help="Threads for quantizing (default: every core).")
+@threads_option
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's log.")
 def quantize_command(src: Path, dst: Path, recipe: str, force: bool, threads: int | None, verbose: bool) -> None:
     """Quantize the higher-precision (F32/F16/BF16) MoE GGUF SRC into DST with per-tensor types that keep

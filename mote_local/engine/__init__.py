@@ -4,6 +4,6 @@ session and routing capture built on them (``model``). Imports the foundation, `
 
 ``Model`` and ``Session`` are re-exported here: they are the public names of the Python API."""
 
-from mote_local.engine.model import Capture, Generation, Model, RoutingStats, RoutingTrace, Session
+from mote_local.engine.model import Capture, Generation, Model, RoutingStats, RoutingTrace, Session, open_model
 
-__all__ = ["Capture", "Generation", "Model", "RoutingStats", "RoutingTrace", "Session"]
+__all__ = ["Capture", "Generation", "Model", "RoutingStats", "RoutingTrace", "Session", "open_model"]

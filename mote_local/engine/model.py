@@ -29,10 +29,12 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from mote_local import binding
-from mote_local.engine import rpc
 from mote_local.binding import llama, llama_chat_format, llama_internals
+from mote_local.engine import options, rpc
+from mote_local.engine.options import FLASH_ATTN, LOAD_MODES, ModelOptions, require_fit
 from mote_local.errors import (
     CaptureError,
+    ChatTemplateError,
     EngineError,
     InputError,
     ModelFileError,
@@ -44,8 +46,20 @@ from mote_local.steering import rules
 from mote_local.steering.entries import Entry, Scope
 from mote_local.steering.profile import Profile
 
-# llama.cpp's llama_flash_attn_type
-FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
+# llama.cpp's fallback for a model without a chat template (common/chat.cpp: ChatML)
+CHATML = ("{%- for message in messages -%}"
+          "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' -}}"
+          "{%- endfor -%}"
+          "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}")
+# llama.cpp's built-in template names (llama_chat_apply_template) that llama-cpp-python's formatters also have
+BUILTIN_TEMPLATES = {"llama2": "format_llama2", "llama3": "format_llama3", "zephyr": "format_zephyr",
+                     "gemma": "format_gemma", "openchat": "format_openchat", "chatglm3": "format_chatglm3"}
+TEMPLATE_NAMES = ("chatml", *BUILTIN_TEMPLATES)
+TEMPLATE_FIX = "choose another with --chat-template NAME|FILE (chat_template= in Python), or --raw for plain text"
+# gpt-oss's harmony format: the reply's channels
+HARMONY_CHANNEL, HARMONY_FINAL = "<|channel|>", "<|channel|>final<|message|>"
+HARMONY_ENDS = ("<|return|>", "<|end|>", "<|call|>")
+REPEAT_LAST_N = 64  # llama.cpp's --repeat-last-n default
 
 
 def _apply_params(params, options: dict, what: str) -> None:
@@ -69,10 +83,20 @@ class Model:
 
     def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = 0, n_threads: int | None = None,
                  rpc_servers: Sequence[str] = (), tensor_split: Sequence[float] | None = None,
+                 tensor_overrides: Sequence[tuple[str, str]] = (), mmap: bool = True, mlock: bool = False,
+                 chat_template: str | None = None, chat_template_origin: str | None = None,
+                 system_prompt: str | None = None, session_settings: dict | None = None,
                  verbose: bool = False, **model_params):
         """n_gpu_layers layers (the last ones; 99: all) go to the GPUs and `rpc_servers` ("HOST:PORT" of
         `mote rpc-server`s, which come first), split in proportion to `tensor_split` (one value per device:
-        the servers in order, then local GPUs) or to the devices' free memory."""
+        the servers in order, then local GPUs) or to the devices' free memory. `tensor_overrides` puts the
+        tensors whose names match a pattern into a buffer type (llama.cpp's -ot: [("exps", "CPU")], the first
+        match wins); `mmap` and `mlock` are llama.cpp's load modes.
+
+        `chat_template` replaces the model's own: a built-in name (TEMPLATE_NAMES) or a jinja template's text
+        (`chat_template_origin` names it in errors, e.g. its file); `system_prompt` opens every conversation
+        that has no system message. `session_settings` (Session's n_batch, n_ubatch, flash_attn, type_k,
+        type_v) apply to every session of the model, over what its caller asks."""
         self.layout: MoeLayout = read_layout(path)  # a clear error for a bad file, before llama.cpp sees it
         self.path = self.layout.path
         self.rpc_servers = rpc.parse_endpoints(rpc_servers)
@@ -83,7 +107,18 @@ class Model:
         params.n_gpu_layers = n_gpu_layers
         if tensor_split is not None:
             params.tensor_split = _tensor_split(tensor_split)
+        params.load_mode = LOAD_MODES[bool(mmap), bool(mlock)]
+        # llama.cpp reads the override array and its patterns while loading: both live as long as the model
+        self._tensor_overrides = options.buft_overrides(tensor_overrides)
+        if self._tensor_overrides is not None:
+            params.tensor_buft_overrides = ctypes.cast(self._tensor_overrides[0], ctypes.c_void_p)
         _apply_params(params, model_params, "model")
+        if chat_template is not None and not chat_template.strip():
+            raise InputError("the chat template is empty: give a template name or a jinja file")
+        self._template_override = chat_template
+        self._template_origin = chat_template_origin
+        self.system_prompt = system_prompt
+        self.session_settings = dict(session_settings or {})
         self.verbose = verbose
         binding.set_verbose(verbose)  # llama.cpp's log is process-wide: the last model loaded decides
         self._closed = True  # until loaded
@@ -175,35 +210,94 @@ class Model:
     def metadata(self) -> dict[str, str]:
         return self._model.metadata()
 
+    @functools.cached_property
+    def head_widths(self) -> tuple[int, int]:
+        """The width of one attention head's K and V (what a quantized cache's blocks must divide)."""
+        meta, arch = self.metadata, self.layout.arch
+        heads = int(meta.get(f"{arch}.attention.head_count", 0) or 0)
+        default = int(meta.get(f"{arch}.embedding_length", 0) or 0) // heads if heads else 0
+        return tuple(int(meta.get(f"{arch}.attention.{kind}_length", default) or default)  # type: ignore[return-value]
+                     for kind in ("key", "value"))
+
     @property
     def chat_template(self) -> str | None:
+        """The model's own chat template (tokenizer.chat_template), or None."""
         return self.metadata.get("tokenizer.chat_template")
 
-    def format_chat(self, messages: Sequence[dict[str, str]]) -> str:
-        """The conversation in the model's own chat template, ready for the assistant's turn.
+    @property
+    def template_fallback(self) -> bool:
+        """Whether conversations get ChatML because the model has no template and none was given (llama.cpp's
+        fallback; the CLI says so once)."""
+        return self._template_override is None and not self.chat_template
 
-        A model without a template gets the messages' plain text, one per line.
-        """
-        template = self.chat_template
-        if not template:
-            return _plain_text(messages)
-        formatter = llama_chat_format.Jinja2ChatFormatter(
-            template=template, eos_token=self._token_text(llama.llama_vocab_eos(self._model.vocab)),
-            bos_token=self._token_text(self.bos_token), add_generation_prompt=True)
-        return formatter(messages=list(messages)).prompt
+    @functools.cached_property
+    def _formatter(self) -> tuple[str, Callable[[list[dict]], str]]:
+        """(the template as errors name it, messages -> the prompt text ready for the assistant's turn)."""
+        given = self._template_override
+        if given in BUILTIN_TEMPLATES:
+            render = getattr(llama_chat_format, BUILTIN_TEMPLATES[given])
+            return f"the built-in template {given}", lambda messages: render(messages=messages).prompt
+        if given == "chatml":
+            name, source = "the built-in template chatml", CHATML
+        elif given is not None:
+            name, source = f"the chat template {self._template_origin or '(--chat-template)'}", given
+        elif self.chat_template:
+            name, source = f"the chat template of {self.path.name}", self.chat_template
+        else:
+            name, source = f"ChatML (the fallback: {self.path.name} has no chat template)", CHATML
+        try:
+            formatter = llama_chat_format.Jinja2ChatFormatter(
+                template=source, eos_token=self._token_text(llama.llama_vocab_eos(self._model.vocab)),
+                bos_token=self._token_text(self.bos_token), add_generation_prompt=True)
+        except Exception as err:  # a template is code from the file: any failure is its own
+            raise ChatTemplateError(f"{name} cannot be read ({_one_line(err)}); {TEMPLATE_FIX}") from None
+        return name, lambda messages: formatter(messages=messages).prompt
+
+    def format_chat(self, messages: Sequence[dict[str, str]]) -> str:
+        """The conversation in the chat template (the one given, else the model's own, else ChatML as llama.cpp
+        falls back), ready for the assistant's turn. A template that fails raises ChatTemplateError naming it,
+        why, and the way out."""
+        name, render = self._formatter
+        try:
+            return render(self._with_system(messages))
+        except Exception as err:  # raise_exception(), an unknown filter, a type error inside the template, …
+            raise ChatTemplateError(f"{name} failed on this conversation ({_one_line(err)}); {TEMPLATE_FIX}") from None
+
+    def prompt_text(self, conversation: str | Sequence[dict[str, str]], *, chat: bool = True) -> str:
+        """The text a conversation (one user message as text, or messages) becomes: through the chat template
+        with ``chat`` (format_chat), else the messages' plain text (one per line)."""
+        messages = [{"role": "user", "content": conversation}] if isinstance(conversation, str) else conversation
+        return self.format_chat(messages) if chat else _plain_text(self._with_system(messages))
 
     def prompt_tokens(self, conversation: str | Sequence[dict[str, str]], *, chat: bool = True) -> list[int]:
-        """What the model is given for a conversation (one user message as text, or messages), ready for the
-        assistant's turn: the one path from a conversation to tokens, which every command takes.
+        """What the model is given for a conversation, ready for the assistant's turn: the one path from a
+        conversation to tokens, which every command takes.
 
-        With ``chat``, the chat template's text (format_chat), else the plain text; tokenized with a BOS token
-        where the vocabulary asks for one (tokenizer.ggml.add_bos_token) unless the text starts with it
-        already, as templates that write ``{{ bos_token }}`` do.
+        The text of prompt_text, tokenized with a BOS token where the vocabulary asks for one
+        (tokenizer.ggml.add_bos_token) unless the text starts with it already, as templates that write
+        ``{{ bos_token }}`` do.
         """
-        messages = [{"role": "user", "content": conversation}] if isinstance(conversation, str) else conversation
-        text = self.format_chat(messages) if chat else _plain_text(messages)
+        text = self.prompt_text(conversation, chat=chat)
         bos = self._token_text(self.bos_token)
         return self.tokenize(text, add_bos=not (bos and text.startswith(bos)))
+
+    def reply_message(self, reply: str) -> dict[str, str]:
+        """The assistant's reply as the conversation keeps it for the next turn, by its template's rules: a
+        harmony (gpt-oss) reply keeps its final channel's content, the analysis channel is dropped (gpt-oss's
+        template refuses channel tokens in earlier turns' content)."""
+        if HARMONY_CHANNEL in reply:
+            _, final, content = reply.rpartition(HARMONY_FINAL)
+            content = content if final else ""  # cut short while thinking: nothing final to keep
+            for end in HARMONY_ENDS:
+                content = content.split(end)[0]
+            reply = content
+        return {"role": "assistant", "content": reply}
+
+    def _with_system(self, messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+        messages = list(messages)
+        if self.system_prompt and not (messages and messages[0].get("role") == "system"):
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        return messages
 
     def _token_text(self, token: int) -> str:
         return self._model.token_get_text(token) if token >= 0 else ""
@@ -218,6 +312,10 @@ class Model:
             return None
         opener = self.tokenize("<|channel|>analysis<|message|>" if harmony else "<think>", add_bos=False)
         return ThinkMarkers(tuple(opener), self.tokenize(specials[-1], add_bos=False)[0])
+
+    def phase_tracker(self, prompt: Sequence[int] = ()) -> "PhaseTracker":
+        """Follows a generation from this prompt on, token by token, to the steering phase of each decode."""
+        return PhaseTracker(self.think_markers, prompt)
 
     def session(self, **ctx_params) -> "Session":
         self._require_open()
@@ -240,6 +338,14 @@ def opened(model: "Model | str | os.PathLike", **options) -> Iterator["Model"]:
         return
     with Model(model, **options) as m:
         yield m
+
+
+def open_model(path: str | os.PathLike, model_options: ModelOptions | None = None, **model_params) -> Model:
+    """The model at ``path`` loaded with a command's options (mote_local.engine.options): placement, memory,
+    chat template and system prompt, and the context settings its sessions open with."""
+    o = model_options or ModelOptions()
+    return Model(path, **o.load.model_kwargs(), **o.chat.model_kwargs(),
+                 session_settings=o.context.session_settings(), **model_params)
 
 
 # llama.cpp's llama_expert_gating_func_type
@@ -267,6 +373,11 @@ class LayerRouter:
 def _plain_text(messages: Sequence[dict[str, str]]) -> str:
     """A conversation without a template: the messages' text, one per line (a single prompt stays as it is)."""
     return "\n".join(m["content"] for m in messages)
+
+
+def _one_line(err: Exception) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 @dataclass(frozen=True)
@@ -303,6 +414,21 @@ class ThinkTracker:
         if tuple(self._recent) == self.markers.opener:
             self.inside = True
             self._recent.clear()
+
+
+class PhaseTracker:
+    """The steering phase of each decode of a generation: thinking while the tokens are inside the model's
+    thinking markers (from the prompt on, where the template opens the span), else decode."""
+
+    def __init__(self, markers: ThinkMarkers | None, prompt: Sequence[int] = ()):
+        self._thinking = markers.tracker(prompt) if markers is not None else None
+
+    def after(self, token: int) -> Scope:
+        """The phase of the decode that reads ``token``, the generation's next."""
+        if self._thinking is None:
+            return Scope.DECODE
+        self._thinking.feed(token)
+        return Scope.THINKING if self._thinking.inside else Scope.DECODE
 
 
 @dataclass
@@ -426,14 +552,24 @@ class Session:
 
     def __init__(self, model: Model, *, n_ctx: int = 512, n_batch: int = 512, n_ubatch: int | None = None,
                  n_seq_max: int = 1, n_threads: int | None = None, flash_attn: str = "auto", **ctx_params):
+        """The model's session_settings (what its user chose: -b, -ub, -fa, -ctk, -ctv) win over the caller's;
+        type_k / type_v are ggml types (options.KV_CACHE_TYPES)."""
+        chosen = model.session_settings
+        n_batch, n_ubatch = chosen.get("n_batch", n_batch), chosen.get("n_ubatch", n_ubatch)
+        flash_attn = chosen.get("flash_attn", flash_attn)
+        ctx_params = {**ctx_params, **{k: chosen[k] for k in ("type_k", "type_v") if k in chosen}}
         if flash_attn not in FLASH_ATTN:
             raise InputError(f"flash_attn must be one of {', '.join(FLASH_ATTN)}, got {flash_attn!r}")
+        options.check_cache_types(ctx_params.get("type_k"), ctx_params.get("type_v"), *model.head_widths,
+                                  model.path.name)
         self.model = model
         params = llama.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = n_batch
         params.n_ubatch = n_ubatch or min(n_batch, 512)
         params.n_seq_max = n_seq_max
+        if n_seq_max > n_batch:  # llama.cpp's output buffer holds a row per sequence: sized to n_batch, it aborts
+            params.n_outputs_max = n_seq_max
         threads = n_threads or model.n_threads or max(1, os.cpu_count() or 1)
         params.n_threads = params.n_threads_batch = threads
         params.flash_attn_type = FLASH_ATTN[flash_attn]
@@ -443,7 +579,8 @@ class Session:
             self._ctx = llama_internals.LlamaContext(model=model._model, params=params, verbose=model.verbose)
         except ValueError as err:
             raise EngineError(f"llama.cpp could not create a context ({err}); try a smaller context size "
-                              "(n_ctx, -c/--ctx-size)") from None
+                              f"({options.CONTEXT_FLAG}; n_ctx in Python), or see llama.cpp's reason with "
+                              "--verbose") from None
         self._ctx_ptr = self._ctx.ctx
         model.check_servers()
         self._lock = threading.RLock()
@@ -452,6 +589,7 @@ class Session:
         # llama.cpp may adjust what was asked for (e.g. n_batch is capped by n_ctx)
         self.n_ctx = self._ctx.n_ctx()
         self.n_batch = llama.llama_n_batch(self._ctx_ptr)
+        self.n_ubatch = llama.llama_n_ubatch(self._ctx_ptr)
         self.n_seq_max = llama.llama_n_seq_max(self._ctx_ptr)
         self._profile = Profile()
         self._seq_profiles: dict[int, Profile] = {}
@@ -609,24 +747,28 @@ class Session:
                keep_logits: bool = True) -> np.ndarray | None:
         """Decodes (seq_id, tokens, first position) sequences together, in chunks of n_batch tokens.
 
-        outputs="all" returns logits for every token (and routes every token in every layer, which
-        capture needs, so it is forced while capturing); "last" only for each sequence's last token.
-        Returns [n_outputs, n_vocab]; with keep_logits=False nothing is copied out and None is returned
-        (routing only: memory then does not grow with the vocabulary or the number of tokens).
+        outputs="all" returns logits for every token; "last" only for each sequence's last token (while
+        capturing, every token is still an output of the engine, since the last layer routes only outputs,
+        and the rows asked for are returned). Returns [n_outputs, n_vocab]; with keep_logits=False nothing is
+        copied out and None is returned (routing only: memory then does not grow with the vocabulary or the
+        number of tokens).
         """
-        if self.capturing:
-            outputs = "all"  # the last layer routes only output tokens: every counted token must be one
+        if outputs not in ("all", "last"):
+            raise InputError(f"outputs is 'all' or 'last', got {outputs!r}")
+        every = outputs == "all" or self.capturing
         flat: list[tuple[int, int, int, bool]] = []  # (token, pos, seq_id, output)
+        wanted: list[bool] = []  # per output row: whether the caller asked for it
         for seq_id, tokens, pos0 in sequences:
             if not 0 <= seq_id < self.n_seq_max:
                 raise InputError(f"sequence id {seq_id} is out of range: this session has n_seq_max={self.n_seq_max}")
-            if pos0 + len(tokens) > self.n_ctx:
-                raise InputError(f"sequence {seq_id} needs {pos0 + len(tokens)} positions but the context holds "
-                                 f"{self.n_ctx}: raise n_ctx or shorten the prompt")
+            require_fit(pos0 + len(tokens), self.n_ctx, f"sequence {seq_id}")
             for i, t in enumerate(tokens):
                 if not 0 <= int(t) < self.model.n_vocab:
                     raise InputError(f"token id {t} is out of range for a vocabulary of {self.model.n_vocab}")
-                flat.append((int(t), pos0 + i, seq_id, outputs == "all" or i == len(tokens) - 1))
+                last = i == len(tokens) - 1
+                flat.append((int(t), pos0 + i, seq_id, every or last))
+                if every or last:
+                    wanted.append(outputs == "all" or last)
         if not flat:
             raise InputError("nothing to decode: no tokens given")
         logits = []
@@ -652,7 +794,10 @@ class Session:
             batch.close()
         if not keep_logits:
             return None
-        return np.concatenate(logits) if logits else np.zeros((0, self.model.n_vocab), dtype=np.float32)
+        if not logits:
+            return np.zeros((0, self.model.n_vocab), dtype=np.float32)
+        rows = np.concatenate(logits)
+        return rows if all(wanted) else rows[np.asarray(wanted)]
 
     def _check_sequence_count(self, n: int) -> None:
         if n > self.n_seq_max:
@@ -699,8 +844,6 @@ class Session:
             self._set_phase(Scope.PREFILL)
             self.reset()
             logits = self.decode([(i, p, 0) for i, p in enumerate(prompts)], outputs="last")
-            if len(logits) != len(prompts):  # capture made every token an output: keep each last row
-                logits = logits[np.cumsum([len(p) for p in prompts]) - 1]
             live = list(range(len(prompts)))
             self._set_phase(Scope.DECODE)
             for _ in range(max_tokens):
@@ -725,9 +868,11 @@ class Session:
 
     @_serialised
     def generate(self, prompt: str | Sequence[int], *, max_tokens: int = 32, temperature: float = 0.0,
-                 top_k: int = 40, top_p: float = 0.95, seed: int = 0, add_bos: bool = True,
-                 on_token: Callable[[str], None] | None = None) -> Generation:
-        """Greedy (temperature 0) or seeded sampled continuation of a fresh sequence.
+                 top_k: int = 40, top_p: float = 0.95, min_p: float = 0.0, repeat_penalty: float = 1.0,
+                 seed: int = 0, add_bos: bool = True, on_token: Callable[[str], None] | None = None) -> Generation:
+        """Greedy (temperature 0) or seeded sampled continuation of a fresh sequence, through llama.cpp's
+        sampler chain in its order: repeat penalty (over the last 64 tokens, the prompt's included; 1: off),
+        then greedy, or top-k (0: off), top-p, min-p (0: off), temperature and a seeded draw.
 
         on_token receives the generated text as it comes (streaming), in whole characters: a character
         whose bytes span tokens arrives once complete. Thinking-scoped steering applies while the tokens
@@ -738,18 +883,24 @@ class Session:
         if not prompt_tokens:
             raise InputError("the prompt is empty")
         sampler = llama_internals.LlamaSampler()
+        if repeat_penalty != 1.0:
+            sampler.add_penalties(self.model.n_vocab, REPEAT_LAST_N, repeat_penalty, 0.0, 0.0)
+            for token in prompt_tokens:
+                sampler.accept(token)
         if temperature <= 0:
             sampler.add_greedy()
         else:
-            sampler.add_top_k(top_k)
+            if top_k > 0:
+                sampler.add_top_k(top_k)
             sampler.add_top_p(top_p, 1)
+            if min_p > 0:
+                sampler.add_min_p(min_p, 1)
             sampler.add_temp(temperature)
             sampler.add_dist(seed)
         self.reset()
         out: list[int] = []
         interrupted = False
-        markers = self.model.think_markers
-        thinking = markers.tracker(prompt_tokens) if markers is not None else None
+        phases = self.model.phase_tracker(prompt_tokens)
         text = codecs.getincrementaldecoder("utf-8")("replace")
         try:
             self._set_phase(Scope.PREFILL)
@@ -765,9 +916,7 @@ class Session:
                     on_token(piece)
                 if pos >= self.n_ctx:
                     break
-                if thinking is not None:
-                    thinking.feed(token)
-                self._set_phase(Scope.THINKING if thinking is not None and thinking.inside else Scope.DECODE)
+                self._set_phase(phases.after(token))
                 self.decode([(0, [token], pos)])
                 pos += 1
         except KeyboardInterrupt:

@@ -60,20 +60,29 @@ def probe(endpoint: str, timeout_ms: int = PROBE_TIMEOUT_MS) -> None:
     binding.rpc_probe(endpoint, timeout_ms)
 
 
+def parse_tensor_split(values: str) -> list[float]:
+    """-ts's proportions from a comma list."""
+    try:
+        return [float(v) for v in values.split(",")]
+    except ValueError:
+        raise InputError(f"--tensor-split takes proportions such as 3,1 (one per device: the rpc servers in "
+                         f"order, then local GPUs), got {values!r}") from None
+
+
 def placement(n_gpu_layers: int | None, servers: str | None, tensor_split: str | None) -> dict:
-    """Model's keyword arguments from the command line's -ngl, --rpc and -ts (comma lists): with servers
-    and no -ngl every layer is offloaded, as llama.cpp users expect of --rpc."""
+    """Model's keyword arguments from `mote serve`'s -ngl, --rpc and -ts (comma lists): with servers and no -ngl
+    every layer is offloaded, as llama.cpp users expect of --rpc. (The other commands take these flags through
+    mote_local.engine.options.LoadOptions.)"""
     endpoints = parse_endpoints(servers) if servers is not None else []
-    split = None
-    if tensor_split is not None:
-        try:
-            split = [float(v) for v in tensor_split.split(",")]
-        except ValueError:
-            raise InputError(f"--tensor-split takes proportions such as 3,1 (one per device: the rpc servers in "
-                             f"order, then local GPUs), got {tensor_split!r}") from None
+    split = parse_tensor_split(tensor_split) if tensor_split is not None else None
+    return {"n_gpu_layers": offloaded_layers(n_gpu_layers, endpoints), "rpc_servers": endpoints, "tensor_split": split}
+
+
+def offloaded_layers(n_gpu_layers: int | None, endpoints: Sequence[str]) -> int:
+    """-ngl, whose default is 0 on this machine and every layer with rpc servers."""
     if n_gpu_layers is None:
-        n_gpu_layers = ALL_LAYERS if endpoints else 0
-    return {"n_gpu_layers": n_gpu_layers, "rpc_servers": endpoints, "tensor_split": split}
+        return ALL_LAYERS if endpoints else 0
+    return n_gpu_layers
 
 
 def attach(endpoints: list[str]):

@@ -13,7 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
-from mote_local.engine.model import Model
+from mote_local.engine.model import Model, open_model
+from mote_local.engine.options import ModelOptions, require_fit
 from mote_local.errors import MoteError
 from mote_local.ftri.stats import OUTPUT_METHODS, Activations, FtriResult, analyse
 from mote_local.progress import progress_bar
@@ -35,9 +36,10 @@ LOGITS_BUFFER_BYTES = 64 * 2**20
 
 
 
-def open_capture_model(path: str | os.PathLike, **options) -> Model:
-    """The model loaded the way capture runs fastest (CAPTURE_MODEL_OPTIONS under the caller's options)."""
-    return Model(path, **{**CAPTURE_MODEL_OPTIONS, **options})
+def open_capture_model(path: str | os.PathLike, model_options: ModelOptions | None = None, **model_params) -> Model:
+    """The model loaded with a command's options (engine.options) the way capture runs fastest
+    (CAPTURE_MODEL_OPTIONS under the caller's own parameters)."""
+    return open_model(path, model_options, **{**CAPTURE_MODEL_OPTIONS, **model_params})
 
 
 @dataclass
@@ -47,11 +49,6 @@ class CaptureRun:
     scope: str
     partial: bool                # interrupted: only the prompts captured so far
     texts: list[str]             # what was fed to the model (after the chat template)
-
-
-def _prompt_text(model: Model, prompt: Prompt, chat: bool) -> str:
-    """The text the model is given for a prompt (recorded; the tokens come from model.prompt_tokens)."""
-    return model.format_chat([{"role": "user", "content": prompt.text}]) if chat else prompt.text
 
 
 def _sequences(model: Model, prompts: Sequence[Prompt], scope: str, chat: bool, n_ctx: int, max_new_tokens: int
@@ -66,12 +63,10 @@ def _sequences(model: Model, prompts: Sequence[Prompt], scope: str, chat: bool, 
     spans: list[tuple[int, int]] = []
     texts: list[str] = []
     for p in prompts:
-        text = _prompt_text(model, p, chat)
+        text = model.prompt_text(p.text, chat=chat)
         toks = model.prompt_tokens(p.text, chat=chat)
-        if len(toks) + (max_new_tokens if generating else 0) > n_ctx:
-            raise MoteError(f"prompt {len(texts) + 1} ({p.cls}: {p.text[:40]!r}…) needs "
-                            f"{len(toks)} tokens{' plus the generation' if generating else ''}, more than "
-                            f"the context of {n_ctx}: shorten it or raise --ctx-size")
+        require_fit(len(toks) + (max_new_tokens if generating else 0), n_ctx,
+                    f"the prompt {p.describe()}{' with its generation' if generating else ''}")
         texts.append(text)
         if scope == "target":
             if p.response is None:
