@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Generator, Iterator, Sequence
 
 import numpy as np
 
@@ -82,7 +82,8 @@ class _Sampler:
         self._chain.add_temp(r.temperature)
         self._chain.add_dist(r.seed)
         self._data = (llama.llama_token_data * n_vocab)()
-        self._rows = np.frombuffer(self._data, dtype=_TOKEN_DATA)
+        # numpy's stubs list no ctypes array among buffers, though it exports the buffer protocol
+        self._rows = np.frombuffer(self._data, dtype=_TOKEN_DATA)  # type: ignore[call-overload]
         self._ids = np.arange(n_vocab, dtype=np.int32)
 
     def sample(self, row: np.ndarray) -> int:
@@ -101,8 +102,7 @@ class _Sampler:
 @dataclass
 class _Slot:
     seq_id: int
-    index: int = -1                  # the request it serves (-1: free)
-    request: Request | None = None
+    index: int = -1                  # the request it serves, into _Run.requests (-1: free)
     key: tuple = ()                  # (prompt, prefill key): who may share its prefill
     feed: list[int] = field(default_factory=list)
     pos: int = 0
@@ -116,10 +116,10 @@ class _Slot:
 
     @property
     def busy(self) -> bool:
-        return self.request is not None
+        return self.index >= 0
 
 
-def plan_batch(ready: Sequence, budget: int) -> list[tuple[object, int]]:
+def plan_batch(ready: Sequence[_Slot], budget: int) -> list[tuple[_Slot, int]]:
     """(slot, number of its fed tokens) decoded together in the next step: one token for every slot that is
     generating, then the prompts of the others, the longest waiting first, within ``budget`` tokens in all
     (every generating slot is served even past the budget; a prompt may be cut, and goes on next step).
@@ -177,7 +177,7 @@ class _Run:
                 continue
             index = self.queue.pop()
             r = self.requests[index]
-            slot.index, slot.request = index, r
+            slot.index = index
             slot.key = (r.prompt, prefill_key(r.steering))
             slot.out, slot.served = [], self.step
             slot.thinking = self.markers.tracker(r.prompt) if self.markers is not None else None
@@ -199,7 +199,7 @@ class _Run:
                 slot.feed, slot.pos, slot.prefilling = list(r.prompt), 0, True
 
     def _copy(self, src: _Slot, dst: _Slot, done: list) -> None:
-        n = len(dst.request.prompt)
+        n = len(self.requests[dst.index].prompt)
         memory = self.s._ctx.memory
         llama.llama_memory_seq_cp(memory, src.seq_id, dst.seq_id, -1, -1)  # between streams: all of it
         llama.llama_memory_seq_rm(memory, dst.seq_id, n, -1)               # then only the prompt
@@ -231,7 +231,7 @@ class _Run:
                 self._advance(slot, row, done)
 
     def _advance(self, slot: _Slot, row: np.ndarray, done: list) -> None:
-        r = slot.request
+        r = self.requests[slot.index]
         token = int(np.argmax(row)) if slot.sampler is None else slot.sampler.sample(row)
         if self.model.is_eog(token):
             self._finish(slot, done)
@@ -254,7 +254,7 @@ class _Run:
 
     def _finish(self, slot: _Slot, done: list) -> None:
         done.append((slot.index, Generation(self.model.detokenize(slot.out), list(slot.out),
-                                            list(slot.request.prompt))))
+                                            list(self.requests[slot.index].prompt))))
         self._release(slot)
 
     def _release(self, slot: _Slot) -> None:
@@ -268,10 +268,11 @@ class _Run:
         self.s.forget(slot.seq_id)
         if slot.sampler is not None:
             slot.sampler.close()
-        slot.request, slot.index, slot.sampler, slot.feed = None, -1, None, []
+        slot.index, slot.sampler, slot.feed = -1, None, []
 
 
-def generate_many(session: Session, requests: Sequence[Request]) -> Iterator[list[tuple[int, Generation]]]:
+def generate_many(session: Session,
+                  requests: Sequence[Request]) -> Generator[list[tuple[int, Generation]], None, None]:
     """Generates every request in ``session``, ``session.n_seq_max`` at a time (a session with a KV stream per
     sequence, ``kv_unified=False``): after each decode step, yields the
     requests that finished in it as (index into ``requests``, Generation). Closing the iterator early (or
@@ -289,7 +290,8 @@ def logits_many(session: Session, sequences: Sequence[tuple[Sequence[int], Profi
     capacity = seq_capacity(session)
     i = 0
     while i < len(sequences):
-        group, tokens = [], 0
+        group: list[int] = []
+        tokens = 0
         while i < len(sequences) and len(group) < session.n_seq_max:
             n = len(sequences[i][0])
             if n > capacity:

@@ -61,7 +61,7 @@ def random_control(entries: Sequence[Entry], layout: MoeLayout, seed: int, *,
     rng = np.random.default_rng(seed)
     last_error = None
     for _ in range(100):
-        out = []
+        out: list[Entry] = []
         for layer in sorted(per_layer):
             drawn = rng.choice(candidates[layer], size=len(per_layer[layer]), replace=False)
             for src, dst in zip(per_layer[layer], drawn):

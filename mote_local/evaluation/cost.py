@@ -121,8 +121,9 @@ class CostSums:
 
 
 def capability_cost(session: Session, chunks: Sequence[Sequence[int]],
-                    conditions: Mapping[str, tuple[Sequence[Entry], float]]) -> dict[str, tuple[float, float]]:
-    """{condition: (mean KL(unsteered ‖ steered), perplexity)} over the chunks' positions.
+                    conditions: Mapping[str, tuple[Sequence[Entry], float]]
+                    ) -> dict[str, tuple[float | None, float | None]]:
+    """{condition: (mean KL(unsteered ‖ steered), perplexity)} over the chunks' positions (None: no positions).
 
     ``conditions`` maps a name to (entries, strength); the unsteered reference is computed here, once per chunk.
     Each chunk's reference and its steered runs decode together, as many per decode call as the session's
@@ -131,12 +132,12 @@ def capability_cost(session: Session, chunks: Sequence[Sequence[int]],
     costs = {name: CostSums() for name in conditions}
     steered = [(name, Profile(tuple(entries), strength)) for name, (entries, strength) in conditions.items()
                if entries]
-    sequences = []
+    sequences: list[tuple[Sequence[int], Profile | None]] = []
     for chunk in chunks:
         sequences.append((chunk, None))
         sequences += [(chunk, profile) for _, profile in steered]
     per_chunk = 1 + len(steered)
-    ref = None
+    ref: np.ndarray  # the chunk's unsteered logits: logits_many yields them before its steered ones
     for j, logits in logits_many(session, sequences):
         chunk = chunks[j // per_chunk]
         if j % per_chunk == 0:

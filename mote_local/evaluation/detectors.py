@@ -143,7 +143,7 @@ class JudgeDetector:
             raise DetectorError(f"the judge's batch_size must be 1..256, got {batch_size}")
         self.batch_size = batch_size
         self._owned = not isinstance(model, Model)
-        self.model = Model(model, **model_params) if self._owned else model
+        self.model = model if isinstance(model, Model) else Model(model, **model_params)
         self.question = question
         self.include_prompt = include_prompt
         self.n_ctx = n_ctx

@@ -353,9 +353,12 @@ def summarise(plan: Sequence[Planned], generations: Mapping[str, Sequence[Mappin
                 prompts = sorted(per_prompt)
                 pooled.rate, pooled.ci, _ = clustered_rate_interval([per_prompt[p][0] for p in prompts],
                                                                     [per_prompt[p][1] for p in prompts])
-            if all(r.kl is not None for r in seeds):
-                pooled.kl = float(np.mean([r.kl for r in seeds]))
-                pooled.perplexity = float(math.exp(np.mean([math.log(r.perplexity) for r in seeds])))
+            kls = [r.kl for r in seeds if r.kl is not None]
+            perplexities = [r.perplexity for r in seeds if r.perplexity is not None]
+            if len(kls) == len(seeds):
+                pooled.kl = float(np.mean(kls))
+            if len(perplexities) == len(seeds):
+                pooled.perplexity = float(math.exp(np.mean([math.log(x) for x in perplexities])))
             paired(pooled, runs)
             broken = [r for r in seeds if r.collapsed]
             if broken:
@@ -421,13 +424,13 @@ def evaluate(model: Model | str | os.PathLike, prompts: Sequence[Any], profile_e
         by_prompt = {cname: {g["prompt"]: g for g in outcome.generations[cname]} for cname, _ in sample_conds}
         samples = []
         for i in range(min(n_samples, len(frame.texts))):
-            row = {"prompt": frame.texts[i], "responses": {}, "detected": {}}
+            responses, detected = {}, {}
             for cname, key in sample_conds:
                 g = by_prompt[cname].get(i)
                 if g is not None:
-                    row["responses"][key] = g["text"]
-                    row["detected"][key] = g["detected"]
-            samples.append(row)
+                    responses[key] = g["text"]
+                    detected[key] = g["detected"]
+            samples.append({"prompt": frame.texts[i], "responses": responses, "detected": detected})
         settings = frame.settings(outcome, random_seeds=[r for r, _ in controls])
         return EvalResult(model=str(m.path), conditions=ordered,
                           profile=describe_profile(entries, strength, name, description), settings=settings,

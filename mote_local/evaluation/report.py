@@ -49,7 +49,7 @@ def pct(x: float | None) -> str:
 
 
 def rate_text(c: ConditionResult) -> str:
-    if c.rate is None:
+    if c.rate is None or c.ci is None:  # set together
         return "– (no generations)"
     lo, hi = c.ci
     return f"{pct(c.rate)} [{pct(lo)}, {pct(hi)}]  ({c.hits}/{c.n})"
@@ -60,7 +60,7 @@ def _signed_pct(x: float) -> str:
 
 
 def delta_text(c: ConditionResult) -> str:
-    if c.delta is None:
+    if c.delta is None or c.delta_ci is None:  # set together
         return "–"
     if c.name == "unsteered":
         return "0 (reference)"
@@ -386,7 +386,7 @@ SWEEP_HEADERS = ("N", "evidence", "top N off [95% CI]", "Δ vs unsteered [95% CI
 def _rate_cell(c: ConditionResult | None) -> str:
     if c is None:
         return "skipped"
-    if c.rate is None:
+    if c.rate is None or c.ci is None:  # set together
         return "–"
     text = f"{pct(c.rate)} [{pct(c.ci[0])}, {pct(c.ci[1])}]"
     return f"{text} COLLAPSED" if c.collapsed else text
@@ -418,7 +418,7 @@ def sweep_figure(result: SweepResult, title: str = "mote-local sweep"):
         return None
     ax, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
     u = result.unsteered
-    if u.rate is not None:
+    if u.rate is not None and u.ci is not None:  # set together
         ax.axhline(100 * u.rate, color=COLOURS["unsteered"], lw=1, label="unsteered")
         ax.axhspan(100 * u.ci[0], 100 * u.ci[1], color=COLOURS["unsteered"], alpha=0.15, lw=0)
     series = (("off", "top N off", COLOURS["profile"], "o", -0.04), ("random", "random control", COLOURS["random"], "s", 0.0),

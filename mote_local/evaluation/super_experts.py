@@ -196,7 +196,7 @@ def _find_super_experts(model: Model, text, factor: float, layers, mode: Mode, f
 def _kl_switched_off(model: Model, toks: Sequence[int], experts: Sequence[tuple[int, int]], mode: Mode, desc: str,
                      show_progress: bool | None, n_threads: int | None) -> dict[tuple[int, int], float]:
     """{(layer, expert): mean KL(unsteered ‖ that expert alone switched off)} over the tokens' positions."""
-    out = {}
+    out: dict[tuple[int, int], float] = {}
     with model.session(n_ctx=len(toks) + 8, n_batch=len(toks) + 8, n_threads=n_threads) as s:
         ref = s.logits(toks)
         with progress_bar(len(experts), desc, "expert", show_progress) as bar:
@@ -204,6 +204,7 @@ def _kl_switched_off(model: Model, toks: Sequence[int], experts: Sequence[tuple[
                 s.steer([Entry(il, x, mode)])
                 cost = CostSums()
                 cost.add(ref, s.logits(toks), toks)
+                assert cost.kl is not None  # the callers checked that toks has positions
                 out[(il, x)] = cost.kl
                 bar.update(1)
     return out
