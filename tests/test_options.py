@@ -21,7 +21,9 @@ from mote_local.prompts import load_prompt_set
 from mote_local.steering.entries import Entry, Mode
 from mote_local.synthetic import planted, real_vocab
 
-from test_cli import PROMPT, TRIGGER, private_cache  # noqa: F401 (a fixture shared with the CLI tests)
+PROMPT = "what happened in the city yesterday"
+pytestmark = pytest.mark.usefixtures("private_cache")
+
 
 SDIST_TEMPLATES = "vendor/llama.cpp/models/templates"
 
@@ -124,7 +126,7 @@ def test_sampling_flags_reach_the_sampler(tiny_path):
 def test_chat_has_the_sampling_flags(planted_files):
     path = planted_files[0]
     r = mote("chat", path, "-n", 8, "--temp", "50", "--seed", 1, "--top-k", 1, "--top-p", 0.5, "--min-p", 0.1,
-             "--repeat-penalty", 1.0, input=TRIGGER + "\n/quit\n")
+             "--repeat-penalty", 1.0, input=planted.EXAMPLE_TRIGGER + "\n/quit\n")
     assert r.exit_code == 0 and planted.REFUSAL_TEXT in r.output  # top-k 1 is greedy whatever the temperature
 
 
@@ -146,7 +148,7 @@ def test_model_by_m_hf_and_ollama_name(planted_files, monkeypatch):
     asked = []
     fake_hub(monkeypatch, resolve_hf=lambda spec, **kw: asked.append(("hf", spec)) or path,
              resolve_model=lambda name: asked.append(("name", name)) or path)
-    outputs = [mote("run", *source, "--chat", "-p", TRIGGER, "-n", -1).output
+    outputs = [mote("run", *source, "--chat", "-p", planted.EXAMPLE_TRIGGER, "-n", -1).output
                for source in (["-m", path], ["-hf", "org/planted-GGUF:Q8_0"], ["ollama:planted:latest"],
                               ["-m", "ollama:planted"])]
     assert all(planted.REFUSAL_TEXT in o for o in outputs), outputs
