@@ -38,6 +38,8 @@ std::mutex  g_gone_mutex;
 std::string g_gone; // set once, by whichever thread sees the loss first
 server_model g_model;
 
+// the request fields mote-local adds
+const char * const kFields[] = { "steering", "return_routing", "routing_detail" };
 const char * const kModes[]  = { "mask", "drop", "force", "bias", "gain" };
 const char * const kScopes[] = { "all", "prefill", "decode", "thinking" };
 
@@ -319,9 +321,17 @@ const std::string & gone() {
     return g_gone;
 }
 
+void carry_fields(const json & from, json & to) {
+    for (const char * key : kFields) {
+        if (from.contains(key)) {
+            to[key] = from.at(key);
+        }
+    }
+}
+
 std::shared_ptr<const request> parse_request(const json & request_body) {
     njson body = njson::object();
-    for (const char * key : { "steering", "return_routing", "routing_detail" }) {
+    for (const char * key : kFields) {
         if (request_body.contains(key) && !request_body.at(key).is_null()) {
             body[key] = njson::parse(request_body.at(key).dump());
         }
@@ -551,7 +561,9 @@ json with_routing(json response, const json & routing) {
         return response;
     }
     if (response.is_array() && !response.empty()) {
-        response.back()["routing"] = routing;
+        // chunks, or the events of the Anthropic and Responses streams ({"event", "data"})
+        json & last = response.back();
+        (last.contains("event") && last.contains("data") ? last["data"] : last)["routing"] = routing;
     } else if (response.is_object()) {
         response["routing"] = routing;
     }

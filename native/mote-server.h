@@ -48,6 +48,9 @@ void init(llama_context * ctx);
 // Invalid input throws std::invalid_argument with one line (an HTTP 400 before any slot starts).
 std::shared_ptr<const request> parse_request(const json & body);
 
+// Copies those fields from a request body into the body llama-server converts it to (Anthropic's /v1/messages).
+void carry_fields(const json & from, json & to);
+
 // Outputs a slot's prompt tokens need: with routing, every prompt token is an output, so that the last
 // layer (where llama.cpp computes only output rows) routes all of them.
 bool prompt_outputs(const slot_state & slot);

@@ -7,7 +7,9 @@ model: a tiny qwen3moe with Qwen3's real vocabulary and chat template that the p
 (mote_local/synthetic/real_vocab.py). No test or assertion is edited. Each binary runs the same files; the
 result is a per-file table of passes and the tests whose outcome differs.
 
-    python tools/server_suite.py run --bin stock=PATH --bin mote=PATH [--files test_basic.py …] [--out DIR]
+    python tools/server_suite.py run --bin stock=PATH --bin mote=PATH [--files test_basic.py …] [--slow] [--out DIR]
+
+As upstream's tests.sh by default, the tests marked slow are left out unless --slow is given.
 
 `mote` may be the installed server (python -c "from mote_local.serve.launcher import server_binary; …").
 """
@@ -69,10 +71,13 @@ def local_model(dest: Path) -> Path:
     return tiny.tiny_model("qwen3moe", cache_dir=dest, vocab="qwen3")
 
 
-def run_suite(suite: Path, binary: Path, model: Path, files: list[str], junit: Path, timeout: int) -> None:
-    env = {"LLAMA_SERVER_BIN_PATH": str(binary), "MOTE_SUITE_MODEL": str(model), "LLAMA_CACHE": str(suite / "tmp")}
+def run_suite(suite: Path, binary: Path, model: Path, files: list[str], junit: Path, timeout: int,
+              slow: bool, port: int) -> None:
+    env = {"LLAMA_SERVER_BIN_PATH": str(binary), "MOTE_SUITE_MODEL": str(model), "LLAMA_CACHE": str(suite / "tmp"),
+           "PORT": str(port)}
     cmd = [sys.executable, "-m", "pytest", "-p", "mote_suite_plugin", "-q", "-o", "addopts=", "-p", "no:cacheprovider",
-           f"--junitxml={junit}", f"--timeout={timeout}", *[f"unit/{f}" for f in files]]
+           f"--junitxml={junit}", f"--timeout={timeout}", *([] if slow else ["-m", "not slow"]),
+           *[f"unit/{f}" for f in files]]
     subprocess.run(cmd, cwd=suite, env=os.environ | env)
 
 
@@ -105,25 +110,7 @@ def table(results: dict[str, dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run")
-    run.add_argument("--bin", action="append", required=True, metavar="NAME=PATH", help="a server binary; repeatable")
-    run.add_argument("--files", nargs="*", default=None, help="test files (default: every file of unit/)")
-    run.add_argument("--out", type=Path, default=Path("build/server-suite"))
-    run.add_argument("--timeout", type=int, default=300, help="seconds per test")
-    args = ap.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    suite = extract(args.out / "suite")
-    model = local_model(args.out)
-    files = args.files or sorted(p.name for p in (suite / "unit").glob("test_*.py"))
-    results = {}
-    for item in args.bin:
-        name, _, path = item.partition("=")
-        junit = args.out / f"{name}.xml"
-        run_suite(suite, Path(path).resolve(), model, files, junit, args.timeout)
-        results[name] = outcomes(junit)
+def report(results: dict[str, dict[str, str]]) -> None:
     print(table(results))
     if len(results) >= 2:
         base, other = list(results)[:2]
@@ -135,6 +122,35 @@ def main(argv: list[str] | None = None) -> int:
         kept = sum(results[other].get(t) == "passed" for t in passed)
         print(f"\nof the {len(passed)} tests {base} passes, {other} passes {kept} "
               f"({100 * kept / max(1, len(passed)):.1f}%)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the suite against each binary, then report")
+    run.add_argument("--bin", action="append", required=True, metavar="NAME=PATH", help="a server binary; repeatable")
+    run.add_argument("--files", nargs="*", default=None, help="test files (default: every file of unit/)")
+    run.add_argument("--out", type=Path, default=Path("build/server-suite"))
+    run.add_argument("--timeout", type=int, default=300, help="seconds per test")
+    run.add_argument("--slow", action="store_true", help="also the tests marked slow (upstream's tests.sh skips them)")
+    run.add_argument("--port", type=int, default=8080, help="the port the servers listen on")
+    rep = sub.add_parser("report", help="the table of earlier runs")
+    rep.add_argument("--xml", action="append", required=True, metavar="NAME=JUNIT")
+    args = ap.parse_args(argv)
+    if args.command == "report":
+        report({n: outcomes(Path(x)) for n, _, x in (item.partition("=") for item in args.xml)})
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    suite = extract(args.out / "suite")
+    model = local_model(args.out)
+    files = args.files or sorted(p.name for p in (suite / "unit").glob("test_*.py"))
+    results = {}
+    for item in args.bin:
+        name, _, path = item.partition("=")
+        junit = args.out / f"{name}.xml"
+        run_suite(suite, Path(path).resolve(), model, files, junit, args.timeout, args.slow, args.port)
+        results[name] = outcomes(junit)
+    report(results)
     return 0
 
 
