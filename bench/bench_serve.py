@@ -67,7 +67,7 @@ def build(jobs: int) -> Path:
     shutil.copy(REPO / "tools" / "upstream.py", STOCK_PROJECT / "tools" / "upstream.py")
     shutil.copy(REPO / "native" / "mote.h", STOCK_PROJECT / "native" / "mote.h")
     cmake = (REPO / "CMakeLists.txt").read_text()
-    cmake = re.sub(r"^target_sources\((llama|ggml-rpc|server-context) PRIVATE native/.*\)\n", "", cmake, flags=re.M)
+    cmake = re.sub(r"^ *target_sources\((llama|ggml-rpc|server-context) PRIVATE native/.*\)\n", "", cmake, flags=re.M)
     (STOCK_PROJECT / "CMakeLists.txt").write_text(cmake)
     # the engine's build directory name (scikit-build-core's build-dir = build/{wheel_tag}): the same relative paths
     tag = f"cp{sys.version_info.major}{sys.version_info.minor}"

@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         report({n: outcomes(Path(x)) for n, _, x in (item.partition("=") for item in args.xml)})
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
+    args.out = args.out.resolve()  # the suite runs in its own directory
     suite = extract(args.out / "suite")
     model = local_model(args.out)
     files = args.files or sorted(p.name for p in (suite / "unit").glob("test_*.py"))
