@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""`mote serve` under load vs stock llama-server, on loopback, in one run.
+"""`mote serve` (llama-server built with mote-local's engine) under load vs stock llama-server, on loopback.
 
 Both servers serve the same GGUF (a mid-size random MoE from the project's factory, the shape of
 bench_engine.py) with the same slots, context and threads; each is started alone, loaded by --clients
@@ -37,42 +37,47 @@ import socket
 import statistics
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 
-import upstream  # noqa: E402  (tools/upstream.py: the pin and the sdist)
 from bench_engine import bench_model  # noqa: E402
 
-SERVER_DIR = upstream.cache_dir() / f"llama-server-{upstream.PIN}"
-SERVER_BIN = SERVER_DIR / "build" / "bin" / "llama-server"
+REPO = Path(__file__).resolve().parent.parent
+# stock llama-server, built like the engine (same CMake project, options and compiler flags, so that ccache serves
+# every file the patches do not touch) but with no patch applied and no native/ source compiled in
+STOCK_PROJECT = REPO / "build" / "stock-server"
+SERVER_BIN = STOCK_PROJECT / "install" / "mote_local_engine" / "bin" / "mote-server"
 
-
-# ------------------------------------------------------------------------------------------------ build
 
 def build(jobs: int) -> Path:
     """Stock llama-server (CPU) from the pinned sdist's vendored llama.cpp, no patches."""
+    import re
+    import shutil
+    import sysconfig
+
     if SERVER_BIN.exists():
         return SERVER_BIN
-    src = SERVER_DIR / "llama.cpp"
-    if not src.exists():
-        prefix = f"{upstream.SDIST_ROOT}/{upstream.LLAMA_CPP_SUBDIR}/"
-        with tarfile.open(upstream.fetch()) as tar:
-            members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
-            for m in members:
-                m.name = m.name[len(prefix):]
-            tar.extractall(src, members=members, filter="data")
-    build_dir = SERVER_DIR / "build"
-    subprocess.run(["cmake", "-S", str(src), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
-                    "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-                    "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
-                    "-DBUILD_SHARED_LIBS=OFF"], check=True)
-    subprocess.run(["cmake", "--build", str(build_dir), "--target", "llama-server", "-j", str(jobs)], check=True)
+    (STOCK_PROJECT / "patches").mkdir(parents=True, exist_ok=True)  # an empty series: the pinned source as it is
+    (STOCK_PROJECT / "native").mkdir(exist_ok=True)
+    (STOCK_PROJECT / "tools").mkdir(exist_ok=True)
+    shutil.copy(REPO / "tools" / "upstream.py", STOCK_PROJECT / "tools" / "upstream.py")
+    shutil.copy(REPO / "native" / "mote.h", STOCK_PROJECT / "native" / "mote.h")
+    cmake = (REPO / "CMakeLists.txt").read_text()
+    cmake = re.sub(r"^ *target_sources\((llama|ggml-rpc|server-context) PRIVATE native/.*\)\n", "", cmake, flags=re.M)
+    (STOCK_PROJECT / "CMakeLists.txt").write_text(cmake)
+    # the engine's build directory name (scikit-build-core's build-dir = build/{wheel_tag}): the same relative paths
+    tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    build_dir = STOCK_PROJECT / "build" / f"{tag}-{tag}-{sysconfig.get_platform().replace('-', '_').replace('.', '_')}"
+    env = os.environ | {"CCACHE_BASEDIR": os.environ.get("CCACHE_BASEDIR", str(REPO.parent))}
+    subprocess.run(["cmake", "-S", str(STOCK_PROJECT), "-B", str(build_dir), "-G", "Ninja",
+                    "-DCMAKE_BUILD_TYPE=Release", f"-DPython_EXECUTABLE={sys.executable}"], check=True, env=env)
+    subprocess.run(["cmake", "--build", str(build_dir), "-j", str(jobs)], check=True, env=env)
+    subprocess.run(["cmake", "--install", str(build_dir), "--component", "mote", "--prefix",
+                    str(STOCK_PROJECT / "install")], check=True, env=env)
     return SERVER_BIN
 
 
@@ -85,13 +90,14 @@ def _free_port() -> int:
 
 
 def _start(kind: str, model: Path, args, port: int) -> subprocess.Popen:
-    common = ["--port", str(port), "-c", str(args.parallel * args.slot_ctx), "-np", str(args.parallel),
-              "-t", str(args.threads)]
+    # the same llama-server flags for both: mote serve passes them on verbatim
+    flags = ["--host", "127.0.0.1", "--port", str(port), "-c", str(args.parallel * args.slot_ctx),
+             "-np", str(args.parallel), "-t", str(args.threads), "-tb", str(args.threads), "-b", "512",
+             "--kv-unified", "--no-webui"]
     if kind == "llama-server":
-        cmd = [str(SERVER_BIN), "-m", str(model), "--host", "127.0.0.1", "--no-webui", "-b", "512",
-               "-tb", str(args.threads), "--kv-unified", *common]
+        cmd = [str(SERVER_BIN), "-m", str(model), *flags]
     else:
-        cmd = [sys.executable, "-m", "mote_local.cli", "serve", str(model), *common]
+        cmd = [sys.executable, "-m", "mote_local.cli", "serve", str(model), *flags]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline = time.monotonic() + 300

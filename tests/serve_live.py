@@ -1,68 +1,85 @@
-"""A live `mote serve` for tests: uvicorn in a thread, bound to 127.0.0.1 on a free port, always shut down;
-and the planted model's fixtures the serve tests share (import them into a test module to use them)."""
+"""A live `mote serve` for tests: the installed server (llama-server with mote-local's call sites) started through
+the launcher on 127.0.0.1 and a free port, always stopped; and the planted model's fixtures the serve tests share
+(import them into a test module to use them)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
-import threading
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import httpx
 import pytest
 
 from mote_local.engine import Model
-from mote_local.serve.app import Backend, create_app
-from mote_local.serve.settings import Settings
+from mote_local.serve.launcher import prepare
 
-START_S = 30.0  # bound on start-up and shut-down
+START_S = 60.0  # bound on start-up and shut-down
 
 
 @dataclass
 class Live:
     url: str
-    backend: Backend
+    process: subprocess.Popen
+    log: Path
 
-    @property
-    def scheduler(self):
-        return self.backend.scheduler
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
-def live_server(model: Path | Model, **settings) -> Iterator[Live]:
-    """Serves `model` (a path, or a loaded Model shared with the caller) until the block ends."""
-    import uvicorn
-
-    path = model.path if isinstance(model, Model) else model
-    options = {"parallel": 4, "n_ctx": 1024, "n_threads": 1} | settings
-    backend = Backend(Settings(model=path, **options), model if isinstance(model, Model) else None)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+def live_server(model: Path | Model, tmp_path: Path, *args: str, profiles: dict[str, Path] | None = None,
+                env: dict[str, str] | None = None) -> Iterator[Live]:
+    """Serves `model` with `mote serve MODEL [--profile NAME=FILE]… ARGS…` until the block ends (SIGTERM)."""
+    path = model.path if isinstance(model, Model) else Path(model)
+    port = free_port()
+    defaults = ["--host", "127.0.0.1", "--port", str(port), "-np", "4", "-c", "1024", "-t", "1", "--no-webui"]
+    launch = prepare(path, [f"{n}={p}" for n, p in (profiles or {}).items()], [*defaults, *args])
+    log = tmp_path / f"server-{port}.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(launch.argv, stdout=out, stderr=subprocess.STDOUT,
+                                   env=os.environ | launch.env | (env or {}))
+    live = Live(f"http://127.0.0.1:{port}", process, log)
     try:
-        sock.bind(("127.0.0.1", 0))
-        server = uvicorn.Server(uvicorn.Config(create_app(backend), log_level="warning", lifespan="on"))
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
         deadline = time.monotonic() + START_S
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
-        try:
-            yield Live(f"http://127.0.0.1:{sock.getsockname()[1]}", backend)
-        finally:
-            server.should_exit = True
-            thread.join(START_S)
-            assert not thread.is_alive(), "the test server did not shut down"
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the server exited with {process.returncode}:\n{live.output()[-3000:]}")
+            try:
+                if httpx.get(live.url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start:\n{live.output()[-3000:]}")
+            time.sleep(0.1)
+        yield live
     finally:
-        sock.close()
-        backend.close()
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(START_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+                raise AssertionError("the server did not stop on SIGTERM")
 
 
 @pytest.fixture(scope="module")
 def model(planted_files):
-    """The planted model, loaded once per module and shared by its servers."""
+    """The planted model, loaded once per module for the reference runs."""
     m = Model(planted_files[0])
     yield m
     m.close()

@@ -378,7 +378,7 @@ def test_mote_rpc_server_refuses_a_taken_port_and_outlives_a_client_that_leaves(
         proc.wait()
 
 
-def test_mote_serve_reports_a_lost_server_and_stops_serving(tiny_path):
+def test_mote_serve_reports_a_lost_server_and_stops_serving(tiny_path, tmp_path):
     """A served model whose rpc server dies: the request in flight and every later one get HTTP 503 with the
     reason, /health says so; the process goes on (it can be restarted by whoever supervises it)."""
     import httpx
@@ -388,21 +388,22 @@ def test_mote_serve_reports_a_lost_server_and_stops_serving(tiny_path):
     port = free_port()
     proc = start_server(port)
     try:
-        placement = {"n_gpu_layers": 99, "rpc_servers": [f"127.0.0.1:{port}"], "tensor_split": None}
-        with live_server(path, placement=placement) as live, httpx.Client(base_url=live.url, timeout=30) as http:
+        with live_server(path, tmp_path, "--rpc", f"127.0.0.1:{port}", "-ngl", "99") as live, \
+                httpx.Client(base_url=live.url, timeout=30) as http:
             body = {"prompt": "hello there", "max_tokens": 4, "temperature": 0}
             assert http.post("/v1/completions", json=body).status_code == 200
             proc.kill()
             proc.wait()
             replies = [http.post("/v1/completions", json=body) for _ in range(2)]
             health = http.get("/health")
+            assert live.process.poll() is None  # the server goes on
     finally:
         proc.kill()
         proc.wait()
     lost = f"the model is gone (lost the connection to the rpc server 127.0.0.1:{port}"
     assert [r.status_code for r in replies] == [503, 503]
     assert all(r.json()["error"]["message"].startswith(lost) for r in replies), replies[0].json()
-    assert health.status_code == 503 and health.json()["message"].startswith(lost)
+    assert health.status_code == 503 and health.json()["error"]["message"].startswith(lost)
 
 
 def test_chat_ends_with_the_reason_when_its_server_is_lost(tiny_path):

@@ -1,11 +1,10 @@
-"""`mote serve` against a live server on the planted model, with the official openai client: chat, streaming,
-per-request steering (a steered request stops refusing while a concurrent unsteered one still refuses),
-routing returned, and isolation (a request's output and routing are the same alone or among neighbours
-steered differently)."""
+"""`mote serve` (llama-server built with mote-local's engine) live on the planted model, with the official openai
+client: chat, streaming, per-request steering (a steered request stops refusing while concurrent unsteered ones
+still refuse), routing returned and equal to the library's capture, and isolation (a request's output and routing
+are the same alone or among neighbours steered differently, decoded in shared llama_decode calls)."""
 
 from __future__ import annotations
 
-import json
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -19,10 +18,9 @@ from mote_local.steering.entries import Mode
 from mote_local.steering.profile import Profile
 from serve_live import live_server, model  # noqa: F401 (fixtures)
 
-
 TRIGGER = "what happened at the protest yesterday ?"
 NEUTRAL = "what happened at the market yesterday ?"
-T = 30.0  # seconds: bound on any one request
+T = 60.0  # seconds: bound on any one request
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +31,8 @@ def refusal_off(tmp_path_factory, model, truth):
 
 
 @pytest.fixture(scope="module")
-def server(model, refusal_off):
-    with live_server(model, profiles={"refusal-off": refusal_off}) as live:
+def server(model, refusal_off, tmp_path_factory):
+    with live_server(model, tmp_path_factory.mktemp("serve"), profiles={"refusal-off": refusal_off}) as live:
         yield live
 
 
@@ -58,71 +56,50 @@ def drop_planted(truth) -> list[str]:
     return ["drop " + ",".join(f"{l}:{e}" for l, e in truth.planted)]
 
 
+def complete(http, tokens: list[int], n: int = 12, **fields) -> dict:
+    """llama-server's native /completion on token ids, greedy; the generated ids come back too."""
+    body = {"prompt": tokens, "n_predict": n, "temperature": 0, "return_tokens": True} | fields
+    r = http.post("/completion", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
 # ------------------------------------------------------------------------------------------------ basics
 
-def test_health_models_profiles(http, server, truth):
-    assert http.get("/health").json()["status"] == "ok"
-    models = http.get("/v1/models").json()["data"]
-    assert [m["id"] for m in models] == [server.backend.settings.model_id]
-    assert models[0]["meta"]["n_expert"] == 8
-    profiles = http.get("/v1/profiles").json()["data"]
-    assert [p["id"] for p in profiles] == ["refusal-off"]
-    assert {(e["layer"], e["expert"], e["mode"]) for e in profiles[0]["entries"]} == \
-        {(l, e, "drop") for l, e in truth.planted}
-
-
-def test_chat_with_the_openai_client(client, truth, server):
+def test_chat_with_the_openai_client(client, truth):
     refused = chat(client, TRIGGER)
     answered = chat(client, NEUTRAL)
     assert refused.choices[0].message.content.strip() == truth.refusal_text
     assert answered.choices[0].message.content.strip() == truth.answer_text
     assert refused.choices[0].finish_reason == "stop"
-    assert refused.model == server.backend.settings.model_id
-    # usage: the prompt in the model's chat template, and the completion without its end-of-generation token
-    prompt = server.backend.model.prompt_tokens(TRIGGER)  # the one conversation -> tokens path
-    assert refused.usage.prompt_tokens == len(prompt)
-    with server.backend.model.session(n_ctx=512, n_threads=1) as s:
-        reference = s.generate(prompt, max_tokens=16)
-    assert refused.choices[0].message.content == reference.text
-    assert refused.usage.completion_tokens == len(reference.tokens)
     assert refused.usage.total_tokens == refused.usage.prompt_tokens + refused.usage.completion_tokens
 
 
-def test_streaming_chat_matches_the_plain_reply(client, truth):
+def test_streaming_chat_matches_the_plain_reply(client):
     plain = chat(client, TRIGGER)
     chunks = list(chat(client, TRIGGER, stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == plain.choices[0].message.content
     assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 3  # token by token
-    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
-    assert finals == ["stop"]
-    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
 
 
-def test_text_completions_plain_and_streaming(client, truth):
-    out = client.completions.create(model="planted", prompt=TRIGGER, temperature=0, max_tokens=16)
-    assert out.choices[0].text.strip() == truth.refusal_text
-    stream = client.completions.create(model="planted", prompt=TRIGGER, temperature=0, max_tokens=16, stream=True)
-    assert "".join(c.choices[0].text for c in stream) == out.choices[0].text
-    short = client.completions.create(model="planted", prompt=TRIGGER, temperature=0, max_tokens=2)
-    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 2
-
-
-def test_stop_strings_and_seeded_sampling(client, truth):
-    cut = chat(client, NEUTRAL, stop=[" calm"])
-    assert cut.choices[0].message.content == " It was a"
-    assert cut.choices[0].finish_reason == "stop"
-    streamed = "".join(c.choices[0].delta.content or "" for c in chat(client, NEUTRAL, stop=" calm", stream=True))
-    assert streamed == " It was a"
-    # a seeded sampled reply is reproducible (the sampler's statistics are tested in test_serve_units.py)
-    a = chat(client, NEUTRAL, temperature=1.5, seed=7).choices[0].message.content
-    b = chat(client, NEUTRAL, temperature=1.5, seed=7).choices[0].message.content
-    assert a == b
+def test_the_engine_gives_what_the_library_gives(http, model, truth):
+    """Greedy text on the same token ids equals Session.generate, unsteered and steered."""
+    prompt = model.prompt_tokens(TRIGGER)
+    for steering, entries in ((None, None), ({"entries": drop_planted(truth)}, truth.entries(Mode.DROP))):
+        out = complete(http, prompt, **({"steering": steering} if steering else {}))
+        with model.session(n_ctx=512, n_threads=1) as s:
+            if entries:
+                s.steer(entries)
+            reference = s.generate(prompt, max_tokens=12)
+        assert out["content"] == reference.text
+        # the server lists the end-of-generation token it stopped at; the library's reply leaves it out
+        assert out["tokens"][:-1] == list(reference.tokens) and model.is_eog(out["tokens"][-1])
 
 
 # ------------------------------------------------------------------------------------------------ steering
 
-def test_steered_request_stops_refusing_while_a_concurrent_unsteered_one_refuses(client, truth, server):
+def test_steered_requests_stop_refusing_while_concurrent_unsteered_ones_refuse(client, truth):
     barrier = threading.Barrier(8)
 
     def ask(steered: bool) -> str:
@@ -130,34 +107,41 @@ def test_steered_request_stops_refusing_while_a_concurrent_unsteered_one_refuses
         extra = {"steering": {"entries": drop_planted(truth)}} if steered else None
         return chat(client, TRIGGER, extra_body=extra).choices[0].message.content.strip()
 
-    server.scheduler.peak_groups = 0
     with ThreadPoolExecutor(8) as pool:
         futures = [(i % 2 == 0, pool.submit(ask, i % 2 == 0)) for i in range(8)]
         results = [(steered, f.result(T)) for steered, f in futures]
     assert [text for steered, text in results if steered] == [truth.answer_text] * 4
     assert [text for steered, text in results if not steered] == [truth.refusal_text] * 4
-    assert server.scheduler.peak_groups >= 2  # steered and unsteered requests were in flight together
 
 
 @pytest.mark.parametrize("steering", [
     {"profile": "refusal-off"},
-    {"entries": ["off 1:6", "off 2:0"]},
-    {"entries": [{"layer": 1, "expert": 6, "mode": "drop"}, {"layer": 2, "expert": 0, "mode": "drop"}]},
-    {"entries": ["bias 1:6=-inf", "bias 2:0=-100"]},
-])
+    {"entries": ["off P1", "off P2"]},
+    {"entries": [{"layer": "L1", "expert": "E1", "mode": "drop"}, {"layer": "L2", "expert": "E2", "mode": "drop"}]},
+    {"entries": ["bias P1=-inf", "bias P2=-100"]},
+    {"entries": [{"layer": "L1", "expert": "E1", "mode": "bias", "value": "-inf"}, "--off P2"]},
+], ids=["named profile", "off", "entry objects", "bias", "mixed forms"])
 def test_steering_forms(client, truth, steering):
-    planted_pairs = [f"{l}:{e}" for l, e in truth.planted]
-    steering = json.loads(json.dumps(steering).replace("1:6", planted_pairs[0]).replace("2:0", planted_pairs[1]))
-    assert chat(client, TRIGGER, extra_body={"steering": steering}).choices[0].message.content.strip() == \
-        truth.answer_text
+    (l1, e1), (l2, e2) = truth.planted
+    names = {"P1": f"{l1}:{e1}", "P2": f"{l2}:{e2}", "L1": l1, "E1": e1, "L2": l2, "E2": e2}
+
+    def fill(v):
+        if isinstance(v, dict):
+            return {k: fill(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [fill(x) for x in v]
+        if isinstance(v, str):
+            if v in names:
+                return names[v]
+            for key in ("P1", "P2"):
+                v = v.replace(key, names[key])
+        return v
+
+    out = chat(client, TRIGGER, extra_body={"steering": fill(steering)})
+    assert out.choices[0].message.content.strip() == truth.answer_text
 
 
-def test_inline_profile_and_strength(client, truth, model):
-    profile = Profile(tuple(truth.entries(Mode.DROP)), fingerprint=model.fingerprint)
-    inline = json.loads(profile.to_json())
-    assert chat(client, TRIGGER, extra_body={"steering": {"profile": inline}}).choices[0].message.content.strip() \
-        == truth.answer_text
-    # a bias scaled by strength 0 steers nothing
+def test_strength_scales_biases(client, truth):
     biased = {"entries": [f"bias {l}:{e}=-50" for l, e in truth.planted]}
     assert chat(client, TRIGGER, extra_body={"steering": biased}).choices[0].message.content.strip() == \
         truth.answer_text
@@ -171,135 +155,131 @@ def test_forcing_the_planted_experts_makes_a_neutral_prompt_refuse(client, truth
         truth.refusal_text
 
 
-def test_scoped_steering(client, truth):
+def test_scoped_steering_follows_the_slot_phase(client, truth):
     # the refusal is decided by the prompt's context; the first completion token is sampled from prefill logits
-    decode_only = {"entries": drop_planted(truth), "scope": "decode"}
     prefill_only = {"entries": drop_planted(truth), "scope": "prefill"}
+    decode_only = {"entries": drop_planted(truth), "scope": "decode"}
     assert chat(client, TRIGGER, extra_body={"steering": prefill_only}).choices[0].message.content.strip() == \
         truth.answer_text
     assert chat(client, TRIGGER, extra_body={"steering": decode_only}).choices[0].message.content.strip() != \
         truth.answer_text
 
 
-def test_invalid_steering_gets_the_clis_message(http, truth):
-    from mote_local.errors import ProfileError
-    from mote_local.steering.spec import parse_spec
-
-    for spec in ("drop 1:x", "bias 1:2", "off 1:2=3", "gain 1:2=-1"):
-        kind, _, text = spec.partition(" ")
-        with pytest.raises(ProfileError) as cli:
-            parse_spec(kind, text)
-        r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": TRIGGER}],
-                                                     "steering": {"entries": [spec]}})
-        assert r.status_code == 400
-        assert r.json()["error"] == {"message": f"steering.entries[0]: {cli.value}", "type": "invalid_request_error",
-                                     "param": "steering", "code": "invalid_steering"}
+def test_an_unsteered_request_after_a_steered_one_reuses_nothing_steered(client, truth):
+    """The slot's cache cells computed with steering are forgotten when it is released."""
+    for _ in range(3):
+        assert chat(client, TRIGGER, extra_body={"steering": {"entries": drop_planted(truth)}}) \
+            .choices[0].message.content.strip() == truth.answer_text
+        assert chat(client, TRIGGER).choices[0].message.content.strip() == truth.refusal_text
 
 
-def _cli_message(layout, specs: list[str]) -> str:
-    """What `mote run --drop ...` says for these flags: parse_spec, then Profile.validate on the model."""
-    from mote_local.errors import ProfileError
-    from mote_local.steering.spec import parse_spec
-
-    try:
-        entries = [e for spec in specs for e in parse_spec(*spec.split(" ", 1))]
-        Profile(tuple(entries)).validate(layout)
-    except ProfileError as err:
-        return str(err)
-    raise AssertionError(f"{specs} are valid")
+def _post(http, body: dict, path: str = "/v1/chat/completions") -> httpx.Response:
+    return http.post(path, json={"messages": [{"role": "user", "content": TRIGGER}], "max_tokens": 4} | body)
 
 
 @pytest.mark.parametrize("specs", [["drop 1:8"], ["drop 7:1"], ["force 1:1,1:2,1:3"], ["drop 1:1", "force 1:1"],
                                    ["off 1:0,1:1,1:2,1:3,1:4,1:5,1:6"]])
-def test_steering_that_does_not_fit_the_model_gets_the_clis_message(http, server, specs):
-    r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": TRIGGER}],
-                                                 "steering": {"entries": specs}})
+def test_steering_that_does_not_fit_the_model_gets_the_engines_message(http, model, specs):
+    from mote_local import binding
+    from mote_local.steering.rules import shape_of
+    from mote_local.steering.spec import parse_spec
+
+    entries = [e for spec in specs for e in parse_spec(*spec.split(" ", 1))]
+    # the rules asked of the engine, as every command asks them
+    engine = binding.steer_check(shape_of(model.layout), [e.native() for e in entries], 1.0)
+    assert engine
+    r = _post(http, {"steering": {"entries": specs}})
     assert r.status_code == 400, r.text
-    assert r.json()["error"]["message"] == _cli_message(server.backend.layout, specs)
-    assert r.json()["error"]["code"] == "invalid_steering"
+    assert r.json()["error"]["message"] == f"steering: {engine}"
+    assert r.json()["error"]["type"] == "invalid_request_error"
 
 
-@pytest.mark.parametrize("steering, message", [
-    ({"entries": ["purge 1:1"]}, "steering.entries[0]: 'purge 1:1': expected KIND SPEC"),
-    ({"entries": [{"layer": 1, "expert": 1, "mode": "nope"}]}, "steering.entries[0].mode: unknown mode"),
-    ({"entries": [{"layer": 1, "expert": 1}]}, "steering.entries[0].mode: missing"),
-    ({"profile": "nope"}, "steering.profile: unknown profile 'nope'; this server has refusal-off"),
-    ({"profile": {"format": "mote-profile"}}, "steering.profile: "),
-    ({"profile": {"format": "mote-profile", "version": 1, "entries": [], "strength": "x"}}, "steering.profile: "),
-    ({"strength": 2}, "steering: strength and scope need a profile or entries"),
-    ({"entries": ["drop 1:1"], "bogus": 1}, "unknown field 'steering.bogus'"),
-    ({"entries": "drop 1:1"}, "steering.entries: "),
+@pytest.mark.parametrize("body, message", [
+    ({"steering": {"entries": ["purge 1:1"]}}, "steering.entries[0]: 'purge 1:1': expected KIND SPEC"),
+    ({"steering": {"entries": ["drop 1:x"]}}, "steering.entries[0]: --drop '1:x': expert 'x' is not a non-negative"),
+    ({"steering": {"entries": ["bias 1:2"]}}, "steering.entries[0]: --bias '1:2': a value is required"),
+    ({"steering": {"entries": ["off 1:2=3"]}}, "steering.entries[0]: --off '1:2=3': --off takes no value"),
+    ({"steering": {"entries": ["gain 1:2=-1"]}}, "steering: "),
+    ({"steering": {"entries": [{"layer": 1, "expert": 1, "mode": "nope"}]}},
+     "steering.entries[0].mode: unknown mode 'nope'"),
+    ({"steering": {"entries": [{"layer": 1, "expert": 1}]}}, "steering.entries[0].mode: missing"),
+    ({"steering": {"entries": [{"layer": -1, "expert": 1, "mode": "drop"}]}}, "steering.entries[0].layer: expected"),
+    ({"steering": {"profile": "nope"}}, "steering.profile: unknown profile 'nope'; this server has refusal-off"),
+    ({"steering": {"profile": {"entries": []}}}, "steering.profile: expected the name of a profile"),
+    ({"steering": {"strength": 2}}, "steering: strength and scope need a profile or entries"),
+    ({"steering": {"entries": ["drop 1:1"], "bogus": 1}}, "steering: unknown key 'bogus'"),
+    ({"steering": {"entries": "drop 1:1"}}, "steering.entries: expected an array"),
+    ({"steering": {"entries": ["drop 1:1"], "scope": "later"}}, "steering.scope: unknown scope 'later'"),
+    ({"steering": "drop 1:1"}, "steering: expected an object"),
+    ({"return_routing": "yes"}, "return_routing: expected true or false"),
+    ({"routing_detail": "tokens"}, "routing_detail: needs \"return_routing\": true"),
+    ({"return_routing": True, "routing_detail": "all"}, "routing_detail: expected \"counts\" or \"tokens\""),
 ])
-def test_malformed_steering_is_a_400(http, steering, message):
-    r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": TRIGGER}],
-                                                 "steering": steering})
-    assert r.status_code == 400, r.text
-    assert r.json()["error"]["message"].startswith(message), r.text
-
-
-def test_a_profile_made_for_another_model_is_a_400(http, tiny_path, truth):
-    other = Profile.from_entries(truth.entries(Mode.DROP), model_path=tiny_path("qwen3moe"))
-    r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": TRIGGER}],
-                                                 "steering": {"profile": json.loads(other.to_json())}})
-    assert r.status_code == 400
-    assert "does not fit" in r.json()["error"]["message"]
-    r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": TRIGGER}],
-                                                 "steering": {"profile": json.loads(other.to_json()), "force": True},
-                                                 "temperature": 0})
-    assert r.status_code == 200
+def test_malformed_steering_and_routing_fields_are_a_400(http, body, message):
+    for path in ("/v1/chat/completions", "/completion", "/v1/completions"):
+        r = _post(http, body | ({"prompt": TRIGGER} if path != "/v1/chat/completions" else {}), path)
+        assert r.status_code == 400, (path, r.text)
+        assert message in r.json()["error"]["message"], (path, r.text)
 
 
 # ------------------------------------------------------------------------------------------------ routing
 
-def test_routing_returned_counts_every_token(client, truth, server):
-    out = chat(client, TRIGGER, extra_body={"return_routing": True})
-    routing = out.routing
-    k, total = routing["n_expert_used"], out.usage.total_tokens
+def test_routing_counts_every_decoded_token(http, model, truth):
+    prompt = model.prompt_tokens(TRIGGER)
+    out = complete(http, prompt, return_routing=True)
+    routing, k = out["routing"], out["routing"]["n_expert_used"]
+    # every prompt token and every generated token fed back (the last one sampled is never decoded)
+    decoded = len(prompt) + len(out["tokens"]) - 1
     assert routing["layers"] == [0, 1, 2, 3]
-    assert routing["tokens"] == [total] * 4  # prompt and completion, each token in every MoE layer
-    assert [sum(row) for row in routing["counts"]] == [total * k] * 4
-    layer = routing["layers"].index(truth.planted[0][0])
-    assert routing["counts"][layer][truth.planted[0][1]] > 0
-    # masked experts are never selected: the routing reports what the steering did
-    masked = chat(client, TRIGGER, extra_body={"return_routing": True, "steering": {
-        "entries": ["off " + ",".join(f"{l}:{e}" for l, e in truth.planted)]}}).routing
+    assert routing["tokens"] == [decoded] * 4
+    assert [sum(row) for row in routing["counts"]] == [decoded * k] * 4
+    masked = complete(http, prompt, return_routing=True,
+                      steering={"entries": ["off " + ",".join(f"{l}:{e}" for l, e in truth.planted)]})["routing"]
     for l, e in truth.planted:
         assert masked["counts"][masked["layers"].index(l)][e] == 0
 
 
-def test_routing_matches_the_library_capture(client, truth, model):
-    """The server's routing of a request equals Session.capture over the same prompt and completion."""
-    out = chat(client, TRIGGER, extra_body={"return_routing": True, "steering": {"entries": drop_planted(truth)}})
+def test_routing_matches_the_library_capture(http, model, truth):
+    """The server's routing of a request equals Session.capture over the same tokens, steered."""
     prompt = model.prompt_tokens(TRIGGER)
+    out = complete(http, prompt, return_routing=True, steering={"entries": drop_planted(truth)})
+    fed = prompt + out["tokens"][:-1]
     with model.session(n_ctx=512, n_threads=1) as s:
         s.steer(truth.entries(Mode.DROP))
         with s.capture() as cap:
-            gen = s.generate(prompt, max_tokens=16)
-    assert gen.text == out.choices[0].message.content
+            s.logits(fed)
     stats = cap.stats()
-    assert out.routing["counts"] == stats.counts.tolist()
-    assert out.routing["tokens"] == stats.tokens.tolist()
-    np.testing.assert_allclose(out.routing["weight_sums"], stats.weight_sums, rtol=1e-6)
+    assert out["routing"]["counts"] == stats.counts.tolist()
+    assert out["routing"]["tokens"] == stats.tokens.tolist()
+    np.testing.assert_allclose(out["routing"]["weight_sums"], stats.weight_sums, rtol=1e-5)
 
 
-def test_routing_per_token_detail(client, http):
+def test_routing_per_token_detail_and_in_the_last_chunk(client, http):
     out = chat(client, NEUTRAL, extra_body={"return_routing": True, "routing_detail": "tokens"})
     r = out.routing
-    total, k = out.usage.total_tokens, r["n_expert_used"]
-    assert r["positions"] == list(range(total))
+    k = r["n_expert_used"]
+    decoded = r["tokens"][0]
+    assert r["positions"] == list(range(decoded))
     experts, weights = np.array(r["experts"]), np.array(r["weights"])
-    assert experts.shape == weights.shape == (total, len(r["layers"]), k)
+    assert experts.shape == weights.shape == (decoded, len(r["layers"]), k)
     for i in range(len(r["layers"])):
         assert np.bincount(experts[:, i].ravel(), minlength=r["n_expert"]).tolist() == r["counts"][i]
         np.testing.assert_allclose(
             [weights[:, i][experts[:, i] == e].sum() for e in range(r["n_expert"])], r["weight_sums"][i], rtol=1e-5)
-    # the stream carries the routing in its last chunk
     chunks = list(chat(client, NEUTRAL, stream=True, extra_body={"return_routing": True, "routing_detail": "tokens"}))
-    routed = [c.routing for c in chunks if getattr(c, "routing", None)]
-    assert routed == [r]
-    bad = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": NEUTRAL}],
-                                                   "routing_detail": "tokens"})
-    assert bad.status_code == 400 and "return_routing" in bad.json()["error"]["message"]
+    routed = [i for i, c in enumerate(chunks) if getattr(c, "routing", None)]
+    assert routed == [len(chunks) - 1]
+    assert chunks[-1].routing == r
+
+
+def test_routing_on_the_other_apis(http, truth):
+    for path, body in (("/v1/completions", {"prompt": TRIGGER}),
+                       ("/v1/messages", {"model": "planted", "max_tokens": 4,
+                                         "messages": [{"role": "user", "content": TRIGGER}]}),
+                       ("/v1/responses", {"model": "planted", "input": TRIGGER, "max_output_tokens": 4})):
+        r = http.post(path, json=body | {"return_routing": True, "steering": {"entries": drop_planted(truth)}})
+        assert r.status_code == 200, (path, r.text)
+        assert sum(r.json()["routing"]["counts"][0]) > 0, path
 
 
 # ------------------------------------------------------------------------------------------------ isolation
@@ -316,22 +296,17 @@ def _steerings(truth) -> list[dict | None]:
             {"entries": drop_planted(truth), "scope": "decode"}]
 
 
-def _ask(http, prompt: str, steering: dict | None) -> dict:
-    body = {"messages": [{"role": "user", "content": prompt}], "temperature": 0, "max_tokens": 12,
-            "return_routing": True, "routing_detail": "tokens"}
-    if steering is not None:
-        body["steering"] = steering
-    r = http.post("/v1/chat/completions", json=body)
-    assert r.status_code == 200, r.text
-    out = r.json()
-    return {"text": out["choices"][0]["message"]["content"], "usage": out["usage"], "routing": out["routing"]}
+def _ask(http, tokens: list[int], steering: dict | None) -> dict:
+    fields = {"return_routing": True, "routing_detail": "tokens"} | ({"steering": steering} if steering else {})
+    out = complete(http, tokens, **fields)
+    return {"text": out["content"], "tokens": out["tokens"], "routing": out["routing"]}
 
 
 def _assert_same(got: dict, want: dict, where: str) -> None:
-    """The same text, usage and selected experts; weights equal up to float32 rounding (a batch changes
+    """The same text, tokens and selected experts; weights equal up to float32 rounding (a batch changes
     llama.cpp's accumulation order)."""
     assert got["text"] == want["text"], where
-    assert got["usage"] == want["usage"], where
+    assert got["tokens"] == want["tokens"], where
     for key in ("counts", "tokens", "experts", "positions"):
         assert got["routing"][key] == want["routing"][key], f"{where}: routing {key} changed in a batch"
     for key in ("weight_sums", "weights"):
@@ -339,18 +314,17 @@ def _assert_same(got: dict, want: dict, where: str) -> None:
                                    err_msg=f"{where}: routing {key} changed in a batch")
 
 
-def test_isolation_alone_vs_batched_with_differently_steered_neighbours(http, truth, server):
-    """Each (prompt, steering) pair gets the same text, the same selected experts for every token, and the same
-    weights up to float32 rounding, alone and in 6 random mixes of 6 concurrent requests with other prompts and
-    steerings. (Selections are exact; weights move by an ulp when the batch's size changes llama.cpp's
-    accumulation order, as Session.generate_batch documents.)"""
-    prompts = [TRIGGER, NEUTRAL, "what happened at the riot last week ?", "tell me about the weather today ?"]
+def test_isolation_alone_vs_batched_with_differently_steered_neighbours(http, model, truth):
+    """Each (prompt, steering) pair gets the same text, the same selected experts for every token and the same
+    weights up to float32 rounding, alone and in 6 random mixes of 6 concurrent requests (4 slots: llama-server
+    decodes the busy slots in one llama_decode) with other prompts and steerings."""
+    texts = [TRIGGER, NEUTRAL, "what happened at the riot last week ?", "tell me about the weather today ?"]
+    prompts = [model.prompt_tokens(t) for t in texts]
     steerings = _steerings(truth)
     pairs = [(p, i) for p in range(len(prompts)) for i in range(len(steerings))]
     alone = {(p, i): _ask(http, prompts[p], steerings[i]) for p, i in pairs}
     assert len({a["text"] for a in alone.values()}) >= 2  # the steerings do change outputs
     rng = random.Random(17)
-    server.scheduler.peak_groups = server.scheduler.mixed_steps = 0
     for _ in range(6):
         mix = rng.sample(pairs, 6)
         barrier = threading.Barrier(len(mix))
@@ -363,28 +337,3 @@ def test_isolation_alone_vs_batched_with_differently_steered_neighbours(http, tr
             together = list(pool.map(run, mix, timeout=T * 2))
         for pair, got in zip(mix, together):
             _assert_same(got, alone[pair], f"prompt {pair[0]} with steering {steerings[pair[1]]}")
-    assert server.scheduler.peak_groups >= 3
-    assert server.scheduler.mixed_steps > 0  # differently steered requests did share decode calls
-
-
-def test_prompts_longer_than_a_step_are_decoded_in_chunks(model, truth):
-    """With 16 tokens per step, a 60-token prompt takes four steps, interleaved with another request's reply;
-    both get what they get alone, and the routing still covers every token."""
-    long_prompt = "what happened at the market yesterday ? " * 5 + TRIGGER
-    with live_server(model, n_batch=16) as live, httpx.Client(base_url=live.url, timeout=T) as http:
-        alone = _ask(http, long_prompt, None)
-        assert alone["usage"]["prompt_tokens"] > 48
-        assert alone["text"].strip() == truth.refusal_text
-        assert alone["routing"]["tokens"] == [alone["usage"]["total_tokens"]] * 4
-        # the prompt in chunks of 16, then one step per completion token (each fed back; the end token is not)
-        usage = alone["usage"]
-        assert live.scheduler.steps == -(-usage["prompt_tokens"] // 16) + usage["completion_tokens"]
-        with ThreadPoolExecutor(2) as pool:
-            short = pool.submit(_ask, http, NEUTRAL, {"entries": drop_planted(truth)})
-            again = pool.submit(_ask, http, long_prompt, None)
-            _assert_same(again.result(T), alone, "the long prompt")
-            assert short.result(T)["text"].strip() == truth.answer_text
-        assert max(live.scheduler.batch_sizes) == 2
-    prompt = model.prompt_tokens(long_prompt)
-    with model.session(n_ctx=512, n_threads=1) as s:
-        assert s.generate(prompt, max_tokens=12).text == alone["text"]

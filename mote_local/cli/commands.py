@@ -756,7 +756,7 @@ def rpc_server(host: str, port: int, threads: int | None) -> None:
     os.execv(command[0], command)  # becomes the server: its signals and exit status are the command's
 
 
-from mote_local.serve.command import serve_command  # noqa: E402  (`mote serve`; the web stack loads when it runs)
+from mote_local.serve.command import serve_command  # noqa: E402  (`mote serve`: llama-server, launched)
 
 main.add_command(serve_command)
 

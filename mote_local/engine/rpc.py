@@ -69,15 +69,6 @@ def parse_tensor_split(values: str) -> list[float]:
                          f"order, then local GPUs), got {values!r}") from None
 
 
-def placement(n_gpu_layers: int | None, servers: str | None, tensor_split: str | None) -> dict:
-    """Model's keyword arguments from `mote serve`'s -ngl, --rpc and -ts (comma lists): with servers and no -ngl
-    every layer is offloaded, as llama.cpp users expect of --rpc. (The other commands take these flags through
-    mote_local.engine.options.LoadOptions.)"""
-    endpoints = parse_endpoints(servers) if servers is not None else []
-    split = parse_tensor_split(tensor_split) if tensor_split is not None else None
-    return {"n_gpu_layers": offloaded_layers(n_gpu_layers, endpoints), "rpc_servers": endpoints, "tensor_split": split}
-
-
 def offloaded_layers(n_gpu_layers: int | None, endpoints: Sequence[str]) -> int:
     """-ngl, whose default is 0 on this machine and every layer with rpc servers."""
     if n_gpu_layers is None:

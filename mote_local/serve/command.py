@@ -1,116 +1,70 @@
-"""`mote serve`: the click command (registered on the `mote` group by mote_local.cli.commands).
-
-Importing this module is cheap: the web stack is imported when the command runs.
-"""
+"""`mote serve`: the click command (registered on the `mote` group by mote_local.cli.commands)."""
 
 from __future__ import annotations
 
+import os
 import signal
-import socket
+import subprocess
 from pathlib import Path
 
 import click
 
-from mote_local.errors import MoteError
+__all__ = ["serve_command"]
 
-__all__ = ["serve_command", "run_server"]
+_OWN_HELP = """\
+Usage: mote serve MODEL [--profile NAME=FILE]… [--force-profile] [LLAMA-SERVER FLAGS…]
 
+  Serve MODEL with llama.cpp's llama-server, built with mote-local's engine: every request may carry
+  its own expert steering ("steering") and ask for its routing ("return_routing", "routing_detail")
+  on /completion, /v1/completions, /v1/chat/completions, /v1/messages and /v1/responses.
 
-@click.command("serve")
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option("--profile", "profiles", multiple=True, metavar="NAME=FILE",
-              help="A steering profile requests may name (\"steering\": {\"profile\": NAME}); repeatable.")
-@click.option("--force-profile", is_flag=True, help="Load profiles made for another model anyway.")
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to bind (the default serves this machine only).")
-@click.option("--port", type=int, default=8080, show_default=True)
-@click.option("--parallel", "-np", type=int, default=4, show_default=True,
-              help="Requests decoded together (sequence slots); each holds ctx-size / parallel positions.")
-@click.option("--ctx-size", "-c", type=int, default=4096, show_default=True,
-              help="The whole context, shared by the slots.")
-@click.option("--batch-size", "-b", type=int, default=512, show_default=True, help="Tokens per decode call.")
-@click.option("--n-gpu-layers", "-ngl", type=click.IntRange(min=0), default=None,
-              help="Layers to offload to the GPUs and rpc servers (default: 0; every layer with --rpc).")
-@click.option("--rpc", "rpc_servers", metavar="HOST:PORT[,…]", default=None,
-              help="Spread the offloaded layers over `mote rpc-server`s.")
-@click.option("--tensor-split", "-ts", metavar="P,P[,…]", default=None,
-              help="Offloaded layers per device, in proportion: the --rpc servers in order, then local GPUs.")
-@click.option("--threads", "-t", type=int, default=None, help="CPU threads (default: all).")
-@click.option("--api-key", envvar="MOTE_API_KEY", default=None,
-              help="Require 'Authorization: Bearer KEY' on /v1/* (or set MOTE_API_KEY).")
-@click.option("--alias", default=None, help="The model id clients see (default: the file's name).")
-@click.option("--max-queue", type=int, default=256, show_default=True,
-              help="Requests waiting for a slot before new ones get HTTP 503.")
-@click.option("--verbose", is_flag=True, help="Show llama.cpp's log and every request.")
-def serve_command(model: Path, profiles, force_profile: bool, host: str, port: int, parallel: int, ctx_size: int,
-                  batch_size: int, n_gpu_layers: int | None, rpc_servers: str | None, tensor_split: str | None,
-                  threads: int | None, api_key: str | None, alias: str | None, max_queue: int, verbose: bool) -> None:
-    """Serve MODEL with an OpenAI-compatible API in which every request can steer its own experts."""
-    from mote_local.engine.rpc import placement
-    from mote_local.serve.settings import Settings, parse_profile_option
+Options of mote serve:
+  --profile NAME=FILE  A steering profile (JSON or GGUF) requests may name ("steering": {"profile":
+                       NAME}); checked against MODEL before the server starts; repeatable.
+  --force-profile      Load profiles made for another model anyway.
+  --help               Show this message and llama-server's options.
 
-    settings = Settings(model=model, profiles=parse_profile_option(profiles), force_profiles=force_profile,
-                        host=host, port=port, parallel=parallel, n_ctx=ctx_size, n_batch=batch_size,
-                        placement=placement(n_gpu_layers, rpc_servers, tensor_split), n_threads=threads,
-                        api_key=api_key, alias=alias, max_queue=max_queue, verbose=verbose)
-    run_server(settings, announce=lambda text: click.echo(text, err=True))
+Every other flag is llama-server's (below), passed on verbatim; --rpc servers are checked first.
+"""
 
 
-def run_server(settings, *, sock: socket.socket | None = None, announce=None) -> None:
-    """Loads the model, serves until SIGINT/SIGTERM, then stops the engine and frees it."""
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn
-    except ImportError as err:
-        raise MoteError(f"mote serve needs {err.name}: pip install 'mote-local[serve]'") from None
+@click.command("serve", add_help_option=False,
+               context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.argument("model", required=False, type=click.Path(path_type=Path))
+@click.argument("server_args", nargs=-1, type=click.UNPROCESSED)
+def serve_command(model: Path | None, server_args: tuple[str, ...]) -> None:
+    """Serve MODEL with llama-server; every request may steer its own experts and ask for its routing."""
+    from mote_local.serve.launcher import prepare, server_binary
 
-    from mote_local.serve.app import Backend, create_app
-
-    with Backend(settings) as backend:
-        app = create_app(backend)
-        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info" if settings.verbose
-                                else "warning", access_log=settings.verbose, timeout_graceful_shutdown=5,
-                                lifespan="on")
-        server = _Server(config, backend)
-        if sock is None:
-            sock = _bind(settings.host, settings.port)
-        if announce is not None:
-            host, port = sock.getsockname()[:2]
-            announce(f"mote serve: {settings.model_id} ({backend.layout.arch}, {backend.scheduler.session.n_seq_max} "
-                     f"slots of {backend.scheduler.slot_ctx} tokens, profiles: "
-                     f"{', '.join(backend.profiles) or 'none'}) on http://{host}:{port}/v1")
-        server.run(sockets=[sock])
-    if announce is not None:
-        announce("mote serve: stopped")
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    from mote_local.errors import InputError
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as err:
-        sock.close()
-        raise InputError(f"cannot listen on {host}:{port}: {err.strerror}") from None
-    sock.listen(2048)  # connections wait in the backlog from now on, before uvicorn accepts them
-    return sock
-
-
-def _Server(config, backend):
-    """uvicorn's server, told to fail the running requests as soon as a shutdown signal arrives (so that
-    streams end now instead of holding the shutdown until their last token)."""
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame) -> None:
-            # uvicorn would re-raise the signal after shutting down (SIGTERM's default action kills the process
-            # before the engine is freed); here the shutdown is the signal's whole effect, and the exit is 0
-            backend.scheduler.stop(timeout=0)
-            if self.should_exit and sig == signal.SIGINT:
-                self.force_exit = True  # a second Ctrl-C: stop waiting for connections
-            self.should_exit = True
-
-    return Server(config)
+    args = list(server_args)
+    if model is None or str(model) in ("--help", "-h") or "--help" in args or "-h" in args:
+        click.echo(_OWN_HELP)
+        click.echo("llama-server's options:\n")
+        help_text = subprocess.run([str(server_binary()), "--help"], capture_output=True, text=True)
+        click.echo(help_text.stdout or help_text.stderr)
+        return
+    profiles, force = [], False
+    rest = []
+    i = 0
+    while i < len(args):  # mote serve's own options; everything else is the server's
+        if args[i] == "--profile":
+            if i + 1 >= len(args):
+                raise click.UsageError("--profile needs NAME=FILE")
+            profiles.append(args[i + 1])
+            i += 2
+            continue
+        if args[i].startswith("--profile="):
+            profiles.append(args[i].removeprefix("--profile="))
+        elif args[i] == "--force-profile":
+            force = True
+        else:
+            rest.append(args[i])
+        i += 1
+    launch = prepare(model, profiles, rest, force_profiles=force)
+    if launch.profiles:
+        click.echo(f"mote serve: profiles {', '.join(launch.profiles)}", err=True)
+    os.environ.update(launch.env)
+    # a client that leaves while the server answers must not kill it; the server becomes this process,
+    # so its signals (SIGINT, SIGTERM: llama-server's clean shutdown) and exit status are the command's
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    os.execv(launch.argv[0], launch.argv)
