@@ -38,10 +38,13 @@ def test_a_patch_that_does_not_apply_says_to_regenerate(fresh_llama_cpp, tmp_pat
 
 
 def test_patches_touch_only_call_sites():
-    # logic lives in native/: the series stays a few dozen added lines
-    added = sum(1 for p in upstream.patch_files() for line in p.read_text().splitlines()
-                if line.startswith("+") and not line.startswith("+++"))
-    assert added <= 40, added
+    # logic lives in native/: the engine's patches stay a few dozen added lines, and so do llama-server's call
+    # sites (request fields, slot launch and release, phase, response, lost rpc server)
+    added = {p.name: sum(1 for line in p.read_text().splitlines() if line.startswith("+") and not line.startswith("+++"))
+             for p in upstream.patch_files()}
+    server = {name: n for name, n in added.items() if "llama-server" in name}
+    assert sum(added.values()) - sum(server.values()) <= 40, added
+    assert len(server) == 1 and sum(server.values()) <= 60, added
 
 
 def test_bindings_are_rewritten_to_the_private_package():
