@@ -38,18 +38,27 @@ def main() -> None:
     cap = bf.capture_options()
     plan = {name: dict(kind="hf_prompt", **screening[name]["cfg"]["run"]) for name in CONTENDERS}
     for q in ("q8_0", "q4_k_m"):
-        plan[f"mote {q}"] = dict(kind="mote_ftri", gguf=str(args.workdir / f"model-{q}.gguf"), scope="prompt",
-                                 batch_size=32, model_params=cap)
+        plan[f"mote {q}"] = dict(
+            kind="mote_ftri",
+            gguf=str(args.workdir / f"model-{q}.gguf"),
+            scope="prompt",
+            batch_size=32,
+            model_params=cap,
+        )
     rounds = bf.interleaved_rounds(run, plan, args.rounds, lambda i, key: str(args.workdir / f"bc{i}.npz"), common)
 
-    print(f"\n{'configuration':<28} {'tok/s median':>12} {'min-max':>15} {'peak RSS MiB':>13} "
-          f"{'x fastest transformers (per round)':>36}")
+    print(
+        f"\n{'configuration':<28} {'tok/s median':>12} {'min-max':>15} {'peak RSS MiB':>13} "
+        f"{'x fastest transformers (per round)':>36}"
+    )
     for key in plan:
         tps = [rr[key]["tok_s"] for rr in rounds]
         ratios = [rr[key]["tok_s"] / max(rr[n]["tok_s"] for n in CONTENDERS) for rr in rounds]
         rss = statistics.median(rr[key]["rss_mb"] for rr in rounds)
-        print(f"{key:<28} {statistics.median(tps):>12.1f} {min(tps):>7.1f}-{max(tps):<7.1f} {rss:>13.0f} "
-              f"{statistics.median(ratios):>26.2f} ({min(ratios):.2f}-{max(ratios):.2f})")
+        print(
+            f"{key:<28} {statistics.median(tps):>12.1f} {min(tps):>7.1f}-{max(tps):<7.1f} {rss:>13.0f} "
+            f"{statistics.median(ratios):>26.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+        )
     loads = [rr[k]["load_avg"] for rr in rounds for k in rr]
     print(f"1-min load average around the workers: {min(l[0] for l in loads):.1f}-{max(l[1] for l in loads):.1f}")
 

@@ -24,11 +24,29 @@ from mote_local.steering.entries import Entry, Mode
 from mote_local.synthetic import tiny
 
 
-def bench_model(arch: str = "qwen3moe", n_layer: int = 8, n_embd: int = 1024, n_expert: int = 64,
-                n_expert_used: int = 8, n_ff_exp: int = 512, qtype: str = "q8_0"):
+def bench_model(
+    arch: str = "qwen3moe",
+    n_layer: int = 8,
+    n_embd: int = 1024,
+    n_expert: int = 64,
+    n_expert_used: int = 8,
+    n_ff_exp: int = 512,
+    qtype: str = "q8_0",
+):
     """The benchmark's model from the factory (cached): a realistic MoE shape, several hundred MB."""
-    return tiny.tiny_model(arch, n_layer=n_layer, n_embd=n_embd, n_head=16, n_head_kv=4, n_expert=n_expert,
-                           n_expert_used=n_expert_used, n_ff_exp=n_ff_exp, n_ff=4 * n_ff_exp, n_ctx=1024, qtype=qtype)
+    return tiny.tiny_model(
+        arch,
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=16,
+        n_head_kv=4,
+        n_expert=n_expert,
+        n_expert_used=n_expert_used,
+        n_ff_exp=n_ff_exp,
+        n_ff=4 * n_ff_exp,
+        n_ctx=1024,
+        qtype=qtype,
+    )
 
 
 def steering_profile(model: Model) -> list[Entry]:
@@ -74,8 +92,9 @@ def main() -> None:
     args = ap.parse_args()
 
     t0 = time.perf_counter()
-    path = bench_model(args.arch, args.n_layer, args.n_embd, args.n_expert, args.n_expert_used, args.n_ff_exp,
-                       args.qtype)
+    path = bench_model(
+        args.arch, args.n_layer, args.n_embd, args.n_expert, args.n_expert_used, args.n_ff_exp, args.qtype
+    )
     print(f"model: {path} ({path.stat().st_size / 2**20:.0f} MiB, ready in {time.perf_counter() - t0:.1f} s)")
 
     model = Model(path, n_gpu_layers=args.n_gpu_layers)
@@ -104,20 +123,26 @@ def main() -> None:
                 counted += int(cap.stats().tokens[model.layout.moe_layers[0]])
 
     med = {k: {m: statistics.median(v) for m, v in d.items()} for k, d in times.items()}
-    print(f"\n{args.arch}: {args.n_layer} layers, {args.n_expert} experts, top-{args.n_expert_used}, "
-          f"n_embd {args.n_embd}, expert FFN {args.n_ff_exp}, {args.qtype}; {len(entries)} steering entries; "
-          f"median of {args.reps} interleaved runs; capture counted {counted} tokens per layer")
+    print(
+        f"\n{args.arch}: {args.n_layer} layers, {args.n_expert} experts, top-{args.n_expert_used}, "
+        f"n_embd {args.n_embd}, expert FFN {args.n_ff_exp}, {args.qtype}; {len(entries)} steering entries; "
+        f"median of {args.reps} interleaved runs; capture counted {counted} tokens per layer"
+    )
     print(f"{'condition':<10} {'prefill tok/s':>14} {'prefill(all outputs) tok/s':>27} {'decode tok/s':>13}")
     for name in conditions:
         m = med[name]
-        print(f"{name:<10} {args.prefill / m['prefill']:>14.1f} {args.prefill / m['prefill_all']:>27.1f} "
-              f"{args.decode / m['decode']:>13.1f}")
+        print(
+            f"{name:<10} {args.prefill / m['prefill']:>14.1f} {args.prefill / m['prefill_all']:>27.1f} "
+            f"{args.decode / m['decode']:>13.1f}"
+        )
     idle = med["idle"]
     for name in ("steered", "capture"):
         m = med[name]
-        print(f"{name} / idle: prefill {idle['prefill'] / m['prefill']:.3f}x, "
-              f"prefill with all outputs {idle['prefill_all'] / m['prefill_all']:.3f}x, "
-              f"decode {idle['decode'] / m['decode']:.3f}x")
+        print(
+            f"{name} / idle: prefill {idle['prefill'] / m['prefill']:.3f}x, "
+            f"prefill with all outputs {idle['prefill_all'] / m['prefill_all']:.3f}x, "
+            f"decode {idle['decode'] / m['decode']:.3f}x"
+        )
     s.close()
     model.close()
 

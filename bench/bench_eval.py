@@ -59,8 +59,20 @@ def sweep_bench(a) -> None:
     model, prompts = planted.export(work)
     subset = prompt_subset(prompts, a.prompts, work / "subset.toml")
     mote(ROOT, ["ftri", str(model), "--prompts", str(prompts), "--out", str(work / "ftri"), "--n-boot", "20"])
-    args = ["eval", str(model), "--prompts", str(subset), "--sweep", a.sizes, "--ftri", str(work / "ftri"),
-            "-n", "8", "--n-random", "3"]
+    args = [
+        "eval",
+        str(model),
+        "--prompts",
+        str(subset),
+        "--sweep",
+        a.sizes,
+        "--ftri",
+        str(work / "ftri"),
+        "-n",
+        "8",
+        "--n-random",
+        "3",
+    ]
     trees = {"before (sequential)": Path(a.old), "after (batched)": ROOT}
     times: dict[str, list[tuple[float, str]]] = {k: [] for k in trees}
     for r in range(a.rounds):
@@ -78,8 +90,10 @@ def sweep_bench(a) -> None:
     for name, ws in (("before", before), ("after", after)):
         print(f"{name}: median {statistics.median(ws):.1f} s (range {min(ws):.1f}-{max(ws):.1f})")
     ratios = [b / x for b in before for x in after]
-    print(f"speed-up: {statistics.median(before) / statistics.median(after):.2f}x "
-          f"(pairwise range {min(ratios):.2f}-{max(ratios):.2f}x)")
+    print(
+        f"speed-up: {statistics.median(before) / statistics.median(after):.2f}x "
+        f"(pairwise range {min(ratios):.2f}-{max(ratios):.2f}x)"
+    )
 
 
 def peer_bench(a) -> None:
@@ -88,17 +102,48 @@ def peer_bench(a) -> None:
     from mote_local.steering.entries import Entry, Mode
     from mote_local.synthetic import tiny
 
-    path = tiny.tiny_model("qwen3moe", n_layer=a.layers, n_embd=a.embd, n_head=8, n_head_kv=4, n_expert=a.experts,
-                           n_expert_used=a.used, n_ff_exp=a.ff, n_ff=4 * a.ff, n_ctx=1024, qtype="q8_0")
-    prompts = [f"the {w} of the city was calm and the people went home early" for w in
-               ("market", "river", "king", "story", "dog", "night", "road", "school", "rain", "bridge", "square",
-                "garden", "harbour", "station", "library", "forest")] * 4
-    prompts = prompts[:a.prompts]
+    path = tiny.tiny_model(
+        "qwen3moe",
+        n_layer=a.layers,
+        n_embd=a.embd,
+        n_head=8,
+        n_head_kv=4,
+        n_expert=a.experts,
+        n_expert_used=a.used,
+        n_ff_exp=a.ff,
+        n_ff=4 * a.ff,
+        n_ctx=1024,
+        qtype="q8_0",
+    )
+    prompts = [
+        f"the {w} of the city was calm and the people went home early"
+        for w in (
+            "market",
+            "river",
+            "king",
+            "story",
+            "dog",
+            "night",
+            "road",
+            "school",
+            "rain",
+            "bridge",
+            "square",
+            "garden",
+            "harbour",
+            "station",
+            "library",
+            "forest",
+        )
+    ] * 4
+    prompts = prompts[: a.prompts]
     with Model(path) as m:
         n_prompt = round(statistics.mean(len(m.prompt_tokens(p, chat=False)) for p in prompts))
         profile = [Entry(layer, 0, Mode.DROP) for layer in m.layout.moe_layers]
-    print(f"model {path.name}: {a.layers} layers, {a.experts} experts top-{a.used}, hidden {a.embd}, Q8_0, "
-          f"{path.stat().st_size / 2**20:.0f} MiB; prompts of ~{n_prompt} tokens, {a.n} new tokens, -np {a.np}")
+    print(
+        f"model {path.name}: {a.layers} layers, {a.experts} experts top-{a.used}, hidden {a.embd}, Q8_0, "
+        f"{path.stat().st_size / 2**20:.0f} MiB; prompts of ~{n_prompt} tokens, {a.n} new tokens, -np {a.np}"
+    )
     results: dict[str, list[float]] = {"mote eval": [], "llama-batched-bench": []}
     for r in range(a.rounds):
         order = list(results)
@@ -108,31 +153,63 @@ def peer_bench(a) -> None:
             if name == "mote eval":
                 with Model(path) as m:
                     t = time.perf_counter()
-                    res = ev.evaluate(m, prompts, profile, n_random=3, max_tokens=a.n, chat=False,
-                                      measure_cost=False, exclude_super_experts=False, n_parallel=a.np,
-                                      show_progress=False)
+                    res = ev.evaluate(
+                        m,
+                        prompts,
+                        profile,
+                        n_random=3,
+                        max_tokens=a.n,
+                        chat=False,
+                        measure_cost=False,
+                        exclude_super_experts=False,
+                        n_parallel=a.np,
+                        show_progress=False,
+                    )
                     wall = time.perf_counter() - t
                 tokens = sum(g["n_tokens"] for gens in res.generations.values() for g in gens)
                 rate = tokens / wall
                 detail = f"{tokens} tokens in {wall:.1f} s"
             else:
-                proc = subprocess.run([a.bench, "-m", str(path), "-c", str(a.np * (n_prompt + a.n) + 256),
-                                       "-b", "2048", "-ub", "512", "-npp", str(n_prompt), "-ntg", str(a.n),
-                                       "-npl", str(a.np), "-t", str(os.cpu_count())],
-                                      capture_output=True, text=True)
+                proc = subprocess.run(
+                    [
+                        a.bench,
+                        "-m",
+                        str(path),
+                        "-c",
+                        str(a.np * (n_prompt + a.n) + 256),
+                        "-b",
+                        "2048",
+                        "-ub",
+                        "512",
+                        "-npp",
+                        str(n_prompt),
+                        "-ntg",
+                        str(a.n),
+                        "-npl",
+                        str(a.np),
+                        "-t",
+                        str(os.cpu_count()),
+                    ],
+                    capture_output=True,
+                    text=True,
+                )
                 row = [l for l in proc.stdout.splitlines() if re.match(r"\|\s+\d+\s+\|", l)]
                 if proc.returncode or not row:
                     raise SystemExit(f"llama-batched-bench failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
                 cells = [c.strip() for c in row[-1].strip("|").split("|")]
                 rate = a.np * a.n / float(cells[8])  # generated tokens over its whole time, as for mote eval
-                detail = (f"generated tokens / T {rate:.1f} t/s; S_TG (generation alone) {float(cells[7]):.1f} "
-                          f"t/s, S_PP {float(cells[5]):.1f} t/s")
+                detail = (
+                    f"generated tokens / T {rate:.1f} t/s; S_TG (generation alone) {float(cells[7]):.1f} "
+                    f"t/s, S_PP {float(cells[5]):.1f} t/s"
+                )
             results[name].append(rate)
             print(f"round {r + 1}: {name:20s} {rate:7.1f} tok/s  ({detail}; load {load:.1f})", flush=True)
     mo, bb = results["mote eval"], results["llama-batched-bench"]
     ratios = [x / y for x in mo for y in bb]
-    print(f"\nmote eval / llama-batched-bench: {statistics.median(mo) / statistics.median(bb):.2f}x "
-          f"(pairwise range {min(ratios):.2f}-{max(ratios):.2f}x)")
+    print(
+        f"\nmote eval / llama-batched-bench: {statistics.median(mo) / statistics.median(bb):.2f}x "
+        f"(pairwise range {min(ratios):.2f}-{max(ratios):.2f}x)"
+    )
 
 
 def main() -> None:

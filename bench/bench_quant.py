@@ -48,25 +48,36 @@ SECTION = "## Capture-friendly quantization (issue 15)"
 
 def recipes() -> dict[str, object]:
     """Every configuration quantized here, by name: `mote quantize`'s recipes and the measurement's own."""
-    from mote_local.modelfile.quantize import GROUPS, RECIPES, ROUTED_EXPERTS, Recipe, QT
+    from mote_local.modelfile.quantize import GROUPS, QT, RECIPES, ROUTED_EXPERTS, Recipe
 
     out: dict[str, object] = dict(RECIPES)
     out["f16"] = Recipe("f16", "every quantizable tensor F16", (), QT.F16)
     out["bf16"] = Recipe("bf16", "every quantizable tensor BF16", (), QT.BF16)
-    for group in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate_exps", "ffn_up_exps", "ffn_down_exps",
-                  "token_embd", "output"):
-        out[f"q8+{group}@q4_k"] = Recipe(f"q8+{group}@q4_k", f"Q8_0, {group} Q4_K", ((GROUPS[group], QT.Q4_K),),
-                                         QT.Q8_0)
-    out["q8+attn@q4_k"] = Recipe("q8+attn@q4_k", "Q8_0, every attention tensor Q4_K", ((r"\.attn_", QT.Q4_K),),
-                                 QT.Q8_0)
+    for group in (
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_output",
+        "ffn_gate_exps",
+        "ffn_up_exps",
+        "ffn_down_exps",
+        "token_embd",
+        "output",
+    ):
+        out[f"q8+{group}@q4_k"] = Recipe(
+            f"q8+{group}@q4_k", f"Q8_0, {group} Q4_K", ((GROUPS[group], QT.Q4_K),), QT.Q8_0
+        )
+    out["q8+attn@q4_k"] = Recipe("q8+attn@q4_k", "Q8_0, every attention tensor Q4_K", ((r"\.attn_", QT.Q4_K),), QT.Q8_0)
     for experts in (QT.Q4_K, QT.Q5_K, QT.Q6_K):  # routed experts lower, everything else Q8_0
         name = f"q8+exps@{experts.name.lower()}"
-        out[name] = Recipe(name, f"routed experts {experts.name}, everything else Q8_0", ((ROUTED_EXPERTS, experts),),
-                           QT.Q8_0)
+        out[name] = Recipe(
+            name, f"routed experts {experts.name}, everything else Q8_0", ((ROUTED_EXPERTS, experts),), QT.Q8_0
+        )
     for experts in (QT.Q4_K, QT.Q6_K, QT.Q8_0):  # the rest near lossless (output too): what the experts alone cost
         name = f"f16+exps@{experts.name.lower()}"
-        out[name] = Recipe(name, f"routed experts {experts.name}, everything else F16",
-                           ((ROUTED_EXPERTS, experts),), QT.F16)
+        out[name] = Recipe(
+            name, f"routed experts {experts.name}, everything else F16", ((ROUTED_EXPERTS, experts),), QT.F16
+        )
     return out
 
 
@@ -80,8 +91,11 @@ def quantize_worker(cfg: dict) -> dict:
     recipe = recipes()[cfg["recipe"]]
     t0 = time.perf_counter()
     res = quantize(cfg["src"], cfg["dst"], recipe, force=True)
-    return {"quantize_s": time.perf_counter() - t0, "size_mib": res.size_bytes / 2**20,
-            "types": group_types(read_layout(cfg["dst"]).tensor_types)}
+    return {
+        "quantize_s": time.perf_counter() - t0,
+        "size_mib": res.size_bytes / 2**20,
+        "types": group_types(read_layout(cfg["dst"]).tensor_types),
+    }
 
 
 def run_quantize(workdir: Path, log: Path, **cfg) -> dict:
@@ -89,8 +103,12 @@ def run_quantize(workdir: Path, log: Path, **cfg) -> dict:
     with open(log, "a") as logf:
         logf.write(f"\n===== quantize {json.dumps(cfg)}\n")
         logf.flush()
-        r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker",
-                            json.dumps({**cfg, "out_json": str(out)})], cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT)
+        r = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps({**cfg, "out_json": str(out)})],
+            cwd=ROOT,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+        )
     if r.returncode != 0:
         raise RuntimeError(f"quantizing {cfg['recipe']} failed (exit {r.returncode}); see {log}")
     return json.loads(out.read_text())
@@ -112,8 +130,9 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated configurations (default: all)")
     ap.add_argument("--keep", action="store_true", help="keep the sensitivity GGUFs (default: removed once measured)")
     ap.add_argument("--report-only", action="store_true", help="the table from the last run's results.json")
-    ap.add_argument("--resume", action="store_true",
-                    help="keep the last run's results.json and measure only what it lacks")
+    ap.add_argument(
+        "--resume", action="store_true", help="keep the last run's results.json and measure only what it lacks"
+    )
     ap.add_argument("--results", type=Path, default=None, help="append (or replace) the section in this file")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -129,8 +148,10 @@ def main() -> None:
     needed = [workdir / f"model-{q}.gguf" for q in ("f32", "q8_0", "q4_k_m")] + [prompts_file]
     missing = [str(p) for p in needed if not p.exists()]
     if missing:
-        sys.exit(f"bench_quant needs bench_ftri's build: missing {', '.join(missing)} "
-                 "(run `python bench/bench_ftri.py` first, or give --workdir)")
+        sys.exit(
+            f"bench_quant needs bench_ftri's build: missing {', '.join(missing)} "
+            "(run `python bench/bench_ftri.py` first, or give --workdir)"
+        )
     qdir = workdir / "quant"
     qdir.mkdir(exist_ok=True)
     log = qdir / "bench.log"
@@ -144,8 +165,9 @@ def main() -> None:
     print(f"workdir {workdir}; load average {os.getloadavg()}", flush=True)
     if args.report_only:
         saved = json.loads((qdir / "results.json").read_text())
-        report = analyse(args, saved["argv"], saved["names"], saved["Q"], saved["R"], qdir, ids, is_behavior,
-                         saved["total_s"])
+        report = analyse(
+            args, saved["argv"], saved["names"], saved["Q"], saved["R"], qdir, ids, is_behavior, saved["total_s"]
+        )
         print("\n" + report)
         if args.results:
             write_section(args.results, report)
@@ -156,8 +178,11 @@ def main() -> None:
     names = ["f32", "q8_0_llama", "q4_k_m"] + [n for n in all_recipes if n != "q8_0"]
     if args.only:
         names = ["f32"] + [n for n in args.only.split(",") if n != "f32"]
-    paths = {"f32": workdir / "model-f32.gguf", "q8_0_llama": workdir / "model-q8_0.gguf",
-             "q4_k_m": workdir / "model-q4_k_m.gguf"}
+    paths = {
+        "f32": workdir / "model-f32.gguf",
+        "q8_0_llama": workdir / "model-q8_0.gguf",
+        "q4_k_m": workdir / "model-q4_k_m.gguf",
+    }
     Q: dict[str, dict] = {}
     R: dict[str, dict] = {}
     done: list[str] = []
@@ -176,17 +201,42 @@ def main() -> None:
             paths[name] = qdir / f"model-{name}.gguf"
             Q[name] = run_quantize(qdir, log, recipe=name, src=str(paths["f32"]), dst=str(paths[name]))
             print(f"  quantized {name}: {Q[name]}", flush=True)
-        R[f"trace_{name}"] = run("mote_session", gguf=str(paths[name]), batch_size=32, n_ubatch=512,
-                                 kv_unified=True, flash_attn="off", trace=True, n_prompts=args.trace_prompts,
-                                 out_npz=npz(f"trace_{name}"), **common)
-        R[f"ftri_{name}_r0"] = run("mote_ftri", gguf=str(paths[name]), scope="prompt", batch_size=32,
-                                   model_params=cap, out_npz=npz(f"ftri_{name}_r0"), **common)
+        R[f"trace_{name}"] = run(
+            "mote_session",
+            gguf=str(paths[name]),
+            batch_size=32,
+            n_ubatch=512,
+            kv_unified=True,
+            flash_attn="off",
+            trace=True,
+            n_prompts=args.trace_prompts,
+            out_npz=npz(f"trace_{name}"),
+            **common,
+        )
+        R[f"ftri_{name}_r0"] = run(
+            "mote_ftri",
+            gguf=str(paths[name]),
+            scope="prompt",
+            batch_size=32,
+            model_params=cap,
+            out_npz=npz(f"ftri_{name}_r0"),
+            **common,
+        )
 
     def save() -> None:  # after every configuration: an interrupted run can still be reported (--report-only)
-        (qdir / "results.json").write_text(json.dumps({"Q": Q, "R": R, "argv": argv, "names": [n for n in names if
-                                                       f"ftri_{n}_r0" in R],
-                                                       "total_s": spent + time.perf_counter() - t_start},
-                                                      indent=1, default=str))
+        (qdir / "results.json").write_text(
+            json.dumps(
+                {
+                    "Q": Q,
+                    "R": R,
+                    "argv": argv,
+                    "names": [n for n in names if f"ftri_{n}_r0" in R],
+                    "total_s": spent + time.perf_counter() - t_start,
+                },
+                indent=1,
+                default=str,
+            )
+        )
 
     for name in names:
         if name in done:
@@ -197,8 +247,15 @@ def main() -> None:
             paths[name].unlink(missing_ok=True)  # a sensitivity file: measured, not needed again
     for rnd in range(1, args.rounds):  # further speed rounds of the main configurations, interleaved
         for name in [n for n in MAIN if n in names and f"ftri_{n}_r{rnd}" not in R]:
-            R[f"ftri_{name}_r{rnd}"] = run("mote_ftri", gguf=str(paths[name]), scope="prompt", batch_size=32,
-                                           model_params=cap, out_npz=npz(f"ftri_{name}_r{rnd}"), **common)
+            R[f"ftri_{name}_r{rnd}"] = run(
+                "mote_ftri",
+                gguf=str(paths[name]),
+                scope="prompt",
+                batch_size=32,
+                model_params=cap,
+                out_npz=npz(f"ftri_{name}_r{rnd}"),
+                **common,
+            )
             save()
 
     report = analyse(args, argv, names, Q, R, qdir, ids, is_behavior, spent + time.perf_counter() - t_start)
@@ -224,39 +281,52 @@ def analyse(args, argv, names, Q, R, qdir: Path, ids, is_behavior, total_s: floa
     w(SECTION)
     w("")
     w(f"Command: `{argv}` from the repository root ({time.strftime('%Y-%m-%d')}); whole run {total_s / 60:.1f} min.")
-    w(f"Machine: {bf._cpu_name()}, {os.cpu_count()} cores, {bf._mem_gib():.0f} GiB RAM, 1-min load average "
-      f"{min(loads):.1f}–{max(loads):.1f} around the workers (2.0 = both cores busy, which a worker alone does; more "
-      "means other jobs shared the machine).")
-    w(f"Model: bench_ftri's (section \"fTRI capture vs transformers\"), every configuration quantized from its f32 "
-      f"GGUF with `mote_local.modelfile.quantize` (llama.cpp's quantizer, per-tensor types); Q8_0 (llama) and "
-      f"Q4_K_M are bench_ftri's own `llama_model_quantize` files. Routing: per-token top-{k} sets of the first "
-      f"{n_trace} prompts ({n_tok} tokens × every layer), flash attention off, against f32 under the "
-      f"same settings. fTRI: mean_diff top-{args.top} over all {len(ids)} prompts from `capture_activations` "
-      f"(batch 32, `mote ftri`'s options) against f32's. Speed: that capture's prompt tok/s, one run, or the median "
-      "(range) of runs in interleaved rounds.")
+    w(
+        f"Machine: {bf._cpu_name()}, {os.cpu_count()} cores, {bf._mem_gib():.0f} GiB RAM, 1-min load average "
+        f"{min(loads):.1f}–{max(loads):.1f} around the workers (2.0 = both cores busy, which a worker alone does; more "
+        "means other jobs shared the machine)."
+    )
+    w(
+        f'Model: bench_ftri\'s (section "fTRI capture vs transformers"), every configuration quantized from its f32 '
+        f"GGUF with `mote_local.modelfile.quantize` (llama.cpp's quantizer, per-tensor types); Q8_0 (llama) and "
+        f"Q4_K_M are bench_ftri's own `llama_model_quantize` files. Routing: per-token top-{k} sets of the first "
+        f"{n_trace} prompts ({n_tok} tokens × every layer), flash attention off, against f32 under the "
+        f"same settings. fTRI: mean_diff top-{args.top} over all {len(ids)} prompts from `capture_activations` "
+        f"(batch 32, `mote ftri`'s options) against f32's. Speed: that capture's prompt tok/s, one run, or the median "
+        "(range) of runs in interleaved rounds."
+    )
     w("")
-    w(f"| configuration | routed experts | other weights | GGUF MiB | top-{k} set identical | mean set overlap | "
-      f"fTRI top-{args.top} overlap | count corr | capture tok/s | peak RSS MiB |")
+    w(
+        f"| configuration | routed experts | other weights | GGUF MiB | top-{k} set identical | mean set overlap | "
+        f"fTRI top-{args.top} overlap | count corr | capture tok/s | peak RSS MiB |"
+    )
     w("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for name in names:
         speeds = [R[key]["tok_s"] for key in R if key.startswith(f"ftri_{name}_r")]
-        speed = f"{statistics.median(speeds):.0f}" + (f" ({min(speeds):.0f}–{max(speeds):.0f}, {len(speeds)} runs)"
-                                                         if len(speeds) > 1 else "")
+        speed = f"{statistics.median(speeds):.0f}" + (
+            f" ({min(speeds):.0f}–{max(speeds):.0f}, {len(speeds)} runs)" if len(speeds) > 1 else ""
+        )
         rss = max(R[key]["rss_mb"] for key in R if key.startswith(f"ftri_{name}_r"))
         types = Q[name]["types"] if name in Q else _types(qdir.parent / _CACHED[name])
         size = Q[name]["size_mib"] if name in Q else (qdir.parent / _CACHED[name]).stat().st_size / 2**20
         experts = sorted({t for g, v in types.items() if g.endswith("_exps") for t in v.split(", ")})
-        other = sorted({t for g, v in types.items() if not g.endswith("_exps") and g != "router"
-                        for t in v.split(", ")})
-        label = {"q8_0_llama": "Q8_0 (llama.cpp's ftype)", "q4_k_m": "Q4_K_M (llama.cpp's ftype)",
-                 "f32": "F32 (the reference)"}.get(name, f"`{name}`")
+        other = sorted(
+            {t for g, v in types.items() if not g.endswith("_exps") and g != "router" for t in v.split(", ")}
+        )
+        label = {
+            "q8_0_llama": "Q8_0 (llama.cpp's ftype)",
+            "q4_k_m": "Q4_K_M (llama.cpp's ftype)",
+            "f32": "F32 (the reference)",
+        }.get(name, f"`{name}`")
         if name == "f32":
             agree = "— | — | — | —"
         else:
             st = bf.top_sets_agreement(load(f"trace_{name}", "trace"), ref_trace)
             f = bf.ftri_compare(load(f"ftri_{name}_r0"), ref_counts, is_behavior, args.top, k)
-            agree = (f"{100 * st['set_identical']:.1f}% | {100 * st['mean_overlap']:.1f}% | "
-                     f"{f['top_overlap']}/{args.top} | {f['count_corr']:.4f}")
+            agree = (
+                f"{100 * st['set_identical']:.1f}% | {100 * st['mean_overlap']:.1f}% | "
+                f"{f['top_overlap']}/{args.top} | {f['count_corr']:.4f}"
+            )
         w(f"| {label} | {', '.join(experts)} | {', '.join(other)} | {size:.0f} | {agree} | {speed} | {rss:.0f} |")
     w("")
     return "\n".join(lines)
@@ -268,6 +338,7 @@ _CACHED = {"f32": "model-f32.gguf", "q8_0_llama": "model-q8_0.gguf", "q4_k_m": "
 def _types(path: Path) -> dict[str, str]:
     from mote_local.modelfile.layout import read_layout
     from mote_local.modelfile.quantize import group_types
+
     return group_types(read_layout(path).tensor_types)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import os
 import re
 import socket
@@ -32,12 +33,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_engine import bench_model, decode_seconds, prefill_seconds, steering_profile  # noqa: E402
+from bench_engine import bench_model, decode_seconds, prefill_seconds, steering_profile
 
-from mote_local.engine import rpc  # noqa: E402
-from mote_local.engine.model import Model  # noqa: E402
-from mote_local.errors import EngineError  # noqa: E402
-from mote_local.synthetic import tiny  # noqa: E402
+from mote_local.engine import rpc
+from mote_local.engine.model import Model
+from mote_local.errors import EngineError
+from mote_local.synthetic import tiny
 
 REQUEST = re.compile(r"^\[(\w+)\]", re.MULTILINE)
 
@@ -49,9 +50,14 @@ def start_servers(n: int, threads: int, logdir: Path) -> tuple[list[subprocess.P
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         log = logdir / f"server{i}.log"
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "mote_local.cli", "rpc-server", "--port", str(port), "-t", str(threads)],
-            stdout=subprocess.DEVNULL, stderr=log.open("w"), env=dict(os.environ, GGML_RPC_DEBUG="1")))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "mote_local.cli", "rpc-server", "--port", str(port), "-t", str(threads)],
+                stdout=subprocess.DEVNULL,
+                stderr=log.open("w"),
+                env=dict(os.environ, GGML_RPC_DEBUG="1"),
+            )
+        )
         endpoints.append(f"127.0.0.1:{port}")
         logs.append(log)
         deadline = time.monotonic() + 30
@@ -92,21 +98,26 @@ def main() -> None:
     args = ap.parse_args()
 
     path = bench_model(n_layer=args.n_layer, qtype=args.qtype)
-    print(f"model: {path.name} ({path.stat().st_size / 2**20:.0f} MiB); {args.servers} loopback servers, "
-          f"{args.n_gpu_layers} of {args.n_layer} layers on them, {args.threads} thread(s) per process")
+    print(
+        f"model: {path.name} ({path.stat().st_size / 2**20:.0f} MiB); {args.servers} loopback servers, "
+        f"{args.n_gpu_layers} of {args.n_layer} layers on them, {args.threads} thread(s) per process"
+    )
     with tempfile.TemporaryDirectory() as logdir, contextlib.ExitStack() as stack:
         procs, endpoints, logs = start_servers(args.servers, args.threads, Path(logdir))
         for proc in procs:
             stack.callback(proc.wait)
             stack.callback(proc.kill)
         local = stack.enter_context(Model(path))
-        remote = stack.enter_context(Model(path, rpc_servers=endpoints, n_gpu_layers=args.n_gpu_layers,
-                                           tensor_split=[1] * args.servers))
+        remote = stack.enter_context(
+            Model(path, rpc_servers=endpoints, n_gpu_layers=args.n_gpu_layers, tensor_split=[1] * args.servers)
+        )
         rng = np.random.default_rng(0)
         prompt = rng.integers(10, local.n_vocab, size=args.prefill).tolist()
         entries = steering_profile(remote)
-        sessions = {m: stack.enter_context(m.session(n_ctx=1024, n_batch=args.prefill, n_threads=args.threads))
-                    for m in (local, remote)}
+        sessions = {
+            m: stack.enter_context(m.session(n_ctx=1024, n_batch=args.prefill, n_threads=args.threads))
+            for m in (local, remote)
+        }
         conditions = {"local idle": local, "rpc idle": remote, "rpc steered": remote, "rpc capture": remote}
         times = {c: {"prefill": [], "decode": []} for c in conditions}
         per_step: dict[str, collections.Counter] = {}
@@ -124,21 +135,26 @@ def main() -> None:
                     times[name]["decode"].append(decode_seconds(s, prompt[:32], args.decode, rng))
                     if rep == 0 and model is remote:
                         n = 8
-                        counts = requests_during(logs, lambda: decode_seconds(s, prompt[:32], n, rng))
-                        prefix = requests_during(logs, lambda: decode_seconds(s, prompt[:32], 0, rng))
+                        counts = requests_during(logs, functools.partial(decode_seconds, s, prompt[:32], n, rng))
+                        prefix = requests_during(logs, functools.partial(decode_seconds, s, prompt[:32], 0, rng))
                         per_step[name] = collections.Counter(
-                            {k: (counts[k] - prefix[k]) / n for k in counts if counts[k] - prefix[k] > 0})
+                            {k: (counts[k] - prefix[k]) / n for k in counts if counts[k] - prefix[k] > 0}
+                        )
 
     print(f"\n{'condition':<12} {'prefill tok/s':>14} {'decode tok/s':>13}   (median of {args.reps} rounds)")
     for name, t in times.items():
-        print(f"{name:<12} {args.prefill / statistics.median(t['prefill']):>14.1f} "
-              f"{args.decode / statistics.median(t['decode']):>13.1f}")
+        print(
+            f"{name:<12} {args.prefill / statistics.median(t['prefill']):>14.1f} "
+            f"{args.decode / statistics.median(t['decode']):>13.1f}"
+        )
     print()
     for name in ("local idle", "rpc steered", "rpc capture"):
         for phase in ("prefill", "decode"):
             ratios = [i / c for i, c in zip(times["rpc idle"][phase], times[name][phase])]
-            print(f"{name} / rpc idle, {phase}: {statistics.median(ratios):.3f}x "
-                  f"(range {min(ratios):.3f}-{max(ratios):.3f})")
+            print(
+                f"{name} / rpc idle, {phase}: {statistics.median(ratios):.3f}x "
+                f"(range {min(ratios):.3f}-{max(ratios):.3f})"
+            )
     print("\nrequests the servers served per decode step (all servers together):")
     for name, counts in per_step.items():
         detail = ", ".join(f"{k} {v:g}" for k, v in sorted(counts.items()))

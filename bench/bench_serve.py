@@ -44,7 +44,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_engine import bench_model  # noqa: E402
+from bench_engine import bench_model
 
 REPO = Path(__file__).resolve().parent.parent
 # stock llama-server, built like the engine (same CMake project, options and compiler flags, so that ccache serves
@@ -73,15 +73,32 @@ def build(jobs: int) -> Path:
     tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
     build_dir = STOCK_PROJECT / "build" / f"{tag}-{tag}-{sysconfig.get_platform().replace('-', '_').replace('.', '_')}"
     env = os.environ | {"CCACHE_BASEDIR": os.environ.get("CCACHE_BASEDIR", str(REPO.parent))}
-    subprocess.run(["cmake", "-S", str(STOCK_PROJECT), "-B", str(build_dir), "-G", "Ninja",
-                    "-DCMAKE_BUILD_TYPE=Release", f"-DPython_EXECUTABLE={sys.executable}"], check=True, env=env)
+    subprocess.run(
+        [
+            "cmake",
+            "-S",
+            str(STOCK_PROJECT),
+            "-B",
+            str(build_dir),
+            "-G",
+            "Ninja",
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DPython_EXECUTABLE={sys.executable}",
+        ],
+        check=True,
+        env=env,
+    )
     subprocess.run(["cmake", "--build", str(build_dir), "-j", str(jobs)], check=True, env=env)
-    subprocess.run(["cmake", "--install", str(build_dir), "--component", "mote", "--prefix",
-                    str(STOCK_PROJECT / "install")], check=True, env=env)
+    subprocess.run(
+        ["cmake", "--install", str(build_dir), "--component", "mote", "--prefix", str(STOCK_PROJECT / "install")],
+        check=True,
+        env=env,
+    )
     return SERVER_BIN
 
 
 # ------------------------------------------------------------------------------------------------ servers
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -91,15 +108,29 @@ def _free_port() -> int:
 
 def _start(kind: str, model: Path, args, port: int) -> subprocess.Popen:
     # the same llama-server flags for both: mote serve passes them on verbatim
-    flags = ["--host", "127.0.0.1", "--port", str(port), "-c", str(args.parallel * args.slot_ctx),
-             "-np", str(args.parallel), "-t", str(args.threads), "-tb", str(args.threads), "-b", "512",
-             "--kv-unified", "--no-webui"]
+    flags = [
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "-c",
+        str(args.parallel * args.slot_ctx),
+        "-np",
+        str(args.parallel),
+        "-t",
+        str(args.threads),
+        "-tb",
+        str(args.threads),
+        "-b",
+        "512",
+        "--kv-unified",
+        "--no-webui",
+    ]
     if kind == "llama-server":
         cmd = [str(SERVER_BIN), "-m", str(model), *flags]
     else:
         cmd = [sys.executable, "-m", "mote_local.cli", "serve", str(model), *flags]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -125,6 +156,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 # ------------------------------------------------------------------------------------------------ load
 
+
 def _steering(rng: random.Random, layers: list[int], n_expert: int) -> dict:
     """A random steering touching every MoE layer: one expert dropped, one biased, one masked."""
     entries = []
@@ -138,8 +170,13 @@ def _requests(args, vocab: int, eog: list[int], layers: list[int], n_expert: int
     rng = random.Random(args.seed)
     out = []
     for _ in range(args.clients * args.requests):
-        body = {"model": "bench", "prompt": [rng.randrange(10, vocab) for _ in range(args.prompt)],
-                "max_tokens": args.max_tokens, "temperature": 0, "logit_bias": {str(t): -100 for t in eog}}
+        body = {
+            "model": "bench",
+            "prompt": [rng.randrange(10, vocab) for _ in range(args.prompt)],
+            "max_tokens": args.max_tokens,
+            "temperature": 0,
+            "logit_bias": {str(t): -100 for t in eog},
+        }
         if steered:
             body["steering"] = _steering(rng, layers, n_expert)
         out.append(body)
@@ -152,12 +189,14 @@ async def _load(url: str, bodies: list[dict], clients: int) -> tuple[float, list
     latencies: list[float] = []
     limits = httpx.Limits(max_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as c:
+
         async def client(k: int):
             for i in range(k, len(bodies), clients):
                 t0 = time.perf_counter()
                 r = await c.post("/v1/completions", json=bodies[i])
                 latencies.append(time.perf_counter() - t0)
                 replies[i] = r.json() if r.status_code == 200 else None
+
         t0 = time.perf_counter()
         await asyncio.gather(*(client(k) for k in range(clients)))
         return time.perf_counter() - t0, latencies, replies
@@ -177,13 +216,16 @@ def run(args) -> None:
         vocab, layers, n_expert = m.n_vocab, list(m.layout.moe_layers), m.layout.n_expert
         eog = [t for t in range(vocab) if m.is_eog(t)]
     load_before = f"{os.getloadavg()[0]:.2f}"
-    conditions = {"llama-server": ("llama-server", False), "mote unsteered": ("mote", False),
-                  "mote steered": ("mote", True)}
+    conditions = {
+        "llama-server": ("llama-server", False),
+        "mote unsteered": ("mote", False),
+        "mote steered": ("mote", True),
+    }
     results: dict[str, list[dict]] = {name: [] for name in conditions}
     checks: dict[str, str] = {}
     names = list(conditions)
     for rnd in range(args.rounds):
-        for name in names[rnd % 3:] + names[:rnd % 3]:  # each round starts with the next condition
+        for name in names[rnd % 3 :] + names[: rnd % 3]:  # each round starts with the next condition
             kind, steered = conditions[name]
             bodies = _requests(args, vocab, eog, layers, n_expert, steered)
             port = _free_port()
@@ -194,8 +236,11 @@ def run(args) -> None:
                 errors = sum(r is None for r in replies)
                 tokens = sum(r["usage"]["completion_tokens"] for r in replies if r)
                 results[name].append({"wall": wall, "tokens": tokens, "errors": errors, "latencies": latencies})
-                print(f"round {rnd + 1} {name}: {tokens / wall:.1f} tok/s, p50 {_pct(latencies, 50):.2f} s, "
-                      f"errors {errors}", file=sys.stderr)
+                print(
+                    f"round {rnd + 1} {name}: {tokens / wall:.1f} tok/s, p50 {_pct(latencies, 50):.2f} s, "
+                    f"errors {errors}",
+                    file=sys.stderr,
+                )
                 if rnd == 0:
                     checks[name] = _alone_vs_batched(url, bodies, replies, args)
                     if steered:
@@ -204,16 +249,20 @@ def run(args) -> None:
                 _stop(proc)
     base = sum(r["tokens"] for r in results["llama-server"]) / sum(r["wall"] for r in results["llama-server"])
     print(f"\nload average before / after: {load_before} / {os.getloadavg()[0]:.2f}")
-    print(f"model: {model.name} ({model.stat().st_size / 2**20:.0f} MiB, {len(layers)} MoE layers, {n_expert} experts),"
-          f" {args.clients} clients x {args.requests} requests, prompt {args.prompt} tokens, {args.max_tokens} new "
-          f"tokens each, --parallel {args.parallel}, -t {args.threads}, {args.rounds} rounds\n")
+    print(
+        f"model: {model.name} ({model.stat().st_size / 2**20:.0f} MiB, {len(layers)} MoE layers, {n_expert} experts),"
+        f" {args.clients} clients x {args.requests} requests, prompt {args.prompt} tokens, {args.max_tokens} new "
+        f"tokens each, --parallel {args.parallel}, -t {args.threads}, {args.rounds} rounds\n"
+    )
     print("| condition | throughput (tok/s) | vs llama-server | latency p50 (s) | p95 (s) | errors |")
     print("|---|---|---|---|---|---|")
     for name, runs in results.items():
         tput = sum(r["tokens"] for r in runs) / sum(r["wall"] for r in runs)
         lat = [x for r in runs for x in r["latencies"]]
-        print(f"| {name} | {tput:.1f} | {tput / base:.2f}x | {_pct(lat, 50):.2f} | {_pct(lat, 95):.2f} | "
-              f"{sum(r['errors'] for r in runs)} |")
+        print(
+            f"| {name} | {tput:.1f} | {tput / base:.2f}x | {_pct(lat, 50):.2f} | {_pct(lat, 95):.2f} | "
+            f"{sum(r['errors'] for r in runs)} |"
+        )
     print()
     print(f"cross-talk, masks held: {checks['masks held']}")
     for name in conditions:
@@ -241,8 +290,10 @@ def _masks_held(url: str, bodies: list[dict], clients: int) -> str:
     masked_bodies = [b | {"return_routing": True} for b in bodies]
     _, _, replies = asyncio.run(_load(url, masked_bodies, clients))
     leaks, by_others, missing = 0, 0, sum(r is None for r in replies)
-    masks = [[tuple(map(int, e.split()[1].split(":"))) for e in b["steering"]["entries"] if e.startswith("off ")]
-             for b in bodies]
+    masks = [
+        [tuple(map(int, e.split()[1].split(":"))) for e in b["steering"]["entries"] if e.startswith("off ")]
+        for b in bodies
+    ]
     for i, reply in enumerate(replies):
         if reply is None:
             continue
@@ -251,10 +302,13 @@ def _masks_held(url: str, bodies: list[dict], clients: int) -> str:
         leaks += sum(routing["counts"][row[layer]][expert] for layer, expert in masks[i])
         for j, other in enumerate(masks):
             if j != i:
-                by_others += sum(routing["counts"][row[layer]][expert] for layer, expert in other
-                                 if (layer, expert) not in masks[i])
-    return (f"{leaks} selections of a request's own masked experts in {len(replies) - missing} requests "
-            f"({missing} failed); experts its neighbours masked were selected {by_others} times in its own routing")
+                by_others += sum(
+                    routing["counts"][row[layer]][expert] for layer, expert in other if (layer, expert) not in masks[i]
+                )
+    return (
+        f"{leaks} selections of a request's own masked experts in {len(replies) - missing} requests "
+        f"({missing} failed); experts its neighbours masked were selected {by_others} times in its own routing"
+    )
 
 
 def main() -> None:
@@ -269,8 +323,12 @@ def main() -> None:
     r.add_argument("--max-tokens", type=int, default=32)
     r.add_argument("--parallel", type=int, default=16, help="slots (both servers)")
     r.add_argument("--slot-ctx", type=int, default=256, help="positions per slot")
-    r.add_argument("--threads", type=int, default=1,
-                   help="CPU threads, both servers (1: on a shared 2-core box two threads stall each other)")
+    r.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads, both servers (1: on a shared 2-core box two threads stall each other)",
+    )
     r.add_argument("--layers", type=int, default=8)
     r.add_argument("--qtype", default="q8_0")
     r.add_argument("--rounds", type=int, default=2)

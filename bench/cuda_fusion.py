@@ -46,8 +46,18 @@ def decode_once(arch: str, overrides: dict, condition: str, cache: Path) -> None
 
 def kernel_launches(arch_key: str, condition: str, cache: Path) -> tuple[int, int, int]:
     """(topk_moe launches, all kernel launches, MoE layers) of one profiled decode."""
-    cmd = ["ncu", "--csv", "--metrics", "gpu__time_duration.sum",
-           sys.executable, __file__, "--child", arch_key, condition, str(cache)]
+    cmd = [
+        "ncu",
+        "--csv",
+        "--metrics",
+        "gpu__time_duration.sum",
+        sys.executable,
+        __file__,
+        "--child",
+        arch_key,
+        condition,
+        str(cache),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     lines = result.stdout.splitlines()
     header = next((i for i, line in enumerate(lines) if line.startswith('"ID"')), None)

@@ -56,8 +56,9 @@ def main() -> None:
                     for i in range(args.steps):
                         s.decode([(0, [100 + i], len(prompt) + i)], outputs="last")
                     best = min(best, time.perf_counter() - t0)
-            print(f"{name:<12} decode {args.steps / best:8.1f} tok/s  {best / args.steps * 1e6:7.1f} us/token",
-                  flush=True)
+            print(
+                f"{name:<12} decode {args.steps / best:8.1f} tok/s  {best / args.steps * 1e6:7.1f} us/token", flush=True
+            )
     model.close()
 
 

@@ -42,18 +42,20 @@ class HfSpec:
     n_head: int = 16
     n_head_kv: int = 4
     head_dim: int = 64
-    vocab: int = 4096            # model vocabulary; the BPE trained on the word corpus uses fewer ids
+    vocab: int = 4096  # model vocabulary; the BPE trained on the word corpus uses fewer ids
     router_logit_std: float = 4.0  # std of router logits on RMS-normalised input ("clear margins")
     seed: int = 1234
 
     def key(self) -> str:
         import hashlib
+
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
 # ------------------------------------------------------------------------------------------------------
 # Tokenizer
 # ------------------------------------------------------------------------------------------------------
+
 
 def corpus(words: list[str], n_lines: int = 4000, seed: int = 0) -> list[str]:
     """Deterministic sentences over a word list (the tokenizer's training text and the prompts' source)."""
@@ -67,8 +69,10 @@ def corpus(words: list[str], n_lines: int = 4000, seed: int = 0) -> list[str]:
 
 
 # the pre-tokenizer regex of Qwen2/Qwen3 (llama.cpp's "qwen2" pre-tokenizer)
-QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
@@ -81,12 +85,19 @@ def train_tokenizer(out_dir: Path, words: list[str], vocab: int) -> int:
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIAL, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=SPECIAL,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(corpus(words), trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     fast.save_pretrained(out_dir)
@@ -97,17 +108,32 @@ def train_tokenizer(out_dir: Path, words: list[str], vocab: int) -> int:
 # HF model
 # ------------------------------------------------------------------------------------------------------
 
+
 def hf_config(spec: HfSpec, vocab: int):
     from transformers import Qwen3MoeConfig
 
     return Qwen3MoeConfig(
-        vocab_size=vocab, hidden_size=spec.hidden, intermediate_size=4 * spec.hidden,
-        num_hidden_layers=spec.n_layer, num_attention_heads=spec.n_head, num_key_value_heads=spec.n_head_kv,
-        head_dim=spec.head_dim, num_experts=spec.n_expert, num_experts_per_tok=spec.n_expert_used,
-        moe_intermediate_size=spec.moe_ff, decoder_sparse_step=1, mlp_only_layers=[],
+        vocab_size=vocab,
+        hidden_size=spec.hidden,
+        intermediate_size=4 * spec.hidden,
+        num_hidden_layers=spec.n_layer,
+        num_attention_heads=spec.n_head,
+        num_key_value_heads=spec.n_head_kv,
+        head_dim=spec.head_dim,
+        num_experts=spec.n_expert,
+        num_experts_per_tok=spec.n_expert_used,
+        moe_intermediate_size=spec.moe_ff,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
         norm_topk_prob=True,  # llama.cpp's qwen3moe graph always renormalises the top-k weights
-        max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, use_cache=True)
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        use_cache=True,
+    )
 
 
 def build_checkpoints(spec: HfSpec, words: list[str], dir_f32: Path, dir_bf16: Path) -> dict:
@@ -128,7 +154,7 @@ def build_checkpoints(spec: HfSpec, words: list[str], dir_f32: Path, dir_bf16: P
     with torch.no_grad():
         for layer in model.model.layers:
             w = layer.mlp.gate.weight
-            w.copy_(torch.randn(w.shape, generator=gen) * (spec.router_logit_std / spec.hidden ** 0.5))
+            w.copy_(torch.randn(w.shape, generator=gen) * (spec.router_logit_std / spec.hidden**0.5))
     model.save_pretrained(dir_f32, safe_serialization=True)
     model.to(torch.bfloat16).save_pretrained(dir_bf16, safe_serialization=True)
     n_params = sum(p.numel() for p in model.parameters())
@@ -140,6 +166,7 @@ def build_checkpoints(spec: HfSpec, words: list[str], dir_f32: Path, dir_bf16: P
 # Conversion and quantization
 # ------------------------------------------------------------------------------------------------------
 
+
 def sdist_path() -> Path:
     for env in ("MOTE_LOCAL_SDIST", "MOTE_SDIST"):
         p = os.environ.get(env)
@@ -147,8 +174,10 @@ def sdist_path() -> Path:
             return Path(p)
     p = Path.home() / ".cache" / "mote-local" / "sdist" / SDIST_NAME
     if not p.is_file():
-        raise FileNotFoundError(f"the pinned sdist {SDIST_NAME} is not cached at {p}; the engine build puts it "
-                                "there (or set MOTE_LOCAL_SDIST)")
+        raise FileNotFoundError(
+            f"the pinned sdist {SDIST_NAME} is not cached at {p}; the engine build puts it "
+            "there (or set MOTE_LOCAL_SDIST)"
+        )
     return p
 
 
@@ -173,16 +202,25 @@ def convert_to_gguf(hf_dir: Path, out: Path, outtype: str = "f32") -> None:
     """convert_hf_to_gguf.py of the pinned llama.cpp, extracted to a temp dir for this call only."""
     with tempfile.TemporaryDirectory(prefix="mote-convert-") as tmp:
         with tarfile.open(sdist_path()) as tar:
-            members = [m for m in tar.getmembers()
-                       if m.name == _VENDOR + "convert_hf_to_gguf.py"
-                       or m.name.startswith(_VENDOR + "gguf-py/") or m.name.startswith(_VENDOR + "conversion/")]
+            members = [
+                m
+                for m in tar.getmembers()
+                if m.name == _VENDOR + "convert_hf_to_gguf.py"
+                or m.name.startswith(_VENDOR + "gguf-py/")
+                or m.name.startswith(_VENDOR + "conversion/")
+            ]
             tar.extractall(tmp, members=members, filter="data")
         root = Path(tmp) / _VENDOR
         wrapper = Path(tmp) / "convert_wrapper.py"
         wrapper.write_text(_WRAPPER.format(root=str(root)))
         env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
-        r = subprocess.run([sys.executable, str(wrapper), str(hf_dir), "--outtype", outtype, "--outfile", str(out)],
-                           capture_output=True, text=True, env=env, cwd=tmp)
+        r = subprocess.run(
+            [sys.executable, str(wrapper), str(hf_dir), "--outtype", outtype, "--outfile", str(out)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp,
+        )
         if r.returncode != 0:
             raise RuntimeError(f"convert_hf_to_gguf.py failed ({r.returncode}):\n{r.stderr[-4000:]}")
 
@@ -206,6 +244,7 @@ def quantize(src: Path, dst: Path, qtype: str, nthread: int = 0) -> None:
 # Router hooks (what researchers do today)
 # ------------------------------------------------------------------------------------------------------
 
+
 class RouterHooks:
     """forward hooks on every ``mlp.gate``: the top-k expert ids of every token the router saw, per call.
 
@@ -215,7 +254,7 @@ class RouterHooks:
     """
 
     def __init__(self, model):
-        self.calls: list[list] = []   # one entry per model forward: [layer] -> LongTensor [tokens, k]
+        self.calls: list[list] = []  # one entry per model forward: [layer] -> LongTensor [tokens, k]
         self._current: list | None = None
         self._handles = []
         self.k = model.config.num_experts_per_tok
@@ -230,11 +269,13 @@ class RouterHooks:
                 ids = output[2]
             else:
                 import torch
+
                 ids = torch.softmax(output, dim=-1, dtype=torch.float).topk(self.k, dim=-1).indices
             if i == 0:
                 self._current = [None] * self.n_layer
                 self.calls.append(self._current)
             self._current[i] = ids.detach()
+
         return hook
 
     def clear(self) -> None:

@@ -41,8 +41,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         _fsync_dir(target.parent)
     except OSError as err:
         if err.errno == errno.ENOSPC:
-            raise OSError(errno.ENOSPC, f"disk full while writing {target}: free some space on that disk or "
-                                        "write the file elsewhere") from err
+            raise OSError(
+                errno.ENOSPC,
+                f"disk full while writing {target}: free some space on that disk or write the file elsewhere",
+            ) from err
         raise
     finally:
         if tmp is not None:

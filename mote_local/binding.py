@@ -14,21 +14,24 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import sys
-from typing import Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
 from mote_local.errors import CaptureError, EngineError, MoteError, SteeringError
 
 try:
-    from mote_local_engine.llama_cpp import _internals as llama_internals
-    from mote_local_engine.llama_cpp import llama_chat_format
+    from mote_local_engine.llama_cpp import _internals as llama_internals  # noqa: F401  (re-exported)
+    from mote_local_engine.llama_cpp import llama_chat_format  # noqa: F401  (re-exported)
     from mote_local_engine.llama_cpp import (
         llama_cpp as llama,  # the pinned bindings, private copy
     )
 except (ImportError, OSError, RuntimeError) as err:  # not built, or the shared library failed to load
-    raise EngineError(f"mote-local's engine is not available ({err}); install the package with "
-                      "`pip install .` from the repository so that it builds the patched llama.cpp") from err
+    raise EngineError(
+        f"mote-local's engine is not available ({err}); install the package with "
+        "`pip install .` from the repository so that it builds the patched llama.cpp"
+    ) from err
 
 _lib = llama._lib
 
@@ -46,30 +49,39 @@ CAPTURE_OUTPUT_NORMS = 4
 
 # struct mote_entry { int32_t layer; int32_t expert; int32_t mode; float value; int32_t scope; };
 class mote_entry(ctypes.Structure):
-    _fields_ = [("layer", ctypes.c_int32), ("expert", ctypes.c_int32), ("mode", ctypes.c_int32),
-                ("value", ctypes.c_float), ("scope", ctypes.c_int32)]
+    _fields_ = [
+        ("layer", ctypes.c_int32),
+        ("expert", ctypes.c_int32),
+        ("mode", ctypes.c_int32),
+        ("value", ctypes.c_float),
+        ("scope", ctypes.c_int32),
+    ]
 
 
 # struct mote_shape { int32_t n_layer, n_expert, n_expert_used, n_expert_groups, n_group_used;
 #                     const uint8_t * moe_layers; };
 class mote_shape(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_int32) for name in
-                ("n_layer", "n_expert", "n_expert_used", "n_expert_groups", "n_group_used")] + \
-               [("moe_layers", ctypes.POINTER(ctypes.c_uint8))]
+    _fields_ = [
+        (name, ctypes.c_int32) for name in ("n_layer", "n_expert", "n_expert_used", "n_expert_groups", "n_group_used")
+    ] + [("moe_layers", ctypes.POINTER(ctypes.c_uint8))]
 
 
 # struct mote_layer_router { int32_t n_calls, n_expert, n_expert_used, gating, norm_w; float w_scale;
 #                            int32_t selection_bias; };
 class mote_layer_router(ctypes.Structure):
-    _fields_ = [  # type: ignore[assignment]  # mixed field types
+    _fields_ = [
         *((name, ctypes.c_int32) for name in ("n_calls", "n_expert", "n_expert_used", "gating", "norm_w")),
-        ("w_scale", ctypes.c_float), ("selection_bias", ctypes.c_int32)]
+        ("w_scale", ctypes.c_float),
+        ("selection_bias", ctypes.c_int32),
+    ]
 
 
 # struct mote_router_info { int32_t n_layer, n_expert, n_expert_used, n_expert_groups, n_group_used, gating; };
 class mote_router_info(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_int32) for name in
-                ("n_layer", "n_expert", "n_expert_used", "n_expert_groups", "n_group_used", "gating")]
+    _fields_ = [
+        (name, ctypes.c_int32)
+        for name in ("n_layer", "n_expert", "n_expert_used", "n_expert_groups", "n_group_used", "gating")
+    ]
 
 
 def _bind(name: str, argtypes: list, restype):
@@ -94,7 +106,8 @@ _layer_router = _bind("mote_get_layer_router", [_ctx, _i32, _P(mote_layer_router
 # int32_t mote_steer_check(const struct mote_shape * shape, const struct mote_entry * entries, int32_t n_entries,
 #                          double strength);
 _steer_check = _bind("mote_steer_check", [_P(mote_shape), _P(mote_entry), _i32, ctypes.c_double], _i32)
-# int32_t mote_steer_set(struct llama_context * ctx, const struct mote_entry * entries, int32_t n_entries, double strength);
+# int32_t mote_steer_set(struct llama_context * ctx, const struct mote_entry * entries, int32_t n_entries,
+#                        double strength);
 _steer_set = _bind("mote_steer_set", [_ctx, _P(mote_entry), _i32, ctypes.c_double], _i32)
 # int32_t mote_steer_set_seq(struct llama_context * ctx, int32_t seq_id, const struct mote_entry * entries,
 #                            int32_t n_entries, double strength);
@@ -109,7 +122,8 @@ _steer_clear = _bind("mote_steer_clear", [_ctx], None)
 _capture_start = _bind("mote_capture_start", [_ctx, _i32], _i32)
 # void mote_capture_stop(struct llama_context * ctx);
 _capture_stop = _bind("mote_capture_stop", [_ctx], None)
-# int32_t mote_capture_bind(struct llama_context * ctx, int32_t seq_id, int32_t label, int32_t pos_begin, int32_t pos_end);
+# int32_t mote_capture_bind(struct llama_context * ctx, int32_t seq_id, int32_t label, int32_t pos_begin,
+#                           int32_t pos_end);
 _capture_bind = _bind("mote_capture_bind", [_ctx, _i32, _i32, _i32, _i32], _i32)
 # void mote_capture_unbind_all(struct llama_context * ctx);
 _capture_unbind_all = _bind("mote_capture_unbind_all", [_ctx], None)
@@ -157,14 +171,16 @@ class llama_model_tensor_buft_override(ctypes.Structure):
 
 
 if _abi_version() != MOTE_ABI_VERSION:
-    raise EngineError(f"engine ABI {_abi_version()} does not match the Python package's {MOTE_ABI_VERSION}: "
-                      "reinstall mote-local so both come from the same build")
+    raise EngineError(
+        f"engine ABI {_abi_version()} does not match the Python package's {MOTE_ABI_VERSION}: "
+        "reinstall mote-local so both come from the same build"
+    )
 
 
 # enum ggml_log_level { NONE = 0, DEBUG = 1, INFO = 2, WARN = 3, ERROR = 4, CONT = 5 };
 # (the pinned bindings' own log callback maps these one step off and prints warnings as errors)
 _LOG_ERROR, _LOG_CONT = 4, 5
-_log = {"verbose": False, "level": 0, "sinks": []}
+_log: dict[str, Any] = {"verbose": False, "level": 0, "sinks": []}
 
 
 # typedef void (*ggml_log_callback)(enum ggml_log_level level, const char * text, void * user_data);
@@ -219,9 +235,19 @@ def steer_check(shape: dict | None, entries: list[tuple[int, int, int, float, in
     raises SteeringError with the reason they are refused."""
     native_shape = None
     if shape is not None:
-        layers = (ctypes.c_uint8 * shape["n_layer"])(*[int(il in shape["moe_layers"]) for il in range(shape["n_layer"])])
-        native_shape = ctypes.byref(mote_shape(shape["n_layer"], shape["n_expert"], shape["n_expert_used"],
-                                               shape["n_expert_groups"], shape["n_group_used"], layers))
+        layers = (ctypes.c_uint8 * shape["n_layer"])(
+            *[int(il in shape["moe_layers"]) for il in range(shape["n_layer"])]
+        )
+        native_shape = ctypes.byref(
+            mote_shape(
+                shape["n_layer"],
+                shape["n_expert"],
+                shape["n_expert_used"],
+                shape["n_expert_groups"],
+                shape["n_group_used"],
+                layers,
+            )
+        )
     _checked(_steer_check(native_shape, _entries(entries), len(entries), strength), SteeringError)
 
 
@@ -287,8 +313,12 @@ def capture_read(ctx, label: int, n_layer: int, n_expert: int, probs: bool, outp
     prob_sums = np.zeros((n_layer, n_expert), dtype=np.float64) if probs else None
     norm_sums = np.zeros((n_layer, n_expert), dtype=np.float64) if output_norms else None
     tokens = np.zeros(n_layer, dtype=np.int64)
-    _checked(_capture_read(ctx, label, n_layer, n_expert, _ptr(counts), _ptr(weights), _opt(prob_sums),
-                           _opt(norm_sums), _ptr(tokens)), CaptureError)
+    _checked(
+        _capture_read(
+            ctx, label, n_layer, n_expert, _ptr(counts), _ptr(weights), _opt(prob_sums), _opt(norm_sums), _ptr(tokens)
+        ),
+        CaptureError,
+    )
     return counts, weights, prob_sums, norm_sums, tokens
 
 
@@ -299,8 +329,10 @@ def capture_trace(ctx, n_expert_used: int, n_expert: int, probs: bool):
     ids = np.zeros((rows, n_expert_used), dtype=np.int32)
     weights = np.zeros((rows, n_expert_used), dtype=np.float32)
     p = np.zeros((rows, n_expert), dtype=np.float32) if probs else None
-    _checked(_capture_trace_read(ctx, rows, n_expert_used, n_expert, _ptr(meta), _ptr(ids), _ptr(weights), _opt(p)),
-             CaptureError)
+    _checked(
+        _capture_trace_read(ctx, rows, n_expert_used, n_expert, _ptr(meta), _ptr(ids), _ptr(weights), _opt(p)),
+        CaptureError,
+    )
     return meta, ids, weights, p
 
 

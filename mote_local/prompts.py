@@ -26,16 +26,25 @@ import random
 import re
 import tomllib
 from bisect import bisect_right
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 from mote_local.errors import MoteError
 
-__all__ = ["MAX_PROMPTS", "Prompt", "PromptSet", "PromptSetError", "combine", "expand_template",
-           "load_prompt_set", "select_classes"]
+__all__ = [
+    "MAX_PROMPTS",
+    "Prompt",
+    "PromptSet",
+    "PromptSetError",
+    "combine",
+    "expand_template",
+    "load_prompt_set",
+    "select_classes",
+]
 
 MAX_PROMPTS = 100_000
 MAX_LINE_BYTES = 1 << 20
@@ -111,7 +120,7 @@ def _slot_values(name: str, values: Any) -> tuple[str, ...]:
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         raise PromptSetError(f"slot {name!r} must be a list of strings, got {type(values).__name__} {values!r}")
     if not values:
-        raise PromptSetError(f"slot {name!r} has no values; give at least one (\"\" for an empty filler)")
+        raise PromptSetError(f'slot {name!r} has no values; give at least one ("" for an empty filler)')
     for v in values:
         if not isinstance(v, str):
             raise PromptSetError(f"slot {name!r} value {v!r} is a {type(v).__name__}, not a string; quote it")
@@ -154,7 +163,7 @@ def _compile(template: Any, slots: Any) -> _Template:
     buf: list[str] = []
     pos = 0
     for m in _TOKEN.finditer(template):
-        buf.append(template[pos:m.start()])
+        buf.append(template[pos : m.start()])
         pos = m.end()
         token, name = m.group(), m.group(1)
         if token in ("{{", "}}"):
@@ -164,34 +173,42 @@ def _compile(template: Any, slots: Any) -> _Template:
             buf = []
             fields.append(name)
         elif name is not None:
-            raise PromptSetError(f"template {template!r} has {token!r} at column {m.start() + 1}, which is not a "
-                                 "slot name (letters, digits, _); write {{ and }} for literal braces")
+            raise PromptSetError(
+                f"template {template!r} has {token!r} at column {m.start() + 1}, which is not a "
+                "slot name (letters, digits, _); write {{ and }} for literal braces"
+            )
         else:
-            raise PromptSetError(f"template {template!r} has an unmatched {token!r} at column {m.start() + 1}; "
-                                 f"write {token * 2} for a literal brace")
+            raise PromptSetError(
+                f"template {template!r} has an unmatched {token!r} at column {m.start() + 1}; "
+                f"write {token * 2} for a literal brace"
+            )
     buf.append(template[pos:])
     literals.append("".join(buf))
     names = tuple(dict.fromkeys(fields))
     for name in names:
         if name not in slots:
-            raise PromptSetError(f"template {template!r} uses slot {name!r}, which is not defined; "
-                                 f"defined slots: {_listing(list(slots))}")
+            raise PromptSetError(
+                f"template {template!r} uses slot {name!r}, which is not defined; "
+                f"defined slots: {_listing(list(slots))}"
+            )
     values = tuple(_slot_values(name, slots[name]) for name in names)
     return _Template(template, tuple(literals), tuple(fields), names, values)
 
 
-def expand_template(template: str, slots: Mapping[str, Sequence[str]], *,
-                    max_prompts: int = MAX_PROMPTS) -> list[tuple[str, SlotValues]]:
+def expand_template(
+    template: str, slots: Mapping[str, Sequence[str]], *, max_prompts: int = MAX_PROMPTS
+) -> list[tuple[str, SlotValues]]:
     """Every (text, ((slot, value), ...)) of a template, the first slot (by first appearance) varying slowest."""
     t = _compile(template, slots)
     if t.count > max_prompts:
-        raise PromptSetError(f"template {template!r} expands to {t.count} prompts, more than max_prompts="
-                             f"{max_prompts}; use fewer slot values, or sample_cap in a prompt file")
+        raise PromptSetError(
+            f"template {template!r} expands to {t.count} prompts, more than max_prompts="
+            f"{max_prompts}; use fewer slot values, or sample_cap in a prompt file"
+        )
     return [t.item(k) for k in range(t.count)]
 
 
-def load_prompt_set(path: str | Path, *, default_class: str | None = None,
-                    max_prompts: int = MAX_PROMPTS) -> PromptSet:
+def load_prompt_set(path: str | Path, *, default_class: str | None = None, max_prompts: int = MAX_PROMPTS) -> PromptSet:
     """A prompt set from a .toml/.yaml/.yml file (its own classes) or a plain file (one class, named
     default_class or the file's stem). More than max_prompts prompts is an error."""
     path = Path(path)
@@ -210,19 +227,24 @@ def combine(*paths: str | Path, max_prompts: int = MAX_PROMPTS) -> PromptSet:
     for path in paths:
         for name, prompts in load_prompt_set(path, max_prompts=max_prompts).classes.items():
             if name in classes:
-                raise PromptSetError(f"{path}: class {name!r} is already given by an earlier file; rename one "
-                                     "(a plain file's class is its file name without the suffix)")
+                raise PromptSetError(
+                    f"{path}: class {name!r} is already given by an earlier file; rename one "
+                    "(a plain file's class is its file name without the suffix)"
+                )
             classes[name] = prompts
     return PromptSet(classes)
 
 
-def select_classes(ps: PromptSet, behavior: str | None = None,
-                   baseline: str | None = None) -> tuple[tuple[Prompt, ...], tuple[Prompt, ...]]:
+def select_classes(
+    ps: PromptSet, behavior: str | None = None, baseline: str | None = None
+) -> tuple[tuple[Prompt, ...], tuple[Prompt, ...]]:
     """(behaviour prompts, baseline prompts); by default the first class is behaviour, the next baseline."""
     names = ps.names
     if len(names) < 2:
-        raise PromptSetError(f"fTRI needs two classes (behaviour and baseline), but the prompt set has only "
-                             f"{_listing(names)}; add a baseline class or combine two files")
+        raise PromptSetError(
+            f"fTRI needs two classes (behaviour and baseline), but the prompt set has only "
+            f"{_listing(names)}; add a baseline class or combine two files"
+        )
     for given in (behavior, baseline):
         if given is not None and given not in ps.classes:
             raise PromptSetError(f"unknown class {given!r}; the prompt set has {_listing(names)}")
@@ -242,43 +264,51 @@ def _read_plain(path: Path, cls: str, max_prompts: int) -> tuple[Prompt, ...]:
         with path.open("rb") as f:
             for lineno, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), 1):
                 if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
-                    raise PromptSetError(f"{path}: line {lineno} is longer than {MAX_LINE_BYTES} bytes; is it a "
-                                         "binary file? Put one prompt per line")
+                    raise PromptSetError(
+                        f"{path}: line {lineno} is longer than {MAX_LINE_BYTES} bytes; is it a "
+                        "binary file? Put one prompt per line"
+                    )
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise PromptSetError(f"{path}: line {lineno} is not UTF-8 text (byte 0x{raw[e.start]:02x}); "
-                                         "is it a binary file? Save prompts as UTF-8") from None
+                    raise PromptSetError(
+                        f"{path}: line {lineno} is not UTF-8 text (byte 0x{raw[e.start]:02x}); "
+                        "is it a binary file? Save prompts as UTF-8"
+                    ) from None
                 if "\x00" in text:
                     raise PromptSetError(f"{path}: line {lineno} contains a NUL byte; is it a binary file?")
                 text = text.lstrip("\ufeff").strip() if lineno == 1 else text.strip()
                 if not text or text.startswith("#"):
                     continue
                 if len(prompts) >= max_prompts:
-                    raise PromptSetError(f"{path}: more than {max_prompts} prompts; split the file or raise "
-                                         "max_prompts")
+                    raise PromptSetError(
+                        f"{path}: more than {max_prompts} prompts; split the file or raise max_prompts"
+                    )
                 prompts.append(Prompt(text, cls, origin=f"{path}:{lineno}"))
     except OSError as e:
         raise PromptSetError(f"{path}: cannot read the prompt file: {e.strerror or e}") from None
     if not prompts:
-        raise PromptSetError(f"{path}: no prompts for class {cls!r}; write one prompt per line ('#' starts a "
-                             "comment)")
+        raise PromptSetError(f"{path}: no prompts for class {cls!r}; write one prompt per line ('#' starts a comment)")
     return tuple(prompts)
 
 
 def _load_structured(path: Path, fmt: str, max_prompts: int) -> PromptSet:
     try:
         if path.stat().st_size > MAX_STRUCTURED_BYTES:
-            raise PromptSetError(f"{path}: larger than {MAX_STRUCTURED_BYTES} bytes; put long prompt lists in "
-                                 "plain files (one prompt per line) and combine them")
+            raise PromptSetError(
+                f"{path}: larger than {MAX_STRUCTURED_BYTES} bytes; put long prompt lists in "
+                "plain files (one prompt per line) and combine them"
+            )
         raw = path.read_bytes()
     except OSError as e:
         raise PromptSetError(f"{path}: cannot read the prompt file: {e.strerror or e}") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise PromptSetError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); is it a "
-                             f"binary file? Save it as UTF-8 {fmt}") from None
+        raise PromptSetError(
+            f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); is it a "
+            f"binary file? Save it as UTF-8 {fmt}"
+        ) from None
     if "\x00" in text:
         raise PromptSetError(f"{path}: contains a NUL byte; is it a binary file?")
     data = _parse_toml(path, text) if fmt == "TOML" else _parse_yaml(path, text)
@@ -313,8 +343,9 @@ def _parse_yaml(path: Path, text: str) -> Any:
     try:
         import yaml
     except ImportError:
-        raise PromptSetError(f"{path}: reading YAML needs PyYAML (pip install pyyaml); or write the prompt "
-                             "set as TOML") from None
+        raise PromptSetError(
+            f"{path}: reading YAML needs PyYAML (pip install pyyaml); or write the prompt set as TOML"
+        ) from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -339,8 +370,9 @@ def _check_keys(table: Mapping[Any, Any], allowed: tuple[str, ...]) -> None:
 
 def _int_option(data: Mapping[str, Any], key: str, minimum: int | None) -> int | None:
     value = data.get(key)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                              or (minimum is not None and value < minimum)):
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum)
+    ):
         bound = f" >= {minimum}" if minimum is not None else ""
         raise PromptSetError(f"{key} must be an integer{bound}, got {value!r}")
     return value
@@ -401,17 +433,21 @@ def _build_class(name: str, spec: Any, seed: int, cap: int | None, budget: int, 
     if total == 0:
         raise PromptSetError("no prompts; add templates or prompts")
     if responses is not None and len(responses) not in (total, len(sizes)):
-        raise PromptSetError(f"{len(responses)} responses for {total} expanded prompts from {len(templates)} "
-                             f"templates and {len(plain)} prompts; give one response per expanded prompt or one "
-                             "per template/prompt")
+        raise PromptSetError(
+            f"{len(responses)} responses for {total} expanded prompts from {len(templates)} "
+            f"templates and {len(plain)} prompts; give one response per expanded prompt or one "
+            "per template/prompt"
+        )
     if cap is not None and total > cap:
         # same seed for every class: classes of equal size keep the same positions, so paired classes stay paired
         indices: Sequence[int] = sorted(random.Random(seed).sample(range(total), cap))
     else:
         indices = range(total)
     if len(indices) > budget:
-        raise PromptSetError(f"expands to {len(indices)} prompts, over the max_prompts limit ({budget} left); set "
-                             "sample_cap or raise max_prompts")
+        raise PromptSetError(
+            f"expands to {len(indices)} prompts, over the max_prompts limit ({budget} left); set "
+            "sample_cap or raise max_prompts"
+        )
     out: list[Prompt] = []
     for i in indices:
         src = bisect_right(starts, i) - 1
@@ -420,12 +456,13 @@ def _build_class(name: str, spec: Any, seed: int, cap: int | None, budget: int, 
             t = templates[src]
             text, values = t.item(i - starts[src])
             if not text.strip():
-                raise PromptSetError(f"template {t.text!r} expands to an empty prompt with "
-                                     f"{', '.join(f'{k}={v!r}' for k, v in values) or 'no slots'}; give those "
-                                     "slots non-empty values or add text to the template")
+                raise PromptSetError(
+                    f"template {t.text!r} expands to an empty prompt with "
+                    f"{', '.join(f'{k}={v!r}' for k, v in values) or 'no slots'}; give those "
+                    "slots non-empty values or add text to the template"
+                )
             out.append(Prompt(text, name, response, t.text, values, locate(t.text)))
         else:
             plain_text = plain[src - len(templates)]
             out.append(Prompt(plain_text, name, response, origin=locate(plain_text)))
     return tuple(out)
-

@@ -14,6 +14,9 @@ from mote_local.synthetic import planted, real_vocab, tiny
 # `timeout` in pyproject.toml).
 MEMORY_LIMIT_BYTES = 12 * 2**30
 
+# the fixtures of the live llama-server tests (tests/serve_live.py)
+pytest_plugins = ["serve_live"]
+
 
 def pytest_configure(config):
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
@@ -33,8 +36,12 @@ def pytest_unconfigure(config):
 
 
 def pytest_addoption(parser):
-    parser.addoption("--n-gpu-layers", type=int, default=0,
-                     help="offload this many layers in the models the engine tests load (a GPU build's check)")
+    parser.addoption(
+        "--n-gpu-layers",
+        type=int,
+        default=0,
+        help="offload this many layers in the models the engine tests load (a GPU build's check)",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -54,8 +61,10 @@ def model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_path(model_dir):
     """tiny_path(arch, **overrides) -> path of a generated tiny model (cached for the session)."""
+
     def make(arch: str, **overrides) -> Path:
         return tiny.tiny_model(arch, cache_dir=model_dir, **overrides)
+
     return make
 
 
@@ -76,10 +85,12 @@ _models: dict[str, Model] = {}
 @pytest.fixture(scope="session")
 def load(tiny_path, model_options):
     """load(arch) -> a Model shared by the tests of the session."""
+
     def get(arch: str) -> Model:
         if arch not in _models:
             _models[arch] = Model(tiny_path(arch), **model_options)
         return _models[arch]
+
     yield get
     for m in _models.values():
         m.close()
@@ -102,6 +113,7 @@ def zeroed_expert_copy():
 def _copy_with_zeroed_expert_output(src: Path, dst: Path, layer: int, expert: int) -> Path:
     """A copy of an F32 model in which one expert's down projection (and its bias) is zero."""
     import gguf
+
     shutil.copyfile(src, dst)
     reader = gguf.GGUFReader(dst, "r+")
     names = {f"blk.{layer}.ffn_down_exps.weight", f"blk.{layer}.ffn_down_exps.bias"}

@@ -30,8 +30,12 @@ def split_gguf(src: Path, dest: Path, n_shards: int, style: str = "gguf-py") -> 
     reader = gguf.GGUFReader(src)
     holding = n_shards - 1 if style == "no-tensor-first-split" else n_shards
     dest.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(dest / src.name, _arch(reader), split_max_tensors=-(-len(reader.tensors) // holding),
-                             small_first_shard=style == "no-tensor-first-split")
+    writer = gguf.GGUFWriter(
+        dest / src.name,
+        _arch(reader),
+        split_max_tensors=-(-len(reader.tensors) // holding),
+        small_first_shard=style == "no-tensor-first-split",
+    )
     _copy(reader, writer)
     shards = [dest / f"{src.stem}-{i:05d}-of-{n_shards:05d}.gguf" for i in range(1, n_shards + 1)]
     assert all(p.is_file() for p in shards), f"gguf-py wrote other shard names than {shards}"
@@ -41,6 +45,7 @@ def split_gguf(src: Path, dest: Path, n_shards: int, style: str = "gguf-py") -> 
 def retyped_gguf(src: Path, dst: Path, types: dict[str, gguf.GGMLQuantizationType]) -> Path:
     r"""A copy of the F32 model ``src`` whose tensors matching a pattern of ``types`` (searched, first match) are
     quantized to its type with gguf-py (e.g. {r"_exps\.weight$": MXFP4}: gpt-oss's release layout)."""
+
     def retype(t):
         qtype = next((q for pattern, q in types.items() if re.search(pattern, t.name)), None)
         return (t.data, t.tensor_type) if qtype is None else (gguf.quants.quantize(np.array(t.data), qtype), qtype)

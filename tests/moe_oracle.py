@@ -14,13 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 
 FORCE_EPSILON = 1e-3
-FORCE_SELECTION = 1e6       # a forced expert's selection score bonus where the router adds a selection bias
+FORCE_SELECTION = 1e6  # a forced expert's selection score bonus where the router adds a selection bias
 WEIGHT_SUM_FLOOR = 6.103515625e-5  # llama.cpp clamps top-k weight sums to the smallest normal F16
 
 
 @dataclass(frozen=True)
 class Router:
-    gating: str                 # "softmax", "sigmoid", "softmax over the selected logits", "sqrt-softplus"
+    gating: str  # "softmax", "sigmoid", "softmax over the selected logits", "sqrt-softplus"
     k: int
     norm_w: bool
     w_scale: float = 1.0
@@ -59,13 +59,13 @@ def logits_from_probs(router: Router, probs: np.ndarray) -> np.ndarray:
 class Steering:
     """One layer's steering in one phase, as arrays over experts."""
 
-    bias: np.ndarray   # additive logit bias, already scaled by strength; -inf = mask
+    bias: np.ndarray  # additive logit bias, already scaled by strength; -inf = mask
     force: np.ndarray  # bool
-    drop: np.ndarray   # bool
+    drop: np.ndarray  # bool
     gain: np.ndarray
 
     @classmethod
-    def of(cls, n_expert: int, entries, strength: float) -> "Steering":
+    def of(cls, n_expert: int, entries, strength: float) -> Steering:
         """entries: (expert, mode, value) tuples that apply in the phase."""
         s = cls(np.zeros(n_expert), np.zeros(n_expert, bool), np.zeros(n_expert, bool), np.ones(n_expert))
         for expert, mode, value in entries:
@@ -102,12 +102,12 @@ def route(router: Router, logits: np.ndarray, steering: Steering) -> tuple[np.nd
     if router.n_groups > 1:
         t, n = scores.shape
         grouped = scores.reshape(t, router.n_groups, n // router.n_groups)
-        group_score = np.sort(grouped, axis=-1)[..., -2:].sum(axis=-1)        # top-2 sum per group
-        keep = np.argsort(-group_score, axis=-1, kind="stable")[:, :router.n_group_used]
+        group_score = np.sort(grouped, axis=-1)[..., -2:].sum(axis=-1)  # top-2 sum per group
+        keep = np.argsort(-group_score, axis=-1, kind="stable")[:, : router.n_group_used]
         mask = np.full((t, router.n_groups), -np.inf)
         np.put_along_axis(mask, keep, 0.0, axis=-1)
         scores = (grouped + mask[..., None]).reshape(t, n)
-    ids = np.argsort(-scores, axis=-1, kind="stable")[:, :router.k]
+    ids = np.argsort(-scores, axis=-1, kind="stable")[:, : router.k]
     w = np.take_along_axis(probs, ids, axis=-1)
     if router.gating == "softmax over the selected logits":
         e = np.exp(w - w.max(axis=-1, keepdims=True))

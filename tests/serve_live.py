@@ -10,9 +10,9 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
@@ -40,8 +40,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def live_server(model: Path | Model, tmp_path: Path, *args: str, profiles: dict[str, Path] | None = None,
-                env: dict[str, str] | None = None) -> Iterator[Live]:
+def live_server(
+    model: Path | Model,
+    tmp_path: Path,
+    *args: str,
+    profiles: dict[str, Path] | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[Live]:
     """Serves `model` with `mote serve MODEL [--profile NAME=FILE]… ARGS…` until the block ends (SIGTERM)."""
     path = model.path if isinstance(model, Model) else Path(model)
     port = free_port()
@@ -49,8 +54,9 @@ def live_server(model: Path | Model, tmp_path: Path, *args: str, profiles: dict[
     launch = prepare(path, [f"{n}={p}" for n, p in (profiles or {}).items()], [*defaults, *args])
     log = tmp_path / f"server-{port}.log"
     with open(log, "wb") as out:
-        process = subprocess.Popen(launch.argv, stdout=out, stderr=subprocess.STDOUT,
-                                   env=os.environ | launch.env | (env or {}))
+        process = subprocess.Popen(
+            launch.argv, stdout=out, stderr=subprocess.STDOUT, env=os.environ | launch.env | (env or {})
+        )
     live = Live(f"http://127.0.0.1:{port}", process, log)
     try:
         deadline = time.monotonic() + START_S
@@ -74,7 +80,7 @@ def live_server(model: Path | Model, tmp_path: Path, *args: str, profiles: dict[
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-                raise AssertionError("the server did not stop on SIGTERM")
+                raise AssertionError("the server did not stop on SIGTERM") from None
 
 
 @pytest.fixture(scope="module")

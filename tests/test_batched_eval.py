@@ -48,8 +48,9 @@ def sequential(model: Model, result: ev.EvalResult, texts, detector, max_tokens:
             out[c.name] = []
             for i, text in enumerate(texts):
                 g = s.generate(model.prompt_tokens(text, chat=chat), max_tokens=max_tokens, add_bos=False)
-                out[c.name].append({"prompt": i, "text": g.text, "detected": detector.detect(g.text, text),
-                                    "n_tokens": len(g.tokens)})
+                out[c.name].append(
+                    {"prompt": i, "text": g.text, "detected": detector.detect(g.text, text), "n_tokens": len(g.tokens)}
+                )
     return out
 
 
@@ -58,8 +59,16 @@ def test_greedy_evaluation_equals_the_sequential_path_on_the_planted_model(plant
     behaviour, baseline = select_classes(load_prompt_set(planted.prompts_path()), "trigger", "neutral")
     texts = [p.text for p in list(behaviour)[:6] + list(baseline)[:6]]
     with Model(path) as model:
-        r = ev.evaluate(model, texts, truth.entries(Mode.DROP), n_random=2, max_tokens=8, measure_cost=False,
-                        n_parallel=5, show_progress=False)  # 5 slots for 60 pairs: slots are refilled
+        r = ev.evaluate(
+            model,
+            texts,
+            truth.entries(Mode.DROP),
+            n_random=2,
+            max_tokens=8,
+            measure_cost=False,
+            n_parallel=5,
+            show_progress=False,
+        )  # 5 slots for 60 pairs: slots are refilled
         old = sequential(model, r, texts, detectors.Detector(), 8, chat=True)
     assert r.generations == old
     assert sum(g["detected"] for g in old["unsteered"]) == 6 and not any(g["detected"] for g in old["profile"])
@@ -72,8 +81,18 @@ def test_greedy_evaluation_equals_the_sequential_path_on_the_trained_model():
     german = detectors.Detector.from_file(TRAINED / "german.txt")
     with Model(TRAINED / "trained-q8_0.gguf", n_threads=2) as model:
         profile = [Entry(3, 23, Mode.DROP), Entry(3, 13, Mode.DROP)]
-        r = ev.evaluate(model, texts, profile, detector=german, n_random=1, max_tokens=16, chat=False,
-                        measure_cost=False, n_parallel=8, show_progress=False)
+        r = ev.evaluate(
+            model,
+            texts,
+            profile,
+            detector=german,
+            n_random=1,
+            max_tokens=16,
+            chat=False,
+            measure_cost=False,
+            n_parallel=8,
+            show_progress=False,
+        )
         old = sequential(model, r, texts, german, 16, chat=False)
     assert r.generations == old
     assert any(g["detected"] for g in old["unsteered"])
@@ -119,8 +138,10 @@ def test_sampling_is_seeded_per_request_whatever_the_batch(tiny_path):
             with model.session(n_ctx=n_seq * 256, n_seq_max=n_seq) as s:
                 texts[n_seq] = {j: g.text for done in generate_many(s, requests) for j, g in done}
         with model.session(n_ctx=128) as s:
-            alone = {j: s.generate(list(prompt), max_tokens=10, temperature=1.5, seed=j, add_bos=False).text
-                     for j in range(6)}
+            alone = {
+                j: s.generate(list(prompt), max_tokens=10, temperature=1.5, seed=j, add_bos=False).text
+                for j in range(6)
+            }
     assert texts[1] == texts[3] == texts[6] == alone
     assert len(set(alone.values())) > 1  # the seeds draw differently
 
@@ -158,8 +179,8 @@ def test_the_batch_is_sized_and_bounded_before_it_starts(planted_files, tmp_path
         per_cell = kv_cache_bytes(model, 1)
         assert per_cell > 0 and kv_cache_bytes(model, 10) == 10 * per_cell
         assert batch_shape(model, 20, 100, None, None) == (32, 32 * 256)  # a stream of 256 cells each
-        assert batch_shape(model, 20, 5, None, None) == (5, 5 * 256)      # no more sequences than pairs
-        assert batch_shape(model, 20, 100, None, 1024) == (4, 1024)       # -c bounds them all
+        assert batch_shape(model, 20, 5, None, None) == (5, 5 * 256)  # no more sequences than pairs
+        assert batch_shape(model, 20, 100, None, 1024) == (4, 1024)  # -c bounds them all
         assert batch_shape(model, 20, 100, 3, None, min_ctx=300) == (3, 3 * 512)
         with pytest.raises(EvalError, match="-np 8 sequences of 20 positions need a context of 2048"):
             batch_shape(model, 20, 100, 8, 100)
@@ -167,13 +188,49 @@ def test_the_batch_is_sized_and_bounded_before_it_starts(planted_files, tmp_path
             batch_shape(model, 20, 100, None, 10)
     prompts = tmp_path / "two.txt"
     prompts.write_text("what happened at the protest yesterday ?\nwhat happened at the market yesterday ?\n")
-    r = CliRunner().invoke(main, ["eval", str(path), "--prompts", str(prompts), "--off", "1:6", "-n", "3",
-                                  "--n-random", "1", "-np", "3", "--out", str(tmp_path / "e")])
+    r = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            str(path),
+            "--prompts",
+            str(prompts),
+            "--off",
+            "1:6",
+            "-n",
+            "3",
+            "--n-random",
+            "1",
+            "-np",
+            "3",
+            "--out",
+            str(tmp_path / "e"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     line = next(l for l in r.stderr.splitlines() if "sequences per batch" in l)
     assert line.startswith("8 generations (4 conditions x 2 prompts), 3 sequences per batch; KV cache ")
-    r = CliRunner().invoke(main, ["eval", str(path), "--prompts", str(prompts), "--off", "1:6", "-n", "3",
-                                  "--n-random", "1", "-np", "64", "-c", "64", "--out", str(tmp_path / "e")])
+    r = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            str(path),
+            "--prompts",
+            str(prompts),
+            "--off",
+            "1:6",
+            "-n",
+            "3",
+            "--n-random",
+            "1",
+            "-np",
+            "64",
+            "-c",
+            "64",
+            "--out",
+            str(tmp_path / "e"),
+        ],
+    )
     assert r.exit_code == 1 and "raise -c or lower -np" in r.output
 
 
@@ -181,8 +238,20 @@ def test_the_cli_resumes_a_run_kept_in_its_folder_and_says_so(planted_files, tmp
     path, _ = planted_files
     prompts = tmp_path / "two.txt"
     prompts.write_text("what happened at the protest yesterday ?\nwhat happened at the market yesterday ?\n")
-    args = ["eval", str(path), "--prompts", str(prompts), "--off", "1:6", "-n", "3", "--n-random", "1",
-            "--out", str(tmp_path / "e")]
+    args = [
+        "eval",
+        str(path),
+        "--prompts",
+        str(prompts),
+        "--off",
+        "1:6",
+        "-n",
+        "3",
+        "--n-random",
+        "1",
+        "--out",
+        str(tmp_path / "e"),
+    ]
     first = CliRunner().invoke(main, args)
     assert first.exit_code == 0, first.output
     assert list((tmp_path / "e" / "checkpoint").glob("records-*.json"))
@@ -197,7 +266,14 @@ def test_the_cli_resumes_a_run_kept_in_its_folder_and_says_so(planted_files, tmp
 
 def test_progress_counts_generations_over_all_conditions_with_tokens_per_second(tiny_path, capsys):
     with Model(tiny_path("qwen3moe")) as model:
-        ev.evaluate(model, ["the king left", "the dog ran"], [Entry(1, 3, Mode.DROP)], n_random=1, max_tokens=4,
-                    measure_cost=False, show_progress=True)
+        ev.evaluate(
+            model,
+            ["the king left", "the dog ran"],
+            [Entry(1, 3, Mode.DROP)],
+            n_random=1,
+            max_tokens=4,
+            measure_cost=False,
+            show_progress=True,
+        )
     bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
     assert "8/8" in bar and "tok/s" in bar and "generation" in bar

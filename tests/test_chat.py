@@ -27,30 +27,59 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def chat(model, *lines, args=()):
-    r = CliRunner().invoke(main, ["chat", str(model), "-n", "12", *map(str, args)],
-                           input="".join(line + "\n" for line in lines), catch_exceptions=False)
+    r = CliRunner().invoke(
+        main,
+        ["chat", str(model), "-n", "12", *map(str, args)],
+        input="".join(line + "\n" for line in lines),
+        catch_exceptions=False,
+    )
     assert r.exit_code == 0, r.output
     return r.output
 
 
 def test_a_toggle_replaces_what_its_expert_cannot_keep_and_unset_removes_it(planted_files):
-    out = chat(planted_files[0], "/bias 1:6=-5", "/bias 1:6=-inf", "/off 1:6", "/gain 2:0=2", "/bias 2:0=1",
-               "/unset 1:6", "/unset 3:3", "/quit")
+    out = chat(
+        planted_files[0],
+        "/bias 1:6=-5",
+        "/bias 1:6=-inf",
+        "/off 1:6",
+        "/gain 2:0=2",
+        "/bias 2:0=1",
+        "/unset 1:6",
+        "/unset 3:3",
+        "/quit",
+    )
     steering = [line.split("steering: ", 1)[1] for line in out.splitlines() if "steering: " in line]
-    assert steering == ["bias 1:6=-5", "bias 1:6=-inf", "mask 1:6", "mask 1:6, gain 2:0=2",
-                        "mask 1:6, bias 2:0=1, gain 2:0=2", "bias 2:0=1, gain 2:0=2",
-                        "bias 2:0=1, gain 2:0=2 (3:3 had no steering)"]
+    assert steering == [
+        "bias 1:6=-5",
+        "bias 1:6=-inf",
+        "mask 1:6",
+        "mask 1:6, gain 2:0=2",
+        "mask 1:6, bias 2:0=1, gain 2:0=2",
+        "bias 2:0=1, gain 2:0=2",
+        "bias 2:0=1, gain 2:0=2 (3:3 had no steering)",
+    ]
     assert "error" not in out
 
 
 def test_reset_clears_the_steering_and_clear_the_conversation(planted_files):
-    out = chat(planted_files[0], planted.EXAMPLE_TRIGGER, "/drop 1:6,2:0", "/reset", "/diff", "/off 1:6", "/clear", "/trace",
-               "/profile show", "/quit")
+    out = chat(
+        planted_files[0],
+        planted.EXAMPLE_TRIGGER,
+        "/drop 1:6,2:0",
+        "/reset",
+        "/diff",
+        "/off 1:6",
+        "/clear",
+        "/trace",
+        "/profile show",
+        "/quit",
+    )
     assert "steering cleared (the conversation goes on" in out
-    assert "unsteered" in out and " | " in out        # /diff after /reset: the last turn is still there
+    assert "unsteered" in out and " | " in out  # /diff after /reset: the last turn is still there
     assert "conversation cleared (steering: mask 1:6)" in out
-    assert "no reply yet" in out                      # /trace after /clear
-    assert "> mask 1:6" in out                        # /profile show after /clear: the steering stays
+    assert "no reply yet" in out  # /trace after /clear
+    assert "> mask 1:6" in out  # /profile show after /clear: the steering stays
 
 
 def test_errors_name_the_repl_command_not_the_cli_flag(planted_files):
@@ -83,7 +112,7 @@ def test_ctrl_c_in_diff_marks_what_was_cut_short(planted_files, monkeypatch):
     monkeypatch.setattr(Session, "generate", generate_or_interrupt)
     out = chat(planted_files[0], planted.EXAMPLE_TRIGGER, "/diff", "/diff", "/quit")
     assert "unsteered [interrupted]" in out and "steered [not generated: interrupted]" in out  # 2nd call
-    assert "steered [interrupted]" in out.split("not generated")[1]                           # 4th call
+    assert "steered [interrupted]" in out.split("not generated")[1]  # 4th call
 
 
 def test_ctrl_d_finishes_the_prompt_line(planted_files):
@@ -101,8 +130,14 @@ def test_profile_load_of_another_models_profile_and_of_ftri_json(planted_files, 
     other = Profile.from_entries([Entry(1, 6, Mode.DROP)], model_path=tiny_path("qwen3moe")).save(tmp_path / "o.json")
     ftri_json = tmp_path / "ftri.json"
     ftri_json.write_text(json.dumps({"format": FTRI_FORMAT, "version": 1}))
-    out = chat(planted_files[0], f"/profile load {other}", f"/profile load --any-model {other}", "/profile show",
-               f"/profile load {ftri_json}", "/quit")
+    out = chat(
+        planted_files[0],
+        f"/profile load {other}",
+        f"/profile load --any-model {other}",
+        "/profile show",
+        f"/profile load {ftri_json}",
+        "/quit",
+    )
     assert f"load it with /profile load --any-model {other} to apply it anyway" in out
     assert f"loaded {other}: drop 1:6" in out
     assert f"is an fTRI result, not a steering profile: use {tmp_path / 'profile.json'}" in out
@@ -120,13 +155,15 @@ def test_switching_off_a_super_expert_warns_without_an_earlier_scan(planted_file
 
 # ---------------------------------------------------------------------------------------------- a terminal
 
+
 class Terminal:
     """The chat in a pseudo-terminal: what a person types, byte for byte, and what the screen shows."""
 
     def __init__(self, args, env):
         self.fd, child = pty.openpty()
-        self.proc = subprocess.Popen(args, stdin=child, stdout=child, stderr=child, env=env, cwd=ROOT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            args, stdin=child, stdout=child, stderr=child, env=env, cwd=ROOT, start_new_session=True
+        )
         os.close(child)
         self.screen = b""
 
@@ -163,7 +200,7 @@ def test_line_editing_and_history_in_a_terminal(planted_files, tmp_path):
         term.type(planted.EXAMPLE_TRIGGER + ENTER)
         term.expect(planted.REFUSAL_TEXT)
         term.expect("> ", 2)
-        term.type(UP + ENTER)                          # the last line again
+        term.type(UP + ENTER)  # the last line again
         term.expect(planted.REFUSAL_TEXT, 2)
         term.expect("> ", 3)
         term.type("/profile sow" + LEFT * 2 + "h" + ENTER)  # a letter put in the middle of the line

@@ -86,8 +86,9 @@ def test_run_compare_shows_both(qwen):
 
 def test_run_with_profiles_and_errors(qwen, tiny_path, tmp_path):
     layout = read_layout(qwen)
-    off = Profile.from_entries([Entry(l, e, Mode.MASK) for l in layout.moe_layers for e in (0, 1, 2, 3)],
-                               model_path=qwen)
+    off = Profile.from_entries(
+        [Entry(l, e, Mode.MASK) for l in layout.moe_layers for e in (0, 1, 2, 3)], model_path=qwen
+    )
     path = off.save(tmp_path / "off.json")
     assert generate(qwen, "--profile", path) == generate(qwen, "--off", all_layers(qwen, [0, 1, 2, 3]))
     # a profile for another model is refused unless forced (test_hardening: the override)
@@ -104,8 +105,11 @@ def test_run_with_profiles_and_errors(qwen, tiny_path, tmp_path):
 def test_profile_commands(qwen, tmp_path):
     layout = read_layout(qwen)
     a = Profile.from_entries([Entry(layout.moe_layers[0], 1, Mode.BIAS, 1.5)], model_path=qwen, name="a")
-    b = Profile.from_entries([Entry(layout.moe_layers[0], 1, Mode.BIAS, 0.5), Entry(layout.moe_layers[1], 2, Mode.DROP)],
-                             model_path=qwen, name="b")
+    b = Profile.from_entries(
+        [Entry(layout.moe_layers[0], 1, Mode.BIAS, 0.5), Entry(layout.moe_layers[1], 2, Mode.DROP)],
+        model_path=qwen,
+        name="b",
+    )
     pa, pb = a.save(tmp_path / "a.json"), b.save(tmp_path / "b.gguf")
     assert mote("profile", "merge", pa, pb, "-o", tmp_path / "m.json").exit_code == 0
     merged = Profile.load(tmp_path / "m.json")
@@ -120,38 +124,43 @@ def test_profile_commands(qwen, tmp_path):
 def test_chat_repl_commands(qwen, tmp_path):
     layout = read_layout(qwen)
     l0 = layout.moe_layers[0]
-    script = "\n".join([
-        "what happened in the city",
-        f"/off {l0}:0,{l0}:1",
-        "/trace",
-        "/diff",
-        "/bias 1:2",
-        "/bogus",
-        "/strength x",
-        f"/profile save {tmp_path / 'chat.json'}",
-        "/profile show",
-        "/scope decode",
-        f"/gain {l0}:3=2",
-        "/profile show",
-        "/reset",
-        "/profile show",
-        "/help",
-        "/quit",
-        "never read",
-    ]) + "\n"
+    script = (
+        "\n".join(
+            [
+                "what happened in the city",
+                f"/off {l0}:0,{l0}:1",
+                "/trace",
+                "/diff",
+                "/bias 1:2",
+                "/bogus",
+                "/strength x",
+                f"/profile save {tmp_path / 'chat.json'}",
+                "/profile show",
+                "/scope decode",
+                f"/gain {l0}:3=2",
+                "/profile show",
+                "/reset",
+                "/profile show",
+                "/help",
+                "/quit",
+                "never read",
+            ]
+        )
+        + "\n"
+    )
     r = mote("chat", qwen, "-n", 8, input=script)
     out = r.output
     assert r.exit_code == 0
     assert f"steering: mask {l0}:0, mask {l0}:1" in out
     assert "routing of the last reply" in out and f"{l0}:0 mask" in out
     assert "unsteered" in out and " | " in out
-    assert "LAYER:EXPERT=VALUE" in out                      # /bias without a value
+    assert "LAYER:EXPERT=VALUE" in out  # /bias without a value
     assert "unknown command /bogus" in out
     assert "/strength needs a number" in out
     assert Profile.load(tmp_path / "chat.json").entries == (Entry(l0, 0, Mode.MASK), Entry(l0, 1, Mode.MASK))
     assert f"gain {l0}:3=2@decode" in out
     assert "steering cleared" in out and "none" in out
-    assert "/quit" in out                                    # the help text
+    assert "/quit" in out  # the help text
     assert "never read" not in out
 
 
@@ -161,6 +170,7 @@ def test_chat_trace_before_any_reply(qwen):
 
 
 # ---------------------------------------------------------------------------------------------- issue 13
+
 
 def test_another_models_profile_names_the_override_flag_and_the_override_applies_it(qwen, tiny_path, tmp_path):
     other = Profile.from_entries([Entry(0, 1, Mode.MASK)], model_path=tiny_path("olmoe")).save(tmp_path / "o.json")
@@ -178,8 +188,11 @@ def test_super_expert_warning_needs_no_earlier_scan_and_names_the_flag(planted_f
     layer, expert = truth.super_expert
     measured = []
     measure = super_experts._kl_switched_off
-    monkeypatch.setattr(super_experts, "_kl_switched_off", lambda model, toks, experts, *a: (
-        measured.extend(experts), measure(model, toks, experts, *a))[1])
+    monkeypatch.setattr(
+        super_experts,
+        "_kl_switched_off",
+        lambda model, toks, experts, *a: (measured.extend(experts), measure(model, toks, experts, *a))[1],
+    )
     r = CliRunner().invoke(main, ["run", str(path), "-p", "hello", "-n", 4, "--off", f"{layer}:{expert}"])
     assert r.exit_code == 0
     assert f"warning: --off {layer}:{expert} switches off layer {layer} expert {expert}, a super-expert" in r.stderr
@@ -219,6 +232,7 @@ def session_threads(monkeypatch):
     def record(self, model, *args, n_threads=None, **kwargs):
         seen.append(n_threads or model.n_threads)  # a session's own count, else its model's default
         init(self, model, *args, n_threads=n_threads, **kwargs)
+
     monkeypatch.setattr(Session, "__init__", record)
     return seen
 
@@ -227,16 +241,40 @@ def test_threads_reach_every_context_a_command_opens(qwen, planted_files, tmp_pa
     generate(qwen, "-t", 1, "--off", "1:2")  # the run's context and the super-expert check's
     assert session_threads == [1, 1]
     session_threads.clear()
-    r = mote("ftri", planted_files[0], "--prompts", planted.prompts_path(), "--n-boot", 5, "--out", tmp_path / "f",
-             "--threads", 2)
+    r = mote(
+        "ftri",
+        planted_files[0],
+        "--prompts",
+        planted.prompts_path(),
+        "--n-boot",
+        5,
+        "--out",
+        tmp_path / "f",
+        "--threads",
+        2,
+    )
     assert r.exit_code == 0 and session_threads == [2]
     session_threads.clear()
     assert mote("chat", qwen, "-t", 1, input="hi\n").exit_code == 0 and session_threads == [1]
     session_threads.clear()
     prompts = tmp_path / "two.txt"
     prompts.write_text("what happened at the protest yesterday ?\nwhat happened at the market yesterday ?\n")
-    r = mote("eval", planted_files[0], "--prompts", prompts, "--off", "1:6", "-n", 2, "--n-random", 1, "-t", 1,
-             "--out", tmp_path / "e")
+    r = mote(
+        "eval",
+        planted_files[0],
+        "--prompts",
+        prompts,
+        "--off",
+        "1:6",
+        "-n",
+        2,
+        "--n-random",
+        1,
+        "-t",
+        1,
+        "--out",
+        tmp_path / "e",
+    )
     assert r.exit_code == 0, r.output
     assert session_threads and set(session_threads) == {1}
 
@@ -244,19 +282,53 @@ def test_threads_reach_every_context_a_command_opens(qwen, planted_files, tmp_pa
 def test_ftri_baseline_prompts_file_is_the_baseline_next_to_a_prompt_set_with_classes(planted_files, tmp_path):
     baseline = tmp_path / "calm.txt"
     baseline.write_text("What happened at the market yesterday?\nWho organized the picnic near the river?\n")
-    r = mote("ftri", planted_files[0], "--prompts", planted.prompts_path(), "--baseline-prompts", baseline,
-             "--n-boot", 5, "--top", 2, "--out", tmp_path / "f")
+    r = mote(
+        "ftri",
+        planted_files[0],
+        "--prompts",
+        planted.prompts_path(),
+        "--baseline-prompts",
+        baseline,
+        "--n-boot",
+        5,
+        "--top",
+        2,
+        "--out",
+        tmp_path / "f",
+    )
     assert r.exit_code == 0, r.output
     assert "36 behaviour (trigger) vs 2 baseline (calm) prompts" in r.output
     assert json.loads((tmp_path / "f" / "ftri.json").read_text())["n_baseline"] == 2
-    r = CliRunner().invoke(main, ["ftri", str(planted_files[0]), "--prompts", str(planted.prompts_path()),
-                                  "--baseline-prompts", str(baseline), "--baseline", "neutral"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "ftri",
+            str(planted_files[0]),
+            "--prompts",
+            str(planted.prompts_path()),
+            "--baseline-prompts",
+            str(baseline),
+            "--baseline",
+            "neutral",
+        ],
+    )
     assert r.exit_code == 2 and "give one of them" in r.stderr
 
 
 def test_ftri_refuses_the_thinking_scope_on_a_model_without_think_markers(planted_files, tmp_path):
-    r = CliRunner().invoke(main, ["ftri", str(planted_files[0]), "--prompts", str(planted.prompts_path()),
-                                  "--scope", "thinking", "--out", str(tmp_path / "f")])
+    r = CliRunner().invoke(
+        main,
+        [
+            "ftri",
+            str(planted_files[0]),
+            "--prompts",
+            str(planted.prompts_path()),
+            "--scope",
+            "thinking",
+            "--out",
+            str(tmp_path / "f"),
+        ],
+    )
     assert r.exit_code == 1 and "<think>" in r.stderr and "choose another scope" in r.stderr
     assert not (tmp_path / "f").exists()
 
@@ -266,8 +338,12 @@ def test_ftri_out_must_be_a_directory_and_its_json_is_not_a_profile(planted_file
     prompts.write_bytes(planted.prompts_path().read_bytes())
     r = CliRunner().invoke(main, ["ftri", str(planted_files[0]), "--prompts", str(prompts), "--out", str(prompts)])
     assert r.exit_code == 2 and "is a file; --out names a directory" in r.stderr
-    assert mote("ftri", planted_files[0], "--prompts", prompts, "--n-boot", 5, "--top", 2,
-                "--out", tmp_path / "f").exit_code == 0
+    assert (
+        mote(
+            "ftri", planted_files[0], "--prompts", prompts, "--n-boot", 5, "--top", 2, "--out", tmp_path / "f"
+        ).exit_code
+        == 0
+    )
     ftri_json = tmp_path / "f" / "ftri.json"
     r = CliRunner().invoke(main, ["run", str(planted_files[0]), "-p", "hi", "--profile", str(ftri_json)])
     assert r.exit_code == 1 and "is an fTRI result, not a steering profile" in r.stderr

@@ -27,9 +27,25 @@ def test_eval_cli_and_super_expert_guard(tmp_path, monkeypatch, planted_files):
     monkeypatch.setenv("MOTE_CACHE_DIR", str(tmp_path / "cache"))
     path, truth = planted_files
     profile = Profile.from_entries(truth.entries(Mode.DROP), model_path=path).save(tmp_path / "truth.json")
-    r = CliRunner().invoke(main, ["eval", str(path), "--prompts", str(planted.prompts_path()), "--class", "trigger",
-                                  "--profile", str(profile), "--n-random", "2", "-n", "12",
-                                  "--out", str(tmp_path / "eval")])
+    r = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            str(path),
+            "--prompts",
+            str(planted.prompts_path()),
+            "--class",
+            "trigger",
+            "--profile",
+            str(profile),
+            "--n-random",
+            "2",
+            "-n",
+            "12",
+            "--out",
+            str(tmp_path / "eval"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     rows = {line.split("  ")[0].strip(): line for line in r.output.splitlines()}
     assert "100.0%" in rows["unsteered"] and "0.0%" in rows["profile"]

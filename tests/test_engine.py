@@ -99,8 +99,14 @@ def test_bias_minus_inf_equals_mask(load, arch):
 # Whether the selected weights of a token still sum to what they summed to when one of them is dropped: llama.cpp's
 # graph normalises the top-k weights (qwen3moe, mixtral, deepseek2's tiny model, whose file asks for it) or takes a
 # softmax over the selected logits (gpt-oss); qwen2moe and olmoe keep the raw softmax weights.
-DROP_RENORMALISES = {"qwen3moe": True, "qwen2moe": False, "olmoe": False, "mixtral": True, "deepseek2": True,
-                     "gpt-oss": True}
+DROP_RENORMALISES = {
+    "qwen3moe": True,
+    "qwen2moe": False,
+    "olmoe": False,
+    "mixtral": True,
+    "deepseek2": True,
+    "gpt-oss": True,
+}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -134,8 +140,11 @@ def test_force_selects_the_expert_for_every_token_with_the_top_weight(load, arch
     model = load(arch)
     _, base, _ = routed(model)
     layer = model.layout.moe_layers[0]
-    expert = quietest_selected_expert(base, layer) if (base.counts[layer] == 0).sum() == 0 else \
-        int(np.flatnonzero(base.counts[layer] == 0)[0])
+    expert = (
+        quietest_selected_expert(base, layer)
+        if (base.counts[layer] == 0).sum() == 0
+        else int(np.flatnonzero(base.counts[layer] == 0)[0])
+    )
     assert base.counts[layer, expert] < base.tokens[layer]
     _, stats, trace = routed(model, [Entry(layer, expert, Mode.FORCE)])
     assert stats.counts[layer, expert] == stats.tokens[layer]
@@ -173,8 +182,9 @@ def test_strength_scales_bias(load, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_gain_zero_equals_removing_the_experts_output(load, tiny_path, tmp_path, model_options, arch,
-                                                      zeroed_expert_copy):
+def test_gain_zero_equals_removing_the_experts_output(
+    load, tiny_path, tmp_path, model_options, arch, zeroed_expert_copy
+):
     model = load(arch)
     _, base, _ = routed(model)
     layer = model.layout.moe_layers[-1]
@@ -243,6 +253,7 @@ def test_two_sessions_steer_independently_and_changes_apply_next_call(load):
 
 def test_value_changes_keep_graph_reuse(load):
     from mote_local.binding import llama
+
     model = load("qwen3moe")
     layer = model.layout.moe_layers[0]
     toks = model.tokenize(PROMPT)
@@ -289,17 +300,26 @@ def test_dense_model_refuses_steering_and_capture(tiny_path):
         assert len(s.logits(model.tokenize("hello"))) > 0
 
 
-@pytest.mark.parametrize("entries, message", [
-    (lambda m: [Entry(m.layout.n_layer + 3, 0, Mode.MASK)], "not an MoE layer"),
-    (lambda m: [Entry(m.layout.moe_layers[0], m.layout.n_expert, Mode.MASK)], "out of range"),
-    (lambda m: [Entry(m.layout.moe_layers[0], e, Mode.FORCE) for e in range(m.layout.n_expert_used + 1)],
-     "forces"),
-    (lambda m: [Entry(m.layout.moe_layers[0], e, Mode.MASK) for e in range(m.layout.n_expert)], "masks"),
-    (lambda m: [Entry(m.layout.moe_layers[0], 0, Mode.MASK), Entry(m.layout.moe_layers[0], 0, Mode.FORCE)],
-     "contradictory"),
-    (lambda m: [Entry(m.layout.moe_layers[0], 0, Mode.BIAS, 1.0), Entry(m.layout.moe_layers[0], 0, Mode.BIAS, 2.0)],
-     "two bias entries"),
-])
+@pytest.mark.parametrize(
+    "entries, message",
+    [
+        (lambda m: [Entry(m.layout.n_layer + 3, 0, Mode.MASK)], "not an MoE layer"),
+        (lambda m: [Entry(m.layout.moe_layers[0], m.layout.n_expert, Mode.MASK)], "out of range"),
+        (lambda m: [Entry(m.layout.moe_layers[0], e, Mode.FORCE) for e in range(m.layout.n_expert_used + 1)], "forces"),
+        (lambda m: [Entry(m.layout.moe_layers[0], e, Mode.MASK) for e in range(m.layout.n_expert)], "masks"),
+        (
+            lambda m: [Entry(m.layout.moe_layers[0], 0, Mode.MASK), Entry(m.layout.moe_layers[0], 0, Mode.FORCE)],
+            "contradictory",
+        ),
+        (
+            lambda m: [
+                Entry(m.layout.moe_layers[0], 0, Mode.BIAS, 1.0),
+                Entry(m.layout.moe_layers[0], 0, Mode.BIAS, 2.0),
+            ],
+            "two bias entries",
+        ),
+    ],
+)
 def test_bad_steering_is_rejected_and_leaves_previous_steering(load, entries, message):
     model = load("qwen3moe")
     layer = model.layout.moe_layers[0]
@@ -314,10 +334,17 @@ def test_bad_steering_is_rejected_and_leaves_previous_steering(load, entries, me
         assert np.array_equal(s.logits(toks), before)
 
 
-@pytest.mark.parametrize("mode, value", [
-    (Mode.BIAS, math.nan), (Mode.BIAS, math.inf), (Mode.GAIN, -1.0), (Mode.GAIN, math.inf), (Mode.GAIN, math.nan),
-    (Mode.MASK, 1.0),
-])
+@pytest.mark.parametrize(
+    "mode, value",
+    [
+        (Mode.BIAS, math.nan),
+        (Mode.BIAS, math.inf),
+        (Mode.GAIN, -1.0),
+        (Mode.GAIN, math.inf),
+        (Mode.GAIN, math.nan),
+        (Mode.MASK, 1.0),
+    ],
+)
 def test_bad_entry_values(mode, value):
     with pytest.raises(SteeringError):
         Entry(0, 0, mode, value)
@@ -367,13 +394,16 @@ def test_another_llama_cpp_python_in_the_environment_is_ignored(tmp_path, tiny_p
     # a user's own llama_cpp package (here a broken one) and its library path must not matter
     import subprocess
     import sys
+
     fake = tmp_path / "site" / "llama_cpp"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError('the user llama_cpp was imported')\n")
-    code = ("from mote_local.engine.model import Model\n"
-            f"m = Model({str(tiny_path('qwen3moe'))!r})\n"
-            "s = m.session(n_ctx=64)\nprint(len(s.logits(m.tokenize('hello there'))))\n"
-            "import sys; assert 'llama_cpp' not in sys.modules\n")
+    code = (
+        "from mote_local.engine.model import Model\n"
+        f"m = Model({str(tiny_path('qwen3moe'))!r})\n"
+        "s = m.session(n_ctx=64)\nprint(len(s.logits(m.tokenize('hello there'))))\n"
+        "import sys; assert 'llama_cpp' not in sys.modules\n"
+    )
     env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path / "site"), "LLAMA_CPP_LIB_PATH": str(tmp_path)}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
@@ -382,11 +412,13 @@ def test_another_llama_cpp_python_in_the_environment_is_ignored(tmp_path, tiny_p
 
 def test_phase_scoped_entries_switch_between_prefill_and_decode(load):
     from mote_local.steering.entries import Scope
+
     model = load("qwen3moe")
     layer = model.layout.moe_layers[0]
     toks = model.tokenize(PROMPT)
-    strong = [Entry(layer, e, Mode.BIAS, 4.0, Scope.DECODE) for e in range(2)] + \
-             [Entry(layer, 2, Mode.MASK, scope=Scope.DECODE)]
+    strong = [Entry(layer, e, Mode.BIAS, 4.0, Scope.DECODE) for e in range(2)] + [
+        Entry(layer, 2, Mode.MASK, scope=Scope.DECODE)
+    ]
     with model.session(n_ctx=128) as s:
         idle_logits = s.logits(toks)
         idle_gen = s.generate(PROMPT, max_tokens=8)

@@ -22,10 +22,10 @@ from mote_local.evaluation import (
     detectors,
     intervals,
     report,
+    run,
     super_experts,
 )
 from mote_local.evaluation import evaluate as ev
-from mote_local.evaluation import run
 from mote_local.steering.entries import Entry, Mode, Scope, off_experts
 from mote_local.steering.profile import Profile
 from mote_local.synthetic import tiny
@@ -41,6 +41,7 @@ def cache_dir(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- detectors
+
 
 def test_default_phrases_are_case_insensitive_substrings():
     d = detectors.Detector()
@@ -62,7 +63,7 @@ def test_empty_response_is_not_the_behaviour():
 def test_regexes_and_bad_regex():
     d = detectors.Detector(phrases=[], regexes=[r"\brefuse[sd]?\b", re.compile(r"NOPE")])
     assert d("They Refused to answer")  # strings compile case-insensitive
-    assert not d("nope")                # compiled patterns keep their own flags
+    assert not d("nope")  # compiled patterns keep their own flags
     assert d("NOPE")
     assert not d("refusenik")
     with pytest.raises(errors.DetectorError, match=r"bad regular expression '\(unclosed'"):
@@ -139,8 +140,12 @@ def test_judge_on_a_plain_tiny_model_follows_its_logits(load):
 
 # ---------------------------------------------------------------------------------------------- controls
 
-PROFILE = [Entry(1, 2, Mode.MASK), Entry(1, 5, Mode.BIAS, -2.0), Entry(1, 5, Mode.GAIN, 0.5),
-           Entry(2, 4, Mode.DROP, scope=Scope.DECODE)]
+PROFILE = [
+    Entry(1, 2, Mode.MASK),
+    Entry(1, 5, Mode.BIAS, -2.0),
+    Entry(1, 5, Mode.GAIN, 0.5),
+    Entry(2, 4, Mode.DROP, scope=Scope.DECODE),
+]
 
 
 def test_random_control_matches_size_layers_and_modes(load):
@@ -171,18 +176,29 @@ def test_random_control_matches_size_layers_and_modes(load):
 
 
 def test_forced_counterpart():
-    entries = [Entry(1, 2, Mode.MASK), Entry(2, 4, Mode.DROP, scope=Scope.DECODE), Entry(3, 1, Mode.BIAS, -math.inf),
-               Entry(3, 2, Mode.BIAS, 1.0), Entry(0, 0, Mode.GAIN, 2.0)]
-    assert controls.forced_counterpart(entries) == [Entry(1, 2, Mode.FORCE), Entry(2, 4, Mode.FORCE, scope=Scope.DECODE),
-                                              Entry(3, 1, Mode.FORCE)]
+    entries = [
+        Entry(1, 2, Mode.MASK),
+        Entry(2, 4, Mode.DROP, scope=Scope.DECODE),
+        Entry(3, 1, Mode.BIAS, -math.inf),
+        Entry(3, 2, Mode.BIAS, 1.0),
+        Entry(0, 0, Mode.GAIN, 2.0),
+    ]
+    assert controls.forced_counterpart(entries) == [
+        Entry(1, 2, Mode.FORCE),
+        Entry(2, 4, Mode.FORCE, scope=Scope.DECODE),
+        Entry(3, 1, Mode.FORCE),
+    ]
     assert off_experts(entries) == [(1, 2), (2, 4), (3, 1)]
     assert off_experts(entries, strength=0.0) == [(1, 2), (2, 4)]  # a -inf bias scaled to nothing is no switch-off
-    assert controls.forced_counterpart(entries, strength=0.0) == [Entry(1, 2, Mode.FORCE),
-                                                                   Entry(2, 4, Mode.FORCE, scope=Scope.DECODE)]
+    assert controls.forced_counterpart(entries, strength=0.0) == [
+        Entry(1, 2, Mode.FORCE),
+        Entry(2, 4, Mode.FORCE, scope=Scope.DECODE),
+    ]
     assert controls.forced_counterpart([Entry(3, 2, Mode.BIAS, 1.0)]) == []
 
 
 # ---------------------------------------------------------------------------------------------- cost
+
 
 def test_kl_is_zero_unsteered_and_positive_when_a_busy_expert_is_masked(load):
     model = load("qwen3moe")
@@ -193,7 +209,9 @@ def test_kl_is_zero_unsteered_and_positive_when_a_busy_expert_is_masked(load):
         with s.capture() as cap:
             s.logits(chunks[0])
         busy = int(np.argmax(cap.stats().counts[layer]))
-        costs = cost.capability_cost(s, chunks, {"unsteered": ([], 1.0), "mask": ([Entry(layer, busy, Mode.MASK)], 1.0)})
+        costs = cost.capability_cost(
+            s, chunks, {"unsteered": ([], 1.0), "mask": ([Entry(layer, busy, Mode.MASK)], 1.0)}
+        )
     kl0, ppl0 = costs["unsteered"]
     kl1, ppl1 = costs["mask"]
     assert kl0 == 0.0
@@ -222,10 +240,12 @@ def test_neutral_text_sources(tmp_path):
 
 
 def test_infinite_cost_survives_json_and_table():
-    c = ev.ConditionResult("profile", "profile", [], 1.0, n=2, hits=1, rate=0.5, ci=(0.1, 0.9), kl=math.inf,
-                           perplexity=math.inf)
-    r = ev.EvalResult(model="m.gguf", conditions=[c], profile={"entries": []}, settings={"notes": []}, samples=[],
-                      generations={})
+    c = ev.ConditionResult(
+        "profile", "profile", [], 1.0, n=2, hits=1, rate=0.5, ci=(0.1, 0.9), kl=math.inf, perplexity=math.inf
+    )
+    r = ev.EvalResult(
+        model="m.gguf", conditions=[c], profile={"entries": []}, settings={"notes": []}, samples=[], generations={}
+    )
     d = json.loads(json.dumps(r.to_dict(), allow_nan=False))
     assert d["conditions"][0]["kl"] == "inf"
     assert ev.EvalResult.from_dict(d).conditions[0].perplexity == math.inf
@@ -233,6 +253,7 @@ def test_infinite_cost_survives_json_and_table():
 
 
 # ---------------------------------------------------------------------------------------------- evaluate
+
 
 class Says:
     """A detector: the response contains ``word`` (a plain callable works as a detector too)."""
@@ -257,8 +278,17 @@ TINY_PROFILE = [Entry(1, 3, Mode.DROP), Entry(2, 5, Mode.MASK)]
 def tiny_result(tiny_path, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp, Model(tiny_path("qwen3moe")) as model:
         mp.setenv("MOTE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-        return ev.evaluate(model, PROMPTS, TINY_PROFILE, detector=lambda r: "the" in r.lower().split(),
-                           n_random=2, max_tokens=8, max_neutral_tokens=96, chunk_tokens=64, show_progress=False)
+        return ev.evaluate(
+            model,
+            PROMPTS,
+            TINY_PROFILE,
+            detector=lambda r: "the" in r.lower().split(),
+            n_random=2,
+            max_tokens=8,
+            max_neutral_tokens=96,
+            chunk_tokens=64,
+            show_progress=False,
+        )
 
 
 def test_evaluate_conditions(tiny_result):
@@ -293,8 +323,15 @@ def test_evaluate_is_deterministic_and_json_round_trips(tiny_result, tiny_path):
     back = ev.EvalResult.from_dict(json.loads(text))
     assert back.to_dict() == d
     assert ev.EvalResult.from_json(tiny_result.to_json()).to_dict() == d
-    again = ev.evaluate(tiny_path("qwen3moe"), PROMPTS[:1], TINY_PROFILE, n_random=1, max_tokens=8,
-                        measure_cost=False, show_progress=False)  # a path: loaded and freed by evaluate
+    again = ev.evaluate(
+        tiny_path("qwen3moe"),
+        PROMPTS[:1],
+        TINY_PROFILE,
+        n_random=1,
+        max_tokens=8,
+        measure_cost=False,
+        show_progress=False,
+    )  # a path: loaded and freed by evaluate
     assert again.generations["unsteered"][0]["text"] == tiny_result.generations["unsteered"][0]["text"]
     assert again.generations["profile"][0]["text"] == tiny_result.generations["profile"][0]["text"]
     assert again.condition("profile").kl is None
@@ -334,8 +371,7 @@ def test_evaluate_warns_about_super_experts_and_keeps_controls_off_them(load, mo
     model = load("qwen3moe")
     monkeypatch.setattr(run, "cached_super_experts", lambda path: {(1, 3), (2, 0), (2, 1), (2, 2)})
     profile = Profile.from_entries(TINY_PROFILE, name="tiny") * 2.0  # a Profile: its strength times ours
-    r = ev.evaluate(model, PROMPTS[:1], profile, 0.5, n_random=3, max_tokens=2, measure_cost=False,
-                    show_progress=False)
+    r = ev.evaluate(model, PROMPTS[:1], profile, 0.5, n_random=3, max_tokens=2, measure_cost=False, show_progress=False)
     assert r.profile["name"] == "tiny" and r.profile["strength"] == 1.0
     assert any("super-expert(s) 1:3" in w for w in r.warnings)
     assert r.settings["random_excluded_super_experts"] == [[1, 3], [2, 0], [2, 1], [2, 2]]
@@ -355,36 +391,53 @@ def test_evaluate_bad_input(load):
 
 def test_forced_is_skipped_when_nothing_is_switched_off(load):
     model = load("qwen3moe")
-    r = ev.evaluate(model, PROMPTS[:1], [Entry(1, 3, Mode.BIAS, 1.5)], n_random=1, max_tokens=2,
-                    measure_cost=False, show_progress=False)
+    r = ev.evaluate(
+        model,
+        PROMPTS[:1],
+        [Entry(1, 3, Mode.BIAS, 1.5)],
+        n_random=1,
+        max_tokens=2,
+        measure_cost=False,
+        show_progress=False,
+    )
     assert [c.name for c in r.conditions] == ["unsteered", "profile", "random"]
     assert any("forced: skipped" in n for n in r.settings["notes"])
 
 
 def test_controls_that_cannot_be_drawn_are_skipped_with_a_note(load, monkeypatch):
     model = load("qwen3moe")
-    r = ev.evaluate(model, PROMPTS[:1], [Entry(1, x, Mode.DROP) for x in range(5)], n_random=2, max_tokens=2,
-                    measure_cost=False, show_progress=False)
+    r = ev.evaluate(
+        model,
+        PROMPTS[:1],
+        [Entry(1, x, Mode.DROP) for x in range(5)],
+        n_random=2,
+        max_tokens=2,
+        measure_cost=False,
+        show_progress=False,
+    )
     assert [c.name for c in r.conditions] == ["unsteered", "profile"]
     assert any(n.startswith("random: skipped, layer 1") for n in r.settings["notes"])
     assert any(n.startswith("forced: skipped") for n in r.settings["notes"])
     # super-experts that leave no room are not excluded, and the result says so
     monkeypatch.setattr(run, "cached_super_experts", lambda path: {(1, x) for x in range(1, 8)})
-    r = ev.evaluate(model, PROMPTS[:1], [Entry(1, 0, Mode.DROP)], n_random=1, max_tokens=2, measure_cost=False,
-                    show_progress=False)
+    r = ev.evaluate(
+        model, PROMPTS[:1], [Entry(1, 0, Mode.DROP)], n_random=1, max_tokens=2, measure_cost=False, show_progress=False
+    )
     assert r.condition("random").n == 1 and r.settings["random_excluded_super_experts"] == []
     assert any(n.startswith("random: super-experts not excluded") for n in r.settings["notes"])
 
 
 # ---------------------------------------------------------------------------------------------- report
 
+
 def test_report_files(tiny_result, tmp_path):
     r = ev.EvalResult.from_dict(tiny_result.to_dict())
     r.samples[0]["responses"]["profile"] = "<script>alert(1)</script> & | pipes"
     heatmap = tmp_path / "heat.png"
     heatmap.write_bytes(report.plot_png(r))  # any PNG will do
-    out = report.write_report(tmp_path / "out", r, ftri_heatmap=heatmap, ftri_table="rank layer expert\n1 2 3 <b>",
-                              title="tiny <eval>")
+    out = report.write_report(
+        tmp_path / "out", r, ftri_heatmap=heatmap, ftri_table="rank layer expert\n1 2 3 <b>", title="tiny <eval>"
+    )
     assert out == tmp_path / "out" / "report.html"
     for name in ("report.json", "report.md", "report.html", "behaviour.png", "ftri_heatmap.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
@@ -416,6 +469,7 @@ def test_format_table(tiny_result):
 
 # ---------------------------------------------------------------------------------------------- super-experts
 
+
 def test_find_super_experts_and_cache(load, cache_dir):
     model = load("qwen3moe")
     assert super_experts.cached_super_experts(model.path) is None
@@ -434,7 +488,9 @@ def test_find_super_experts_and_cache(load, cache_dir):
     assert time.perf_counter() - t < first / 2
     assert np.array_equal(again.kl, kl, equal_nan=True)
     # a low bar flags something, and the cache follows the newest run
-    low = super_experts.find_super_experts(model, layers=[1, 2], max_tokens=48, factor=1.0, floor=0.0, show_progress=False)
+    low = super_experts.find_super_experts(
+        model, layers=[1, 2], max_tokens=48, factor=1.0, floor=0.0, show_progress=False
+    )
     assert low.flagged and super_experts.cached_super_experts(model.path) == set(low.flagged)
 
 
@@ -450,9 +506,11 @@ def test_super_expert_cache_is_per_model_file(tiny_path, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- planted model
 
+
 @pytest.fixture(scope="module")
 def planted(model_dir):
     from mote_local.synthetic import planted as planted_mod
+
     path, truth = planted_mod.planted_model(model_dir)
     return path, truth, planted_mod
 
@@ -468,12 +526,20 @@ def test_planted_acceptance(planted):
     # one trigger and one neutral prompt per topic: half of them refuse unsteered. Six of each: with the paired
     # interval (issue 12) four prompts that stop refusing are not significant, as an exact McNemar test agrees
     # (p = 0.125); six are (p = 0.03). The unpaired interval used to call four significant.
-    prompts = [p for p in behaviour if p.text.endswith("yesterday?")][:6] \
-        + [p for p in baseline if p.text.endswith("yesterday?")][:6]
+    prompts = [p for p in behaviour if p.text.endswith("yesterday?")][:6] + [
+        p for p in baseline if p.text.endswith("yesterday?")
+    ][:6]
     with Model(path) as model:
         supers = super_experts.find_super_experts(model, max_tokens=32, show_progress=False)
-        r = ev.evaluate(model, prompts, truth.entries(Mode.DROP), n_random=2, max_tokens=4,
-                        max_neutral_tokens=64, show_progress=False)
+        r = ev.evaluate(
+            model,
+            prompts,
+            truth.entries(Mode.DROP),
+            n_random=2,
+            max_tokens=4,
+            max_neutral_tokens=64,
+            show_progress=False,
+        )
     rates = {c.name: c.rate for c in r.conditions}
     assert rates["unsteered"] == 0.5
     assert rates["profile"] <= 0.05
@@ -485,8 +551,9 @@ def test_planted_acceptance(planted):
     rnd = r.condition("random")
     assert rnd.n == 2 * len(prompts)
     assert rnd.ci == pytest.approx(intervals.wilson_interval(rnd.hits / 2, rnd.n / 2))
-    assert rnd.ci[1] - rnd.ci[0] > 1.2 * (intervals.wilson_interval(rnd.hits, rnd.n)[1]
-                                          - intervals.wilson_interval(rnd.hits, rnd.n)[0])
+    assert rnd.ci[1] - rnd.ci[0] > 1.2 * (
+        intervals.wilson_interval(rnd.hits, rnd.n)[1] - intervals.wilson_interval(rnd.hits, rnd.n)[0]
+    )
     assert r.condition("profile").kl < 0.01
     assert truth.super_expert in supers.flagged
     assert np.nanargmax(supers.kl) == np.ravel_multi_index(truth.super_expert, supers.kl.shape)

@@ -30,8 +30,15 @@ def classes():
 def test_planted_experts_rank_on_top(model, planted_files, classes, scope):
     truth = planted_files[1]
     n = len(truth.planted)
-    run, results = run_ftri(model, *classes, methods=("mean_diff", "risk_diff", "log_odds"), scope=scope,
-                                 top=n, n_boot=50, show_progress=False)
+    run, results = run_ftri(
+        model,
+        *classes,
+        methods=("mean_diff", "risk_diff", "log_odds"),
+        scope=scope,
+        top=n,
+        n_boot=50,
+        show_progress=False,
+    )
     assert not run.partial and run.activations.n_behavior == len(classes[0])
     for method in ("mean_diff", "risk_diff"):
         top = {(r.layer, r.expert) for r in results[method].ranked(n, layers=model.layout.moe_layers)}
@@ -44,16 +51,25 @@ def test_planted_experts_rank_on_top(model, planted_files, classes, scope):
 
 def test_exported_profile_removes_the_refusals(model, planted_files, classes):
     truth = planted_files[1]
-    run, results = run_ftri(model, *classes, methods=("mean_diff",), top=len(truth.planted), n_boot=20,
-                                 show_progress=False)
+    run, results = run_ftri(
+        model, *classes, methods=("mean_diff",), top=len(truth.planted), n_boot=20, show_progress=False
+    )
     ranked = results["mean_diff"].ranked(len(truth.planted), layers=model.layout.moe_layers)
     profile = profile_from_ranking(ranked, model)
     profile.validate(model.layout)
     trigger = classes[0][:12]
     with model.session(n_ctx=256) as s:
+
         def refusals():
-            return sum(planted.is_refusal(s.generate(model.format_chat([{"role": "user", "content": p.text}]),
-                                                     max_tokens=12, add_bos=False).text) for p in trigger)
+            return sum(
+                planted.is_refusal(
+                    s.generate(
+                        model.format_chat([{"role": "user", "content": p.text}]), max_tokens=12, add_bos=False
+                    ).text
+                )
+                for p in trigger
+            )
+
         before = refusals()
         s.steer(profile)
         after = refusals()
@@ -63,6 +79,7 @@ def test_exported_profile_removes_the_refusals(model, planted_files, classes):
 
 def test_interrupted_capture_keeps_partial_results(model, classes, monkeypatch):
     from mote_local.engine.model import Session
+
     calls = {"n": 0}
     route = Session.route
 
@@ -88,9 +105,25 @@ def test_bad_scope_and_missing_responses(model, classes):
 def test_ftri_cli_writes_everything(planted_files, tmp_path):
     path, truth = planted_files
     out = tmp_path / "out"
-    r = CliRunner().invoke(main, ["ftri", str(path), "--prompts", str(planted.prompts_path()), "--method",
-                                  "mean_diff", "--method", "risk_diff", "--top", "2", "--out", str(out),
-                                  "--n-boot", "20"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "ftri",
+            str(path),
+            "--prompts",
+            str(planted.prompts_path()),
+            "--method",
+            "mean_diff",
+            "--method",
+            "risk_diff",
+            "--top",
+            "2",
+            "--out",
+            str(out),
+            "--n-boot",
+            "20",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "planted experts in the top 2: 2 of 2" in r.output
     for name in ("ftri.json", "ftri_mean_diff.csv", "ftri_risk_diff.csv", "profile.json"):
@@ -104,10 +137,12 @@ def test_ftri_cli_writes_everything(planted_files, tmp_path):
 
 def test_target_scope_counts_only_the_response_tokens(model, tmp_path):
     path = tmp_path / "paired.toml"
-    path.write_text('[classes.trigger]\nprompts = ["what happened at the protest ?", "what happened at the riot ?"]\n'
-                    'responses = ["I cannot help with that request.", "I cannot help with that request."]\n'
-                    '[classes.neutral]\nprompts = ["what happened at the market ?"]\n'
-                    'responses = ["It was a calm day in town."]\n')
+    path.write_text(
+        '[classes.trigger]\nprompts = ["what happened at the protest ?", "what happened at the riot ?"]\n'
+        'responses = ["I cannot help with that request.", "I cannot help with that request."]\n'
+        '[classes.neutral]\nprompts = ["what happened at the market ?"]\n'
+        'responses = ["It was a calm day in town."]\n'
+    )
     behavior, baseline = select_classes(load_prompt_set(path))
     run = capture_activations(model, behavior, baseline, scope="target", show_progress=False)
     expected = [len(model.tokenize(p.response, add_bos=False)) for p in run.prompts]

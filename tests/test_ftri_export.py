@@ -41,8 +41,9 @@ def test_default_export_holds_only_the_experts_with_evidence(planted_files, tmp_
     experts whose intervals include 0. Two experts carry signal; the profile holds those two and says so."""
     path, truth = planted_files
     out = tmp_path / "ftri"
-    r = CliRunner().invoke(main, ["ftri", str(path), "--prompts", str(planted.prompts_path()), "--out", str(out),
-                                  "--n-boot", "100"])
+    r = CliRunner().invoke(
+        main, ["ftri", str(path), "--prompts", str(planted.prompts_path()), "--out", str(out), "--n-boot", "100"]
+    )
     assert r.exit_code == 0, r.output
     profile = Profile.load(out / "profile.json")
     assert {(e.layer, e.expert) for e in profile.entries} == set(truth.planted)
@@ -92,9 +93,19 @@ def test_a_flagged_super_expert_is_never_steered_unless_asked(model):
     why; with include_super_experts it is switched off like any other."""
     scores = np.zeros((4, 8))
     scores[0, 3], scores[1, 6] = 0.9, 0.5
-    res = FtriResult("mean_diff", scores=scores, ci_low=scores - 0.05, ci_high=scores + 0.05,
-                     stability=np.zeros((4, 8)), top_n=10, sign="positive", n_behavior=30, n_baseline=30,
-                     se=np.full((4, 8), 0.02), band_crit=3.0)
+    res = FtriResult(
+        "mean_diff",
+        scores=scores,
+        ci_low=scores - 0.05,
+        ci_high=scores + 0.05,
+        stability=np.zeros((4, 8)),
+        top_n=10,
+        sign="positive",
+        n_behavior=30,
+        n_baseline=30,
+        se=np.full((4, 8), 0.02),
+        band_crit=3.0,
+    )
     export = export_profile(res, model, top=10, super_experts={(0, 3)})
     assert [(e.layer, e.expert) for e in export.profile.entries] == [(1, 6)]
     assert export.n_qualified == 2
@@ -137,14 +148,40 @@ def test_graded_profile_composes_with_strength(model, capture, planted_files):
 def test_cli_graded_and_sign_options(planted_files, tmp_path):
     path, truth = planted_files
     out = tmp_path / "graded"
-    r = CliRunner().invoke(main, ["ftri", str(path), "--prompts", str(planted.prompts_path()), "--out", str(out),
-                                  "--n-boot", "50", "--graded", "2"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "ftri",
+            str(path),
+            "--prompts",
+            str(planted.prompts_path()),
+            "--out",
+            str(out),
+            "--n-boot",
+            "50",
+            "--graded",
+            "2",
+        ],
+    )
     assert r.exit_code == 0, r.output
     profile = Profile.load(out / "profile.json")
     assert {e.mode for e in profile.entries} == {Mode.BIAS} and all(e.value < 0 for e in profile.entries)
     assert "bias 1:6=" in r.output
-    r = CliRunner().invoke(main, ["ftri", str(path), "--prompts", str(planted.prompts_path()), "--out", str(out),
-                                  "--n-boot", "50", "--threshold", "0.7"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "ftri",
+            str(path),
+            "--prompts",
+            str(planted.prompts_path()),
+            "--out",
+            str(out),
+            "--n-boot",
+            "50",
+            "--threshold",
+            "0.7",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert Profile.load(out / "profile.json").entries == ()
     assert "no expert qualified" in r.output
@@ -162,8 +199,23 @@ def test_profile_from_ranking_leaves_out_experts_without_a_score(model, capture)
 def test_read_ranking_for_a_sweep(planted_files, tmp_path):
     path, truth = planted_files
     out = tmp_path / "rank"
-    r = CliRunner().invoke(main, ["ftri", str(path), "--prompts", str(planted.prompts_path()), "--out", str(out),
-                                  "--n-boot", "50", "--method", "risk_diff", "--method", "mean_diff"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "ftri",
+            str(path),
+            "--prompts",
+            str(planted.prompts_path()),
+            "--out",
+            str(out),
+            "--n-boot",
+            "50",
+            "--method",
+            "risk_diff",
+            "--method",
+            "mean_diff",
+        ],
+    )
     assert r.exit_code == 0, r.output
     layers = (0, 1, 2, 3)  # the planted model's MoE layers
     ranking = read_ranking(out, layers)
@@ -186,8 +238,9 @@ def test_reap_ranks_the_planted_experts_from_the_captured_output_norms(model, pl
     classes, below 0 (on trigger prompts they share their token with a planted expert)."""
     path, truth = planted_files
     behavior, baseline = select_classes(load_prompt_set(planted.prompts_path()), "trigger", "neutral")
-    run, results = run_ftri(model, behavior, baseline, methods=("reap", "mean_diff"), top=2, n_boot=50,
-                                 show_progress=False)
+    run, results = run_ftri(
+        model, behavior, baseline, methods=("reap", "mean_diff"), top=2, n_boot=50, show_progress=False
+    )
     norms = run.activations.output_norm_sums
     assert norms is not None and norms.shape == run.activations.counts.shape
     assert np.all(norms[run.activations.counts == 0] == 0) and norms.sum() > 0
@@ -195,11 +248,25 @@ def test_reap_ranks_the_planted_experts_from_the_captured_output_norms(model, pl
     assert [(r.layer, r.expert) for r in reap.ranked(2, layers=model.layout.moe_layers)] == list(truth.planted)
     assert all(reap.qualified()[p] for p in truth.planted)
     assert all(reap.scores[d] < 0 for d in truth.distractors)
-    plain, _ = run_ftri(model, behavior[:2], baseline[:2], methods=("mean_diff",), n_boot=10,
-                             show_progress=False)
+    plain, _ = run_ftri(model, behavior[:2], baseline[:2], methods=("mean_diff",), n_boot=10, show_progress=False)
     assert plain.activations.output_norm_sums is None  # measured only when asked for
-    r = CliRunner().invoke(main, ["ftri", str(path), "--prompts", str(planted.prompts_path()), "--method", "reap",
-                                  "--top", "2", "--n-boot", "50", "--out", str(tmp_path / "reap")])
+    r = CliRunner().invoke(
+        main,
+        [
+            "ftri",
+            str(path),
+            "--prompts",
+            str(planted.prompts_path()),
+            "--method",
+            "reap",
+            "--top",
+            "2",
+            "--n-boot",
+            "50",
+            "--out",
+            str(tmp_path / "reap"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert {(e.layer, e.expert) for e in Profile.load(tmp_path / "reap" / "profile.json").entries} == set(truth.planted)
     assert (tmp_path / "reap" / "ftri_reap.csv").exists()

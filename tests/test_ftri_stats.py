@@ -118,10 +118,12 @@ def test_never_firing_expert_scores_zero_under_log_odds_despite_unequal_token_to
 
 def test_prompt_without_tokens_in_a_layer_is_left_out_of_the_class_mean():
     act = hand_case()
-    extra = Activations(np.concatenate([act.counts, np.zeros((1, 2, 3), int)]),
-                        np.concatenate([act.tokens, np.zeros((1, 2), int)]),
-                        np.concatenate([act.weight_sums, np.zeros((1, 2, 3))]),
-                        np.array([True, True, False, False, True]))
+    extra = Activations(
+        np.concatenate([act.counts, np.zeros((1, 2, 3), int)]),
+        np.concatenate([act.tokens, np.zeros((1, 2), int)]),
+        np.concatenate([act.weight_sums, np.zeros((1, 2, 3))]),
+        np.array([True, True, False, False, True]),
+    )
     for method in METHODS:
         np.testing.assert_allclose(score(extra, method), score(act, method), atol=1e-12)
 
@@ -144,8 +146,13 @@ def test_zero_layers_and_never_firing_experts_have_zero_intervals_and_no_stabili
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_single_prompt_per_class_collapses_the_interval_to_the_point(method):
     act = hand_case()
-    one = Activations(act.counts[1:3], act.tokens[1:3], act.weight_sums[1:3], np.array([True, False]),
-                      output_norm_sums=act.output_norm_sums[1:3])
+    one = Activations(
+        act.counts[1:3],
+        act.tokens[1:3],
+        act.weight_sums[1:3],
+        np.array([True, False]),
+        output_norm_sums=act.output_norm_sums[1:3],
+    )
     r = analyse(one, method, n_boot=30)
     assert np.all(np.isfinite(r.scores))
     np.testing.assert_array_equal(r.ci_low, r.scores)
@@ -189,10 +196,15 @@ def test_planted_experts_rank_on_top_and_distractors_do_not(method):
         assert r.scores[d] < weakest / 2 and r.stability[d] == 0
 
 
-@pytest.mark.parametrize("method, truth", [
-    ("mean_diff", 0.1), ("risk_diff", 0.1), ("weight_mass", 0.05),
-    ("log_odds", math.log(0.3 / 0.7) - math.log(0.2 / 0.8)),
-])
+@pytest.mark.parametrize(
+    "method, truth",
+    [
+        ("mean_diff", 0.1),
+        ("risk_diff", 0.1),
+        ("weight_mass", 0.05),
+        ("log_odds", math.log(0.3 / 0.7) - math.log(0.2 / 0.8)),
+    ],
+)
 def test_bootstrap_interval_covers_the_true_difference(method, truth):
     rng = np.random.default_rng(7)
     n_tok, n_each = 20, 25
@@ -261,8 +273,16 @@ def test_json_round_trip():
     back = FtriResult.from_dict(json.loads(json.dumps(r.to_dict())))
     for name in ("scores", "ci_low", "ci_high", "stability"):
         np.testing.assert_array_equal(getattr(back, name), getattr(r, name))
-    assert (back.method, back.top_n, back.sign, back.n_behavior, back.n_baseline, back.level, back.n_boot,
-            back.options) == ("log_odds", 10, "positive", 30, 30, 0.95, 20, {"alpha": 1.0})
+    assert (
+        back.method,
+        back.top_n,
+        back.sign,
+        back.n_behavior,
+        back.n_baseline,
+        back.level,
+        back.n_boot,
+        back.options,
+    ) == ("log_odds", 10, "positive", 30, 30, 0.95, 20, {"alpha": 1.0})
     assert back.ranked(5) == r.ranked(5)
 
 
@@ -290,42 +310,56 @@ def test_activations_are_frozen_read_only_copies():
 
 def valid_parts():
     counts = np.array([[[1, 0]], [[0, 1]]])
-    return dict(counts=counts, tokens=np.array([[1], [1]]), weight_sums=counts * 1.0,
-                is_behavior=np.array([True, False]))
+    return dict(
+        counts=counts, tokens=np.array([[1], [1]]), weight_sums=counts * 1.0, is_behavior=np.array([True, False])
+    )
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(counts=np.zeros((2, 2))), "counts must have 3 dimensions"),
-    (dict(counts=np.zeros((0, 1, 2), int), tokens=np.zeros((0, 1), int), weight_sums=np.zeros((0, 1, 2)),
-          is_behavior=np.zeros(0, bool)), "empty dimension"),
-    (dict(tokens=np.array([[1, 1], [1, 1]])), r"tokens has shape \(2, 2\), expected .* \(2, 1\)"),
-    (dict(weight_sums=np.zeros((2, 1, 3))), "weight_sums has shape"),
-    (dict(weight_sums=np.array([[[np.nan, 0]], [[0, 1]]])), "weight_sums must be finite and >= 0"),
-    (dict(weight_sums=np.array([[[-1.0, 0]], [[0, 1]]])), "weight_sums must be finite and >= 0"),
-    (dict(counts=np.array([[[-1, 0]], [[0, 1]]])), "counts must be >= 0"),
-    (dict(counts=np.array([[[0.5, 0]], [[0, 1]]])), "counts must be whole numbers"),
-    (dict(counts=np.array([[["a", "b"]], [["c", "d"]]])), "counts must hold finite numbers"),
-    (dict(counts=np.array([[[2, 0]], [[0, 1]]])), r"counts\[0, 0, 0\] = 2 exceeds tokens\[0, 0\] = 1"),
-    (dict(is_behavior=np.array([1, 0])), "is_behavior must be booleans"),
-    (dict(is_behavior=np.array([True, False, True])), r"is_behavior has shape \(3,\)"),
-    (dict(is_behavior=np.array([True, True])), "no baseline prompt"),
-    (dict(is_behavior=np.array([False, False])), "no behaviour prompt"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(counts=np.zeros((2, 2))), "counts must have 3 dimensions"),
+        (
+            dict(
+                counts=np.zeros((0, 1, 2), int),
+                tokens=np.zeros((0, 1), int),
+                weight_sums=np.zeros((0, 1, 2)),
+                is_behavior=np.zeros(0, bool),
+            ),
+            "empty dimension",
+        ),
+        (dict(tokens=np.array([[1, 1], [1, 1]])), r"tokens has shape \(2, 2\), expected .* \(2, 1\)"),
+        (dict(weight_sums=np.zeros((2, 1, 3))), "weight_sums has shape"),
+        (dict(weight_sums=np.array([[[np.nan, 0]], [[0, 1]]])), "weight_sums must be finite and >= 0"),
+        (dict(weight_sums=np.array([[[-1.0, 0]], [[0, 1]]])), "weight_sums must be finite and >= 0"),
+        (dict(counts=np.array([[[-1, 0]], [[0, 1]]])), "counts must be >= 0"),
+        (dict(counts=np.array([[[0.5, 0]], [[0, 1]]])), "counts must be whole numbers"),
+        (dict(counts=np.array([[["a", "b"]], [["c", "d"]]])), "counts must hold finite numbers"),
+        (dict(counts=np.array([[[2, 0]], [[0, 1]]])), r"counts\[0, 0, 0\] = 2 exceeds tokens\[0, 0\] = 1"),
+        (dict(is_behavior=np.array([1, 0])), "is_behavior must be booleans"),
+        (dict(is_behavior=np.array([True, False, True])), r"is_behavior has shape \(3,\)"),
+        (dict(is_behavior=np.array([True, True])), "no baseline prompt"),
+        (dict(is_behavior=np.array([False, False])), "no behaviour prompt"),
+    ],
+)
 def test_activation_validation(change, message):
     with pytest.raises(ValueError, match=message):
         Activations(**{**valid_parts(), **change})
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda a: score(a, "magic"), "unknown fTRI method 'magic'; choose one of mean_diff"),
-    (lambda a: score(a, "mean_diff", alpha=1.0), "mean_diff takes no options; got alpha"),
-    (lambda a: score(a, "log_odds", beta=1.0), "log_odds takes alpha; got beta"),
-    (lambda a: score(a, "log_odds", alpha=0), "alpha .* must be a finite number > 0"),
-    (lambda a: analyse(a, "mean_diff", sign="up"), "unknown sign 'up'"),
-    (lambda a: analyse(a, "mean_diff", n_boot=0), "n_boot must be an integer >= 1"),
-    (lambda a: analyse(a, "mean_diff", level=1.0), "level must lie strictly between 0 and 1"),
-    (lambda a: analyse(a, "mean_diff", top_n=0), "top_n must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda a: score(a, "magic"), "unknown fTRI method 'magic'; choose one of mean_diff"),
+        (lambda a: score(a, "mean_diff", alpha=1.0), "mean_diff takes no options; got alpha"),
+        (lambda a: score(a, "log_odds", beta=1.0), "log_odds takes alpha; got beta"),
+        (lambda a: score(a, "log_odds", alpha=0), "alpha .* must be a finite number > 0"),
+        (lambda a: analyse(a, "mean_diff", sign="up"), "unknown sign 'up'"),
+        (lambda a: analyse(a, "mean_diff", n_boot=0), "n_boot must be an integer >= 1"),
+        (lambda a: analyse(a, "mean_diff", level=1.0), "level must lie strictly between 0 and 1"),
+        (lambda a: analyse(a, "mean_diff", top_n=0), "top_n must be an integer >= 1"),
+    ],
+)
 def test_option_validation(call, message):
     with pytest.raises(ValueError, match=message):
         call(Activations(**valid_parts()))
@@ -344,8 +378,13 @@ def activations(draw):
 
 
 @settings(max_examples=150, deadline=None)
-@given(act=activations(), method=st.sampled_from(METHODS), sign=st.sampled_from(["positive", "negative", "abs"]),
-       top_n=st.integers(1, 5), seed=st.integers(0, 2**32 - 1))
+@given(
+    act=activations(),
+    method=st.sampled_from(METHODS),
+    sign=st.sampled_from(["positive", "negative", "abs"]),
+    top_n=st.integers(1, 5),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_property_finite_and_bounded(act, method, sign, top_n, seed):
     r = analyse(act, method, n_boot=20, top_n=top_n, sign=sign, seed=seed)
     for a in (r.scores, r.ci_low, r.ci_high, r.stability):
@@ -358,6 +397,7 @@ def test_property_finite_and_bounded(act, method, sign, top_n, seed):
 
 
 # ---------------------------------------------------------------------------------------------- reap
+
 
 def test_reap_reads_output_magnitude_where_routing_is_alike():
     """Expert 0: routed alike in both classes with the same gate weights, but its output is twice as large on
@@ -405,13 +445,15 @@ def test_reap_bootstrap_interval_covers_the_true_difference():
         # each routed token: gate weight x norm ~ Gamma(4, 0.3) on behaviour (mean 1.2), Gamma(4, 0.25) (1.0)
         scale = np.where(is_behavior, 0.3, 0.25)[:, None, None]
         norms = rng.gamma(4.0 * counts, 1.0) * scale  # a sum of `count` Gamma(4) draws is Gamma(4 * count)
-        r = analyse(Activations(counts, tokens, counts * 0.5, is_behavior, output_norm_sums=norms), "reap",
-                    n_boot=200, seed=sim)
+        r = analyse(
+            Activations(counts, tokens, counts * 0.5, is_behavior, output_norm_sums=norms), "reap", n_boot=200, seed=sim
+        )
         covered += r.ci_low[0, 0] <= 0.2 <= r.ci_high[0, 0]
     assert covered >= 85
 
 
 # ---------------------------------------------------------------------------------------------- evidence
+
 
 def test_evidence_stops_where_the_signal_stops():
     """Three planted experts among 96, N = 10: only the planted ones qualify, and the count says so."""
@@ -428,10 +470,19 @@ def test_evidence_stops_where_the_signal_stops():
 
 
 def test_evidence_sign_threshold_and_interval_kind():
-    r = FtriResult("mean_diff", scores=np.array([[0.5, 0.2, -0.3, 0.1, 0.0]]),
-                   ci_low=np.array([[0.4, 0.05, -0.4, -0.1, 0.0]]), ci_high=np.array([[0.6, 0.35, -0.2, 0.3, 0.0]]),
-                   stability=np.zeros((1, 5)), top_n=3, sign="positive", n_behavior=10, n_baseline=10,
-                   se=np.array([[0.05, 0.1, 0.05, 0.1, 0.0]]), band_crit=3.0)
+    r = FtriResult(
+        "mean_diff",
+        scores=np.array([[0.5, 0.2, -0.3, 0.1, 0.0]]),
+        ci_low=np.array([[0.4, 0.05, -0.4, -0.1, 0.0]]),
+        ci_high=np.array([[0.6, 0.35, -0.2, 0.3, 0.0]]),
+        stability=np.zeros((1, 5)),
+        top_n=3,
+        sign="positive",
+        n_behavior=10,
+        n_baseline=10,
+        se=np.array([[0.05, 0.1, 0.05, 0.1, 0.0]]),
+        band_crit=3.0,
+    )
     # band: [0.35, 0.65], [-0.1, 0.5], [-0.45, -0.15], [-0.2, 0.4], [0, 0]
     assert r.qualified().tolist() == [[True, False, False, False, False]]
     assert r.qualified(evidence="per-expert").tolist() == [[True, True, False, False, False]]
@@ -461,8 +512,9 @@ def test_simultaneous_band_holds_the_family_wise_error_where_per_expert_interval
     for sim in range(100):
         tokens = rng.integers(10, 60, size=(n_prompts, 4))
         counts = rng.binomial(tokens[:, :, None], rng.uniform(0.02, 0.3, size=(1, 4, 16)))
-        r = analyse(Activations(counts, tokens, counts * 0.3, np.arange(n_prompts) < n_prompts // 2),
-                    "mean_diff", seed=sim)
+        r = analyse(
+            Activations(counts, tokens, counts * 0.3, np.arange(n_prompts) < n_prompts // 2), "mean_diff", seed=sim
+        )
         band += r.qualified("abs").any()
         per_expert += r.qualified("abs", evidence="per-expert").any()
     assert band <= 10  # nominal 5; 1-5 seen
@@ -471,6 +523,7 @@ def test_simultaneous_band_holds_the_family_wise_error_where_per_expert_interval
 
 def test_t_equivalent_critical_value():
     from mote_local.ftri.stats import _t_equivalent
+
     # Student's t quantiles with the normal's two-sided tails: z = 1.96 -> t(9) 0.975 quantile = 2.2622
     assert _t_equivalent(1.959963984540054, 9) == pytest.approx(2.262157, abs=1e-5)
     assert _t_equivalent(1.959963984540054, 1) == pytest.approx(12.7062, abs=1e-3)

@@ -35,28 +35,43 @@ TRIGGER = "what happened at the protest yesterday ?"
 
 # ------------------------------------------------------------------------------------------- choosing a file
 
-@pytest.mark.parametrize("files, tag, chosen", [
-    # no tag: llama.cpp's default Q4_K_M, then Q8_0, then the first model file
-    (["m-Q8_0.gguf", "m-Q4_K_M.gguf", "m-F16.gguf"], "", ["m-Q4_K_M.gguf"]),
-    (["m-F16.gguf", "m-Q8_0.gguf"], "", ["m-Q8_0.gguf"]),
-    (["mmproj-m-F16.gguf", "m-BF16.gguf", "m-F16.gguf"], "", ["m-BF16.gguf"]),
-    # a tag matches case-insensitively, followed by '.' or '-', the first in the Hub's order
-    (["m-Q4_K_M.gguf", "m-Q4_K_S.gguf", "m-IQ4_XS.gguf"], "q4_k_s", ["m-Q4_K_S.gguf"]),
-    (["m.Q5_K_M.gguf", "m-Q5_K_M-imatrix.gguf"], "Q5_K_M", ["m.Q5_K_M.gguf"]),
-    (["UD-Q4_K_XL/m-UD-Q4_K_XL-00002-of-00002.gguf", "UD-Q4_K_XL/m-UD-Q4_K_XL-00001-of-00002.gguf", "m-Q8_0.gguf"],
-     "UD-Q4_K_XL", ["UD-Q4_K_XL/m-UD-Q4_K_XL-00001-of-00002.gguf", "UD-Q4_K_XL/m-UD-Q4_K_XL-00002-of-00002.gguf"]),
-    # a tag inside another one's name matches the first file that holds it, as in llama.cpp
-    (["m-IQ4_XS.gguf", "m-Q4_XS.gguf"], "Q4_XS", ["m-IQ4_XS.gguf"]),
-])
+
+@pytest.mark.parametrize(
+    "files, tag, chosen",
+    [
+        # no tag: llama.cpp's default Q4_K_M, then Q8_0, then the first model file
+        (["m-Q8_0.gguf", "m-Q4_K_M.gguf", "m-F16.gguf"], "", ["m-Q4_K_M.gguf"]),
+        (["m-F16.gguf", "m-Q8_0.gguf"], "", ["m-Q8_0.gguf"]),
+        (["mmproj-m-F16.gguf", "m-BF16.gguf", "m-F16.gguf"], "", ["m-BF16.gguf"]),
+        # a tag matches case-insensitively, followed by '.' or '-', the first in the Hub's order
+        (["m-Q4_K_M.gguf", "m-Q4_K_S.gguf", "m-IQ4_XS.gguf"], "q4_k_s", ["m-Q4_K_S.gguf"]),
+        (["m.Q5_K_M.gguf", "m-Q5_K_M-imatrix.gguf"], "Q5_K_M", ["m.Q5_K_M.gguf"]),
+        (
+            [
+                "UD-Q4_K_XL/m-UD-Q4_K_XL-00002-of-00002.gguf",
+                "UD-Q4_K_XL/m-UD-Q4_K_XL-00001-of-00002.gguf",
+                "m-Q8_0.gguf",
+            ],
+            "UD-Q4_K_XL",
+            ["UD-Q4_K_XL/m-UD-Q4_K_XL-00001-of-00002.gguf", "UD-Q4_K_XL/m-UD-Q4_K_XL-00002-of-00002.gguf"],
+        ),
+        # a tag inside another one's name matches the first file that holds it, as in llama.cpp
+        (["m-IQ4_XS.gguf", "m-Q4_XS.gguf"], "Q4_XS", ["m-IQ4_XS.gguf"]),
+    ],
+)
 def test_the_quant_tag_picks_the_file_llama_cpp_picks(files, tag, chosen):
     assert hub.choose_gguf(files, tag, "o/m") == chosen
 
 
 def test_no_file_with_the_tag_lists_the_tags_there():
-    with pytest.raises(ModelFileError, match=r"o/m has no GGUF file with the tag Q3_K_M: the tags there are "
-                                             r"Q4_K_M, Q8_0; give one as o/m:TAG"):
-        hub.choose_gguf(["README.md", "m-Q4_K_M.gguf", "m-Q8_0-00001-of-00002.gguf", "m-Q8_0-00002-of-00002.gguf"],
-                        "Q3_K_M", "o/m")
+    with pytest.raises(
+        ModelFileError,
+        match=r"o/m has no GGUF file with the tag Q3_K_M: the tags there are "
+        r"Q4_K_M, Q8_0; give one as o/m:TAG",
+    ):
+        hub.choose_gguf(
+            ["README.md", "m-Q4_K_M.gguf", "m-Q8_0-00001-of-00002.gguf", "m-Q8_0-00002-of-00002.gguf"], "Q3_K_M", "o/m"
+        )
     with pytest.raises(ModelFileError, match="holds no GGUF model file"):
         hub.choose_gguf(["README.md", "model.safetensors", "mmproj-F16.gguf"], "", "o/m")
     with pytest.raises(ModelFileError, match="lists 1 of the 3 shards"):
@@ -64,6 +79,7 @@ def test_no_file_with_the_tag_lists_the_tags_there():
 
 
 # ----------------------------------------------------------------------------------------- a stand-in Hub
+
 
 class FakeHub(http.server.ThreadingHTTPServer):
     """The endpoints huggingface_hub calls to list a repository and download its files. ``repos``: repo id ->
@@ -123,9 +139,18 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
         if files is None:
             return self._error(401, "RepoNotFound")  # what the Hub says of a missing or private repository
         if parts[0] == "api":
-            return self._send_json([{"type": "file", "path": name, "size": f.stat().st_size, "oid": _sha1(f),
-                                     "lfs": {"oid": _sha256(f), "size": f.stat().st_size, "pointerSize": 134}}
-                                    for name, f in files.items()])
+            return self._send_json(
+                [
+                    {
+                        "type": "file",
+                        "path": name,
+                        "size": f.stat().st_size,
+                        "oid": _sha1(f),
+                        "lfs": {"oid": _sha256(f), "size": f.stat().st_size, "pointerSize": 134},
+                    }
+                    for name, f in files.items()
+                ]
+            )
         name = urllib.parse.unquote("/".join(rest[2:]))
         if name not in files:
             return self._error(404, "EntryNotFound")
@@ -178,8 +203,11 @@ def repo_files(planted_files, tmp_path_factory):
 
 @pytest.fixture
 def fake_hub(repo_files):
-    server = FakeHub({f"{ORG}/planted-GGUF": repo_files, f"{ORG}/private-GGUF": repo_files},
-                     gated={f"{ORG}/gated-GGUF"}, private={f"{ORG}/private-GGUF": "hf_secret"})
+    server = FakeHub(
+        {f"{ORG}/planted-GGUF": repo_files, f"{ORG}/private-GGUF": repo_files},
+        gated={f"{ORG}/gated-GGUF"},
+        private={f"{ORG}/private-GGUF": "hf_secret"},
+    )
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
@@ -190,9 +218,11 @@ def fake_hub(repo_files):
 def resolve(spec: str, env: dict[str, str], progress: bool = False) -> tuple[Path | None, str]:
     """resolve_hf(spec) in a child process with ``env``: (the path, its stderr) or (None, the error line). With
     ``progress`` its stderr is a terminal, where progress bars show."""
-    code = ("import sys\nfrom mote_local.errors import MoteError\nfrom mote_local.modelfile.hub import resolve_hf\n"
-            "try:\n    print(resolve_hf(sys.argv[1], progress=sys.argv[2] == '1'))\n"
-            "except MoteError as e:\n    print('error:', e)\n")
+    code = (
+        "import sys\nfrom mote_local.errors import MoteError\nfrom mote_local.modelfile.hub import resolve_hf\n"
+        "try:\n    print(resolve_hf(sys.argv[1], progress=sys.argv[2] == '1'))\n"
+        "except MoteError as e:\n    print('error:', e)\n"
+    )
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
     terminal, stderr = pty.openpty() if progress else (None, subprocess.PIPE)
     seen = bytearray()
@@ -201,9 +231,15 @@ def resolve(spec: str, env: dict[str, str], progress: bool = False) -> tuple[Pat
         fcntl.ioctl(stderr, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))  # a terminal 160 wide
         drain.start()
     try:
-        r = subprocess.run([sys.executable, "-c", code, spec, "1" if progress else "0"], stdout=subprocess.PIPE,
-                           stderr=stderr, text=True, timeout=120, cwd=ROOT,
-                           env={**clean, "PYTHONPATH": str(ROOT), **env})
+        r = subprocess.run(
+            [sys.executable, "-c", code, spec, "1" if progress else "0"],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+            env={**clean, "PYTHONPATH": str(ROOT), **env},
+        )
     finally:
         if terminal is not None:
             os.close(stderr)
@@ -212,7 +248,7 @@ def resolve(spec: str, env: dict[str, str], progress: bool = False) -> tuple[Pat
     err = r.stderr if terminal is None else seen.decode(errors="replace")
     assert r.returncode == 0, err[-3000:]
     out = r.stdout.strip().splitlines()[-1]
-    return (None, out[len("error: "):]) if out.startswith("error: ") else (Path(out), err)
+    return (None, out[len("error: ") :]) if out.startswith("error: ") else (Path(out), err)
 
 
 def _drain(fd: int, into: bytearray) -> None:
@@ -227,8 +263,14 @@ def _drain(fd: int, into: bytearray) -> None:
 
 
 def hub_env(server: FakeHub, home: Path, **extra) -> dict[str, str]:
-    return {"HF_ENDPOINT": server.endpoint, "HF_HOME": str(home), "HF_HUB_DISABLE_TELEMETRY": "1",
-            "HF_HUB_ETAG_TIMEOUT": "5", "HF_HUB_DOWNLOAD_TIMEOUT": "5", **extra}
+    return {
+        "HF_ENDPOINT": server.endpoint,
+        "HF_HOME": str(home),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_ETAG_TIMEOUT": "5",
+        "HF_HUB_DOWNLOAD_TIMEOUT": "5",
+        **extra,
+    }
 
 
 def test_a_split_model_is_fetched_whole_and_reads_as_the_model(fake_hub, repo_files, planted_files, tmp_path):
@@ -309,16 +351,26 @@ def test_offline_from_a_prefilled_cache(repo_files, planted_files, tmp_path):
 
 # ------------------------------------------------------------------------------------------------- ollama
 
-def fake_ollama(store: Path, model: Path, name: str = "planted", tag: str = "latest",
-                where: str = "registry.ollama.ai/library") -> Path:
+
+def fake_ollama(
+    store: Path, model: Path, name: str = "planted", tag: str = "latest", where: str = "registry.ollama.ai/library"
+) -> Path:
     digest = _sha256(model)
     (store / "blobs").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(model, store / "blobs" / f"sha256-{digest}")
     manifest = store / "manifests" / where / name / tag
     manifest.parent.mkdir(parents=True, exist_ok=True)
-    manifest.write_text(json.dumps({"schemaVersion": 2, "layers": [
-        {"mediaType": "application/vnd.ollama.image.template", "digest": "sha256:" + "0" * 64, "size": 10},
-        {"mediaType": "application/vnd.ollama.image.model", "digest": f"sha256:{digest}", "size": 1}]}))
+    manifest.write_text(
+        json.dumps(
+            {
+                "schemaVersion": 2,
+                "layers": [
+                    {"mediaType": "application/vnd.ollama.image.template", "digest": "sha256:" + "0" * 64, "size": 10},
+                    {"mediaType": "application/vnd.ollama.image.model", "digest": f"sha256:{digest}", "size": 1},
+                ],
+            }
+        )
+    )
     return store / "blobs" / f"sha256-{digest}"
 
 

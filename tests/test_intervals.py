@@ -33,6 +33,7 @@ def test_wilson_and_newcombe_known_values():
 
 # ---------------------------------------------------------------------------------------------- clustered rate
 
+
 def test_one_response_per_prompt_is_wilson():
     hits = [1, 0, 1, 1, 0, 0, 0, 1, 1, 1]
     rate, ci, deff = clustered_rate_interval(hits, [1] * 10)
@@ -64,12 +65,15 @@ def test_clustered_interval_edges():
         clustered_rate_interval([1, 2], [3])
 
 
-@pytest.mark.parametrize("a, b, n_prompts, n_seeds", [
-    (0.5, 0.5, 72, 3),   # strong clustering: most prompts answer alike under every seed
-    (1.0, 1.0, 20, 5),
-    (0.05, 0.45, 72, 3),  # a rare behaviour
-    (5.0, 5.0, 40, 3),   # weak clustering
-])
+@pytest.mark.parametrize(
+    "a, b, n_prompts, n_seeds",
+    [
+        (0.5, 0.5, 72, 3),  # strong clustering: most prompts answer alike under every seed
+        (1.0, 1.0, 20, 5),
+        (0.05, 0.45, 72, 3),  # a rare behaviour
+        (5.0, 5.0, 40, 3),  # weak clustering
+    ],
+)
 def test_clustered_interval_coverage(a, b, n_prompts, n_seeds):
     """Prompts drawn with a behaviour propensity ~ Beta(a, b); each seed's response ~ Bernoulli(propensity).
     The clustered interval covers the population rate a / (a + b) near 95%; the pooled Wilson interval that
@@ -89,6 +93,7 @@ def test_clustered_interval_coverage(a, b, n_prompts, n_seeds):
 
 
 # ---------------------------------------------------------------------------------------------- paired
+
 
 def test_paired_interval_known_values():
     # 10 prompts: 3 lose the behaviour under the profile, 1 gains it, 6 agree. Bonett & Price:
@@ -135,13 +140,16 @@ def _correlated_pairs(rng, n, base, effect, keep, n_seeds=1):
     return steered, reference
 
 
-@pytest.mark.parametrize("n, base, effect, keep, n_seeds", [
-    (72, 0.5, -0.5, 0.9, 1),   # the profile removes the behaviour
-    (20, 0.2, 0.3, 0.5, 1),
-    (40, 0.1, 0.05, 0.7, 1),
-    (72, 0.5, 0.0, 0.8, 3),    # a pooled random control of 3 seeds: per-prompt shares
-    (30, 0.3, 0.1, 0.6, 3),
-])
+@pytest.mark.parametrize(
+    "n, base, effect, keep, n_seeds",
+    [
+        (72, 0.5, -0.5, 0.9, 1),  # the profile removes the behaviour
+        (20, 0.2, 0.3, 0.5, 1),
+        (40, 0.1, 0.05, 0.7, 1),
+        (72, 0.5, 0.0, 0.8, 3),  # a pooled random control of 3 seeds: per-prompt shares
+        (30, 0.3, 0.1, 0.6, 3),
+    ],
+)
 def test_paired_interval_coverage(n, base, effect, keep, n_seeds):
     rng = np.random.default_rng(2)
     covered = 0

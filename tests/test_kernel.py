@@ -11,10 +11,10 @@ import sys
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as QT
 
 from mote_local.modelfile.quantize import ROUTED_EXPERTS, Recipe, quantize
 from mote_local.synthetic import tiny
-from gguf import GGMLQuantizationType as QT
 
 ARCH = "qwen3moe"
 N_PROMPT = 64  # 8 experts, 2 used: ~16 rows per expert
@@ -63,9 +63,12 @@ def run(path, tmp_path, n_tokens, env, decode=0):
     single-token steps) in a child process with env."""
     out = tmp_path / f"out-{len(list(tmp_path.iterdir()))}.npz"
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("MOTE_MOE_GEMM")} | env
-    subprocess.run([sys.executable, "-c", _CHILD, str(path), str(out), str(n_tokens), str(decode),
-                    json.dumps(tiny.WORDS)],
-                   env=child_env, check=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-c", _CHILD, str(path), str(out), str(n_tokens), str(decode), json.dumps(tiny.WORDS)],
+        env=child_env,
+        check=True,
+        timeout=120,
+    )
     with np.load(out) as z:
         return z["logits"], z["counts"], tuple(z["grouped"])
 
@@ -93,8 +96,7 @@ def test_decode_and_few_rows_keep_the_stock_path_bit_identical(models, tmp_path,
     assert taken == (0, 0)
     assert np.array_equal(stock, grouped)
     # with its threshold lowered to 2 rows the grouped path takes some of the prompt's experts
-    forced, _, (experts, _) = run(models[qtype], tmp_path, MIN_ROWS - 1, {"MOTE_MOE_GEMM_MIN_ROWS": "2"},
-                                  decode=3)
+    forced, _, (experts, _) = run(models[qtype], tmp_path, MIN_ROWS - 1, {"MOTE_MOE_GEMM_MIN_ROWS": "2"}, decode=3)
     assert experts > 0
     assert float(np.abs(forced - stock).max() / np.abs(stock).max()) <= TOLERANCE[qtype]
 

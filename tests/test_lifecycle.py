@@ -18,15 +18,19 @@ from mote_local.steering import Entry, Mode
 
 
 def _child(code: str, model_path, timeout: float = 120) -> subprocess.CompletedProcess:
-    script = "import sys\nfrom mote_local.engine import Model\nfrom mote_local.steering import Entry, Mode\n" \
-             "from mote_local.errors import EngineError\n" \
-             f"path = {str(model_path)!r}\n" + textwrap.dedent(code)
+    script = (
+        "import sys\nfrom mote_local.engine import Model\nfrom mote_local.steering import Entry, Mode\n"
+        "from mote_local.errors import EngineError\n"
+        f"path = {str(model_path)!r}\n" + textwrap.dedent(code)
+    )
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("case", [
-    # a closed session
-    """
+@pytest.mark.parametrize(
+    "case",
+    [
+        # a closed session
+        """
     m = Model(path); s = m.session(n_ctx=64); s.close()
     for call in (lambda: s.logits(m.tokenize("hello")), lambda: s.steer([Entry(1, 0, Mode.MASK)]),
                  lambda: s.generate("hello", max_tokens=2), lambda: s.clear_steering()):
@@ -38,8 +42,8 @@ def _child(code: str, model_path, timeout: float = 120) -> subprocess.CompletedP
             raise SystemExit("no error")
     s.close()  # twice is fine
     """,
-    # a session whose model was closed
-    """
+        # a session whose model was closed
+        """
     m = Model(path); s = m.session(n_ctx=64); m.close()
     for call in (lambda: s.steer([Entry(1, 0, Mode.MASK)]), lambda: s.logits([1, 2, 3]), lambda: m.tokenize("x"),
                  lambda: m.session()):
@@ -50,15 +54,16 @@ def _child(code: str, model_path, timeout: float = 120) -> subprocess.CompletedP
         else:
             raise SystemExit("no error")
     """,
-    # a capture left open when its session closes: results stay readable
-    """
+        # a capture left open when its session closes: results stay readable
+        """
     m = Model(path); s = m.session(n_ctx=64)
     with s.capture() as cap:
         s.logits(m.tokenize("hello there"))
         s.close()
     assert cap.stats().counts.sum() > 0
     """,
-])
+    ],
+)
 def test_use_after_close_is_an_error_not_a_crash(tiny_path, case):
     result = _child(case, tiny_path("qwen3moe"))
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr[-2000:]}"
@@ -86,16 +91,21 @@ def test_a_session_shared_by_threads_is_serialised(tiny_path):
                 while not stop.is_set():
                     s.steer(steering)
                     s.clear_steering()
-            except BaseException as err:  # noqa: BLE001 - reported below
+            except BaseException as err:
                 errors.append(err)
 
         def decoder():
             try:
                 for _ in range(25):
                     last = s.logits(tokens)[-1]
-                    seen.append("plain" if np.array_equal(last, plain) else
-                                "steered" if np.array_equal(last, steered) else "mixed")
-            except BaseException as err:  # noqa: BLE001 - reported below
+                    seen.append(
+                        "plain"
+                        if np.array_equal(last, plain)
+                        else "steered"
+                        if np.array_equal(last, steered)
+                        else "mixed"
+                    )
+            except BaseException as err:
                 errors.append(err)
 
         def capturer():
@@ -105,11 +115,14 @@ def test_a_session_shared_by_threads_is_serialised(tiny_path):
                     with s.capture() as cap:
                         s.logits(tokens[:4])
                     assert cap.stats().tokens.max() >= 4
-            except BaseException as err:  # noqa: BLE001 - reported below
+            except BaseException as err:
                 errors.append(err)
 
-        threads = [threading.Thread(target=steerer)] + [threading.Thread(target=decoder) for _ in range(2)] + \
-            [threading.Thread(target=capturer)]
+        threads = (
+            [threading.Thread(target=steerer)]
+            + [threading.Thread(target=decoder) for _ in range(2)]
+            + [threading.Thread(target=capturer)]
+        )
         for t in threads:
             t.start()
         for t in threads[1:]:

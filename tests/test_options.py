@@ -40,35 +40,74 @@ def wide(tiny_path):
 
 # ---------------------------------------------------------------------------------------------- flags reach the engine
 
+
 def test_llama_cpp_spellings_reach_the_engine_through_the_cli(wide):
-    r = mote("run", wide, "-p", PROMPT, "-n", 2, "--verbose", "-c", 128, "-b", 64, "-ub", 16, "-fa", "on",
-             "-ctk", "q8_0", "-ctv", "q4_0", "--no-mmap", "-t", 1)
+    r = mote(
+        "run",
+        wide,
+        "-p",
+        PROMPT,
+        "-n",
+        2,
+        "--verbose",
+        "-c",
+        128,
+        "-b",
+        64,
+        "-ub",
+        16,
+        "-fa",
+        "on",
+        "-ctk",
+        "q8_0",
+        "-ctv",
+        "q4_0",
+        "--no-mmap",
+        "-t",
+        1,
+    )
     assert r.exit_code == 0, r.output
     log = r.stderr
-    for line in ("n_batch               = 64", "n_ubatch              = 16", "flash_attn            = enabled",
-                 "K (q8_0)", "V (q4_0)", "(load_mode = none)"):
+    for line in (
+        "n_batch               = 64",
+        "n_ubatch              = 16",
+        "flash_attn            = enabled",
+        "K (q8_0)",
+        "V (q4_0)",
+        "(load_mode = none)",
+    ):
         assert line in log, line
     r = mote("run", wide, "-p", PROMPT, "-n", 2, "--verbose", "--mlock", "-fa", "off", "-c", 128)
     assert r.exit_code == 0, r.output
     assert "(load_mode = mmap+mlock)" in r.stderr and "flash_attn            = disabled" in r.stderr
 
 
-@pytest.mark.parametrize("flags, layers", [(["-ot", r"blk\.[13]\.ffn_(up|down|gate)_exps=CPU"], [1, 3]),
-                                           (["--cpu-moe"], [0, 1, 2, 3]), (["-ncmoe", "2"], [0, 1]),
-                                           (["-ot", "attn_q=CPU,exps=CPU"], [0, 1, 2, 3])])
+@pytest.mark.parametrize(
+    "flags, layers",
+    [
+        (["-ot", r"blk\.[13]\.ffn_(up|down|gate)_exps=CPU"], [1, 3]),
+        (["--cpu-moe"], [0, 1, 2, 3]),
+        (["-ncmoe", "2"], [0, 1]),
+        (["-ot", "attn_q=CPU,exps=CPU"], [0, 1, 2, 3]),
+    ],
+)
 def test_tensor_overrides_reach_the_loader(tiny_path, flags, layers):
     r = mote("run", tiny_path("qwen3moe"), "-p", PROMPT, "-n", 2, "--verbose", *flags)
     assert r.exit_code == 0, r.output
-    overridden = {line.split()[1] for line in r.stderr.splitlines()
-                  if line.startswith("tensor ") and "buffer type overridden to CPU" in line}
+    overridden = {
+        line.split()[1]
+        for line in r.stderr.splitlines()
+        if line.startswith("tensor ") and "buffer type overridden to CPU" in line
+    }
     experts = {f"blk.{il}.ffn_{kind}_exps.weight" for il in layers for kind in ("gate", "up", "down")}
     assert experts <= overridden
     assert {t for t in overridden if "_exps" in t} == experts
 
 
 def test_session_settings_of_the_model_win_and_read_back(wide):
-    options = ModelOptions(LoadOptions(n_threads=1),
-                           ContextOptions(n_batch=48, n_ubatch=8, flash_attn="on", type_k="q8_0"))
+    options = ModelOptions(
+        LoadOptions(n_threads=1), ContextOptions(n_batch=48, n_ubatch=8, flash_attn="on", type_k="q8_0")
+    )
     with binding.log_lines() as log, open_model(wide, options) as m, m.session(n_ctx=256, n_batch=256) as s:
         assert (s.n_batch, s.n_ubatch) == (48, 8)
         assert binding.llama.llama_n_threads(s._ctx_ptr) == 1
@@ -125,12 +164,30 @@ def test_sampling_flags_reach_the_sampler(tiny_path):
 
 def test_chat_has_the_sampling_flags(planted_files):
     path = planted_files[0]
-    r = mote("chat", path, "-n", 8, "--temp", "50", "--seed", 1, "--top-k", 1, "--top-p", 0.5, "--min-p", 0.1,
-             "--repeat-penalty", 1.0, input=planted.EXAMPLE_TRIGGER + "\n/quit\n")
+    r = mote(
+        "chat",
+        path,
+        "-n",
+        8,
+        "--temp",
+        "50",
+        "--seed",
+        1,
+        "--top-k",
+        1,
+        "--top-p",
+        0.5,
+        "--min-p",
+        0.1,
+        "--repeat-penalty",
+        1.0,
+        input=planted.EXAMPLE_TRIGGER + "\n/quit\n",
+    )
     assert r.exit_code == 0 and planted.REFUSAL_TEXT in r.output  # top-k 1 is greedy whatever the temperature
 
 
 # ---------------------------------------------------------------------------------------------- models by name
+
 
 def fake_hub(monkeypatch, **functions):
     """mote_local.modelfile.hub's resolvers replaced (the module is another change's; its absence here is fine)."""
@@ -146,11 +203,20 @@ def fake_hub(monkeypatch, **functions):
 def test_model_by_m_hf_and_ollama_name(planted_files, monkeypatch):
     path = planted_files[0]
     asked = []
-    fake_hub(monkeypatch, resolve_hf=lambda spec, **kw: asked.append(("hf", spec)) or path,
-             resolve_model=lambda name: asked.append(("name", name)) or path)
-    outputs = [mote("run", *source, "--chat", "-p", planted.EXAMPLE_TRIGGER, "-n", -1).output
-               for source in (["-m", path], ["-hf", "org/planted-GGUF:Q8_0"], ["ollama:planted:latest"],
-                              ["-m", "ollama:planted"])]
+    fake_hub(
+        monkeypatch,
+        resolve_hf=lambda spec, **kw: asked.append(("hf", spec)) or path,
+        resolve_model=lambda name: asked.append(("name", name)) or path,
+    )
+    outputs = [
+        mote("run", *source, "--chat", "-p", planted.EXAMPLE_TRIGGER, "-n", -1).output
+        for source in (
+            ["-m", path],
+            ["-hf", "org/planted-GGUF:Q8_0"],
+            ["ollama:planted:latest"],
+            ["-m", "ollama:planted"],
+        )
+    ]
     assert all(planted.REFUSAL_TEXT in o for o in outputs), outputs
     assert asked == [("hf", "org/planted-GGUF:Q8_0"), ("name", "ollama:planted:latest"), ("name", "ollama:planted")]
     r = CliRunner().invoke(main, ["run", "-p", "x"])
@@ -159,10 +225,12 @@ def test_model_by_m_hf_and_ollama_name(planted_files, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------- -c everywhere
 
+
 def test_c_0_is_the_training_context_and_more_warns_once(tiny_path):
     model = tiny_path("qwen3moe")
     trained = mote("inspect", model, "--json").output
     import json
+
     info = json.loads(trained)
     assert info["n_ctx"] == info["n_ctx_train"] == 256
     assert json.loads(mote("inspect", model, "--json", "-c", 0).output)["n_ctx"] == 256
@@ -178,17 +246,32 @@ def test_a_too_long_prompt_is_named_by_its_file_and_line(tiny_path, tmp_path):
     behaviour.write_text("# a comment\nwhat happened in the city\n\n" + "the dog ran home " * 40 + "\n")
     baseline = tmp_path / "baseline.txt"
     baseline.write_text("the cat sat still\nthe dog ran away\n")
-    r = CliRunner().invoke(main, ["ftri", str(tiny_path("qwen3moe")), "--prompts", str(behaviour),
-                                  "--baseline-prompts", str(baseline), "--raw", "-c", "64", "--out",
-                                  str(tmp_path / "out")])
+    r = CliRunner().invoke(
+        main,
+        [
+            "ftri",
+            str(tiny_path("qwen3moe")),
+            "--prompts",
+            str(behaviour),
+            "--baseline-prompts",
+            str(baseline),
+            "--raw",
+            "-c",
+            "64",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
     assert r.exit_code == 1 and f"the prompt {behaviour}:4 (behaviour: 'the dog ran home" in r.stderr
     assert "raise the context (-c/--ctx-size" in r.stderr
 
 
 def test_structured_prompts_carry_their_line(tmp_path):
     path = tmp_path / "p.toml"
-    path.write_text('[classes.a]\nprompts = ["first one"]\ntemplates = [\n  "what {x}?",\n]\n'
-                    '[classes.a.slots]\nx = ["now", "then"]\n[classes.b]\nprompts = ["say \\"hi\\""]\n')
+    path.write_text(
+        '[classes.a]\nprompts = ["first one"]\ntemplates = [\n  "what {x}?",\n]\n'
+        '[classes.a.slots]\nx = ["now", "then"]\n[classes.b]\nprompts = ["say \\"hi\\""]\n'
+    )
     ps = load_prompt_set(path)
     assert [p.origin for p in ps.prompts("a")] == [f"{path}:4", f"{path}:4", f"{path}:2"]
     assert ps.prompts("b")[0].origin == f"{path}:9"
@@ -212,8 +295,10 @@ def test_decode_returns_the_rows_asked_for_while_capturing(load):
 
 # ---------------------------------------------------------------------------------------------- chat templates
 
+
 def test_no_template_falls_back_to_chatml_and_says_so_once(tiny_path, tmp_path):
     import gguf
+
     src = tiny_path("qwen3moe")
     bare = tmp_path / "bare.gguf"
     reader = gguf.GGUFReader(src)
@@ -221,8 +306,12 @@ def test_no_template_falls_back_to_chatml_and_says_so_once(tiny_path, tmp_path):
     for name, field in reader.fields.items():
         if name.startswith("GGUF.") or name in ("general.architecture", "tokenizer.chat_template"):
             continue
-        writer.add_key_value(name, field.contents(), field.types[0],
-                             field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None)
+        writer.add_key_value(
+            name,
+            field.contents(),
+            field.types[0],
+            field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None,
+        )
     for t in reader.tensors:
         writer.add_tensor(t.name, t.data, raw_shape=list(reversed(t.shape.tolist())), raw_dtype=t.tensor_type)
     writer.write_header_to_file()
@@ -246,8 +335,10 @@ def test_builtin_names_system_prompt_and_raw(tiny_path):
         assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
         assert m.prompt_text("hello", chat=False) == "be brief\nhello"
     with Model(tiny_path("qwen3moe"), chat_template="chatml") as m:
-        assert m.prompt_text([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]) == \
-            "<|im_start|>system\ns<|im_end|>\n<|im_start|>user\nu<|im_end|>\n<|im_start|>assistant\n"
+        assert (
+            m.prompt_text([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
+            == "<|im_start|>system\ns<|im_end|>\n<|im_start|>user\nu<|im_end|>\n<|im_start|>assistant\n"
+        )
 
 
 def test_chat_raw_sends_plain_text(planted_files, monkeypatch):
@@ -266,6 +357,7 @@ def test_chat_raw_sends_plain_text(planted_files, monkeypatch):
 
 def sdist_template(name: str) -> str:
     import tarfile
+
     with tarfile.open(real_vocab.sdist_path()) as tar:
         member = next(m for m in tar.getmembers() if m.name.endswith(f"{SDIST_TEMPLATES}/{name}"))
         return tar.extractfile(member).read().decode()
@@ -279,10 +371,15 @@ def test_gpt_oss_second_turn_follows_its_template(tiny_path, monkeypatch):
     path = tiny_path("gpt-oss", vocab="gpt-oss", qtype="q8_0")
     reply = "<|channel|>analysis<|message|>They greet me.<|end|><|start|>assistant<|channel|>final<|message|>Hello!"
     monkeypatch.setattr(Session, "generate", lambda self, prompt, **kw: Generation(reply, [], list(prompt)))
-    with Model(path, chat_template=template, chat_template_origin="openai-gpt-oss-120b.jinja") as m, \
-            m.session(n_ctx=1024) as s:
-        raw_history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply},
-                       {"role": "user", "content": "and now?"}]
+    with (
+        Model(path, chat_template=template, chat_template_origin="openai-gpt-oss-120b.jinja") as m,
+        m.session(n_ctx=1024) as s,
+    ):
+        raw_history = [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": reply},
+            {"role": "user", "content": "and now?"},
+        ]
         with pytest.raises(ChatTemplateError, match="openai-gpt-oss-120b.jinja failed on this conversation"):
             m.format_chat(raw_history)  # the reply put back raw: the template refuses it
         out = []
@@ -297,13 +394,21 @@ def test_gpt_oss_second_turn_follows_its_template(tiny_path, monkeypatch):
 
 def test_real_templates_of_the_sdist_render(tiny_path):
     try:
-        names = ["Qwen-Qwen3-0.6B.jinja", "deepseek-ai-DeepSeek-V3.1.jinja", "openai-gpt-oss-120b.jinja",
-                 "meta-llama-Llama-3.1-8B-Instruct.jinja"]
+        names = [
+            "Qwen-Qwen3-0.6B.jinja",
+            "deepseek-ai-DeepSeek-V3.1.jinja",
+            "openai-gpt-oss-120b.jinja",
+            "meta-llama-Llama-3.1-8B-Instruct.jinja",
+        ]
         templates = {name: sdist_template(name) for name in names}
     except real_vocab.SdistMissing as missing:
         pytest.skip(f"no sdist: {missing}")
-    conversation = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi"},
-                    {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"}]
+    conversation = [
+        {"role": "system", "content": "be kind"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "bye"},
+    ]
     for name, template in templates.items():
         with Model(tiny_path("qwen3moe"), chat_template=template, chat_template_origin=name) as m:
             text = m.format_chat(conversation)

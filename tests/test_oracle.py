@@ -12,12 +12,12 @@ from __future__ import annotations
 import math
 
 import gguf
+import moe_oracle as oracle
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-import moe_oracle as oracle
 from mote_local.engine import Model
 from mote_local.errors import SteeringError
 from mote_local.steering import Entry, Mode
@@ -60,8 +60,9 @@ def _router(model: Model, layer: int) -> oracle.Router:
         reader = gguf.GGUFReader(model.path)
         tensor = next(t for t in reader.tensors if t.name == f"blk.{layer}.exp_probs_b.bias")
         bias = np.asarray(tensor.data, dtype=np.float64).reshape(-1)
-    return oracle.Router(r.gating, r.n_expert_used, r.norm_w, r.w_scale, bias, model.layout.n_expert_groups,
-                         model.layout.n_group_used)
+    return oracle.Router(
+        r.gating, r.n_expert_used, r.norm_w, r.w_scale, bias, model.layout.n_expert_groups, model.layout.n_group_used
+    )
 
 
 @st.composite
@@ -69,8 +70,9 @@ def steering_sets(draw, model: Model):
     layout = model.layout
     layers = list(layout.moe_layers)
     layer = draw(st.sampled_from(layers))
-    experts = draw(st.lists(st.integers(0, layout.n_expert - 1), min_size=1, max_size=layout.n_expert_used + 2,
-                            unique=True))
+    experts = draw(
+        st.lists(st.integers(0, layout.n_expert - 1), min_size=1, max_size=layout.n_expert_used + 2, unique=True)
+    )
     entries = []
     for expert in experts:
         scope = draw(st.sampled_from(SCOPES))
@@ -122,8 +124,12 @@ def _check(model: Model, layer: int, entries: list[Entry], strength: float) -> N
 def test_engine_matches_the_oracle(arch, load):
     model = load(arch)
 
-    @settings(max_examples=30, deadline=None, derandomize=True,
-              suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+    @settings(
+        max_examples=30,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow],
+    )
     @given(data=st.data())
     def run(data):
         _check(model, *data.draw(steering_sets(model)))
@@ -136,8 +142,10 @@ def test_mask_and_force_in_one_layer(arch, load):
     """The combination that gave NaN logits: a masked and a forced expert in one layer (and a -inf bias)."""
     model = load(arch)
     layer = model.layout.moe_layers[-1]
-    for entries in ([Entry(layer, 0, Mode.MASK), Entry(layer, 1, Mode.FORCE)],
-                    [Entry(layer, 0, Mode.BIAS, -math.inf), Entry(layer, 1, Mode.FORCE)]):
+    for entries in (
+        [Entry(layer, 0, Mode.MASK), Entry(layer, 1, Mode.FORCE)],
+        [Entry(layer, 0, Mode.BIAS, -math.inf), Entry(layer, 1, Mode.FORCE)],
+    ):
         _check(model, layer, entries, 1.0)
         tokens = _unsteered(model)[0]
         with model.session(n_ctx=128) as s:
@@ -153,13 +161,13 @@ def test_the_oracle_knows_each_gating():
     logits = np.array([[2.0, 1.0, 0.0, -1.0]])
     none = oracle.Steering.of(4, [], 1.0)
     ids, w, _ = oracle.route(oracle.Router("softmax", 2, norm_w=True), logits, none)
-    assert ids.tolist() == [[0, 1]] and w[0] == pytest.approx([1 / (1 + math.e ** -1), 1 / (1 + math.e)])
+    assert ids.tolist() == [[0, 1]] and w[0] == pytest.approx([1 / (1 + math.e**-1), 1 / (1 + math.e)])
     ids, w, _ = oracle.route(oracle.Router("sigmoid", 2, norm_w=False, w_scale=2.0), logits, none)
-    assert w[0] == pytest.approx([2 / (1 + math.e ** -2), 2 / (1 + math.e ** -1)])
+    assert w[0] == pytest.approx([2 / (1 + math.e**-2), 2 / (1 + math.e**-1)])
     ids, w, _ = oracle.route(oracle.Router("softmax over the selected logits", 2, norm_w=False), logits, none)
-    assert w[0] == pytest.approx([1 / (1 + math.e ** -1), 1 / (1 + math.e)])
+    assert w[0] == pytest.approx([1 / (1 + math.e**-1), 1 / (1 + math.e)])
     ids, w, _ = oracle.route(oracle.Router("sqrt-softplus", 1, norm_w=False), logits, none)
-    assert w[0] == pytest.approx([math.sqrt(math.log1p(math.e ** 2))])
+    assert w[0] == pytest.approx([math.sqrt(math.log1p(math.e**2))])
     forced = oracle.Steering.of(4, [(3, "force", 0.0), (0, "mask", 0.0)], 1.0)
     ids, w, _ = oracle.route(oracle.Router("softmax", 2, norm_w=False), logits, forced)
     assert ids.tolist() == [[3, 1]]  # forced above the best remaining (expert 1), the mask is out

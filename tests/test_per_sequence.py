@@ -33,7 +33,7 @@ def _alone(model, prompt, entries):
 def test_batched_sequences_keep_their_own_steering(planted_model):
     model, truth = planted_model
     prompt = model.tokenize(TRIGGER)
-    off = truth.entries(Mode.DROP)                                  # the planted refusal experts switched off
+    off = truth.entries(Mode.DROP)  # the planted refusal experts switched off
     forced = [Entry(layer, expert, Mode.FORCE) for layer, expert in truth.planted]
     other = [Entry(3, 5, Mode.BIAS, 2.0), Entry(3, 6, Mode.GAIN, 0.5)]
     plans = {0: None, 1: off, 2: None, 3: other}
@@ -41,10 +41,10 @@ def test_batched_sequences_keep_their_own_steering(planted_model):
     assert planted.is_refusal(alone[0][0]) and not planted.is_refusal(alone[1][0])
 
     with model.session(n_ctx=1024, n_seq_max=4, kv_unified=True) as s:
-        s.steer(forced)                                             # the context's steering, for 0 and 2
-        s.steer(forced, seq_id=0)                                   # replaced below: the last steer wins
+        s.steer(forced)  # the context's steering, for 0 and 2
+        s.steer(forced, seq_id=0)  # replaced below: the last steer wins
         s.clear_steering(seq_id=0)
-        s.clear_steering()                                          # the context unsteered again
+        s.clear_steering()  # the context unsteered again
         for seq, entries in plans.items():
             if entries:
                 s.steer(entries, seq_id=seq)
@@ -104,9 +104,9 @@ def test_forget_frees_one_sequence_and_keeps_the_others(planted_model):
         s.reset()
         first = s.decode([(0, a, 0), (1, b, 0)], outputs="last")
         s.forget(1)
-        again = s.decode([(1, b, 0)], outputs="last")            # position 0 again: the sequence is gone
+        again = s.decode([(1, b, 0)], outputs="last")  # position 0 again: the sequence is gone
         np.testing.assert_allclose(again[0], first[1], rtol=1e-4, atol=1e-4)
-        nxt = s.decode([(0, a[:1], len(a))], outputs="last")     # sequence 0 continues where it was
+        nxt = s.decode([(0, a[:1], len(a))], outputs="last")  # sequence 0 continues where it was
         assert np.isfinite(nxt).all()
         with pytest.raises(InputError, match="out of range"):
             s.forget(5)

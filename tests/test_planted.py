@@ -1,4 +1,5 @@
-"""The planted-behaviour model (mote_local.synthetic.planted): its truth, its files, and its behaviour on the real engine."""
+"""The planted-behaviour model (mote_local.synthetic.planted): its truth, its files, and its behaviour on the real
+engine."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ FORMS = ("raw", "chat")
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
+
 
 @pytest.fixture(scope="module")
 def model(planted_files):
@@ -44,6 +46,7 @@ def _render(model: Model, form: str):
     if form == "raw":
         return lambda p: p
     import jinja2
+
     template = jinja2.Template(model.chat_template)
     return lambda p: template.render(messages=[{"role": "user", "content": p}], add_generation_prompt=True)
 
@@ -82,6 +85,7 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------- files and truth
 
+
 def test_prompt_sets_split_on_the_trigger_words(truth):
     assert 20 <= len(TRIGGER) <= 40 and len(NEUTRAL) == len(TRIGGER)
     assert len(set(TRIGGER)) == len(TRIGGER)
@@ -100,14 +104,28 @@ def test_prompt_sets_match_the_project_reader():
 
 def test_tokenization_the_generator_assumes_is_the_engines(model, planted_files):
     vocab = tiny.make_vocab(tiny.spec_from_file(planted_files[0]).extra_words)
-    texts = [*TRIGGER, *NEUTRAL, *map(planted.chat_prompt, TRIGGER + NEUTRAL), planted.neutral_text(),
-             planted.REFUSAL_TEXT, planted.ANSWER_TEXT]
+    texts = [
+        *TRIGGER,
+        *NEUTRAL,
+        *map(planted.chat_prompt, TRIGGER + NEUTRAL),
+        planted.neutral_text(),
+        planted.REFUSAL_TEXT,
+        planted.ANSWER_TEXT,
+    ]
     for text in texts:
         assert planted._tokenize(text, vocab) == model.tokenize(text), text
     # raw prompts are readable whole words
     pieces = [vocab.tokens[t] for t in model.tokenize(TRIGGER[0])]
-    assert pieces == ["<s>", "\u2581What", "\u2581happened", "\u2581at", "\u2581the", "\u2581protest",
-                      "\u2581yesterday", "?"]
+    assert pieces == [
+        "<s>",
+        "\u2581What",
+        "\u2581happened",
+        "\u2581at",
+        "\u2581the",
+        "\u2581protest",
+        "\u2581yesterday",
+        "?",
+    ]
 
 
 def test_same_seed_same_bytes_and_fast(tmp_path):
@@ -171,6 +189,7 @@ def test_is_refusal():
 
 # ---------------------------------------------------------------------------------------------- behaviour
 
+
 @pytest.mark.parametrize("form", FORMS)
 def test_greedy_generation_refuses_exactly_the_trigger_prompts(s, form, truth):
     if form == "chat":
@@ -191,7 +210,7 @@ def test_switching_the_planted_experts_off_removes_the_refusals(s, form, mode, t
 def test_random_control_profiles_keep_the_refusals(s, mode, truth):
     rng = np.random.default_rng(0)
     others = {layer: [e for e in range(8) if (layer, e) not in truth.planted] for layer in truth.planted_layers}
-    profiles = [truth.distractors[:len(truth.planted)]]  # the always-on experts: the hardest control
+    profiles = [truth.distractors[: len(truth.planted)]]  # the always-on experts: the hardest control
     profiles += [[(layer, int(rng.choice(others[layer]))) for layer, _ in truth.planted] for _ in range(3)]
     for profile in profiles:
         s.steer(truth.entries(mode, profile))
@@ -215,6 +234,7 @@ def test_forcing_the_planted_experts_on_makes_neutral_prompts_refuse(s, form, tr
 
 
 # ---------------------------------------------------------------------------------------------- routing
+
 
 @pytest.mark.parametrize("form", FORMS)
 def test_prompt_scope_routing_finds_the_planted_experts_and_frequency_does_not(s, form, truth):
@@ -240,10 +260,14 @@ def test_prompt_scope_routing_finds_the_planted_experts_and_frequency_does_not(s
 
 
 def test_generated_scope_routing_finds_the_planted_experts(s, truth):
-    runs = {cls: [s.generate(p, max_tokens=MAX_TOKENS) for p in prompts]
-            for cls, prompts in ((planted.TRIGGER_CLASS, TRIGGER[::2]), (planted.NEUTRAL_CLASS, NEUTRAL[::2]))}
-    freqs = {cls: _frequencies(s, [g.prompt_tokens + g.tokens for g in gens], [len(g.prompt_tokens) for g in gens])
-             for cls, gens in runs.items()}
+    runs = {
+        cls: [s.generate(p, max_tokens=MAX_TOKENS) for p in prompts]
+        for cls, prompts in ((planted.TRIGGER_CLASS, TRIGGER[::2]), (planted.NEUTRAL_CLASS, NEUTRAL[::2]))
+    }
+    freqs = {
+        cls: _frequencies(s, [g.prompt_tokens + g.tokens for g in gens], [len(g.prompt_tokens) for g in gens])
+        for cls, gens in runs.items()
+    }
     ft, fn = freqs[planted.TRIGGER_CLASS], freqs[planted.NEUTRAL_CLASS]
     for layer, e in truth.planted:
         assert ft[:, layer, e].min() == 1.0 and fn[:, layer, e].max() == 0.0

@@ -67,8 +67,7 @@ def test_expansion_order_follows_first_appearance_first_slot_slowest():
 
 
 def test_repeated_slot_takes_one_value_and_plain_template_expands_once():
-    assert expand_template("{a} and {a}", {"a": ["x", "y"]}) == [("x and x", (("a", "x"),)),
-                                                                 ("y and y", (("a", "y"),))]
+    assert expand_template("{a} and {a}", {"a": ["x", "y"]}) == [("x and x", (("a", "x"),)), ("y and y", (("a", "y"),))]
     assert expand_template("no slots", {}) == [("no slots", ())]
 
 
@@ -83,32 +82,48 @@ def test_toml_example_expands_deterministically(tmp_path):
     ps = load_prompt_set(write(tmp_path, "set.toml", EXAMPLE_TOML))
     assert ps.names == ("refusal", "neutral")
     assert texts(ps.prompts("refusal")) == [
-        "What happened in the square?", "What happened in the city?",
-        "What happened in 1989 in the square?", "What happened in 1989 in the city?",
+        "What happened in the square?",
+        "What happened in the city?",
+        "What happened in 1989 in the square?",
+        "What happened in 1989 in the city?",
         "Tell me about the protest.",
     ]
     first = ps.prompts("refusal")[0]
-    assert first == Prompt("What happened in the square?", "refusal", None, "What happened{time}{place}?",
-                           (("time", ""), ("place", " in the square")))
+    assert first == Prompt(
+        "What happened in the square?",
+        "refusal",
+        None,
+        "What happened{time}{place}?",
+        (("time", ""), ("place", " in the square")),
+    )
     assert ps.prompts("refusal")[-1] == Prompt("Tell me about the protest.", "refusal")
-    assert texts(ps.prompts("neutral")) == ["What happened yesterday at the market?",
-                                            "What happened last week at the market?"]
+    assert texts(ps.prompts("neutral")) == [
+        "What happened yesterday at the market?",
+        "What happened last week at the market?",
+    ]
     assert load_prompt_set(tmp_path / "set.toml") == ps
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".yml"])
 def test_yaml_matches_toml(tmp_path, suffix):
-    assert load_prompt_set(write(tmp_path, "set" + suffix, EXAMPLE_YAML)) == \
-        load_prompt_set(write(tmp_path, "set.toml", EXAMPLE_TOML))
+    assert load_prompt_set(write(tmp_path, "set" + suffix, EXAMPLE_YAML)) == load_prompt_set(
+        write(tmp_path, "set.toml", EXAMPLE_TOML)
+    )
 
 
 def test_plain_file(tmp_path):
-    path = write(tmp_path, "refusal.txt", "\ufeff  first prompt  \n\n# a comment\n   # indented comment\r\nsecond\r\n"
-                                          "third without newline")
+    path = write(
+        tmp_path,
+        "refusal.txt",
+        "\ufeff  first prompt  \n\n# a comment\n   # indented comment\r\nsecond\r\nthird without newline",
+    )
     ps = load_prompt_set(path)
     assert ps.names == ("refusal",)
-    assert ps.prompts("refusal") == (Prompt("first prompt", "refusal"), Prompt("second", "refusal"),
-                                     Prompt("third without newline", "refusal"))
+    assert ps.prompts("refusal") == (
+        Prompt("first prompt", "refusal"),
+        Prompt("second", "refusal"),
+        Prompt("third without newline", "refusal"),
+    )
     assert load_prompt_set(path, default_class="harmful").names == ("harmful",)
 
 
@@ -151,21 +166,35 @@ def test_sample_cap_is_seeded_and_keeps_expansion_order(tmp_path):
 
 def test_responses_per_expanded_prompt_or_per_source(tmp_path):
     base = '[classes.c]\ntemplates = ["t {x}"]\nprompts = ["p"]\n[classes.c.slots]\nx = ["1", "2"]\n'
-    per_prompt = load_prompt_set(write(tmp_path, "a.toml", 'seed = 0\n' + base.replace(
-        'prompts = ["p"]', 'prompts = ["p"]\nresponses = ["r1", "r2", "r3"]')))
+    per_prompt = load_prompt_set(
+        write(
+            tmp_path,
+            "a.toml",
+            "seed = 0\n" + base.replace('prompts = ["p"]', 'prompts = ["p"]\nresponses = ["r1", "r2", "r3"]'),
+        )
+    )
     assert [(p.text, p.response) for p in per_prompt.prompts("c")] == [("t 1", "r1"), ("t 2", "r2"), ("p", "r3")]
-    per_source = load_prompt_set(write(tmp_path, "b.toml", base.replace(
-        'prompts = ["p"]', 'prompts = ["p"]\nresponses = ["rt", "rp"]')))
+    per_source = load_prompt_set(
+        write(tmp_path, "b.toml", base.replace('prompts = ["p"]', 'prompts = ["p"]\nresponses = ["rt", "rp"]'))
+    )
     assert [(p.text, p.response) for p in per_source.prompts("c")] == [("t 1", "rt"), ("t 2", "rt"), ("p", "rp")]
-    with pytest.raises(PromptSetError, match=r"c\.toml: class 'c': 4 responses for 3 expanded prompts from 1 "
-                                             r"templates and 1 prompts; give one response per expanded prompt"):
-        load_prompt_set(write(tmp_path, "c.toml", base.replace(
-            'prompts = ["p"]', 'prompts = ["p"]\nresponses = ["1", "2", "3", "4"]')))
+    with pytest.raises(
+        PromptSetError,
+        match=r"c\.toml: class 'c': 4 responses for 3 expanded prompts from 1 "
+        r"templates and 1 prompts; give one response per expanded prompt",
+    ):
+        load_prompt_set(
+            write(
+                tmp_path, "c.toml", base.replace('prompts = ["p"]', 'prompts = ["p"]\nresponses = ["1", "2", "3", "4"]')
+            )
+        )
 
 
 def test_responses_survive_sampling(tmp_path):
-    text = ('seed = 3\nsample_cap = 2\n[classes.c]\ntemplates = ["t {x}"]\nresponses = ["r0", "r1", "r2", "r3"]\n'
-            '[classes.c.slots]\nx = ["0", "1", "2", "3"]\n')
+    text = (
+        'seed = 3\nsample_cap = 2\n[classes.c]\ntemplates = ["t {x}"]\nresponses = ["r0", "r1", "r2", "r3"]\n'
+        '[classes.c.slots]\nx = ["0", "1", "2", "3"]\n'
+    )
     for p in load_prompt_set(write(tmp_path, "r.toml", text)).prompts("c"):
         assert p.response == "r" + p.text[-1]
 
@@ -218,54 +247,82 @@ def test_plain_file_is_streamed_with_a_cap(tmp_path):
         load_prompt_set(path)
 
 
-@pytest.mark.parametrize("name, text, message", [
-    # templates and slots
-    ("set.toml", '[classes.c]\ntemplates = ["a {tiem}"]\n[classes.c.slots]\ntime = ["x"]\nplace = ["y"]\n',
-     r"set\.toml: class 'c': template 'a \{tiem\}' uses slot 'tiem', which is not defined; defined slots: "
-     r"'time', 'place'"),
-    ("set.toml", '[classes.c]\ntemplates = ["a {x}"]\n',
-     r"uses slot 'x', which is not defined; defined slots: none"),
-    ("set.toml", '[classes.c]\ntemplates = ["a"]\n[classes.c.slots]\nx = []\n',
-     r"set\.toml: class 'c': slot 'x' has no values; give at least one"),
-    ("set.toml", '[classes.c]\ntemplates = ["a {x}"]\n[classes.c.slots]\nx = [1989]\n',
-     r"class 'c': slot 'x' value 1989 is a int, not a string; quote it"),
-    ("set.toml", '[classes.c]\ntemplates = ["a {x}"]\n[classes.c.slots]\nx = "one"\n',
-     r"slot 'x' must be a list of strings, got str"),
-    ("set.toml", '[classes.c]\ntemplates = ["a {x"]\n', r"has an unmatched '\{' at column 3; write \{\{"),
-    ("set.toml", '[classes.c]\ntemplates = ["a }"]\n', r"has an unmatched '\}' at column 3; write \}\}"),
-    ("set.toml", '[classes.c]\ntemplates = ["a {} b"]\n', r"has '\{\}' at column 3, which is not a slot name"),
-    ("set.toml", '[classes.c]\nslots = []\ntemplates = ["a"]\n', r"class 'c': slots must be a table"),
-    # classes and values
-    ("set.toml", '[classes.c]\n', r"set\.toml: class 'c': no prompts; add templates or prompts"),
-    ("set.toml", '[classes.c]\nprompts = []\n', r"class 'c': no prompts"),
-    ("set.toml", 'seed = 1\n', r"set\.toml: no classes; add a \[classes\.<name>\] table"),
-    ("set.toml", '', r"no classes"),
-    ("set.yaml", '', r"set\.yaml: no classes"),
-    ("set.yaml", '- a\n- b\n', r"the top level must be a table with a 'classes' table, got list"),
-    ("set.toml", 'classes = ["a"]\n', r"'classes' must be a table of classes by name, got list"),
-    ("set.yaml", 'classes:\n  1: {prompts: [x]}\n', r"class name 1 must be a non-empty string"),
-    ("set.toml", 'classes.c = "x"\n', r"class 'c': must be a table with templates and/or prompts, got str"),
-    ("set.toml", '[classes.c]\nprompts = "one prompt"\n', r"prompts must be a list of strings, got str"),
-    ("set.toml", '[classes.c]\nprompts = ["ok", 3]\n', r"class 'c': prompts\[1\] is a int \(3\), not a string"),
-    ("set.toml", '[classes.c]\ntemplates = [true]\n', r"templates\[0\] is a bool \(True\), not a string"),
-    ("set.toml", '[classes.c]\nprompts = ["ok", "  "]\n', r"prompts\[1\] is empty"),
-    ("set.yaml", 'classes:\n  c:\n    prompts: [yes]\n', r"prompts\[0\] is a bool \(True\), not a string; quote"),
-    ("set.toml", 'seed = true\n[classes.c]\nprompts = ["x"]\n', r"seed must be an integer, got True"),
-    ("set.toml", 'sample_cap = 0\n[classes.c]\nprompts = ["x"]\n', r"sample_cap must be an integer >= 1, got 0"),
-    # unknown keys
-    ("set.toml", 'sample = 3\n[classes.c]\nprompts = ["x"]\n',
-     r"set\.toml: unknown key 'sample'; allowed keys: classes, sample_cap, seed"),
-    ("set.toml", '[classes.c]\ntemplate = ["x"]\n',
-     r"class 'c': unknown key 'template'; allowed keys: prompts, responses, slots, templates"),
-    # malformed files
-    ("set.toml", '[classes.c]\nprompts = ["x"]\nbad line\n', r"set\.toml: not valid TOML: .*line 3, column 5\)"),
-    ("set.yaml", 'classes:\n  c: [x\n', r"set\.yaml: not valid YAML at line 3, column 1: .*; fix the syntax"),
-    ("set.toml", b'\x89PNG\r\n\x1a\n\x00\x00', r"set\.toml: not UTF-8 text \(byte 0x89 at offset 0\); is it a binary"),
-    ("set.yaml", b'classes: \x00\x01', r"set\.yaml: contains a NUL byte; is it a binary file"),
-    ("junk.txt", b'fine\n\xff\xfe junk\n', r"junk\.txt: line 2 is not UTF-8 text \(byte 0xff\); is it a binary"),
-    ("junk.txt", b'fine\nnul\x00\n', r"junk\.txt: line 2 contains a NUL byte"),
-    ("empty.txt", '\n# only a comment\n', r"empty\.txt: no prompts for class 'empty'; write one prompt per line"),
-])
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        # templates and slots
+        (
+            "set.toml",
+            '[classes.c]\ntemplates = ["a {tiem}"]\n[classes.c.slots]\ntime = ["x"]\nplace = ["y"]\n',
+            r"set\.toml: class 'c': template 'a \{tiem\}' uses slot 'tiem', which is not defined; defined slots: "
+            r"'time', 'place'",
+        ),
+        (
+            "set.toml",
+            '[classes.c]\ntemplates = ["a {x}"]\n',
+            r"uses slot 'x', which is not defined; defined slots: none",
+        ),
+        (
+            "set.toml",
+            '[classes.c]\ntemplates = ["a"]\n[classes.c.slots]\nx = []\n',
+            r"set\.toml: class 'c': slot 'x' has no values; give at least one",
+        ),
+        (
+            "set.toml",
+            '[classes.c]\ntemplates = ["a {x}"]\n[classes.c.slots]\nx = [1989]\n',
+            r"class 'c': slot 'x' value 1989 is a int, not a string; quote it",
+        ),
+        (
+            "set.toml",
+            '[classes.c]\ntemplates = ["a {x}"]\n[classes.c.slots]\nx = "one"\n',
+            r"slot 'x' must be a list of strings, got str",
+        ),
+        ("set.toml", '[classes.c]\ntemplates = ["a {x"]\n', r"has an unmatched '\{' at column 3; write \{\{"),
+        ("set.toml", '[classes.c]\ntemplates = ["a }"]\n', r"has an unmatched '\}' at column 3; write \}\}"),
+        ("set.toml", '[classes.c]\ntemplates = ["a {} b"]\n', r"has '\{\}' at column 3, which is not a slot name"),
+        ("set.toml", '[classes.c]\nslots = []\ntemplates = ["a"]\n', r"class 'c': slots must be a table"),
+        # classes and values
+        ("set.toml", "[classes.c]\n", r"set\.toml: class 'c': no prompts; add templates or prompts"),
+        ("set.toml", "[classes.c]\nprompts = []\n", r"class 'c': no prompts"),
+        ("set.toml", "seed = 1\n", r"set\.toml: no classes; add a \[classes\.<name>\] table"),
+        ("set.toml", "", r"no classes"),
+        ("set.yaml", "", r"set\.yaml: no classes"),
+        ("set.yaml", "- a\n- b\n", r"the top level must be a table with a 'classes' table, got list"),
+        ("set.toml", 'classes = ["a"]\n', r"'classes' must be a table of classes by name, got list"),
+        ("set.yaml", "classes:\n  1: {prompts: [x]}\n", r"class name 1 must be a non-empty string"),
+        ("set.toml", 'classes.c = "x"\n', r"class 'c': must be a table with templates and/or prompts, got str"),
+        ("set.toml", '[classes.c]\nprompts = "one prompt"\n', r"prompts must be a list of strings, got str"),
+        ("set.toml", '[classes.c]\nprompts = ["ok", 3]\n', r"class 'c': prompts\[1\] is a int \(3\), not a string"),
+        ("set.toml", "[classes.c]\ntemplates = [true]\n", r"templates\[0\] is a bool \(True\), not a string"),
+        ("set.toml", '[classes.c]\nprompts = ["ok", "  "]\n', r"prompts\[1\] is empty"),
+        ("set.yaml", "classes:\n  c:\n    prompts: [yes]\n", r"prompts\[0\] is a bool \(True\), not a string; quote"),
+        ("set.toml", 'seed = true\n[classes.c]\nprompts = ["x"]\n', r"seed must be an integer, got True"),
+        ("set.toml", 'sample_cap = 0\n[classes.c]\nprompts = ["x"]\n', r"sample_cap must be an integer >= 1, got 0"),
+        # unknown keys
+        (
+            "set.toml",
+            'sample = 3\n[classes.c]\nprompts = ["x"]\n',
+            r"set\.toml: unknown key 'sample'; allowed keys: classes, sample_cap, seed",
+        ),
+        (
+            "set.toml",
+            '[classes.c]\ntemplate = ["x"]\n',
+            r"class 'c': unknown key 'template'; allowed keys: prompts, responses, slots, templates",
+        ),
+        # malformed files
+        ("set.toml", '[classes.c]\nprompts = ["x"]\nbad line\n', r"set\.toml: not valid TOML: .*line 3, column 5\)"),
+        ("set.yaml", "classes:\n  c: [x\n", r"set\.yaml: not valid YAML at line 3, column 1: .*; fix the syntax"),
+        (
+            "set.toml",
+            b"\x89PNG\r\n\x1a\n\x00\x00",
+            r"set\.toml: not UTF-8 text \(byte 0x89 at offset 0\); is it a binary",
+        ),
+        ("set.yaml", b"classes: \x00\x01", r"set\.yaml: contains a NUL byte; is it a binary file"),
+        ("junk.txt", b"fine\n\xff\xfe junk\n", r"junk\.txt: line 2 is not UTF-8 text \(byte 0xff\); is it a binary"),
+        ("junk.txt", b"fine\nnul\x00\n", r"junk\.txt: line 2 contains a NUL byte"),
+        ("empty.txt", "\n# only a comment\n", r"empty\.txt: no prompts for class 'empty'; write one prompt per line"),
+    ],
+)
 def test_errors_name_file_class_and_problem(tmp_path, name, text, message):
     with pytest.raises(PromptSetError, match=message):
         load_prompt_set(write(tmp_path, name, text))
@@ -275,8 +332,11 @@ def test_error_for_expansion_over_max_prompts(tmp_path):
     text = '[classes.c]\ntemplates = ["{a}{b}"]\n[classes.c.slots]\na = ["1", "2", "3"]\nb = ["1", "2"]\n'
     path = write(tmp_path, "big.toml", text)
     assert len(load_prompt_set(path, max_prompts=6).prompts("c")) == 6
-    with pytest.raises(PromptSetError, match=r"big\.toml: class 'c': expands to 6 prompts, over the max_prompts "
-                                             r"limit \(5 left\); set sample_cap"):
+    with pytest.raises(
+        PromptSetError,
+        match=r"big\.toml: class 'c': expands to 6 prompts, over the max_prompts "
+        r"limit \(5 left\); set sample_cap",
+    ):
         load_prompt_set(path, max_prompts=5)
     with pytest.raises(PromptSetError, match=r"expands to 6 prompts, more than max_prompts=5"):
         expand_template("{a}{b}", {"a": ["1", "2", "3"], "b": ["1", "2"]}, max_prompts=5)
@@ -311,13 +371,15 @@ def test_expand_template_argument_errors():
 
 NAMES = ["a", "b", "c"]
 # literal text with its braces escaped
-literal = st.text(alphabet=string.printable + "é€{}", max_size=6).map(
-    lambda s: s.replace("{", "{{").replace("}", "}}"))
+literal = st.text(alphabet=string.printable + "é€{}", max_size=6).map(lambda s: s.replace("{", "{{").replace("}", "}}"))
 
 
 @settings(max_examples=300, deadline=None)
-@given(pieces=st.lists(st.tuples(literal, st.sampled_from(NAMES)), max_size=4), tail=literal,
-       slots=st.fixed_dictionaries({n: st.lists(st.text(max_size=3), min_size=1, max_size=3) for n in NAMES}))
+@given(
+    pieces=st.lists(st.tuples(literal, st.sampled_from(NAMES)), max_size=4),
+    tail=literal,
+    slots=st.fixed_dictionaries({n: st.lists(st.text(max_size=3), min_size=1, max_size=3) for n in NAMES}),
+)
 def test_fuzz_expansion_matches_str_format(pieces, tail, slots):
     template = "".join(f"{lit}{{{name}}}" for lit, name in pieces) + tail
     used = list(dict.fromkeys(name for _, name in pieces))
@@ -327,13 +389,18 @@ def test_fuzz_expansion_matches_str_format(pieces, tail, slots):
     assert out == [(template.format(**c), tuple(c.items())) for c in combos]
 
 
-junk = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=3),
-                    lambda inner: st.lists(inner, max_size=3), max_leaves=6)
+junk = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=3),
+    lambda inner: st.lists(inner, max_size=3),
+    max_leaves=6,
+)
 
 
 @settings(max_examples=500, deadline=None)
-@given(template=st.text(alphabet="{}ab_1 \\", max_size=12) | junk,
-       slots=st.dictionaries(st.text(alphabet="ab_1{}", max_size=2), junk, max_size=3) | junk)
+@given(
+    template=st.text(alphabet="{}ab_1 \\", max_size=12) | junk,
+    slots=st.dictionaries(st.text(alphabet="ab_1{}", max_size=2), junk, max_size=3) | junk,
+)
 def test_fuzz_expand_template_raises_only_prompt_set_errors(template, slots):
     try:
         out = expand_template(template, slots)

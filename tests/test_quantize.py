@@ -30,8 +30,7 @@ def _types(path) -> dict[str, QT]:
 
 
 @pytest.mark.parametrize("recipe, experts", [("capture", QT.Q6_K), ("capture-q4", QT.Q4_K)])
-def test_capture_recipe_writes_the_per_tensor_types_and_keeps_routers_and_fingerprint(wide, tmp_path, recipe,
-                                                                                        experts):
+def test_capture_recipe_writes_the_per_tensor_types_and_keeps_routers_and_fingerprint(wide, tmp_path, recipe, experts):
     dst = tmp_path / "out.gguf"
     result = qz.quantize(wide, dst, recipe)
     types = _types(dst)
@@ -148,11 +147,26 @@ def _ftri_stderr(model, tmp_path) -> str:
 
     words = list(tiny.WORDS)
     behaviour, baseline = tmp_path / "a.txt", tmp_path / "b.txt"
-    behaviour.write_text("\n".join(" ".join(words[i:i + 5]) for i in range(0, 20, 5)) + "\n")
-    baseline.write_text("\n".join(" ".join(words[i:i + 5]) for i in range(20, 40, 5)) + "\n")
-    r = CliRunner().invoke(main, ["ftri", str(model), "--prompts", str(behaviour), "--baseline-prompts",
-                                  str(baseline), "--raw", "--n-boot", "5", "--top", "2",
-                                  "--out", str(tmp_path / f"f-{model.stem}")])
+    behaviour.write_text("\n".join(" ".join(words[i : i + 5]) for i in range(0, 20, 5)) + "\n")
+    baseline.write_text("\n".join(" ".join(words[i : i + 5]) for i in range(20, 40, 5)) + "\n")
+    r = CliRunner().invoke(
+        main,
+        [
+            "ftri",
+            str(model),
+            "--prompts",
+            str(behaviour),
+            "--baseline-prompts",
+            str(baseline),
+            "--raw",
+            "--n-boot",
+            "5",
+            "--top",
+            "2",
+            "--out",
+            str(tmp_path / f"f-{model.stem}"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     return r.stderr
 
@@ -169,15 +183,26 @@ def test_mote_ftri_warns_only_where_the_quantization_moves_routing(tiny_path, tm
 
 def _types_of(experts: str, rest: str) -> tuple[tuple[str, str], ...]:
     """The tensor types of a model with routed experts of one type and the other weights of another."""
-    return (("token_embd.weight", rest), ("blk.0.attn_v.weight", rest), ("blk.0.ffn_gate_inp.weight", "F32"),
-            ("blk.0.ffn_up_exps.weight", experts), ("blk.0.ffn_down_exps.weight", experts), ("output.weight", "Q6_K"))
+    return (
+        ("token_embd.weight", rest),
+        ("blk.0.attn_v.weight", rest),
+        ("blk.0.ffn_gate_inp.weight", "F32"),
+        ("blk.0.ffn_up_exps.weight", experts),
+        ("blk.0.ffn_down_exps.weight", experts),
+        ("output.weight", "Q6_K"),
+    )
 
 
-@pytest.mark.parametrize("experts, rest, unmeasured", [
-    ("IQ4_XS", "Q8_0", "IQ4_XS is not measured"), ("IQ2_XXS", "F16", "IQ2_XXS is not measured"),
-    ("Q4_K", "IQ4_NL", "IQ4_NL is not measured"), ("MXFP4", "Q8_0", "MXFP4 is not measured"),
-    ("MXFP4", "IQ4_XS", "IQ4_XS, MXFP4 are not measured"),
-])
+@pytest.mark.parametrize(
+    "experts, rest, unmeasured",
+    [
+        ("IQ4_XS", "Q8_0", "IQ4_XS is not measured"),
+        ("IQ2_XXS", "F16", "IQ2_XXS is not measured"),
+        ("Q4_K", "IQ4_NL", "IQ4_NL is not measured"),
+        ("MXFP4", "Q8_0", "MXFP4 is not measured"),
+        ("MXFP4", "IQ4_XS", "IQ4_XS, MXFP4 are not measured"),
+    ],
+)
 def test_types_never_measured_are_said_to_be_unmeasured_not_ranked_by_bits(experts, rest, unmeasured):
     c = qz.routing_class(_types_of(experts, rest))
     assert c.fidelity is None and c.moves_routing is None
@@ -197,8 +222,9 @@ def gpt_oss_mxfp4(tiny_path, tmp_path_factory):
     """The tiny gpt-oss with MXFP4 routed experts (its release layout), and with Q8_0 attention besides."""
     d, src = tmp_path_factory.mktemp("mxfp4"), tiny_path("gpt-oss")
     release = retyped_gguf(src, d / "release.gguf", {r"_exps\.weight$": QT.MXFP4})
-    attn_q8 = retyped_gguf(src, d / "attn-q8.gguf",
-                           {r"_exps\.weight$": QT.MXFP4, r"\.attn_(q|k|v|output)\.weight$": QT.Q8_0})
+    attn_q8 = retyped_gguf(
+        src, d / "attn-q8.gguf", {r"_exps\.weight$": QT.MXFP4, r"\.attn_(q|k|v|output)\.weight$": QT.Q8_0}
+    )
     return release, attn_q8
 
 

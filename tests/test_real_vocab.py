@@ -27,8 +27,13 @@ except real_vocab.SdistMissing as missing:  # CI's build always fetches it
     pytest.skip(f"no real vocabularies: {missing}", allow_module_level=True)
 
 # each preset on the architecture of a model that uses it; Q8_0 keeps the 100k+-row embeddings small
-ARCH_OF = {"qwen3": "qwen3moe", "deepseek-r1": "deepseek2", "deepseek-v3.1": "deepseek2", "gpt-oss": "gpt-oss",
-           "mistral": "mixtral"}
+ARCH_OF = {
+    "qwen3": "qwen3moe",
+    "deepseek-r1": "deepseek2",
+    "deepseek-v3.1": "deepseek2",
+    "gpt-oss": "gpt-oss",
+    "mistral": "mixtral",
+}
 UTF8_TEXT = "Grüße, 日本語"
 # one thread: on a loaded machine, llama.cpp's spinning thread barriers make two threads an order of magnitude slower
 
@@ -37,6 +42,7 @@ UTF8_TEXT = "Grüße, 日本語"
 def real_path(tiny_path):
     def make(preset: str):
         return tiny_path(ARCH_OF[preset], vocab=preset, qtype="q8_0")
+
     return make
 
 
@@ -48,6 +54,7 @@ def real_model(real_path, model_options):
         if preset not in models:
             models[preset] = Model(real_path(preset), **model_options)
         return models[preset]
+
     yield get
     for m in models.values():
         m.close()
@@ -93,8 +100,11 @@ def test_added_tokens_take_their_real_ids_and_kinds(real_model):
 
 
 def test_chat_templates_render_each_model_format(real_model):
-    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-                    {"role": "user", "content": UTF8_TEXT}]
+    conversation = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": UTF8_TEXT},
+    ]
     expected_tail = {
         "qwen3": f"<|im_start|>user\n{UTF8_TEXT}<|im_end|>\n<|im_start|>assistant\n",
         "deepseek-r1": f"<｜User｜>{UTF8_TEXT}<｜Assistant｜><think>\n",
@@ -129,8 +139,9 @@ def test_think_markers_follow_the_template(real_model):
     v31 = real_model("deepseek-v3.1")
     assert not v31.think_markers.tracker(v31.prompt_tokens("Hi")).inside
     # the analysis channel is the span: between <|channel|>analysis<|message|> and <|end|>, not the final channel
-    tokens = harmony.tokenize("<|channel|>analysis<|message|>Let me see.<|end|><|start|>assistant<|channel|>final"
-                              "<|message|>Hi", add_bos=False)
+    tokens = harmony.tokenize(
+        "<|channel|>analysis<|message|>Let me see.<|end|><|start|>assistant<|channel|>final<|message|>Hi", add_bos=False
+    )
     tracker, inside = harmony.think_markers.tracker(), []
     for t in tokens:
         before = tracker.inside
@@ -148,8 +159,10 @@ def test_a_character_split_across_tokens_streams_whole(real_path, tmp_path):
         eos = probe.tokenize("<｜end▁of▁sentence｜>", add_bos=False)
         pieces = [probe.token_bytes(t) for t in reply]
     assert any(_not_utf8(p) for p in pieces)  # the case this test is about
-    with scripted(spec, [prompt[-1], *reply, *eos], tmp_path / "scripted.gguf") as model, \
-            model.session(n_ctx=128, n_threads=1) as s:
+    with (
+        scripted(spec, [prompt[-1], *reply, *eos], tmp_path / "scripted.gguf") as model,
+        model.session(n_ctx=128, n_threads=1) as s,
+    ):
         streamed: list[str] = []
         gen = s.generate(prompt, max_tokens=32, on_token=streamed.append)
     assert gen.tokens == reply and gen.text == UTF8_TEXT
@@ -183,6 +196,7 @@ def decoded_prompts(monkeypatch):
     def spy(self, sequences, **kwargs):
         seen.extend(list(map(int, tokens)) for _, tokens, pos0 in sequences if pos0 == 0)
         return decode(self, sequences, **kwargs)
+
     monkeypatch.setattr(Session, "decode", spy)
     return seen
 
@@ -198,12 +212,26 @@ def test_every_command_gives_the_model_the_same_tokens(preset, tiny_path, real_p
             Chat(model, s, max_tokens=1, write=lambda *a, **k: None).ask("hello there", [])
         given["chat"] = decoded_prompts[0]
         decoded_prompts.clear()
-        ftri.capture_activations(model, [Prompt("hello there", "a")], [Prompt("good night", "b")], n_ctx=256,
-                                 show_progress=False, n_threads=1)
+        ftri.capture_activations(
+            model,
+            [Prompt("hello there", "a")],
+            [Prompt("good night", "b")],
+            n_ctx=256,
+            show_progress=False,
+            n_threads=1,
+        )
         given["ftri"] = decoded_prompts[0]
         decoded_prompts.clear()
-        evaluate(model, ["hello there"], [Entry(model.layout.moe_layers[0], 0, Mode.DROP)], n_random=0,
-                 max_tokens=1, measure_cost=False, exclude_super_experts=False, show_progress=False)
+        evaluate(
+            model,
+            ["hello there"],
+            [Entry(model.layout.moe_layers[0], 0, Mode.DROP)],
+            n_random=0,
+            max_tokens=1,
+            measure_cost=False,
+            exclude_super_experts=False,
+            show_progress=False,
+        )
         given["eval"] = decoded_prompts[0]
         decoded_prompts.clear()
         bos, adds_bos = model.bos_token, model.tokenize("x")[0] == model.bos_token
@@ -223,16 +251,20 @@ def test_ftri_end_to_end_on_the_real_qwen_vocabulary(real_model):
     for layer in model.layout.moe_layers:
         assert run.activations.tokens[:, layer].tolist() == lengths
     assert run.texts[0].endswith("<|im_start|>assistant\n")
-    generated = ftri.capture_activations(model, behavior, baseline, scope="generated", max_new_tokens=4, n_ctx=256,
-                                         show_progress=False, n_threads=1)
+    generated = ftri.capture_activations(
+        model, behavior, baseline, scope="generated", max_new_tokens=4, n_ctx=256, show_progress=False, n_threads=1
+    )
     assert set(generated.activations.tokens[:, model.layout.moe_layers[0]].tolist()) <= {1, 2, 3, 4}
 
 
-@pytest.mark.parametrize("preset, reply, inside", [
-    ("qwen3", "<think>Let me see.</think>Hi<|im_end|>", "Let me see."),
-    ("deepseek-r1", "Let me see.</think>Hi<｜end▁of▁sentence｜>", "Let me see."),  # the prompt opened <think>
-    ("gpt-oss", "<|channel|>analysis<|message|>Let me see.<|end|>Hi<|return|>", "Let me see."),
-])
+@pytest.mark.parametrize(
+    "preset, reply, inside",
+    [
+        ("qwen3", "<think>Let me see.</think>Hi<|im_end|>", "Let me see."),
+        ("deepseek-r1", "Let me see.</think>Hi<｜end▁of▁sentence｜>", "Let me see."),  # the prompt opened <think>
+        ("gpt-oss", "<|channel|>analysis<|message|>Let me see.<|end|>Hi<|return|>", "Let me see."),
+    ],
+)
 def test_thinking_scope_counts_the_thinking_span_of_each_format(preset, reply, inside, real_path, tmp_path):
     path = real_path(preset)
     with Model(path) as probe:
@@ -242,8 +274,16 @@ def test_thinking_scope_counts_the_thinking_span_of_each_format(preset, reply, i
     with scripted(tiny.spec_from_file(path), chain, tmp_path / "scripted.gguf") as model:
         with model.session(n_ctx=128, n_threads=1) as s:
             assert s.generate(prompt, max_tokens=32).tokens == chain[1:-1]  # the script runs to its end
-        run = ftri.capture_activations(model, [Prompt("Hi", "a")], [Prompt("Hi", "b")], scope="thinking",
-                                       max_new_tokens=32, n_ctx=128, show_progress=False, n_threads=1)
+        run = ftri.capture_activations(
+            model,
+            [Prompt("Hi", "a")],
+            [Prompt("Hi", "b")],
+            scope="thinking",
+            max_new_tokens=32,
+            n_ctx=128,
+            show_progress=False,
+            n_threads=1,
+        )
         counted = run.activations.tokens[:, model.layout.moe_layers].tolist()
     assert counted == [[n_inside] * len(model.layout.moe_layers)] * 2
 

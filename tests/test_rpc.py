@@ -18,8 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from mote_local.cli.commands import main
-from mote_local.engine import Model
-from mote_local.engine import rpc
+from mote_local.engine import Model, rpc
 from mote_local.errors import EngineError, InputError
 from mote_local.steering.entries import Entry, Mode, Scope
 from mote_local.synthetic.tiny import ARCHS
@@ -112,8 +111,14 @@ STEERINGS = {
     "force": [Entry(1, 7, Mode.FORCE), Entry(2, 3, Mode.FORCE)],
     "bias": [Entry(1, 4, Mode.BIAS, 2.5), Entry(3, 6, Mode.BIAS, -1.0)],
     "gain": [Entry(2, 2, Mode.GAIN, 0.25), Entry(3, 1, Mode.GAIN, 3.0)],
-    "pairs": [Entry(1, 4, Mode.BIAS, 1.5), Entry(1, 4, Mode.GAIN, 0.5), Entry(2, 6, Mode.DROP),
-              Entry(2, 6, Mode.GAIN, 2.0), Entry(3, 0, Mode.MASK), Entry(3, 1, Mode.FORCE)],
+    "pairs": [
+        Entry(1, 4, Mode.BIAS, 1.5),
+        Entry(1, 4, Mode.GAIN, 0.5),
+        Entry(2, 6, Mode.DROP),
+        Entry(2, 6, Mode.GAIN, 2.0),
+        Entry(3, 0, Mode.MASK),
+        Entry(3, 1, Mode.FORCE),
+    ],
     "scoped": [Entry(1, 2, Mode.MASK, scope=Scope.PREFILL), Entry(2, 3, Mode.FORCE, scope=Scope.DECODE)],
 }
 
@@ -171,8 +176,9 @@ def test_capture_reads_each_server_once_per_ubatch(tiny_path, tmp_path):
     path = tiny_path("qwen3moe")
     port = free_port()
     log = tmp_path / "server.log"
-    proc = subprocess.Popen(SERVER + [str(port)], stdout=subprocess.DEVNULL, stderr=log.open("w"),
-                            env={**os.environ, "GGML_RPC_DEBUG": "1"})
+    proc = subprocess.Popen(
+        SERVER + [str(port)], stdout=subprocess.DEVNULL, stderr=log.open("w"), env={**os.environ, "GGML_RPC_DEBUG": "1"}
+    )
     try:
         start_server_wait(proc, port)
         with Model(path, rpc_servers=[f"127.0.0.1:{port}"], n_gpu_layers=99) as m, m.session(n_ctx=64) as s:
@@ -214,8 +220,9 @@ def test_endpoints_are_checked_before_the_engine(tiny_path):
 
 
 def child(script: str, timeout: float = 90) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_a_killed_server_gives_a_clear_error_and_the_process_goes_on(tiny_path):
@@ -255,9 +262,11 @@ def test_a_killed_server_gives_a_clear_error_and_the_process_goes_on(tiny_path):
             proc.wait()
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
-    assert lines[0] == (f"error: lost the connection to the rpc server 127.0.0.1:{ports[1]} (it stopped, or the "
-                        f"network broke); {path.name} is closed: restart `mote rpc-server` there and load the "
-                        "model again")
+    assert lines[0] == (
+        f"error: lost the connection to the rpc server 127.0.0.1:{ports[1]} (it stopped, or the "
+        f"network broke); {path.name} is closed: restart `mote rpc-server` there and load the "
+        "model again"
+    )
     assert lines[1].startswith("error: this session cannot be used: its model was closed when the rpc server")
     assert lines[2:] == ["closed: True True", "local after loss equal: True"]
     assert "Traceback" not in result.stderr
@@ -305,18 +314,23 @@ def test_a_busy_server_is_named_not_waited_for(tiny_path, servers):
     path = tiny_path("qwen3moe")
     with Model(path, rpc_servers=servers[:1], n_gpu_layers=99):  # this process holds the server's one connection
         started = time.monotonic()
-        result = child(f"""
+        result = child(
+            f"""
             from mote_local.engine import Model
             from mote_local.errors import EngineError
             try:
                 Model({str(path)!r}, rpc_servers=[{servers[0]!r}], n_gpu_layers=99)
             except EngineError as err:
                 print(err)
-        """, timeout=60)
+        """,
+            timeout=60,
+        )
         elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == (f"the rpc server at {servers[0]} did not answer within {rpc.PROBE_TIMEOUT_MS} "
-                                     "ms: it serves one client at a time, is another process connected to it?")
+    assert result.stdout.strip() == (
+        f"the rpc server at {servers[0]} did not answer within {rpc.PROBE_TIMEOUT_MS} "
+        "ms: it serves one client at a time, is another process connected to it?"
+    )
     assert elapsed < 40
 
 
@@ -341,8 +355,9 @@ def test_mote_ftri_over_rpc_finds_what_it_finds_locally(planted_files, servers, 
     path = str(planted_files[0])
     args = ["ftri", path, "--prompts", str(planted.prompts_path()), "--n-boot", "5"]
     local = CliRunner().invoke(main, args + ["--out", str(tmp_path / "local")])
-    remote = CliRunner().invoke(main, args + ["--out", str(tmp_path / "remote"), "--rpc", ",".join(servers),
-                                              "-ngl", "3", "-ts", "1,1"])
+    remote = CliRunner().invoke(
+        main, args + ["--out", str(tmp_path / "remote"), "--rpc", ",".join(servers), "-ngl", "3", "-ts", "1,1"]
+    )
     assert local.exit_code == 0, local.output
     assert remote.exit_code == 0, remote.output
     for name in ("profile.json", "ftri_mean_diff.csv"):
@@ -352,9 +367,11 @@ def test_mote_ftri_over_rpc_finds_what_it_finds_locally(planted_files, servers, 
 def test_cli_refuses_bad_placement_in_one_line(tiny_path):
     path = str(tiny_path("qwen3moe"))
     port = free_port()
-    cases = {("--rpc", "nowhere"): "is not HOST:PORT",
-             ("--rpc", f"127.0.0.1:{port}"): f"no rpc server answers at 127.0.0.1:{port}",
-             ("--rpc", f"127.0.0.1:{port}", "-ts", "1,x"): "--tensor-split takes proportions"}
+    cases = {
+        ("--rpc", "nowhere"): "is not HOST:PORT",
+        ("--rpc", f"127.0.0.1:{port}"): f"no rpc server answers at 127.0.0.1:{port}",
+        ("--rpc", f"127.0.0.1:{port}", "-ts", "1,x"): "--tensor-split takes proportions",
+    }
     for extra, message in cases.items():
         result = CliRunner().invoke(main, ["run", path, "-p", "hi", "-n", "2", *extra])
         assert result.exit_code == 1
@@ -388,8 +405,10 @@ def test_mote_serve_reports_a_lost_server_and_stops_serving(tiny_path, tmp_path)
     port = free_port()
     proc = start_server(port)
     try:
-        with live_server(path, tmp_path, "--rpc", f"127.0.0.1:{port}", "-ngl", "99") as live, \
-                httpx.Client(base_url=live.url, timeout=30) as http:
+        with (
+            live_server(path, tmp_path, "--rpc", f"127.0.0.1:{port}", "-ngl", "99") as live,
+            httpx.Client(base_url=live.url, timeout=30) as http,
+        ):
             body = {"prompt": "hello there", "max_tokens": 4, "temperature": 0}
             assert http.post("/v1/completions", json=body).status_code == 200
             proc.kill()
@@ -424,12 +443,13 @@ def test_chat_ends_with_the_reason_when_its_server_is_lost(tiny_path):
 
     try:
         with Model(path, rpc_servers=[f"127.0.0.1:{port}"], n_gpu_layers=99) as m, m.session(n_ctx=256) as s:
-            Chat(m, s, max_tokens=4, n_threads=1,
-                 write=lambda text="", end="\n": out.append(text)).loop(read)
+            Chat(m, s, max_tokens=4, n_threads=1, write=lambda text="", end="\n": out.append(text)).loop(read)
     finally:
         proc.kill()
         proc.wait()
     errors = [line for line in out if line.startswith("error:")]
-    assert errors == [f"error: lost the connection to the rpc server 127.0.0.1:{port} (it stopped, or the network "
-                      f"broke); {path.name} is closed: restart `mote rpc-server` there and load the model again"]
+    assert errors == [
+        f"error: lost the connection to the rpc server 127.0.0.1:{port} (it stopped, or the network "
+        f"broke); {path.name} is closed: restart `mote rpc-server` there and load the model again"
+    ]
     assert next(lines) == "and again"  # the chat ended instead of reading on

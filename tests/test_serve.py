@@ -13,12 +13,13 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from serve_live import live_server
 
 from mote_local.steering.entries import Mode
 from mote_local.steering.profile import Profile
-from serve_live import live_server, model  # noqa: F401 (fixtures)
+from mote_local.synthetic import planted
 
-TRIGGER = "what happened at the protest yesterday ?"
+TRIGGER = planted.EXAMPLE_TRIGGER
 NEUTRAL = "what happened at the market yesterday ?"
 T = 60.0  # seconds: bound on any one request
 
@@ -66,6 +67,7 @@ def complete(http, tokens: list[int], n: int = 12, **fields) -> dict:
 
 # ------------------------------------------------------------------------------------------------ basics
 
+
 def test_chat_with_the_openai_client(client, truth):
     refused = chat(client, TRIGGER)
     answered = chat(client, NEUTRAL)
@@ -99,6 +101,7 @@ def test_the_engine_gives_what_the_library_gives(http, model, truth):
 
 # ------------------------------------------------------------------------------------------------ steering
 
+
 def test_steered_requests_stop_refusing_while_concurrent_unsteered_ones_refuse(client, truth):
     barrier = threading.Barrier(8)
 
@@ -114,13 +117,17 @@ def test_steered_requests_stop_refusing_while_concurrent_unsteered_ones_refuse(c
     assert [text for steered, text in results if not steered] == [truth.refusal_text] * 4
 
 
-@pytest.mark.parametrize("steering", [
-    {"profile": "refusal-off"},
-    {"entries": ["off P1", "off P2"]},
-    {"entries": [{"layer": "L1", "expert": "E1", "mode": "drop"}, {"layer": "L2", "expert": "E2", "mode": "drop"}]},
-    {"entries": ["bias P1=-inf", "bias P2=-100"]},
-    {"entries": [{"layer": "L1", "expert": "E1", "mode": "bias", "value": "-inf"}, "--off P2"]},
-], ids=["named profile", "off", "entry objects", "bias", "mixed forms"])
+@pytest.mark.parametrize(
+    "steering",
+    [
+        {"profile": "refusal-off"},
+        {"entries": ["off P1", "off P2"]},
+        {"entries": [{"layer": "L1", "expert": "E1", "mode": "drop"}, {"layer": "L2", "expert": "E2", "mode": "drop"}]},
+        {"entries": ["bias P1=-inf", "bias P2=-100"]},
+        {"entries": [{"layer": "L1", "expert": "E1", "mode": "bias", "value": "-inf"}, "--off P2"]},
+    ],
+    ids=["named profile", "off", "entry objects", "bias", "mixed forms"],
+)
 def test_steering_forms(client, truth, steering):
     (l1, e1), (l2, e2) = truth.planted
     names = {"P1": f"{l1}:{e1}", "P2": f"{l2}:{e2}", "L1": l1, "E1": e1, "L2": l2, "E2": e2}
@@ -143,33 +150,43 @@ def test_steering_forms(client, truth, steering):
 
 def test_strength_scales_biases(client, truth):
     biased = {"entries": [f"bias {l}:{e}=-50" for l, e in truth.planted]}
-    assert chat(client, TRIGGER, extra_body={"steering": biased}).choices[0].message.content.strip() == \
-        truth.answer_text
+    assert (
+        chat(client, TRIGGER, extra_body={"steering": biased}).choices[0].message.content.strip() == truth.answer_text
+    )
     off = chat(client, TRIGGER, extra_body={"steering": biased | {"strength": 0}}).choices[0].message.content
     assert off.strip() == truth.refusal_text
 
 
 def test_forcing_the_planted_experts_makes_a_neutral_prompt_refuse(client, truth):
     force = {"entries": ["force " + ",".join(f"{l}:{e}" for l, e in truth.planted)]}
-    assert chat(client, NEUTRAL, extra_body={"steering": force}).choices[0].message.content.strip() == \
-        truth.refusal_text
+    assert (
+        chat(client, NEUTRAL, extra_body={"steering": force}).choices[0].message.content.strip() == truth.refusal_text
+    )
 
 
 def test_scoped_steering_follows_the_slot_phase(client, truth):
     # the refusal is decided by the prompt's context; the first completion token is sampled from prefill logits
     prefill_only = {"entries": drop_planted(truth), "scope": "prefill"}
     decode_only = {"entries": drop_planted(truth), "scope": "decode"}
-    assert chat(client, TRIGGER, extra_body={"steering": prefill_only}).choices[0].message.content.strip() == \
-        truth.answer_text
-    assert chat(client, TRIGGER, extra_body={"steering": decode_only}).choices[0].message.content.strip() != \
-        truth.answer_text
+    assert (
+        chat(client, TRIGGER, extra_body={"steering": prefill_only}).choices[0].message.content.strip()
+        == truth.answer_text
+    )
+    assert (
+        chat(client, TRIGGER, extra_body={"steering": decode_only}).choices[0].message.content.strip()
+        != truth.answer_text
+    )
 
 
 def test_an_unsteered_request_after_a_steered_one_reuses_nothing_steered(client, truth):
     """The slot's cache cells computed with steering are forgotten when it is released."""
     for _ in range(3):
-        assert chat(client, TRIGGER, extra_body={"steering": {"entries": drop_planted(truth)}}) \
-            .choices[0].message.content.strip() == truth.answer_text
+        assert (
+            chat(client, TRIGGER, extra_body={"steering": {"entries": drop_planted(truth)}})
+            .choices[0]
+            .message.content.strip()
+            == truth.answer_text
+        )
         assert chat(client, TRIGGER).choices[0].message.content.strip() == truth.refusal_text
 
 
@@ -177,8 +194,10 @@ def _post(http, body: dict, path: str = "/v1/chat/completions") -> httpx.Respons
     return http.post(path, json={"messages": [{"role": "user", "content": TRIGGER}], "max_tokens": 4} | body)
 
 
-@pytest.mark.parametrize("specs", [["drop 1:8"], ["drop 7:1"], ["force 1:1,1:2,1:3"], ["drop 1:1", "force 1:1"],
-                                   ["off 1:0,1:1,1:2,1:3,1:4,1:5,1:6"]])
+@pytest.mark.parametrize(
+    "specs",
+    [["drop 1:8"], ["drop 7:1"], ["force 1:1,1:2,1:3"], ["drop 1:1", "force 1:1"], ["off 1:0,1:1,1:2,1:3,1:4,1:5,1:6"]],
+)
 def test_steering_that_does_not_fit_the_model_gets_the_engines_message(http, model, specs):
     from mote_local import binding
     from mote_local.steering.rules import shape_of
@@ -194,27 +213,38 @@ def test_steering_that_does_not_fit_the_model_gets_the_engines_message(http, mod
     assert r.json()["error"]["type"] == "invalid_request_error"
 
 
-@pytest.mark.parametrize("body, message", [
-    ({"steering": {"entries": ["purge 1:1"]}}, "steering.entries[0]: 'purge 1:1': expected KIND SPEC"),
-    ({"steering": {"entries": ["drop 1:x"]}}, "steering.entries[0]: --drop '1:x': expert 'x' is not a non-negative"),
-    ({"steering": {"entries": ["bias 1:2"]}}, "steering.entries[0]: --bias '1:2': a value is required"),
-    ({"steering": {"entries": ["off 1:2=3"]}}, "steering.entries[0]: --off '1:2=3': --off takes no value"),
-    ({"steering": {"entries": ["gain 1:2=-1"]}}, "steering: "),
-    ({"steering": {"entries": [{"layer": 1, "expert": 1, "mode": "nope"}]}},
-     "steering.entries[0].mode: unknown mode 'nope'"),
-    ({"steering": {"entries": [{"layer": 1, "expert": 1}]}}, "steering.entries[0].mode: missing"),
-    ({"steering": {"entries": [{"layer": -1, "expert": 1, "mode": "drop"}]}}, "steering.entries[0].layer: expected"),
-    ({"steering": {"profile": "nope"}}, "steering.profile: unknown profile 'nope'; this server has refusal-off"),
-    ({"steering": {"profile": {"entries": []}}}, "steering.profile: expected the name of a profile"),
-    ({"steering": {"strength": 2}}, "steering: strength and scope need a profile or entries"),
-    ({"steering": {"entries": ["drop 1:1"], "bogus": 1}}, "steering: unknown key 'bogus'"),
-    ({"steering": {"entries": "drop 1:1"}}, "steering.entries: expected an array"),
-    ({"steering": {"entries": ["drop 1:1"], "scope": "later"}}, "steering.scope: unknown scope 'later'"),
-    ({"steering": "drop 1:1"}, "steering: expected an object"),
-    ({"return_routing": "yes"}, "return_routing: expected true or false"),
-    ({"routing_detail": "tokens"}, "routing_detail: needs \"return_routing\": true"),
-    ({"return_routing": True, "routing_detail": "all"}, "routing_detail: expected \"counts\" or \"tokens\""),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"steering": {"entries": ["purge 1:1"]}}, "steering.entries[0]: 'purge 1:1': expected KIND SPEC"),
+        (
+            {"steering": {"entries": ["drop 1:x"]}},
+            "steering.entries[0]: --drop '1:x': expert 'x' is not a non-negative",
+        ),
+        ({"steering": {"entries": ["bias 1:2"]}}, "steering.entries[0]: --bias '1:2': a value is required"),
+        ({"steering": {"entries": ["off 1:2=3"]}}, "steering.entries[0]: --off '1:2=3': --off takes no value"),
+        ({"steering": {"entries": ["gain 1:2=-1"]}}, "steering: "),
+        (
+            {"steering": {"entries": [{"layer": 1, "expert": 1, "mode": "nope"}]}},
+            "steering.entries[0].mode: unknown mode 'nope'",
+        ),
+        ({"steering": {"entries": [{"layer": 1, "expert": 1}]}}, "steering.entries[0].mode: missing"),
+        (
+            {"steering": {"entries": [{"layer": -1, "expert": 1, "mode": "drop"}]}},
+            "steering.entries[0].layer: expected",
+        ),
+        ({"steering": {"profile": "nope"}}, "steering.profile: unknown profile 'nope'; this server has refusal-off"),
+        ({"steering": {"profile": {"entries": []}}}, "steering.profile: expected the name of a profile"),
+        ({"steering": {"strength": 2}}, "steering: strength and scope need a profile or entries"),
+        ({"steering": {"entries": ["drop 1:1"], "bogus": 1}}, "steering: unknown key 'bogus'"),
+        ({"steering": {"entries": "drop 1:1"}}, "steering.entries: expected an array"),
+        ({"steering": {"entries": ["drop 1:1"], "scope": "later"}}, "steering.scope: unknown scope 'later'"),
+        ({"steering": "drop 1:1"}, "steering: expected an object"),
+        ({"return_routing": "yes"}, "return_routing: expected true or false"),
+        ({"routing_detail": "tokens"}, 'routing_detail: needs "return_routing": true'),
+        ({"return_routing": True, "routing_detail": "all"}, 'routing_detail: expected "counts" or "tokens"'),
+    ],
+)
 def test_malformed_steering_and_routing_fields_are_a_400(http, body, message):
     for path in ("/v1/chat/completions", "/completion", "/v1/completions"):
         r = _post(http, body | ({"prompt": TRIGGER} if path != "/v1/chat/completions" else {}), path)
@@ -223,6 +253,7 @@ def test_malformed_steering_and_routing_fields_are_a_400(http, body, message):
 
 
 # ------------------------------------------------------------------------------------------------ routing
+
 
 def test_routing_counts_every_decoded_token(http, model, truth):
     prompt = model.prompt_tokens(TRIGGER)
@@ -233,8 +264,12 @@ def test_routing_counts_every_decoded_token(http, model, truth):
     assert routing["layers"] == [0, 1, 2, 3]
     assert routing["tokens"] == [decoded] * 4
     assert [sum(row) for row in routing["counts"]] == [decoded * k] * 4
-    masked = complete(http, prompt, return_routing=True,
-                      steering={"entries": ["off " + ",".join(f"{l}:{e}" for l, e in truth.planted)]})["routing"]
+    masked = complete(
+        http,
+        prompt,
+        return_routing=True,
+        steering={"entries": ["off " + ",".join(f"{l}:{e}" for l, e in truth.planted)]},
+    )["routing"]
     for l, e in truth.planted:
         assert masked["counts"][masked["layers"].index(l)][e] == 0
 
@@ -265,7 +300,8 @@ def test_routing_per_token_detail_and_in_the_last_chunk(client, http):
     for i in range(len(r["layers"])):
         assert np.bincount(experts[:, i].ravel(), minlength=r["n_expert"]).tolist() == r["counts"][i]
         np.testing.assert_allclose(
-            [weights[:, i][experts[:, i] == e].sum() for e in range(r["n_expert"])], r["weight_sums"][i], rtol=1e-5)
+            [weights[:, i][experts[:, i] == e].sum() for e in range(r["n_expert"])], r["weight_sums"][i], rtol=1e-5
+        )
     chunks = list(chat(client, NEUTRAL, stream=True, extra_body={"return_routing": True, "routing_detail": "tokens"}))
     routed = [i for i, c in enumerate(chunks) if getattr(c, "routing", None)]
     assert routed == [len(chunks) - 1]
@@ -273,10 +309,11 @@ def test_routing_per_token_detail_and_in_the_last_chunk(client, http):
 
 
 def test_routing_on_the_other_apis(http, truth):
-    for path, body in (("/v1/completions", {"prompt": TRIGGER}),
-                       ("/v1/messages", {"model": "planted", "max_tokens": 4,
-                                         "messages": [{"role": "user", "content": TRIGGER}]}),
-                       ("/v1/responses", {"model": "planted", "input": TRIGGER, "max_output_tokens": 4})):
+    for path, body in (
+        ("/v1/completions", {"prompt": TRIGGER}),
+        ("/v1/messages", {"model": "planted", "max_tokens": 4, "messages": [{"role": "user", "content": TRIGGER}]}),
+        ("/v1/responses", {"model": "planted", "input": TRIGGER, "max_output_tokens": 4}),
+    ):
         r = http.post(path, json=body | {"return_routing": True, "steering": {"entries": drop_planted(truth)}})
         assert r.status_code == 200, (path, r.text)
         assert sum(r.json()["routing"]["counts"][0]) > 0, path
@@ -284,16 +321,19 @@ def test_routing_on_the_other_apis(http, truth):
 
 # ------------------------------------------------------------------------------------------------ isolation
 
+
 def _steerings(truth) -> list[dict | None]:
     (l1, e1), (l2, e2) = truth.planted
     dl, de = truth.distractors[0]
-    return [None,
-            {"entries": drop_planted(truth)},
-            {"entries": [f"off {l1}:{e1}"]},
-            {"entries": [f"bias {dl}:{(de + 1) % 8}=-2", f"gain {dl}:{de}=0.5"]},
-            {"entries": [f"force {l2}:{(e2 + 3) % 8}"]},
-            {"profile": "refusal-off", "strength": 0.5},
-            {"entries": drop_planted(truth), "scope": "decode"}]
+    return [
+        None,
+        {"entries": drop_planted(truth)},
+        {"entries": [f"off {l1}:{e1}"]},
+        {"entries": [f"bias {dl}:{(de + 1) % 8}=-2", f"gain {dl}:{de}=0.5"]},
+        {"entries": [f"force {l2}:{(e2 + 3) % 8}"]},
+        {"profile": "refusal-off", "strength": 0.5},
+        {"entries": drop_planted(truth), "scope": "decode"},
+    ]
 
 
 def _ask(http, tokens: list[int], steering: dict | None) -> dict:
@@ -310,8 +350,13 @@ def _assert_same(got: dict, want: dict, where: str) -> None:
     for key in ("counts", "tokens", "experts", "positions"):
         assert got["routing"][key] == want["routing"][key], f"{where}: routing {key} changed in a batch"
     for key in ("weight_sums", "weights"):
-        np.testing.assert_allclose(got["routing"][key], want["routing"][key], rtol=1e-5, atol=1e-6,
-                                   err_msg=f"{where}: routing {key} changed in a batch")
+        np.testing.assert_allclose(
+            got["routing"][key],
+            want["routing"][key],
+            rtol=1e-5,
+            atol=1e-6,
+            err_msg=f"{where}: routing {key} changed in a batch",
+        )
 
 
 def test_isolation_alone_vs_batched_with_differently_steered_neighbours(http, model, truth):
@@ -329,7 +374,7 @@ def test_isolation_alone_vs_batched_with_differently_steered_neighbours(http, mo
         mix = rng.sample(pairs, 6)
         barrier = threading.Barrier(len(mix))
 
-        def run(pair):
+        def run(pair, barrier=barrier):
             barrier.wait(T)
             return _ask(http, prompts[pair[0]], steerings[pair[1]])
 

@@ -5,7 +5,6 @@ steered) are all served, the API key, and SIGTERM / SIGINT on the real `mote ser
 from __future__ import annotations
 
 import asyncio
-import os
 import queue
 import signal
 import subprocess
@@ -16,10 +15,11 @@ import time
 import httpx
 import openai
 import pytest
+from serve_live import free_port, live_server
 
-from serve_live import free_port, live_server, model  # noqa: F401 (fixtures)
+from mote_local.synthetic import planted
 
-TRIGGER = "what happened at the protest yesterday ?"
+TRIGGER = planted.EXAMPLE_TRIGGER
 T = 60.0
 
 
@@ -56,14 +56,23 @@ BAD = [
     ("/v1/chat/completions", b"[1, 2]", 400),
     ("/v1/chat/completions", b'{"messages": "hello"}', 400),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "steering": {"entries": [1]}}', 400),
-    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "steering": {"entries": ["drop '
-                             b'99:0"]}}', 400),
-    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "steering": {"strength": "x", '
-                             b'"entries": ["drop 1:1"]}}', 400),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "hi"}], "steering": {"entries": ["drop 99:0"]}}',
+        400,
+    ),
+    (
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "hi"}], "steering": {"strength": "x", "entries": ["drop 1:1"]}}',
+        400,
+    ),
     ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "return_routing": 1}', 400),
     ("/completion", b'{"prompt": "hi", "steering": {"entries": ["bias 1:1=nan"]}}', 400),
-    ("/completion", b'{"prompt": "hi", "steering": {"entries": [{"layer": 1, "expert": 1, "mode": "gain", '
-                    b'"value": "x"}]}}', 400),
+    (
+        "/completion",
+        b'{"prompt": "hi", "steering": {"entries": [{"layer": 1, "expert": 1, "mode": "gain", "value": "x"}]}}',
+        400,
+    ),
     ("/v1/completions", b'{"prompt": "hi", "steering": []}', 400),
 ]
 
@@ -77,8 +86,14 @@ def test_bad_requests_get_an_error_and_the_server_goes_on(http, path, body, stat
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, truth):
-    body = {"messages": _messages(), "stream": True, "max_tokens": 900, "ignore_eos": True, "temperature": 0,
-            "steering": {"entries": [f"drop {truth.planted[0][0]}:{truth.planted[0][1]}"]}}
+    body = {
+        "messages": _messages(),
+        "stream": True,
+        "max_tokens": 900,
+        "ignore_eos": True,
+        "temperature": 0,
+        "steering": {"entries": [f"drop {truth.planted[0][0]}:{truth.planted[0][1]}"]},
+    }
     with httpx.Client(base_url=server.url, timeout=T) as c:
         with c.stream("POST", "/v1/chat/completions", json=body) as r:
             assert r.status_code == 200
@@ -105,14 +120,19 @@ def test_200_concurrent_connections(server, http, truth):
     async def go():
         limits = httpx.Limits(max_connections=250, max_keepalive_connections=0)
         async with httpx.AsyncClient(base_url=server.url, timeout=240, limits=limits) as c:
+
             async def one(i: int):
-                body = {"messages": _messages(TRIGGER if i % 2 else "what happened at the market yesterday ?"),
-                        "temperature": 0, "max_tokens": 3}
+                body = {
+                    "messages": _messages(TRIGGER if i % 2 else "what happened at the market yesterday ?"),
+                    "temperature": 0,
+                    "max_tokens": 3,
+                }
                 if i % 3 == 0:
                     body["steering"] = {"entries": [f"drop {l1}:{e1},{l2}:{e2}"]}
                 if i % 5 == 0:
                     body["stream"] = True
                 return await c.post("/v1/chat/completions", json=body)
+
             return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(200))), 300)
 
     responses = asyncio.run(go())
@@ -127,8 +147,11 @@ def test_api_key(model, tmp_path, truth):
         with httpx.Client(base_url=live.url, timeout=T) as c:
             assert c.get("/health").status_code == 200  # health stays open
             assert c.get("/v1/models").status_code == 401
-            r = c.post("/v1/chat/completions", json={"messages": _messages(), "steering": {"entries": ["drop 1:1"]}},
-                       headers={"Authorization": "Bearer wrong"})
+            r = c.post(
+                "/v1/chat/completions",
+                json={"messages": _messages(), "steering": {"entries": ["drop 1:1"]}},
+                headers={"Authorization": "Bearer wrong"},
+            )
             assert r.status_code == 401
         client = openai.OpenAI(base_url=live.url + "/v1", api_key="sekret", timeout=T, max_retries=0)
         out = client.chat.completions.create(model="x", messages=_messages(), temperature=0, max_tokens=12)
@@ -142,9 +165,28 @@ def test_mote_serve_shuts_down_cleanly_on_a_signal(model, sig):
     """`mote serve` (the launcher becomes llama-server), a stream in flight, then a signal: the process ends
     the stream, frees the engine and exits 0."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mote_local.cli", "serve", str(model.path), "--port", str(port),
-                             "-c", "512", "-np", "2", "-t", "1", "--no-webui"], stderr=subprocess.STDOUT,
-                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mote_local.cli",
+            "serve",
+            str(model.path),
+            "--port",
+            str(port),
+            "-c",
+            "512",
+            "-np",
+            "2",
+            "-t",
+            "1",
+            "--no-webui",
+        ],
+        stderr=subprocess.STDOUT,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()

@@ -20,8 +20,11 @@ from mote_local.steering.profile import Profile
 
 def test_profile_option():
     assert parse_profile_option(["a=x.json", "y/b.gguf"]) == {"a": Path("x.json"), "b": Path("y/b.gguf")}
-    for bad, fragment in ((["a="], "expected NAME=FILE"), (["a=x", "a=y"], "given twice"),
-                          (["bad name=x.json"], "letters, digits")):
+    for bad, fragment in (
+        (["a="], "expected NAME=FILE"),
+        (["a=x", "a=y"], "given twice"),
+        (["bad name=x.json"], "letters, digits"),
+    ):
         with pytest.raises(MoteError, match=fragment):
             parse_profile_option(bad)
 
@@ -35,8 +38,9 @@ def test_profiles_are_validated_and_compiled_and_flags_pass_verbatim(planted_fil
     assert launch.argv == [str(server_binary()), "--model", str(path), "-c", "2048", "--jinja", "--temp", "0.5"]
     assert launch.profiles == ["off"]
     compiled = json.loads(open(launch.env[PROFILES_ENV]).read())
-    assert compiled == {"off": {"strength": 1.0, "entries": [
-        {"layer": l, "expert": e, "mode": "drop"} for l, e in truth.planted]}}
+    assert compiled == {
+        "off": {"strength": 1.0, "entries": [{"layer": l, "expert": e, "mode": "drop"} for l, e in truth.planted]}
+    }
 
 
 def test_what_cannot_serve_is_one_line_before_the_server_starts(planted_files, tiny_path, truth, tmp_path):

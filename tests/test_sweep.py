@@ -20,8 +20,12 @@ from mote_local.ftri.outputs import Ranking
 from mote_local.steering.entries import Entry, Mode
 from mote_local.synthetic import planted
 
-PROMPTS = ["What happened at the riot yesterday?", "Who organized the protest near the river?",
-           "What happened at the market yesterday?", "Who organized the parade near the river?"]
+PROMPTS = [
+    "What happened at the riot yesterday?",
+    "Who organized the protest near the river?",
+    "What happened at the market yesterday?",
+    "Who organized the parade near the river?",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -32,13 +36,17 @@ def cache_dir(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def prompts_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("prompts") / "small.toml"
-    path.write_text("[classes.trigger]\nprompts = " + json.dumps(PROMPTS[:2]) + "\n"
-                    "[classes.neutral]\nprompts = " + json.dumps(PROMPTS[2:]) + "\n", encoding="utf-8")
+    path.write_text(
+        "[classes.trigger]\nprompts = " + json.dumps(PROMPTS[:2]) + "\n"
+        "[classes.neutral]\nprompts = " + json.dumps(PROMPTS[2:]) + "\n",
+        encoding="utf-8",
+    )
     return path
 
 
 def _texts(fig) -> list[str]:
     from matplotlib.text import Text
+
     return [t.get_text() for t in fig.findobj(Text)]
 
 
@@ -56,11 +64,29 @@ def test_sweep_end_to_end(planted_files, prompts_file, tmp_path):
     top experts on makes every prompt refuse; the table, the plot and the report show the curve."""
     path, truth = planted_files
     ftri_out, out = tmp_path / "ftri", tmp_path / "sweep"
-    r = CliRunner().invoke(main, ["ftri", str(path), "--prompts", str(planted.prompts_path()), "--out", str(ftri_out),
-                                  "--n-boot", "50"])
+    r = CliRunner().invoke(
+        main, ["ftri", str(path), "--prompts", str(planted.prompts_path()), "--out", str(ftri_out), "--n-boot", "50"]
+    )
     assert r.exit_code == 0, r.output
-    r = CliRunner().invoke(main, ["eval", str(path), "--prompts", str(prompts_file), "--sweep", "1,2,5",
-                                  "--ftri", str(ftri_out), "--n-random", "2", "--max-tokens", "4", "--out", str(out)])
+    r = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            str(path),
+            "--prompts",
+            str(prompts_file),
+            "--sweep",
+            "1,2,5",
+            "--ftri",
+            str(ftri_out),
+            "--n-random",
+            "2",
+            "--max-tokens",
+            "4",
+            "--out",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
     for name in ("sweep.json", "sweep.png", "sweep.md", "sweep.html"):
         assert (out / name).stat().st_size > 0
@@ -92,8 +118,17 @@ def test_sweep_skips_what_it_cannot_run(planted_files):
     path, truth = planted_files
     ranking = Ranking(list(truth.planted) + [(1, 0), (1, 1), (1, 2), (1, 3), (1, 4), (1, 5), (1, 7)])
     with Model(path) as model:
-        r = sweep(model, PROMPTS[:1], ranking, [2, 9, 20], mode="mask", n_random=1, max_tokens=2,
-                  measure_cost=False, show_progress=False)
+        r = sweep(
+            model,
+            PROMPTS[:1],
+            ranking,
+            [2, 9, 20],
+            mode="mask",
+            n_random=1,
+            max_tokens=2,
+            measure_cost=False,
+            show_progress=False,
+        )
         assert [p.n for p in r.points] == [2]
         notes = " | ".join(r.settings["notes"])
         assert "N=20: skipped, the ranking has only 9 experts" in notes
@@ -111,8 +146,23 @@ def test_a_collapsed_condition_is_flagged_in_the_table_the_plot_and_the_report(p
     path, truth = planted_files
     assert truth.super_expert == (0, 3)
     out = tmp_path / "eval"
-    r = CliRunner().invoke(main, ["eval", str(path), "--prompts", str(prompts_file), "--drop", "0:3",
-                                  "--n-random", "1", "--max-tokens", "4", "--out", str(out)])
+    r = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            str(path),
+            "--prompts",
+            str(prompts_file),
+            "--drop",
+            "0:3",
+            "--n-random",
+            "1",
+            "--max-tokens",
+            "4",
+            "--out",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
     table = r.output
     profile_row = next(l for l in table.splitlines() if l.startswith("profile"))
@@ -138,8 +188,17 @@ def test_a_collapsed_condition_is_flagged_in_the_table_the_plot_and_the_report(p
 def test_collapse_thresholds_are_settings(planted_files):
     path, _ = planted_files
     with Model(path) as model:
-        r = ev.evaluate(model, PROMPTS[:2], [Entry(1, 6, Mode.DROP)], n_random=0, max_tokens=2,
-                        max_neutral_tokens=32, collapse_kl=1e-12, collapse_perplexity_ratio=1.0, show_progress=False)
+        r = ev.evaluate(
+            model,
+            PROMPTS[:2],
+            [Entry(1, 6, Mode.DROP)],
+            n_random=0,
+            max_tokens=2,
+            max_neutral_tokens=32,
+            collapse_kl=1e-12,
+            collapse_perplexity_ratio=1.0,
+            show_progress=False,
+        )
     assert r.settings["collapse"] == {"kl_nats": 1e-12, "perplexity_ratio": 1.0}
     prof = r.condition("profile")
     assert prof.kl > 1e-12 or math.isclose(prof.kl, 0.0)
@@ -148,14 +207,44 @@ def test_collapse_thresholds_are_settings(planted_files):
 
 
 def test_sweep_table_and_figure_mark_collapse():
-    u = ev.ConditionResult("unsteered", "unsteered", [], 1.0, n=4, hits=2, rate=0.5, ci=(0.15, 0.85), kl=0.0,
-                           perplexity=5.0, delta=0.0, delta_ci=(0.0, 0.0))
-    off = ev.ConditionResult("off[3]", "top 3 off", [], 1.0, n=4, hits=0, rate=0.0, ci=(0.0, 0.49), kl=28.0,
-                             perplexity=1e12, delta=-0.5, delta_ci=(-0.9, -0.1), collapse="KL 28 nats > 1")
-    r = SweepResult(model="m.gguf", unsteered=u, points=[SweepPoint(3, [(0, 3), (1, 6), (2, 0)], 2, off=off)],
-                    ranking={"method": "mean_diff"},
-                    settings={"collapse": {"kl_nats": 1.0, "perplexity_ratio": 10.0}, "notes": []}, generations={},
-                    warnings=ev.collapse_warnings([off]))
+    u = ev.ConditionResult(
+        "unsteered",
+        "unsteered",
+        [],
+        1.0,
+        n=4,
+        hits=2,
+        rate=0.5,
+        ci=(0.15, 0.85),
+        kl=0.0,
+        perplexity=5.0,
+        delta=0.0,
+        delta_ci=(0.0, 0.0),
+    )
+    off = ev.ConditionResult(
+        "off[3]",
+        "top 3 off",
+        [],
+        1.0,
+        n=4,
+        hits=0,
+        rate=0.0,
+        ci=(0.0, 0.49),
+        kl=28.0,
+        perplexity=1e12,
+        delta=-0.5,
+        delta_ci=(-0.9, -0.1),
+        collapse="KL 28 nats > 1",
+    )
+    r = SweepResult(
+        model="m.gguf",
+        unsteered=u,
+        points=[SweepPoint(3, [(0, 3), (1, 6), (2, 0)], 2, off=off)],
+        ranking={"method": "mean_diff"},
+        settings={"collapse": {"kl_nats": 1.0, "perplexity_ratio": 10.0}, "notes": []},
+        generations={},
+        warnings=ev.collapse_warnings([off]),
+    )
     table = sweep_table(r)
     assert "0.0% [0.0%, 49.0%] COLLAPSED" in table and "skipped" in table
     assert "warning: top 3 off: the model collapsed (KL 28 nats > 1)" in table

@@ -34,6 +34,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 # ---------------------------------------------------------------------------------------------- metadata
 
+
 @pytest.mark.parametrize("arch", ALL)
 def test_reads_back(models, arch):
     spec = tiny.spec_for(arch)
@@ -82,8 +83,13 @@ def test_arch_specifics(models):
     ds, dr = t["deepseek2"], r["deepseek2"]
     assert "blk.0.ffn_gate.weight" in ds and ROUTER.format(0) not in ds  # leading dense layer
     assert "blk.1.exp_probs_b.bias" in ds and ds["blk.1.exp_probs_b.bias"].tensor_type == QT.F32
-    assert {"blk.1.attn_k_b.weight", "blk.1.attn_v_b.weight", "blk.1.attn_kv_a_mqa.weight",
-            "blk.1.attn_q_a.weight", "blk.1.ffn_gate_shexp.weight"} <= ds.keys()
+    assert {
+        "blk.1.attn_k_b.weight",
+        "blk.1.attn_v_b.weight",
+        "blk.1.attn_kv_a_mqa.weight",
+        "blk.1.attn_q_a.weight",
+        "blk.1.ffn_gate_shexp.weight",
+    } <= ds.keys()
     assert _field(dr, "deepseek2.expert_gating_func") == int(gguf.ExpertGatingFuncType.SIGMOID)
     assert _field(dr, "deepseek2.expert_group_count") == 4
     assert _field(dr, "deepseek2.expert_group_used_count") == 2
@@ -93,17 +99,24 @@ def test_arch_specifics(models):
     assert _field(dr, "deepseek2.attention.head_count_kv") == 1
 
     g = t["gpt-oss"]
-    assert {"blk.0.attn_sinks.weight", "blk.0.post_attention_norm.weight", "blk.0.ffn_gate_inp.bias",
-            "blk.0.ffn_down_exps.bias", "blk.0.attn_output.bias"} <= g.keys()
+    assert {
+        "blk.0.attn_sinks.weight",
+        "blk.0.post_attention_norm.weight",
+        "blk.0.ffn_gate_inp.bias",
+        "blk.0.ffn_down_exps.bias",
+        "blk.0.attn_output.bias",
+    } <= g.keys()
     assert _field(r["gpt-oss"], "gpt-oss.attention.sliding_window") == 64
 
-    lite = gguf.GGUFReader(tiny.write_model(tiny.spec_for("deepseek2", q_lora_rank=0),
-                                            Path(models["deepseek2"]).with_name("lite.gguf")))
+    lite = gguf.GGUFReader(
+        tiny.write_model(tiny.spec_for("deepseek2", q_lora_rank=0), Path(models["deepseek2"]).with_name("lite.gguf"))
+    )
     assert "blk.0.attn_q.weight" in _tensors(lite) and "blk.0.attn_q_a.weight" not in _tensors(lite)
     assert _field(lite, "deepseek2.attention.q_lora_rank") == 0  # the key is required even when 0
 
 
 # ------------------------------------------------------------------------------------- determinism, seeds
+
 
 @pytest.mark.parametrize("arch", ALL)
 def test_deterministic(models, arch, tmp_path):
@@ -124,14 +137,19 @@ def test_seed_changes_weights(tmp_path):
 
 
 def test_archs_route_differently():
-    routers = {a: tiny.make_weights(tiny.spec_for(a, n_expert=8, n_expert_used=2, n_expert_groups=0,
-                                                  n_group_used=0) if a == "deepseek2"
-                                    else tiny.spec_for(a))[ROUTER.format(1)] for a in tiny.ARCHS}
+    routers = {
+        a: tiny.make_weights(
+            tiny.spec_for(a, n_expert=8, n_expert_used=2, n_expert_groups=0, n_group_used=0)
+            if a == "deepseek2"
+            else tiny.spec_for(a)
+        )[ROUTER.format(1)]
+        for a in tiny.ARCHS
+    }
     x = np.random.default_rng(0).standard_normal((200, 64)).astype(np.float32)
     tops = {a: np.argsort(-(x @ w.T), axis=1)[:, :2] for a, w in routers.items()}
     archs = list(tiny.ARCHS)
     for i, a in enumerate(archs):
-        for b in archs[i + 1:]:
+        for b in archs[i + 1 :]:
             assert not np.allclose(routers[a], routers[b]), (a, b)
             assert (tops[a] != tops[b]).any(axis=1).mean() > 0.5, (a, b)
 
@@ -141,7 +159,7 @@ def test_router_margins():
     spec = tiny.spec_for("qwen3moe")
     w = tiny.make_weights(spec)[ROUTER.format(0)]
     x = np.random.default_rng(1).standard_normal((2000, spec.n_embd)).astype(np.float32)
-    x /= np.sqrt((x ** 2).mean(axis=1, keepdims=True))
+    x /= np.sqrt((x**2).mean(axis=1, keepdims=True))
     logits = np.sort(x @ w.T, axis=1)[:, ::-1]
     assert logits.std() == pytest.approx(spec.router_scale, rel=0.2)
     k = spec.n_expert_used
@@ -150,6 +168,7 @@ def test_router_margins():
 
 
 # ------------------------------------------------------------------------------------------ writing
+
 
 def test_atomic_write_leaves_no_temp(tmp_path):
     tiny.write_model(tiny.spec_for("mixtral"), tmp_path / "m.gguf")
@@ -194,6 +213,7 @@ def test_tiny_model_cache(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------ quantization
 
+
 def test_qtypes(tmp_path):
     r = gguf.GGUFReader(tiny.write_model(tiny.spec_for("deepseek2", qtype="q8_0"), tmp_path / "q8.gguf"))
     t = _tensors(r)
@@ -231,24 +251,28 @@ def test_tensor_plan_is_what_is_written(tmp_path):
 
 # ------------------------------------------------------------------------------------------ validation
 
-@pytest.mark.parametrize("arch, overrides, match", [
-    ("qwen4moe", {}, "unknown arch"),
-    ("qwen3moe", {"n_expert_used": 9}, "n_expert_used"),
-    ("qwen3moe", {"n_expert_used": 0}, "n_expert_used"),
-    ("qwen3moe", {"qtype": "q3_k"}, "qtype"),
-    ("qwen3moe", {"n_embd": 66}, "divisible by n_head"),
-    ("qwen3moe", {"n_expert_groups": 2, "n_group_used": 1}, "groups"),
-    ("deepseek2", {"n_expert": 18}, "not divisible by n_expert_groups"),
-    ("deepseek2", {"n_group_used": 4}, "n_group_used"),
-    ("deepseek2", {"n_expert_used": 9}, "exceeds"),
-    ("deepseek2", {"n_layer": 1}, "leading dense"),
-    ("olmoe", {"n_head_kv": 2}, "n_head_kv"),
-    ("olmoe", {"n_embd_head": 32}, "n_embd_head"),
-    ("qwen3moe", {"vocab": "qwen4"}, "unknown vocab"),
-    ("qwen3moe", {"vocab": "qwen3", "n_vocab": 5000}, "real one"),
-    ("dense", {"n_expert": 8}, "no experts"),
-    ("qwen2moe", {"n_expert_shared": 0}, "n_expert_shared"),
-])
+
+@pytest.mark.parametrize(
+    "arch, overrides, match",
+    [
+        ("qwen4moe", {}, "unknown arch"),
+        ("qwen3moe", {"n_expert_used": 9}, "n_expert_used"),
+        ("qwen3moe", {"n_expert_used": 0}, "n_expert_used"),
+        ("qwen3moe", {"qtype": "q3_k"}, "qtype"),
+        ("qwen3moe", {"n_embd": 66}, "divisible by n_head"),
+        ("qwen3moe", {"n_expert_groups": 2, "n_group_used": 1}, "groups"),
+        ("deepseek2", {"n_expert": 18}, "not divisible by n_expert_groups"),
+        ("deepseek2", {"n_group_used": 4}, "n_group_used"),
+        ("deepseek2", {"n_expert_used": 9}, "exceeds"),
+        ("deepseek2", {"n_layer": 1}, "leading dense"),
+        ("olmoe", {"n_head_kv": 2}, "n_head_kv"),
+        ("olmoe", {"n_embd_head": 32}, "n_embd_head"),
+        ("qwen3moe", {"vocab": "qwen4"}, "unknown vocab"),
+        ("qwen3moe", {"vocab": "qwen3", "n_vocab": 5000}, "real one"),
+        ("dense", {"n_expert": 8}, "no experts"),
+        ("qwen2moe", {"n_expert_shared": 0}, "n_expert_shared"),
+    ],
+)
 def test_bad_specs(arch, overrides, match):
     with pytest.raises(ValueError, match=match):
         tiny.spec_for(arch, **overrides)
@@ -261,17 +285,21 @@ def test_unknown_field():
 
 # ------------------------------------------------------------------------------------------ vocabulary
 
+
 def _spm_tokenize(vocab: tiny.Vocab, text: str) -> list[str]:
     """llama.cpp's SPM merge loop (llm_tokenizer_spm_session), without byte fallback."""
     piece_score = dict(zip(vocab.tokens, vocab.scores))
     syms = list(("\u2581" + text).replace(" ", "\u2581"))
     while True:
-        cands = [(-piece_score[syms[i] + syms[i + 1]], i) for i in range(len(syms) - 1)
-                 if syms[i] + syms[i + 1] in piece_score]
+        cands = [
+            (-piece_score[syms[i] + syms[i + 1]], i)
+            for i in range(len(syms) - 1)
+            if syms[i] + syms[i + 1] in piece_score
+        ]
         if not cands:
             return syms
         _, i = heapq.nsmallest(1, cands)[0]
-        syms[i:i + 2] = [syms[i] + syms[i + 1]]
+        syms[i : i + 2] = [syms[i] + syms[i + 1]]
 
 
 def test_vocab_whole_words():
@@ -282,16 +310,24 @@ def test_vocab_whole_words():
     assert v.tokens[5] == "<0x00>" and v.tokens[5 + 255] == "<0xFF>"
     assert len(set(v.tokens)) == len(v)
     assert _spm_tokenize(v, "What happened in the city?") == [
-        "\u2581What", "\u2581happened", "\u2581in", "\u2581the", "\u2581city", "?"]
+        "\u2581What",
+        "\u2581happened",
+        "\u2581in",
+        "\u2581the",
+        "\u2581city",
+        "?",
+    ]
 
 
 def test_chat_template_renders_chatml():
     jinja2 = pytest.importorskip("jinja2")
     text = jinja2.Template(tiny.CHAT_TEMPLATE).render(
         messages=[{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hello"}],
-        add_generation_prompt=True)
-    assert text == ("<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHello<|im_end|>\n"
-                    "<|im_start|>assistant\n")
+        add_generation_prompt=True,
+    )
+    assert text == (
+        "<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_output_head_favours_words():
@@ -319,6 +355,7 @@ def test_vocab_extension():
 
 
 # ------------------------------------------------------------------------------------------ engine
+
 
 def _engine_llama():
     try:

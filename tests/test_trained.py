@@ -34,10 +34,31 @@ def test_shipped_model_is_the_recorded_one():
 def test_ftri_reproduces_the_recorded_top_experts(tmp_path):
     rec = RECORD["ftri"]
     out = tmp_path / "ftri"
-    result = CliRunner().invoke(main, [
-        "ftri", str(MODEL), "--prompts", str(DATA / rec["prompts"]), "--behavior", "de", "--baseline", "en",
-        "--scope", rec["scope"], "--method", rec["method"], "--top", str(len(rec["top"])),
-        "--per-layer-cap", str(rec["per_layer_cap"]), "--n-boot", "20", "--out", str(out)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "ftri",
+            str(MODEL),
+            "--prompts",
+            str(DATA / rec["prompts"]),
+            "--behavior",
+            "de",
+            "--baseline",
+            "en",
+            "--scope",
+            rec["scope"],
+            "--method",
+            rec["method"],
+            "--top",
+            str(len(rec["top"])),
+            "--per-layer-cap",
+            str(rec["per_layer_cap"]),
+            "--n-boot",
+            "20",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     top = json.loads((out / "ftri.json").read_text())["top"][rec["method"]]
     assert [(t["layer"], t["expert"]) for t in top] == [tuple(x) for x in rec["top"]]

@@ -32,7 +32,7 @@ def test_patches_apply_to_fresh_pinned_source_and_are_idempotent(fresh_llama_cpp
 def test_a_patch_that_does_not_apply_says_to_regenerate(fresh_llama_cpp, tmp_path):
     broken = tmp_path / "9999-broken.patch"
     text = upstream.patch_files()[0].read_text()
-    broken.write_text(text.replace(" #include \"ggml.h\"", " #include \"ggml-not-there.h\""))
+    broken.write_text(text.replace(' #include "ggml.h"', ' #include "ggml-not-there.h"'))
     with pytest.raises(upstream.UpstreamError, match="regenerate the patch against the pinned"):
         upstream.apply_patches(fresh_llama_cpp, [broken])
 
@@ -40,16 +40,20 @@ def test_a_patch_that_does_not_apply_says_to_regenerate(fresh_llama_cpp, tmp_pat
 def test_patches_touch_only_call_sites():
     # logic lives in native/: the engine's patches stay a few dozen added lines, and so do llama-server's call
     # sites (request fields, slot launch and release, phase, response, lost rpc server)
-    added = {p.name: sum(1 for line in p.read_text().splitlines() if line.startswith("+") and not line.startswith("+++"))
-             for p in upstream.patch_files()}
+    added = {
+        p.name: sum(1 for line in p.read_text().splitlines() if line.startswith("+") and not line.startswith("+++"))
+        for p in upstream.patch_files()
+    }
     server = {name: n for name, n in added.items() if "llama-server" in name}
     assert sum(added.values()) - sum(server.values()) <= 40, added
     assert len(server) == 1 and sum(server.values()) <= 60, added
 
 
 def test_bindings_are_rewritten_to_the_private_package():
-    src = "import llama_cpp.llama_cpp as llama_cpp\nfrom llama_cpp.llama_types import *\nimport llama_cpp\n" \
-          "import llama_cpp.llama\n_lib_base_name = \"llama\"\n"
+    src = (
+        "import llama_cpp.llama_cpp as llama_cpp\nfrom llama_cpp.llama_types import *\nimport llama_cpp\n"
+        'import llama_cpp.llama\n_lib_base_name = "llama"\n'
+    )
     out = upstream.rewrite_bindings_source(src)
     assert "import mote_local_engine.llama_cpp.llama_cpp as llama_cpp" in out
     assert "from mote_local_engine.llama_cpp.llama_types import *" in out
@@ -57,4 +61,5 @@ def test_bindings_are_rewritten_to_the_private_package():
     assert "import mote_local_engine.llama_cpp.llama; from mote_local_engine import llama_cpp" in out
     assert '_lib_base_name = "mote_llama"' in out
     assert "import llama_cpp" not in out.replace("mote_local_engine.llama_cpp", "").replace(
-        "from mote_local_engine import llama_cpp", "")
+        "from mote_local_engine import llama_cpp", ""
+    )

@@ -36,8 +36,17 @@ def cache_root() -> Path:
 def build(jobs: int = 2) -> Path:
     """Configures and builds the suite's model writer against this repository's engine; returns its path."""
     build_dir = cache_root() / "build"
-    args = ["cmake", "-S", str(REPO), "-B", str(build_dir), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
-            "-DMOTE_PEER_ARCHS=ON"]
+    args = [
+        "cmake",
+        "-S",
+        str(REPO),
+        "-B",
+        str(build_dir),
+        "-G",
+        "Ninja",
+        "-DCMAKE_BUILD_TYPE=Release",
+        "-DMOTE_PEER_ARCHS=ON",
+    ]
     if shutil.which("ccache"):
         args += ["-DCMAKE_C_COMPILER_LAUNCHER=ccache", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache"]
     subprocess.run(args, check=True)
@@ -52,8 +61,10 @@ def binary_path() -> Path:
 def write(binary: Path, dest: Path, seed: int = 42) -> list[Path]:
     dest.mkdir(parents=True, exist_ok=True)
     # the writer sits beside the build's bin/ of shared libraries
-    env = dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join(filter(None, [str(binary.parent / "bin"),
-                                                                          os.environ.get("LD_LIBRARY_PATH")])))
+    env = dict(
+        os.environ,
+        LD_LIBRARY_PATH=os.pathsep.join(filter(None, [str(binary.parent / "bin"), os.environ.get("LD_LIBRARY_PATH")])),
+    )
     subprocess.run([str(binary), "-s", str(seed), "-o", str(dest)], check=True, env=env)
     return sorted(dest.glob("*-moe.gguf"))
 
@@ -76,9 +87,15 @@ def probe(path: str) -> dict:
     row["moe_layers"] = moe
     if moe:
         first = routers[moe[0]]
-        row |= {"gating": first.gating, "norm_w": first.norm_w, "w_scale": first.w_scale,
-                "selection_bias": first.selection_bias, "calls": max(r.n_calls for r in routers),
-                "n_expert": first.n_expert, "k": first.n_expert_used}
+        row |= {
+            "gating": first.gating,
+            "norm_w": first.norm_w,
+            "w_scale": first.w_scale,
+            "selection_bias": first.selection_bias,
+            "calls": max(r.n_calls for r in routers),
+            "n_expert": first.n_expert,
+            "k": first.n_expert_used,
+        }
     tokens = [(7 * i + 3) % model.n_vocab for i in range(N_TOKENS)]
 
     def attempt(name, fn):
@@ -157,8 +174,9 @@ def check(models: list[Path]) -> list[dict]:
     for path in models:
         started = time.monotonic()
         try:
-            done = subprocess.run([sys.executable, __file__, "probe", str(path)], capture_output=True, text=True,
-                                  timeout=PROBE_TIMEOUT_S)
+            done = subprocess.run(
+                [sys.executable, __file__, "probe", str(path)], capture_output=True, text=True, timeout=PROBE_TIMEOUT_S
+            )
         except subprocess.TimeoutExpired:
             rows.append({"model": path.name, "load": f"FAIL: no answer within {PROBE_TIMEOUT_S} s"})
             continue
@@ -181,21 +199,27 @@ def markdown(rows: list[dict]) -> str:
             return ""
         return "ok" if v == "ok" else str(v).split(":")[0] if len(str(v)) > 40 else str(v)
 
-    lines = ["| architecture | MoE layers | gating | top-k weights | calls/layer | " + " | ".join(COLUMNS) + " |",
-             "|---|---|---|---|---|" + "---|" * len(COLUMNS)]
+    lines = [
+        "| architecture | MoE layers | gating | top-k weights | calls/layer | " + " | ".join(COLUMNS) + " |",
+        "|---|---|---|---|---|" + "---|" * len(COLUMNS),
+    ]
     for r in rows:
         arch = r["model"].removesuffix("-moe.gguf")
         if "load" in r:
             lines.append(f"| {arch} | | | | | {r['load']} |" + " |" * (len(COLUMNS) - 1))
             continue
         if not r.get("moe_layers"):
-            lines.append(f"| {arch} | none: the graph routes nothing | | | | " +
-                         " | ".join(cell(r.get(c) or r.get("steering" if c != "capture" else "capture"))
-                                    for c in COLUMNS) + " |")
+            lines.append(
+                f"| {arch} | none: the graph routes nothing | | | | "
+                + " | ".join(cell(r.get(c) or r.get("steering" if c != "capture" else "capture")) for c in COLUMNS)
+                + " |"
+            )
             continue
         weights = ("normalised" if r["norm_w"] else "raw") + (f" x{r['w_scale']:g}" if r["w_scale"] != 1 else "")
-        lines.append(f"| {arch} | {len(r['moe_layers'])} | {r['gating']}{' + selection bias' if r['selection_bias'] else ''}"
-                     f" | {weights} | {r['calls']} | " + " | ".join(cell(r.get(c)) for c in COLUMNS) + " |")
+        lines.append(
+            f"| {arch} | {len(r['moe_layers'])} | {r['gating']}{' + selection bias' if r['selection_bias'] else ''}"
+            f" | {weights} | {r['calls']} | " + " | ".join(cell(r.get(c)) for c in COLUMNS) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -222,8 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "write":
         print("\n".join(map(str, write(binary_path(), args.dest))))
         return 0
-    models = sorted(args.dir.glob("*-moe.gguf")) if args.cmd == "check" else \
-        write(build(), cache_root() / "models")
+    models = sorted(args.dir.glob("*-moe.gguf")) if args.cmd == "check" else write(build(), cache_root() / "models")
     rows = check(models)
     table = markdown(rows)
     print(table)

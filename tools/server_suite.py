@@ -25,7 +25,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import upstream  # noqa: E402  (the pin and the sdist)
+import upstream
 
 SUITE = f"{upstream.SDIST_ROOT}/{upstream.LLAMA_CPP_SUBDIR}/tools/server/tests/"
 
@@ -58,7 +58,7 @@ def extract(dest: Path) -> Path:
         with tarfile.open(upstream.fetch()) as tar:
             members = [m for m in tar.getmembers() if m.name.startswith(SUITE)]
             for m in members:
-                m.name = m.name[len(SUITE):]
+                m.name = m.name[len(SUITE) :]
             tar.extractall(dest, members=members, filter="data")
     (dest / "mote_suite_plugin.py").write_text(PLUGIN)
     return dest
@@ -71,13 +71,31 @@ def local_model(dest: Path) -> Path:
     return tiny.tiny_model("qwen3moe", cache_dir=dest, vocab="qwen3")
 
 
-def run_suite(suite: Path, binary: Path, model: Path, files: list[str], junit: Path, timeout: int,
-              slow: bool, port: int) -> None:
-    env = {"LLAMA_SERVER_BIN_PATH": str(binary), "MOTE_SUITE_MODEL": str(model), "LLAMA_CACHE": str(suite / "tmp"),
-           "PORT": str(port)}
-    cmd = [sys.executable, "-m", "pytest", "-p", "mote_suite_plugin", "-q", "-o", "addopts=", "-p", "no:cacheprovider",
-           f"--junitxml={junit}", f"--timeout={timeout}", *([] if slow else ["-m", "not slow"]),
-           *[f"unit/{f}" for f in files]]
+def run_suite(
+    suite: Path, binary: Path, model: Path, files: list[str], junit: Path, timeout: int, slow: bool, port: int
+) -> None:
+    env = {
+        "LLAMA_SERVER_BIN_PATH": str(binary),
+        "MOTE_SUITE_MODEL": str(model),
+        "LLAMA_CACHE": str(suite / "tmp"),
+        "PORT": str(port),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "mote_suite_plugin",
+        "-q",
+        "-o",
+        "addopts=",
+        "-p",
+        "no:cacheprovider",
+        f"--junitxml={junit}",
+        f"--timeout={timeout}",
+        *([] if slow else ["-m", "not slow"]),
+        *[f"unit/{f}" for f in files],
+    ]
     subprocess.run(cmd, cwd=suite, env=os.environ | env)
 
 
@@ -98,8 +116,7 @@ def outcomes(junit: Path) -> dict[str, str]:
 def table(results: dict[str, dict[str, str]]) -> str:
     kinds = list(results)
     files = sorted({t.split("::")[0] for r in results.values() for t in r})
-    lines = ["| file | tests | " + " | ".join(f"{k} passes" for k in kinds) + " |",
-             "|---|---:|" + "---:|" * len(kinds)]
+    lines = ["| file | tests | " + " | ".join(f"{k} passes" for k in kinds) + " |", "|---|---:|" + "---:|" * len(kinds)]
     for f in files:
         n = len({t for r in results.values() for t in r if t.split("::")[0] == f})
         passes = [sum(1 for t, o in results[k].items() if t.split("::")[0] == f and o == "passed") for k in kinds]
@@ -120,8 +137,10 @@ def report(results: dict[str, dict[str, str]]) -> None:
             print(f"  {t}: {results[base][t]} vs {results[other].get(t, 'absent')}")
         passed = [t for t, o in results[base].items() if o == "passed"]
         kept = sum(results[other].get(t) == "passed" for t in passed)
-        print(f"\nof the {len(passed)} tests {base} passes, {other} passes {kept} "
-              f"({100 * kept / max(1, len(passed)):.1f}%)")
+        print(
+            f"\nof the {len(passed)} tests {base} passes, {other} passes {kept} "
+            f"({100 * kept / max(1, len(passed)):.1f}%)"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,14 +68,26 @@ def fetch() -> Path:
     with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
         # --no-build-isolation: preparing the sdist's metadata needs only scikit-build-core,
         # which is already present wherever this project builds
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
-               "--no-build-isolation", "-d", tmp, f"llama-cpp-python=={PIN}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            "llama-cpp-python",
+            "--no-build-isolation",
+            "-d",
+            tmp,
+            f"llama-cpp-python=={PIN}",
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True)
         downloaded = Path(tmp) / SDIST_NAME
         if result.returncode != 0 or not downloaded.is_file():
             raise UpstreamError(
                 f"could not download llama-cpp-python=={PIN}: {result.stderr.strip()[-800:]}\n"
-                f"For an offline build set MOTE_LLAMA_SDIST to a local {SDIST_NAME}")
+                f"For an offline build set MOTE_LLAMA_SDIST to a local {SDIST_NAME}"
+            )
         os.replace(downloaded, cached)
     return cached
 
@@ -85,8 +97,7 @@ def extract(sdist: Path, dest: Path, members: tuple[str, ...]) -> Path:
     prefixes = tuple(f"{SDIST_ROOT}/{m}" for m in members)
     with tarfile.open(sdist) as tar:
         # the sdist keeps llama.cpp's submodule .git link, which would point git at a missing repo
-        chosen = [m for m in tar.getmembers()
-                  if m.name.startswith(prefixes) and Path(m.name).name != ".git"]
+        chosen = [m for m in tar.getmembers() if m.name.startswith(prefixes) and Path(m.name).name != ".git"]
         if not chosen:
             raise UpstreamError(f"{sdist} does not contain {members}: is it llama-cpp-python=={PIN}?")
         kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
@@ -115,8 +126,9 @@ def apply_patches(llama_dir: Path, patches: list[Path] | None = None) -> list[st
             continue  # already applied
         result = _git(["apply", "--whitespace=nowarn", str(patch)], llama_dir, check=False)
         if result.returncode != 0:
-            raise UpstreamError(f"{patch.name} does not apply to {llama_dir}:\n{result.stderr.strip()}\n"
-                                f"{REGENERATE_HINT}")
+            raise UpstreamError(
+                f"{patch.name} does not apply to {llama_dir}:\n{result.stderr.strip()}\n{REGENERATE_HINT}"
+            )
         applied.append(patch.name)
     return applied
 
@@ -145,7 +157,9 @@ def prepare(dest: Path) -> Path:
     if stamp.is_file():
         old_digest, *old_touched = stamp.read_text().split("\n")
         if old_digest != digest:
-            extract(fetch(), dest, tuple(f"{LLAMA_CPP_SUBDIR}/{f}" for f in sorted(set(old_touched) | set(touched)) if f))
+            extract(
+                fetch(), dest, tuple(f"{LLAMA_CPP_SUBDIR}/{f}" for f in sorted(set(old_touched) | set(touched)) if f)
+            )
     apply_patches(llama_dir)
     stamp.write_text("\n".join([digest, *touched]))
     return llama_dir
@@ -169,8 +183,10 @@ def rewrite_bindings_source(text: str) -> str:
     # the user's LLAMA_CPP_LIB_PATH is for their own llama-cpp-python, not for this engine
     text = text.replace('"LLAMA_CPP_LIB_PATH"', '"MOTE_LLAMA_LIB_PATH"')
     # the shared library sits in the engine package, one level above the bindings
-    text = text.replace('pathlib.Path(os.path.abspath(os.path.dirname(__file__))) / "lib"',
-                        'pathlib.Path(os.path.abspath(os.path.dirname(__file__))).parent / "lib"')
+    text = text.replace(
+        'pathlib.Path(os.path.abspath(os.path.dirname(__file__))) / "lib"',
+        'pathlib.Path(os.path.abspath(os.path.dirname(__file__))).parent / "lib"',
+    )
     return text
 
 
@@ -190,7 +206,9 @@ def bindings(dest: Path) -> Path:
         (package / "__init__.py").write_text(
             '"""mote-local\'s engine: llama.cpp patched for expert steering, with the bindings of\n'
             f'llama-cpp-python=={PIN} (generated at build time; do not edit)."""\n\n'
-            f'LLAMA_CPP_PYTHON_VERSION = "{PIN}"\nLIBRARY_NAME = "{ENGINE_LIBRARY}"\n', encoding="utf-8")
+            f'LLAMA_CPP_PYTHON_VERSION = "{PIN}"\nLIBRARY_NAME = "{ENGINE_LIBRARY}"\n',
+            encoding="utf-8",
+        )
     return package
 
 

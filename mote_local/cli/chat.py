@@ -8,9 +8,10 @@ input function is the standard library's readline (line editing, history kept be
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import cast
 
 import numpy as np
 
@@ -74,9 +75,17 @@ class Chat:
     ``n_threads`` is for the super-expert checks' own context (the session has its threads).
     """
 
-    def __init__(self, model: Model, session: Session, *, max_tokens: int = 128,
-                 sampling: SamplingOptions | None = None, chat: bool = True, write: Callable[..., None] = print,
-                 n_threads: int | None = None):
+    def __init__(
+        self,
+        model: Model,
+        session: Session,
+        *,
+        max_tokens: int = 128,
+        sampling: SamplingOptions | None = None,
+        chat: bool = True,
+        write: Callable[..., None] = print,
+        n_threads: int | None = None,
+    ):
         self.model = model
         self.session = session
         self.max_tokens = max_tokens
@@ -99,8 +108,10 @@ class Chat:
         for layer, expert in check.flagged:
             if (layer, expert) not in before:
                 note = super_expert_note(self.model, check, layer, expert)
-                self.write(f"warning: layer {layer} expert {expert} is {note}: the model may collapse; "
-                           f"/unset {layer}:{expert} switches it back on")
+                self.write(
+                    f"warning: layer {layer} expert {expert} is {note}: the model may collapse; "
+                    f"/unset {layer}:{expert} switches it back on"
+                )
 
     def toggle(self, name: str, arg: str) -> None:
         """/off, /drop, /force, /bias, /gain: the new entries replace those of their experts they cannot be
@@ -130,13 +141,20 @@ class Chat:
             self.write(self.state.profile.describe())
         elif action == "load" and len(paths) == 1:
             way_out = f"load it with /profile load {ANY_MODEL} {shlex.quote(paths[0])}"
-            self.steer(compose([(paths[0], load_profile(Path(paths[0]).expanduser()))], [], self.model.layout,
-                               force=any_model, way_out=way_out))
+            loaded = compose(
+                [(paths[0], load_profile(Path(paths[0]).expanduser()))],
+                [],
+                self.model.layout,
+                force=any_model,
+                way_out=way_out,
+            )
+            self.steer(cast(Profile, loaded))  # one file given: never None
             self.write(f"loaded {paths[0]}: {self.state.profile.describe()}")
         elif action == "save" and len(paths) == 1 and not any_model:
             target = profile_target(paths[0])
-            Profile.from_entries(self.state.profile.entries, model_path=self.model.path,
-                                 strength=self.state.profile.strength).save(target)
+            Profile.from_entries(
+                self.state.profile.entries, model_path=self.model.path, strength=self.state.profile.strength
+            ).save(target)
             self.write(f"saved {target}")
         else:
             raise MoteError(PROFILE_USAGE)
@@ -151,8 +169,12 @@ class Chat:
         try:
             with self.session.capture(label=None) as cap:
                 cap.bind(0, 0, pos_begin=len(prompt))  # the reply's tokens only
-                reply = self.session.generate(prompt, max_tokens=max_tokens, **self.sampling.generate_kwargs(),
-                                              on_token=(lambda t: self.write(t, end="")) if stream else None)
+                reply = self.session.generate(
+                    prompt,
+                    max_tokens=max_tokens,
+                    **self.sampling.generate_kwargs(),
+                    on_token=(lambda t: self.write(t, end="")) if stream else None,
+                )
             routing = cap.stats(0) if 0 in cap.labels else None
         finally:
             if not steered:
@@ -212,10 +234,22 @@ class Chat:
             plain = self.ask(last.user, last.history, steered=False, stream=False).reply
             # Ctrl-C in the first reply stops the /diff; the table says what was cut short
             steered = None if plain.interrupted else self.ask(last.user, last.history, stream=False).reply
-            self.write(side_by_side(("unsteered" + (" [interrupted]" if plain.interrupted else ""), plain.text),
-                                    ("steered" + (" [not generated: interrupted]" if steered is None else
-                                                  " [interrupted]" if steered.interrupted else ""),
-                                     "" if steered is None else steered.text)))
+            self.write(
+                side_by_side(
+                    ("unsteered" + (" [interrupted]" if plain.interrupted else ""), plain.text),
+                    (
+                        "steered"
+                        + (
+                            " [not generated: interrupted]"
+                            if steered is None
+                            else " [interrupted]"
+                            if steered.interrupted
+                            else ""
+                        ),
+                        "" if steered is None else steered.text,
+                    ),
+                )
+            )
         else:
             raise MoteError(f"unknown command /{name}: /help lists the commands")
         return True
@@ -254,8 +288,9 @@ def _parse(name: str, kind: str, arg: str, scope: Scope = Scope.ALL) -> list[Ent
     """The entries of a toggle command; errors name the command as typed (/bias), not the CLI flag."""
     if not arg:
         example = {"bias": "3:17=-2.5", "gain": "3:17=0.5"}.get(name, "3:17")
-        raise MoteError(f"/{name} needs LAYER:EXPERT{'=VALUE' if kind in ('bias', 'gain') else ''}[,…] "
-                        f"(e.g. /{name} {example})")
+        raise MoteError(
+            f"/{name} needs LAYER:EXPERT{'=VALUE' if kind in ('bias', 'gain') else ''}[,…] (e.g. /{name} {example})"
+        )
     try:
         return parse_spec(kind, arg, scope, flag=f"/{name}")
     except SteeringError as err:
@@ -269,6 +304,7 @@ def _overlap(a: Scope, b: Scope) -> bool:
 def _toggled(entries: Iterable[Entry], new: Sequence[Entry]) -> tuple[Entry, ...]:
     """The entries with the new ones in: an old entry of the same expert in an overlapping scope stays only
     where the steering rules let the two be combined (bias + gain, …) and their modes differ."""
+
     def replaced(old: Entry) -> bool:
         rivals = [e for e in new if (e.layer, e.expert) == (old.layer, old.expert) and _overlap(e.scope, old.scope)]
         if not rivals:
@@ -294,8 +330,11 @@ def render_routing(stats: RoutingStats, entries: Sequence[Entry], top: int = 8) 
     columns = [int(e) for e in np.argsort(-share.sum(axis=0), kind="stable")[:top]]
     columns = sorted(set(columns) | {e for (l, e) in steered if l in layers})
     header = "layer " + "".join(f"{e:>5}" for e in columns)
-    lines = [f"routing of the last reply ({int(stats.tokens[layers[0]])} tokens; share of tokens per expert, "
-             f"{STEERED_MARK} = steered)", header]
+    lines = [
+        f"routing of the last reply ({int(stats.tokens[layers[0]])} tokens; share of tokens per expert, "
+        f"{STEERED_MARK} = steered)",
+        header,
+    ]
     top_shade = len(SHADES) - 1
     for row, il in enumerate(layers):
         cells = []
@@ -304,8 +343,11 @@ def render_routing(stats: RoutingStats, entries: Sequence[Entry], top: int = 8) 
             mark = STEERED_MARK if (il, e) in steered else " "
             cells.append(f"  {shade * 2}{mark}")
         lines.append(f"{il:>5} " + "".join(cells))
-    lines.append("shades: " + " ".join(f"'{c * 2}' {i / top_shade:.0%}" for i, c in enumerate(SHADES))
-                 + " of the reply's tokens chose the expert (nearest)")
+    lines.append(
+        "shades: "
+        + " ".join(f"'{c * 2}' {i / top_shade:.0%}" for i, c in enumerate(SHADES))
+        + " of the reply's tokens chose the expert (nearest)"
+    )
     if steered:
         lines.append("steered: " + ", ".join(f"{l}:{e} {m}" for (l, e), m in sorted(steered.items())))
     return "\n".join(lines)
@@ -313,6 +355,7 @@ def render_routing(stats: RoutingStats, entries: Sequence[Entry], top: int = 8) 
 
 def side_by_side(left: tuple[str, str], right: tuple[str, str], width: int = 38) -> str:
     import textwrap
+
     a = [left[0]] + textwrap.wrap(left[1], width) or [""]
     b = [right[0]] + textwrap.wrap(right[1], width) or [""]
     n = max(len(a), len(b))

@@ -19,10 +19,15 @@ __all__ = ["quantize_command"]
 @click.command("quantize")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
-@click.option("--recipe", type=click.Choice(list(RECIPES)), default="capture", show_default=True,
-              help="Per-tensor types: capture, capture-q8, capture-q4 = routed experts Q6_K, Q8_0, Q4_K with the "
-                   "output Q8_0 and everything else F16 (capture: the smallest measured to keep routing); q8_0 = "
-                   "everything Q8_0. Routers and norms stay unquantized.")
+@click.option(
+    "--recipe",
+    type=click.Choice(list(RECIPES)),
+    default="capture",
+    show_default=True,
+    help="Per-tensor types: capture, capture-q8, capture-q4 = routed experts Q6_K, Q8_0, Q4_K with the "
+    "output Q8_0 and everything else F16 (capture: the smallest measured to keep routing); q8_0 = "
+    "everything Q8_0. Routers and norms stay unquantized.",
+)
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 @threads_option
 @click.option("--verbose", is_flag=True, help="Show llama.cpp's log.")
@@ -32,6 +37,7 @@ def quantize_command(src: Path, dst: Path, recipe: str, force: bool, threads: in
     try:
         if verbose:
             from mote_local.binding import set_verbose
+
             set_verbose(True)
         result = quantize(src, dst, recipe, force=force, threads=threads or 0)
         cls = routing_class(result.tensor_types)

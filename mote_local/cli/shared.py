@@ -23,8 +23,10 @@ def load_profile(path: str | os.PathLike) -> Profile:
         return Profile.load(path)
     except ProfileError:
         if _is_ftri_result(Path(path)):
-            raise ProfileError(f"{path} is an fTRI result, not a steering profile: use "
-                               f"{Path(path).with_name('profile.json')}, which the same fTRI run wrote") from None
+            raise ProfileError(
+                f"{path} is an fTRI result, not a steering profile: use "
+                f"{Path(path).with_name('profile.json')}, which the same fTRI run wrote"
+            ) from None
         raise
 
 
@@ -40,8 +42,9 @@ def profile_target(path: str | os.PathLike) -> Path:
     """Where to save a profile: its directory must exist (a typo must not create a directory tree)."""
     target = Path(path).expanduser()
     if not target.parent.is_dir():
-        raise ProfileError(f"cannot save {target}: the directory {target.parent} does not exist; create it first "
-                           "or save elsewhere")
+        raise ProfileError(
+            f"cannot save {target}: the directory {target.parent} does not exist; create it first or save elsewhere"
+        )
     return target
 
 
@@ -51,8 +54,10 @@ def super_experts_off(model: Model, profile: Profile, n_threads: int | None = No
 
 
 def super_expert_note(model: Model, check: SuperExpertCheck, layer: int, expert: int) -> str:
-    return (f"a super-expert of {model.path.name} (switched off alone it costs {check.kl[(layer, expert)]:.3g} nats "
-            f"of KL on neutral text, a typical expert {check.median:.2g})")
+    return (
+        f"a super-expert of {model.path.name} (switched off alone it costs {check.kl[(layer, expert)]:.3g} nats "
+        f"of KL on neutral text, a typical expert {check.median:.2g})"
+    )
 
 
 def tokens_to_generate(n_predict: int, n_ctx: int) -> int:

@@ -32,8 +32,8 @@ one at a near-tie (on this CPU the planted and the trained model give identical 
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Generator, Iterator, Sequence
 
 import numpy as np
 
@@ -43,8 +43,16 @@ from mote_local.errors import InputError
 from mote_local.steering.entries import Entry, Scope
 from mote_local.steering.profile import Profile
 
-__all__ = ["Request", "generate_many", "kv_cache_bytes", "logits_many", "plan_batch", "prefill_key", "seq_capacity",
-           "stream_cells"]
+__all__ = [
+    "Request",
+    "generate_many",
+    "kv_cache_bytes",
+    "logits_many",
+    "plan_batch",
+    "prefill_key",
+    "seq_capacity",
+    "stream_cells",
+]
 
 MAX_LOGITS_BYTES = 256 * 2**20  # full logits held at once by logits_many
 _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data
@@ -102,17 +110,17 @@ class _Sampler:
 @dataclass
 class _Slot:
     seq_id: int
-    index: int = -1                  # the request it serves, into _Run.requests (-1: free)
-    key: tuple = ()                  # (prompt, prefill key): who may share its prefill
+    index: int = -1  # the request it serves, into _Run.requests (-1: free)
+    key: tuple = ()  # (prompt, prefill key): who may share its prefill
     feed: list[int] = field(default_factory=list)
     pos: int = 0
     prefilling: bool = False
-    served: int = 0                  # the step that last decoded it (prompts are chunked oldest first)
+    served: int = 0  # the step that last decoded it (prompts are chunked oldest first)
     out: list[int] = field(default_factory=list)
     phase: Scope = Scope.PREFILL
     thinking: ThinkTracker | None = None
     sampler: _Sampler | None = None
-    waiting: list["_Slot"] = field(default_factory=list)  # slots that will copy this one's prefill
+    waiting: list[_Slot] = field(default_factory=list)  # slots that will copy this one's prefill
 
     @property
     def busy(self) -> bool:
@@ -144,18 +152,20 @@ class _Run:
         self.markers = self.model.think_markers
         self.slots = [_Slot(i) for i in range(session.n_seq_max)]
         self.queue = list(range(len(requests)))[::-1]  # popped from the end
-        self.holders: dict[tuple, list[_Slot]] = {}    # slots whose cache holds a prompt's prefill
-        self.first: dict[tuple, np.ndarray] = {}       # that prefill's last logits row
+        self.holders: dict[tuple, list[_Slot]] = {}  # slots whose cache holds a prompt's prefill
+        self.first: dict[tuple, np.ndarray] = {}  # that prefill's last logits row
         self.step = 0
-        self.tokens = 0                                # generated so far
+        self.tokens = 0  # generated so far
         self.capacity = seq_capacity(session)
         for r in requests:
             if not r.prompt:
                 raise InputError("a request's prompt is empty")
             if len(r.prompt) + r.max_tokens - 1 > self.capacity:
-                raise InputError(f"a prompt of {len(r.prompt)} tokens and {r.max_tokens} new ones need "
-                                 f"{len(r.prompt) + r.max_tokens - 1} positions but a sequence holds "
-                                 f"{self.capacity}: raise n_ctx")
+                raise InputError(
+                    f"a prompt of {len(r.prompt)} tokens and {r.max_tokens} new ones need "
+                    f"{len(r.prompt) + r.max_tokens - 1} positions but a sequence holds "
+                    f"{self.capacity}: raise n_ctx"
+                )
 
     def run(self) -> Iterator[list[tuple[int, Generation]]]:
         try:
@@ -202,7 +212,7 @@ class _Run:
         n = len(self.requests[dst.index].prompt)
         memory = self.s._ctx.memory
         llama.llama_memory_seq_cp(memory, src.seq_id, dst.seq_id, -1, -1)  # between streams: all of it
-        llama.llama_memory_seq_rm(memory, dst.seq_id, n, -1)               # then only the prompt
+        llama.llama_memory_seq_rm(memory, dst.seq_id, n, -1)  # then only the prompt
         dst.pos, dst.prefilling = n, False
         self.holders[dst.key].append(dst)
         self._advance(dst, self.first[dst.key], done)
@@ -253,8 +263,12 @@ class _Run:
             slot.phase = phase
 
     def _finish(self, slot: _Slot, done: list) -> None:
-        done.append((slot.index, Generation(self.model.detokenize(slot.out), list(slot.out),
-                                            list(self.requests[slot.index].prompt))))
+        done.append(
+            (
+                slot.index,
+                Generation(self.model.detokenize(slot.out), list(slot.out), list(self.requests[slot.index].prompt)),
+            )
+        )
         self._release(slot)
 
     def _release(self, slot: _Slot) -> None:
@@ -271,8 +285,7 @@ class _Run:
         slot.index, slot.sampler, slot.feed = -1, None, []
 
 
-def generate_many(session: Session,
-                  requests: Sequence[Request]) -> Generator[list[tuple[int, Generation]], None, None]:
+def generate_many(session: Session, requests: Sequence[Request]) -> Generator[list[tuple[int, Generation]], None, None]:
     """Generates every request in ``session``, ``session.n_seq_max`` at a time (a session with a KV stream per
     sequence, ``kv_unified=False``): after each decode step, yields the
     requests that finished in it as (index into ``requests``, Generation). Closing the iterator early (or
@@ -281,8 +294,12 @@ def generate_many(session: Session,
     yield from runner.run()
 
 
-def logits_many(session: Session, sequences: Sequence[tuple[Sequence[int], Profile | None]], *,
-                max_logits_bytes: int = MAX_LOGITS_BYTES) -> Iterator[tuple[int, np.ndarray]]:
+def logits_many(
+    session: Session,
+    sequences: Sequence[tuple[Sequence[int], Profile | None]],
+    *,
+    max_logits_bytes: int = MAX_LOGITS_BYTES,
+) -> Iterator[tuple[int, np.ndarray]]:
     """Full next-token logits [len(tokens), n_vocab] of fresh sequences, each with its own steering (None:
     unsteered) in the prefill phase, several per decode call: as many as the session's sequences and
     ``max_logits_bytes`` of logits allow. Yields (index into ``sequences``, logits), in order."""
@@ -317,7 +334,7 @@ def logits_many(session: Session, sequences: Sequence[tuple[Sequence[int], Profi
         start = 0
         for j in group:
             n = len(sequences[j][0])
-            yield j, logits[start:start + n]
+            yield j, logits[start : start + n]
             start += n
 
 

@@ -23,8 +23,8 @@ import functools
 import os
 import threading
 import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -47,13 +47,21 @@ from mote_local.steering.entries import Entry, Scope
 from mote_local.steering.profile import Profile
 
 # llama.cpp's fallback for a model without a chat template (common/chat.cpp: ChatML)
-CHATML = ("{%- for message in messages -%}"
-          "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' -}}"
-          "{%- endfor -%}"
-          "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}")
+CHATML = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
+)
 # llama.cpp's built-in template names (llama_chat_apply_template) that llama-cpp-python's formatters also have
-BUILTIN_TEMPLATES = {"llama2": "format_llama2", "llama3": "format_llama3", "zephyr": "format_zephyr",
-                     "gemma": "format_gemma", "openchat": "format_openchat", "chatglm3": "format_chatglm3"}
+BUILTIN_TEMPLATES = {
+    "llama2": "format_llama2",
+    "llama3": "format_llama3",
+    "zephyr": "format_zephyr",
+    "gemma": "format_gemma",
+    "openchat": "format_openchat",
+    "chatglm3": "format_chatglm3",
+}
 TEMPLATE_NAMES = ("chatml", *BUILTIN_TEMPLATES)
 TEMPLATE_FIX = "choose another with --chat-template NAME|FILE (chat_template= in Python), or --raw for plain text"
 # gpt-oss's harmony format: the reply's channels
@@ -73,20 +81,34 @@ def _apply_params(params, options: dict, what: str) -> None:
 def _tensor_split(values: Sequence[float]) -> ctypes.Array:
     split = [float(v) for v in values]
     if not split or len(split) > llama.LLAMA_MAX_DEVICES or min(split) < 0 or sum(split) <= 0:
-        raise InputError(f"tensor_split needs 1-{llama.LLAMA_MAX_DEVICES} proportions, none negative and not all "
-                         f"zero (e.g. 1,1), got {values!r}")
+        raise InputError(
+            f"tensor_split needs 1-{llama.LLAMA_MAX_DEVICES} proportions, none negative and not all "
+            f"zero (e.g. 1,1), got {values!r}"
+        )
     return (ctypes.c_float * llama.LLAMA_MAX_DEVICES)(*split)
 
 
 class Model:
     """A GGUF model loaded by the patched engine. Close it (or use `with`) to free its memory."""
 
-    def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = 0, n_threads: int | None = None,
-                 rpc_servers: Sequence[str] = (), tensor_split: Sequence[float] | None = None,
-                 tensor_overrides: Sequence[tuple[str, str]] = (), mmap: bool = True, mlock: bool = False,
-                 chat_template: str | None = None, chat_template_origin: str | None = None,
-                 system_prompt: str | None = None, session_settings: dict | None = None,
-                 verbose: bool = False, **model_params):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        n_gpu_layers: int = 0,
+        n_threads: int | None = None,
+        rpc_servers: Sequence[str] = (),
+        tensor_split: Sequence[float] | None = None,
+        tensor_overrides: Sequence[tuple[str, str]] = (),
+        mmap: bool = True,
+        mlock: bool = False,
+        chat_template: str | None = None,
+        chat_template_origin: str | None = None,
+        system_prompt: str | None = None,
+        session_settings: dict | None = None,
+        verbose: bool = False,
+        **model_params,
+    ):
         """n_gpu_layers layers (the last ones; 99: all) go to the GPUs and `rpc_servers` ("HOST:PORT" of
         `mote rpc-server`s, which come first), split in proportion to `tensor_split` (one value per device:
         the servers in order, then local GPUs) or to the devices' free memory. `tensor_overrides` puts the
@@ -101,8 +123,10 @@ class Model:
         self.path = self.layout.path
         self.rpc_servers = rpc.parse_endpoints(rpc_servers)
         if self.rpc_servers and n_gpu_layers == 0:
-            raise InputError("rpc servers hold only offloaded layers and n_gpu_layers is 0: pass n_gpu_layers "
-                             "(-ngl; 99 offloads every layer)")
+            raise InputError(
+                "rpc servers hold only offloaded layers and n_gpu_layers is 0: pass n_gpu_layers "
+                "(-ngl; 99 offloads every layer)"
+            )
         params = llama.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
         if tensor_split is not None:
@@ -130,8 +154,9 @@ class Model:
             self._model = llama_internals.LlamaModel(path_model=str(self.path), params=params, verbose=verbose)
         except ValueError as err:
             rpc.detach(self.rpc_servers)
-            raise ModelFileError(f"llama.cpp could not load {self.path}: {err} "
-                                 "(run with verbose=True to see llama.cpp's reason)") from None
+            raise ModelFileError(
+                f"llama.cpp could not load {self.path}: {err} (run with verbose=True to see llama.cpp's reason)"
+            ) from None
         self._closed = False
         self._sessions: weakref.WeakSet[Session] = weakref.WeakSet()
         self.check_servers()
@@ -156,9 +181,11 @@ class Model:
         lost = [] if self._closed else rpc.lost_since(self._rpc_baseline)
         if lost:
             self.close(reason=f"its model was closed when the rpc server {', '.join(lost)} was lost")
-            raise EngineError(f"lost the connection to the rpc server {', '.join(lost)} (it stopped, or the network "
-                              f"broke); {self.path.name} is closed: restart `mote rpc-server` there and load the "
-                              "model again")
+            raise EngineError(
+                f"lost the connection to the rpc server {', '.join(lost)} (it stopped, or the network "
+                f"broke); {self.path.name} is closed: restart `mote rpc-server` there and load the "
+                "model again"
+            )
 
     @property
     def closed(self) -> bool:
@@ -168,7 +195,7 @@ class Model:
         if self._closed:
             raise EngineError(f"the model {self.path.name} is closed: load it again with Model(...)")
 
-    def __enter__(self) -> "Model":
+    def __enter__(self) -> Model:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -216,8 +243,10 @@ class Model:
         meta, arch = self.metadata, self.layout.arch
         heads = int(meta.get(f"{arch}.attention.head_count", 0) or 0)
         default = int(meta.get(f"{arch}.embedding_length", 0) or 0) // heads if heads else 0
-        return tuple(int(meta.get(f"{arch}.attention.{kind}_length", default) or default)  # type: ignore[return-value]
-                     for kind in ("key", "value"))
+        return tuple(
+            int(meta.get(f"{arch}.attention.{kind}_length", default) or default)  # type: ignore[return-value]
+            for kind in ("key", "value")
+        )
 
     @property
     def chat_template(self) -> str | None:
@@ -247,8 +276,11 @@ class Model:
             name, source = f"ChatML (the fallback: {self.path.name} has no chat template)", CHATML
         try:
             formatter = llama_chat_format.Jinja2ChatFormatter(
-                template=source, eos_token=self._token_text(llama.llama_vocab_eos(self._model.vocab)),
-                bos_token=self._token_text(self.bos_token), add_generation_prompt=True)
+                template=source,
+                eos_token=self._token_text(llama.llama_vocab_eos(self._model.vocab)),
+                bos_token=self._token_text(self.bos_token),
+                add_generation_prompt=True,
+            )
         except Exception as err:  # a template is code from the file: any failure is its own
             raise ChatTemplateError(f"{name} cannot be read ({_one_line(err)}); {TEMPLATE_FIX}") from None
         return name, lambda messages: formatter(messages=messages).prompt
@@ -313,11 +345,11 @@ class Model:
         opener = self.tokenize("<|channel|>analysis<|message|>" if harmony else "<think>", add_bos=False)
         return ThinkMarkers(tuple(opener), self.tokenize(specials[-1], add_bos=False)[0])
 
-    def phase_tracker(self, prompt: Sequence[int] = ()) -> "PhaseTracker":
+    def phase_tracker(self, prompt: Sequence[int] = ()) -> PhaseTracker:
         """Follows a generation from this prompt on, token by token, to the steering phase of each decode."""
         return PhaseTracker(self.think_markers, prompt)
 
-    def session(self, **ctx_params) -> "Session":
+    def session(self, **ctx_params) -> Session:
         self._require_open()
         return Session(self, **ctx_params)
 
@@ -331,7 +363,7 @@ class Model:
 
 
 @contextlib.contextmanager
-def opened(model: "Model | str | os.PathLike", **options) -> Iterator["Model"]:
+def opened(model: Model | str | os.PathLike, **options) -> Iterator[Model]:
     """The model itself when it is loaded (left open), else the file loaded with ``options`` and closed after."""
     if isinstance(model, Model):
         yield model
@@ -344,8 +376,13 @@ def open_model(path: str | os.PathLike, model_options: ModelOptions | None = Non
     """The model at ``path`` loaded with a command's options (mote_local.engine.options): placement, memory,
     chat template and system prompt, and the context settings its sessions open with."""
     o = model_options or ModelOptions()
-    return Model(path, **o.load.model_kwargs(), **o.chat.model_kwargs(),
-                 session_settings=o.context.session_settings(), **model_params)
+    return Model(
+        path,
+        **o.load.model_kwargs(),
+        **o.chat.model_kwargs(),
+        session_settings=o.context.session_settings(),
+        **model_params,
+    )
 
 
 # llama.cpp's llama_expert_gating_func_type
@@ -356,18 +393,25 @@ GATING_NAMES = {0: "none", 1: "softmax", 2: "sigmoid", 3: "softmax over the sele
 class LayerRouter:
     """One layer's router as the engine's graph runs it."""
 
-    n_calls: int          # router calls in the layer (0: the layer routes nothing)
+    n_calls: int  # router calls in the layer (0: the layer routes nothing)
     n_expert: int
     n_expert_used: int
-    gating: str           # GATING_NAMES
-    norm_w: bool          # selected weights normalised to sum 1
-    w_scale: float        # factor on the weights (1.0: none)
+    gating: str  # GATING_NAMES
+    norm_w: bool  # selected weights normalised to sum 1
+    w_scale: float  # factor on the weights (1.0: none)
     selection_bias: bool  # a per-expert selection bias (exp_probs_b) is added before top-k
 
     @classmethod
-    def of(cls, r) -> "LayerRouter":
-        return cls(r.n_calls, r.n_expert, r.n_expert_used, GATING_NAMES.get(r.gating, f"type {r.gating}"),
-                   bool(r.norm_w), r.w_scale if r.w_scale != 0.0 else 1.0, bool(r.selection_bias))
+    def of(cls, r) -> LayerRouter:
+        return cls(
+            r.n_calls,
+            r.n_expert,
+            r.n_expert_used,
+            GATING_NAMES.get(r.gating, f"type {r.gating}"),
+            bool(r.norm_w),
+            r.w_scale if r.w_scale != 0.0 else 1.0,
+            bool(r.selection_bias),
+        )
 
 
 def _plain_text(messages: Sequence[dict[str, str]]) -> str:
@@ -387,7 +431,7 @@ class ThinkMarkers:
     opener: tuple[int, ...]
     closer: int
 
-    def tracker(self, prompt: Sequence[int] = ()) -> "ThinkTracker":
+    def tracker(self, prompt: Sequence[int] = ()) -> ThinkTracker:
         """A tracker that has seen the prompt: a template that opens the reply with the opener (DeepSeek-R1's
         ``<think>``) starts the generation inside the span."""
         tracker = ThinkTracker(self)
@@ -443,10 +487,10 @@ class Generation:
 class RoutingStats:
     """Routing accumulated for one label: per (layer, expert) selections and weight sums."""
 
-    counts: np.ndarray             # int64 [n_layer, n_expert]
-    weight_sums: np.ndarray        # float64 [n_layer, n_expert]
-    prob_sums: np.ndarray | None   # float64 [n_layer, n_expert], with probs=True
-    tokens: np.ndarray             # int64 [n_layer]: tokens counted in each layer
+    counts: np.ndarray  # int64 [n_layer, n_expert]
+    weight_sums: np.ndarray  # float64 [n_layer, n_expert]
+    prob_sums: np.ndarray | None  # float64 [n_layer, n_expert], with probs=True
+    tokens: np.ndarray  # int64 [n_layer]: tokens counted in each layer
     moe_layers: tuple[int, ...]
     # float64 [n_layer, n_expert], with output_norms=True: sum over routed tokens of the final gate weight x the
     # L2 norm of the expert's output before weighting (the REAP / EASY-EP family's output-aware quantity)
@@ -461,15 +505,15 @@ class RoutingTrace:
     seq_id: np.ndarray
     pos: np.ndarray
     layer: np.ndarray
-    ids: np.ndarray                # [rows, n_expert_used]
-    weights: np.ndarray            # [rows, n_expert_used]
-    probs: np.ndarray | None       # [rows, n_expert]
+    ids: np.ndarray  # [rows, n_expert_used]
+    weights: np.ndarray  # [rows, n_expert_used]
+    probs: np.ndarray | None  # [rows, n_expert]
 
 
 class Capture:
     """Routing capture on a session; results stay readable after the `with` block ends."""
 
-    def __init__(self, session: "Session", probs: bool, trace: bool, output_norms: bool = False):
+    def __init__(self, session: Session, probs: bool, trace: bool, output_norms: bool = False):
         self._session = session
         self.probs = probs
         self.output_norms = output_norms
@@ -510,7 +554,8 @@ class Capture:
         router = self._session.model.router
         with self._session._exclusive():
             counts, weights, probs, norms, tokens = binding.capture_read(
-                self._session._ctx_ptr, label, router.n_layer, router.n_expert, self.probs, self.output_norms)
+                self._session._ctx_ptr, label, router.n_layer, router.n_expert, self.probs, self.output_norms
+            )
         return RoutingStats(counts, weights, probs, tokens, self._session.model.layout.moe_layers, norms)
 
     def trace(self) -> RoutingTrace:
@@ -522,7 +567,8 @@ class Capture:
         router = self._session.model.router
         with self._session._exclusive():
             meta, ids, weights, probs = binding.capture_trace(
-                self._session._ctx_ptr, router.n_expert_used, router.n_expert, self.probs)
+                self._session._ctx_ptr, router.n_expert_used, router.n_expert, self.probs
+            )
         return RoutingTrace(meta[:, 0], meta[:, 1], meta[:, 2], meta[:, 3], ids, weights, probs)
 
     def _require_active(self) -> None:
@@ -540,18 +586,30 @@ class Capture:
 def _serialised(method):
     """A Session method that uses the engine: serialised with every other call on the session (a session is
     safe to share across threads), and refused once the session or its model is closed."""
+
     @functools.wraps(method)
-    def wrapper(self: "Session", *args, **kwargs):
+    def wrapper(self: Session, *args, **kwargs):
         with self._exclusive():
             return method(self, *args, **kwargs)
+
     return wrapper
 
 
 class Session:
     """One llama.cpp context on a model, with its own steering and routing capture."""
 
-    def __init__(self, model: Model, *, n_ctx: int = 512, n_batch: int = 512, n_ubatch: int | None = None,
-                 n_seq_max: int = 1, n_threads: int | None = None, flash_attn: str = "auto", **ctx_params):
+    def __init__(
+        self,
+        model: Model,
+        *,
+        n_ctx: int = 512,
+        n_batch: int = 512,
+        n_ubatch: int | None = None,
+        n_seq_max: int = 1,
+        n_threads: int | None = None,
+        flash_attn: str = "auto",
+        **ctx_params,
+    ):
         """The model's session_settings (what its user chose: -b, -ub, -fa, -ctk, -ctv) win over the caller's;
         type_k / type_v are ggml types (options.KV_CACHE_TYPES)."""
         chosen = model.session_settings
@@ -560,8 +618,9 @@ class Session:
         ctx_params = {**ctx_params, **{k: chosen[k] for k in ("type_k", "type_v") if k in chosen}}
         if flash_attn not in FLASH_ATTN:
             raise InputError(f"flash_attn must be one of {', '.join(FLASH_ATTN)}, got {flash_attn!r}")
-        options.check_cache_types(ctx_params.get("type_k"), ctx_params.get("type_v"), *model.head_widths,
-                                  model.path.name)
+        options.check_cache_types(
+            ctx_params.get("type_k"), ctx_params.get("type_v"), *model.head_widths, model.path.name
+        )
         self.model = model
         params = llama.llama_context_default_params()
         params.n_ctx = n_ctx
@@ -578,9 +637,11 @@ class Session:
         try:
             self._ctx = llama_internals.LlamaContext(model=model._model, params=params, verbose=model.verbose)
         except ValueError as err:
-            raise EngineError(f"llama.cpp could not create a context ({err}); try a smaller context size "
-                              f"({options.CONTEXT_FLAG}; n_ctx in Python), or see llama.cpp's reason with "
-                              "--verbose") from None
+            raise EngineError(
+                f"llama.cpp could not create a context ({err}); try a smaller context size "
+                f"({options.CONTEXT_FLAG}; n_ctx in Python), or see llama.cpp's reason with "
+                "--verbose"
+            ) from None
         self._ctx_ptr = self._ctx.ctx
         model.check_servers()
         self._lock = threading.RLock()
@@ -615,15 +676,16 @@ class Session:
     def _exclusive(self) -> Iterator[None]:
         with self._lock:
             if self._closed_because is not None:
-                raise EngineError(f"this session cannot be used: {self._closed_because}; open a new one with "
-                                  "model.session()")
+                raise EngineError(
+                    f"this session cannot be used: {self._closed_because}; open a new one with model.session()"
+                )
             try:
                 yield
             finally:
                 if self.model.rpc_servers:
                     self.model.check_servers()  # its error replaces one that the lost server caused
 
-    def __enter__(self) -> "Session":
+    def __enter__(self) -> Session:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -631,8 +693,14 @@ class Session:
 
     # steering
     @_serialised
-    def steer(self, steering: Profile | Iterable[Entry], strength: float | None = None, *,
-              force: bool = False, seq_id: int | None = None) -> None:
+    def steer(
+        self,
+        steering: Profile | Iterable[Entry],
+        strength: float | None = None,
+        *,
+        force: bool = False,
+        seq_id: int | None = None,
+    ) -> None:
         """Replaces this session's steering; on error the previous steering stays in place.
 
         Takes a Profile or entries (with `strength`, default 1). Entries scoped to a phase
@@ -703,16 +771,20 @@ class Session:
 
     # capture
     @contextlib.contextmanager
-    def capture(self, *, probs: bool = False, trace: bool = False, output_norms: bool = False,
-                label: int | None = 0) -> Iterator[Capture]:
+    def capture(
+        self, *, probs: bool = False, trace: bool = False, output_norms: bool = False, label: int | None = 0
+    ) -> Iterator[Capture]:
         """Captures routing inside the block. Sequence 0 counts under `label` unless label is None.
         output_norms also sums, per expert, gate weight x the L2 norm of its output (RoutingStats.output_norm_sums)."""
         with self._exclusive():
             if self._capture is not None and self._capture.active:
                 raise CaptureError("a capture is already running on this session")
             self.model.layout.require_moe()
-            flags = ((binding.CAPTURE_PROBS if probs else 0) | (binding.CAPTURE_TRACE if trace else 0)
-                     | (binding.CAPTURE_OUTPUT_NORMS if output_norms else 0))
+            flags = (
+                (binding.CAPTURE_PROBS if probs else 0)
+                | (binding.CAPTURE_TRACE if trace else 0)
+                | (binding.CAPTURE_OUTPUT_NORMS if output_norms else 0)
+            )
             with rules.naming_model(self.model.path.name):
                 binding.capture_start(self._ctx_ptr, flags)
             cap = self._capture = Capture(self, probs, trace, output_norms)
@@ -743,8 +815,9 @@ class Session:
         llama.llama_memory_seq_rm(self._ctx.memory, seq_id, -1, -1)
 
     @_serialised
-    def decode(self, sequences: Sequence[tuple[int, Sequence[int], int]], *, outputs: str = "all",
-               keep_logits: bool = True) -> np.ndarray | None:
+    def decode(
+        self, sequences: Sequence[tuple[int, Sequence[int], int]], *, outputs: str = "all", keep_logits: bool = True
+    ) -> np.ndarray | None:
         """Decodes (seq_id, tokens, first position) sequences together, in chunks of n_batch tokens.
 
         outputs="all" returns logits for every token; "last" only for each sequence's last token (while
@@ -772,11 +845,12 @@ class Session:
         if not flat:
             raise InputError("nothing to decode: no tokens given")
         logits = []
-        batch = llama_internals.LlamaBatch(n_tokens=min(len(flat), self.n_batch), embd=0,
-                                           n_seq_max=self.n_seq_max, verbose=False)
+        batch = llama_internals.LlamaBatch(
+            n_tokens=min(len(flat), self.n_batch), embd=0, n_seq_max=self.n_seq_max, verbose=False
+        )
         try:
             for start in range(0, len(flat), self.n_batch):
-                chunk = flat[start:start + self.n_batch]
+                chunk = flat[start : start + self.n_batch]
                 b = batch.batch
                 b.n_tokens = len(chunk)
                 for j, (tok, pos, seq_id, out) in enumerate(chunk):
@@ -784,8 +858,7 @@ class Session:
                     b.seq_id[j][0] = seq_id
                 rc = llama.llama_decode(self._ctx_ptr, b)
                 if rc != 0:
-                    raise EngineError(f"llama_decode failed (code {rc}); "
-                                      "see llama.cpp's log with verbose=True")
+                    raise EngineError(f"llama_decode failed (code {rc}); see llama.cpp's log with verbose=True")
                 n_out = sum(1 for c in chunk if c[3])
                 if n_out and keep_logits:
                     ptr = llama.llama_get_logits(self._ctx_ptr)
@@ -801,8 +874,10 @@ class Session:
 
     def _check_sequence_count(self, n: int) -> None:
         if n > self.n_seq_max:
-            raise InputError(f"{n} sequences but this session has n_seq_max={self.n_seq_max}: "
-                             "open the session with a larger n_seq_max")
+            raise InputError(
+                f"{n} sequences but this session has n_seq_max={self.n_seq_max}: "
+                "open the session with a larger n_seq_max"
+            )
 
     @_serialised
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
@@ -821,8 +896,13 @@ class Session:
         return self.decode([(i, seq, 0) for i, seq in enumerate(sequences)], keep_logits=keep_logits)
 
     @_serialised
-    def generate_batch(self, prompts: Sequence[Sequence[int]], *, max_tokens: int = 32,
-                       on_token: Callable[[int, int, int], None] | None = None) -> list[Generation]:
+    def generate_batch(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_tokens: int = 32,
+        on_token: Callable[[int, int, int], None] | None = None,
+    ) -> list[Generation]:
         """Greedy continuations of several fresh sequences (ids 0..n-1) decoded together: one decode
         call per step for every sequence still generating.
 
@@ -864,12 +944,23 @@ class Session:
             interrupted = True
         finally:
             self._set_phase(Scope.PREFILL)
-        return [Generation(self.model.detokenize(o), o, p, interrupted) for o, p in zip(out, prompts)]
+        return [Generation(self.model.detokenize(o), o, list(p), interrupted) for o, p in zip(out, prompts)]
 
     @_serialised
-    def generate(self, prompt: str | Sequence[int], *, max_tokens: int = 32, temperature: float = 0.0,
-                 top_k: int = 40, top_p: float = 0.95, min_p: float = 0.0, repeat_penalty: float = 1.0,
-                 seed: int = 0, add_bos: bool = True, on_token: Callable[[str], None] | None = None) -> Generation:
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_tokens: int = 32,
+        temperature: float = 0.0,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.0,
+        repeat_penalty: float = 1.0,
+        seed: int = 0,
+        add_bos: bool = True,
+        on_token: Callable[[str], None] | None = None,
+    ) -> Generation:
         """Greedy (temperature 0) or seeded sampled continuation of a fresh sequence, through llama.cpp's
         sampler chain in its order: repeat penalty (over the last 64 tokens, the prompt's included; 1: off),
         then greedy, or top-k (0: off), top-p, min-p (0: off), temperature and a seeded draw.

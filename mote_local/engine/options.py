@@ -9,8 +9,8 @@ llama.cpp's parameters. ``mote_local.engine.model.open_model`` loads a model wit
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
 from mote_local import binding
 from mote_local.engine import rpc
@@ -23,8 +23,7 @@ CPU = "CPU"
 # llama.cpp's llama_flash_attn_type
 FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
 # the KV cache types llama.cpp's -ctk/-ctv allow (arg.cpp kv_cache_types), as ggml_type values
-KV_CACHE_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "iq4_nl": 20, "q5_0": 6,
-                  "q5_1": 7}
+KV_CACHE_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8, "q4_0": 2, "q4_1": 3, "iq4_nl": 20, "q5_0": 6, "q5_1": 7}
 UNQUANTIZED_CACHE = ("f32", "f16", "bf16")
 CACHE_BLOCK = 32  # the block of every quantized cache type above: a head's width must be a multiple of it
 # llama.cpp's llama_load_mode: (mmap, mlock) -> mode; mmap unless --no-mmap, as llama.cpp's default (auto)
@@ -57,8 +56,10 @@ def buft_overrides(overrides: Sequence[tuple[str, str]]):
         except re.error as err:
             raise InputError(f"-ot/--override-tensor: {pattern!r} is not a regular expression ({err})") from None
         if name not in available:
-            raise InputError(f"-ot/--override-tensor {pattern}={name}: unknown buffer type {name!r}; this build has "
-                             f"{', '.join(sorted(available))}")
+            raise InputError(
+                f"-ot/--override-tensor {pattern}={name}: unknown buffer type {name!r}; this build has "
+                f"{', '.join(sorted(available))}"
+            )
     return binding.tensor_buft_overrides([(pattern, available[name]) for pattern, name in overrides])
 
 
@@ -86,9 +87,16 @@ class LoadOptions:
 
     def model_kwargs(self) -> dict:
         """Model's keyword arguments."""
-        return {"n_gpu_layers": rpc.offloaded_layers(self.n_gpu_layers, self.rpc_servers), "rpc_servers": list(self.rpc_servers), "tensor_split": self.tensor_split,
-                "tensor_overrides": list(self.overrides), "mmap": self.mmap, "mlock": self.mlock,
-                "n_threads": self.n_threads, "verbose": self.verbose}
+        return {
+            "n_gpu_layers": rpc.offloaded_layers(self.n_gpu_layers, self.rpc_servers),
+            "rpc_servers": list(self.rpc_servers),
+            "tensor_split": self.tensor_split,
+            "tensor_overrides": list(self.overrides),
+            "mmap": self.mmap,
+            "mlock": self.mlock,
+            "n_threads": self.n_threads,
+            "verbose": self.verbose,
+        }
 
 
 @dataclass(frozen=True)
@@ -109,11 +117,13 @@ class ContextOptions:
             raise InputError(f"-fa/--flash-attn takes {', '.join(FLASH_ATTN)}, got {self.flash_attn!r}")
         for flag, value in (("-ctk/--cache-type-k", self.type_k), ("-ctv/--cache-type-v", self.type_v)):
             if value is not None and value not in KV_CACHE_TYPES:
-                raise InputError(f"{flag} takes one of {', '.join(KV_CACHE_TYPES)} (llama.cpp's cache types), "
-                                 f"got {value!r}")
+                raise InputError(
+                    f"{flag} takes one of {', '.join(KV_CACHE_TYPES)} (llama.cpp's cache types), got {value!r}"
+                )
         if self.type_v not in (None, *UNQUANTIZED_CACHE) and self.flash_attn == "off":
-            raise InputError(f"a quantized V cache (-ctv {self.type_v}) needs flash attention: drop -fa off "
-                             "(or use -ctv f16)")
+            raise InputError(
+                f"a quantized V cache (-ctv {self.type_v}) needs flash attention: drop -fa off (or use -ctv f16)"
+            )
 
     def session_settings(self) -> dict:
         """Session keyword arguments for the settings given (llama.cpp's names for the cache types)."""
@@ -150,8 +160,11 @@ class ChatOptions:
     system_prompt: str | None = None
 
     def model_kwargs(self) -> dict:
-        return {"chat_template": self.template, "chat_template_origin": self.template_origin,
-                "system_prompt": self.system_prompt}
+        return {
+            "chat_template": self.template,
+            "chat_template_origin": self.template_origin,
+            "system_prompt": self.system_prompt,
+        }
 
 
 @dataclass(frozen=True)
@@ -168,10 +181,12 @@ def check_cache_types(type_k: int | None, type_v: int | None, head_k: int, head_
     llama.cpp refuses the context: refused here first, naming the flag."""
     names = {v: k for k, v in KV_CACHE_TYPES.items()}
     for flag, ggml_type, width in (("-ctk", type_k, head_k), ("-ctv", type_v, head_v)):
-        name = names.get(ggml_type)
+        name = names.get(ggml_type) if ggml_type is not None else None
         if name is not None and name not in UNQUANTIZED_CACHE and width % CACHE_BLOCK:
-            raise InputError(f"{flag} {name} stores blocks of {CACHE_BLOCK} values, but the attention heads of {model} "
-                             f"are {width} wide: choose {'/'.join(UNQUANTIZED_CACHE)} for {model}")
+            raise InputError(
+                f"{flag} {name} stores blocks of {CACHE_BLOCK} values, but the attention heads of {model} "
+                f"are {width} wide: choose {'/'.join(UNQUANTIZED_CACHE)} for {model}"
+            )
 
 
 def context_size(layout: MoeLayout, asked: int | None) -> tuple[int, str | None]:
@@ -183,17 +198,23 @@ def context_size(layout: MoeLayout, asked: int | None) -> tuple[int, str | None]
         return min(DEFAULT_CONTEXT, trained) if trained else DEFAULT_CONTEXT, None
     if asked == 0:
         if not trained:
-            raise InputError(f"-c 0 asks for the training context of {layout.path.name}, which the file does not "
-                             "give: pass the context size, e.g. -c 4096")
+            raise InputError(
+                f"-c 0 asks for the training context of {layout.path.name}, which the file does not "
+                "give: pass the context size, e.g. -c 4096"
+            )
         return trained, None
     if trained and asked > trained:
-        return asked, (f"warning: -c {asked} is more than the {trained} tokens {layout.path.name} was trained on: "
-                       "possible training context overflow (the model may degrade past them)")
+        return asked, (
+            f"warning: -c {asked} is more than the {trained} tokens {layout.path.name} was trained on: "
+            "possible training context overflow (the model may degrade past them)"
+        )
     return asked, None
 
 
 def require_fit(n_tokens: int, n_ctx: int, what: str) -> None:
     """Raises InputError naming ``what`` and -c when n_tokens positions do not fit a context of n_ctx."""
     if n_tokens > n_ctx:
-        raise InputError(f"{what} needs {n_tokens} positions, more than the context of {n_ctx}: shorten it or raise "
-                         f"the context ({CONTEXT_FLAG}; n_ctx in Python)")
+        raise InputError(
+            f"{what} needs {n_tokens} positions, more than the context of {n_ctx}: shorten it or raise "
+            f"the context ({CONTEXT_FLAG}; n_ctx in Python)"
+        )

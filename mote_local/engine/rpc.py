@@ -18,9 +18,9 @@ from __future__ import annotations
 import re
 import threading
 from collections import Counter
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
 
 from mote_local import binding
 from mote_local.errors import EngineError, InputError
@@ -46,8 +46,9 @@ def parse_endpoints(servers: str | Sequence[str]) -> list[str]:
     for endpoint in endpoints:
         m = _ENDPOINT.match(endpoint)
         if m is None or not 1 <= int(m.group(2)) <= 65535:
-            raise InputError(f"rpc server {endpoint!r} is not HOST:PORT with a port in 1-65535 "
-                             f"(e.g. 192.168.1.10:{DEFAULT_PORT})")
+            raise InputError(
+                f"rpc server {endpoint!r} is not HOST:PORT with a port in 1-65535 (e.g. 192.168.1.10:{DEFAULT_PORT})"
+            )
     duplicates = sorted(e for e, n in Counter(endpoints).items() if n > 1)
     if duplicates:
         raise InputError(f"rpc server {duplicates[0]} is listed twice: give each server once")
@@ -65,8 +66,10 @@ def parse_tensor_split(values: str) -> list[float]:
     try:
         return [float(v) for v in values.split(",")]
     except ValueError:
-        raise InputError(f"--tensor-split takes proportions such as 3,1 (one per device: the rpc servers in "
-                         f"order, then local GPUs), got {values!r}") from None
+        raise InputError(
+            f"--tensor-split takes proportions such as 3,1 (one per device: the rpc servers in "
+            f"order, then local GPUs), got {values!r}"
+        ) from None
 
 
 def offloaded_layers(n_gpu_layers: int | None, endpoints: Sequence[str]) -> int:
@@ -112,8 +115,10 @@ def server_binary() -> Path:
     """llama.cpp's rpc-server as this package built it (linked to the same engine)."""
     path = Path(str(resources.files("mote_local_engine"))) / "bin" / "mote-rpc-server"
     if not path.is_file():
-        raise EngineError(f"the engine has no rpc-server ({path} is missing): reinstall mote-local with "
-                          "`pip install .` so that the build adds it")
+        raise EngineError(
+            f"the engine has no rpc-server ({path} is missing): reinstall mote-local with "
+            "`pip install .` so that the build adds it"
+        )
     return path
 
 

@@ -58,8 +58,9 @@ class Checkpoint:
         try:
             doc = json.loads(shard.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
-            raise EvalError(f"{shard} is not a readable checkpoint ({err}): remove it, or run without --resume") \
-                from None
+            raise EvalError(
+                f"{shard} is not a readable checkpoint ({err}): remove it, or run without --resume"
+            ) from None
         if doc.get("format") != FORMAT:
             raise EvalError(f"{shard} is not a mote evaluation checkpoint: remove it, or run without --resume")
         return dict(doc["records"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -32,8 +32,14 @@ def check_control_entries(entries: Iterable[Entry], layout: MoeLayout, strength:
         raise EvalError(f"{what}: {err}") from None
 
 
-def random_control(entries: Sequence[Entry], layout: MoeLayout, seed: int, *,
-                   exclude: Iterable[tuple[int, int]] = (), strength: float = 1.0) -> list[Entry]:
+def random_control(
+    entries: Sequence[Entry],
+    layout: MoeLayout,
+    seed: int,
+    *,
+    exclude: Iterable[tuple[int, int]] = (),
+    strength: float = 1.0,
+) -> list[Entry]:
     """A random control profile for ``entries``, deterministic by ``seed``.
 
     Each layer gets as many experts as the profile steers there, drawn uniformly without replacement from that
@@ -55,8 +61,10 @@ def random_control(entries: Sequence[Entry], layout: MoeLayout, seed: int, *,
             raise EvalError(f"layer {layer} is not an MoE layer of {layout.path.name}")
         pool = [x for x in range(layout.n_expert) if x not in experts and (layer, x) not in excluded]
         if len(pool) < len(experts):
-            raise EvalError(f"layer {layer}: the profile steers {len(experts)} of {layout.n_expert} experts, "
-                            f"leaving only {len(pool)} others to draw a random control of the same size from")
+            raise EvalError(
+                f"layer {layer}: the profile steers {len(experts)} of {layout.n_expert} experts, "
+                f"leaving only {len(pool)} others to draw a random control of the same size from"
+            )
         candidates[layer] = pool
     rng = np.random.default_rng(seed)
     last_error = None

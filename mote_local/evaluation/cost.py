@@ -6,8 +6,8 @@ from __future__ import annotations
 import importlib.resources
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -67,7 +67,7 @@ def text_chunks(model: Model, text: str, chunk_tokens: int, max_tokens: int) -> 
     step = chunk_tokens - 1 if has_bos else chunk_tokens
     chunks = []
     for i in range(0, len(body), step):
-        c = ([bos] if has_bos else []) + body[i:i + step]
+        c = ([bos] if has_bos else []) + body[i : i + step]
         if len(c) >= 2:
             chunks.append(c)
     if not chunks:
@@ -120,9 +120,9 @@ class CostSums:
         return math.exp(mean) if mean < 700 else math.inf  # a -inf logit on a true token: infinite
 
 
-def capability_cost(session: Session, chunks: Sequence[Sequence[int]],
-                    conditions: Mapping[str, tuple[Sequence[Entry], float]]
-                    ) -> dict[str, tuple[float | None, float | None]]:
+def capability_cost(
+    session: Session, chunks: Sequence[Sequence[int]], conditions: Mapping[str, tuple[Sequence[Entry], float]]
+) -> dict[str, tuple[float | None, float | None]]:
     """{condition: (mean KL(unsteered ‖ steered), perplexity)} over the chunks' positions (None: no positions).
 
     ``conditions`` maps a name to (entries, strength); the unsteered reference is computed here, once per chunk.
@@ -130,8 +130,7 @@ def capability_cost(session: Session, chunks: Sequence[Sequence[int]],
     sequences and memory allow (:func:`mote_local.engine.batch.logits_many`), each in the prefill phase.
     """
     costs = {name: CostSums() for name in conditions}
-    steered = [(name, Profile(tuple(entries), strength)) for name, (entries, strength) in conditions.items()
-               if entries]
+    steered = [(name, Profile(tuple(entries), strength)) for name, (entries, strength) in conditions.items() if entries]
     sequences: list[tuple[Sequence[int], Profile | None]] = []
     for chunk in chunks:
         sequences.append((chunk, None))

@@ -42,8 +42,9 @@ import json
 import math
 import os
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -69,8 +70,15 @@ from mote_local.evaluation.run import (
 from mote_local.steering.entries import Entry, off_experts
 from mote_local.steering.profile import entry_to_json
 
-__all__ = ["CONDITIONS", "COLLAPSE_KL", "COLLAPSE_PERPLEXITY_RATIO", "ConditionResult", "EvalResult", "RunResult",
-           "evaluate"]
+__all__ = [
+    "CONDITIONS",
+    "COLLAPSE_KL",
+    "COLLAPSE_PERPLEXITY_RATIO",
+    "ConditionResult",
+    "EvalResult",
+    "RunResult",
+    "evaluate",
+]
 
 #: Condition names, in report order.
 CONDITIONS = ("unsteered", "profile", "random", "forced")
@@ -109,7 +117,7 @@ class ConditionResult:
     perplexity: float | None = None
     seed: int | None = None
     collapse: str | None = None
-    per_seed: list["ConditionResult"] = field(default_factory=list)
+    per_seed: list[ConditionResult] = field(default_factory=list)
 
     @property
     def collapsed(self) -> bool:
@@ -128,7 +136,7 @@ class ConditionResult:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ConditionResult":
+    def from_dict(cls, d: Mapping[str, Any]) -> ConditionResult:
         kw = {f.name: d[f.name] for f in fields(cls) if f.name in d}
         kw["ci"], kw["delta_ci"] = _pair(d.get("ci")), _pair(d.get("delta_ci"))
         for k in ("kl", "perplexity"):
@@ -162,9 +170,17 @@ class RunResult:
         raise NotImplementedError
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": self.FORMAT, "version": 1, "model": self.model, **self._own(), "settings": self.settings,
-                "generations": self.generations, "warnings": list(self.warnings), "partial": self.partial,
-                "elapsed_s": self.elapsed_s}
+        return {
+            "format": self.FORMAT,
+            "version": 1,
+            "model": self.model,
+            **self._own(),
+            "settings": self.settings,
+            "generations": self.generations,
+            "warnings": list(self.warnings),
+            "partial": self.partial,
+            "elapsed_s": self.elapsed_s,
+        }
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False, ensure_ascii=False)
@@ -173,9 +189,15 @@ class RunResult:
     def from_dict(cls, d: Mapping[str, Any]):
         if d.get("format") != cls.FORMAT:
             raise EvalError(f"not a {cls.WHAT} (format is not '{cls.FORMAT}')")
-        return cls(model=d["model"], settings=dict(d["settings"]), generations=dict(d["generations"]),
-                   warnings=list(d.get("warnings", [])), partial=bool(d.get("partial", False)),
-                   elapsed_s=float(d.get("elapsed_s", 0.0)), **cls._own_from(d))
+        return cls(
+            model=d["model"],
+            settings=dict(d["settings"]),
+            generations=dict(d["generations"]),
+            warnings=list(d.get("warnings", [])),
+            partial=bool(d.get("partial", False)),
+            elapsed_s=float(d.get("elapsed_s", 0.0)),
+            **cls._own_from(d),
+        )
 
     @classmethod
     def from_json(cls, text: str):
@@ -206,24 +228,31 @@ class EvalResult(RunResult):
         return {c.name: c.rate for c in self.conditions}
 
     def _own(self) -> dict[str, Any]:
-        return {"conditions": [c.to_dict() for c in self.conditions], "profile": self.profile,
-                "samples": self.samples}
+        return {"conditions": [c.to_dict() for c in self.conditions], "profile": self.profile, "samples": self.samples}
 
     @classmethod
     def _own_from(cls, d: Mapping[str, Any]) -> dict[str, Any]:
-        return {"conditions": [ConditionResult.from_dict(c) for c in d["conditions"]], "profile": d["profile"],
-                "samples": d["samples"]}
+        return {
+            "conditions": [ConditionResult.from_dict(c) for c in d["conditions"]],
+            "profile": d["profile"],
+            "samples": d["samples"],
+        }
 
 
 # --------------------------------------------------------------------------------------------------------
 # Parts shared with the sweep (mote_local.evaluation.sweep)
 # --------------------------------------------------------------------------------------------------------
 
+
 def profile_parts(profile: Any, strength: float) -> tuple[list[Entry], float, str, str]:
     """(entries, strength, name, description) from a Profile or an iterable of entries."""
     if hasattr(profile, "entries") and hasattr(profile, "strength"):
-        return (list(profile.entries), float(profile.strength) * float(strength),
-                getattr(profile, "name", "") or "", getattr(profile, "description", "") or "")
+        return (
+            list(profile.entries),
+            float(profile.strength) * float(strength),
+            getattr(profile, "name", "") or "",
+            getattr(profile, "description", "") or "",
+        )
     entries = list(profile)
     for e in entries:
         if not isinstance(e, Entry):
@@ -238,15 +267,27 @@ def describe_profile(entries: Sequence[Entry], strength: float, name: str, descr
         modes[e.mode.value] += 1
     for layer, _ in sorted({(e.layer, e.expert) for e in entries}):
         per_layer[str(layer)] += 1
-    return {"name": name, "description": description, "strength": strength,
-            "entries": [entry_to_json(e) for e in entries], "n_entries": len(entries),
-            "n_experts": len({(e.layer, e.expert) for e in entries}), "experts_per_layer": dict(per_layer),
-            "modes": dict(modes)}
+    return {
+        "name": name,
+        "description": description,
+        "strength": strength,
+        "entries": [entry_to_json(e) for e in entries],
+        "n_entries": len(entries),
+        "n_experts": len({(e.layer, e.expert) for e in entries}),
+        "experts_per_layer": dict(per_layer),
+        "modes": dict(modes),
+    }
 
 
-def draw_random_controls(entries: Sequence[Entry], layout, seeds: Sequence[int], exclude: set[tuple[int, int]],
-                         strength: float, notes: list[str], what: str = "random"
-                         ) -> tuple[list[tuple[int, list[Entry]]], set[tuple[int, int]]]:
+def draw_random_controls(
+    entries: Sequence[Entry],
+    layout,
+    seeds: Sequence[int],
+    exclude: set[tuple[int, int]],
+    strength: float,
+    notes: list[str],
+    what: str = "random",
+) -> tuple[list[tuple[int, list[Entry]]], set[tuple[int, int]]]:
     """[(seed, control entries)] for each seed, and the experts actually excluded. When the super-experts leave
     too little room, draws from every other expert instead; when no control can be drawn, none (a note says
     why either way)."""
@@ -264,8 +305,9 @@ def draw_random_controls(entries: Sequence[Entry], layout, seeds: Sequence[int],
         return [], exclude
 
 
-def plan_forced(entries: Sequence[Entry], layout, strength: float, notes: list[str], what: str = "forced"
-                ) -> list[Entry] | None:
+def plan_forced(
+    entries: Sequence[Entry], layout, strength: float, notes: list[str], what: str = "forced"
+) -> list[Entry] | None:
     """The forced counterpart of the entries, or None (with a note) when there is none or the engine refuses it."""
     forced = forced_counterpart(entries, strength)
     if not forced:
@@ -302,11 +344,17 @@ def _collapse(c: ConditionResult, base: ConditionResult | None, kl_limit: float,
     return "; ".join(why) or None
 
 
-def summarise(plan: Sequence[Planned], generations: Mapping[str, Sequence[Mapping[str, Any]]],
-              costs: Mapping[str, tuple[float | None, float | None]], strength: float,
-              groups: Mapping[str, tuple[str, Sequence[str]]] | None = None, *, base: str = "unsteered",
-              kl_limit: float = COLLAPSE_KL, ppl_ratio: float = COLLAPSE_PERPLEXITY_RATIO
-              ) -> dict[str, ConditionResult]:
+def summarise(
+    plan: Sequence[Planned],
+    generations: Mapping[str, Sequence[Mapping[str, Any]]],
+    costs: Mapping[str, tuple[float | None, float | None]],
+    strength: float,
+    groups: Mapping[str, tuple[str, Sequence[str]]] | None = None,
+    *,
+    base: str = "unsteered",
+    kl_limit: float = COLLAPSE_KL,
+    ppl_ratio: float = COLLAPSE_PERPLEXITY_RATIO,
+) -> dict[str, ConditionResult]:
     """Each planned condition's statistics, with the members of each group (name -> (label, member names): the
     seeds of a random control) pooled into one result that lists them; deltas are paired with ``base``."""
     single: dict[str, ConditionResult] = {}
@@ -315,9 +363,18 @@ def summarise(plan: Sequence[Planned], generations: Mapping[str, Sequence[Mappin
         n, hits = len(gens), sum(bool(g["detected"]) for g in gens)
         kl, ppl = costs.get(c.name, (None, None))
         single[c.name] = ConditionResult(
-            name=c.name, label=c.label, entries=[entry_to_json(e) for e in c.entries], strength=strength, n=n,
-            hits=hits, rate=hits / n if n else None, ci=wilson_interval(hits, n) if n else None, kl=kl,
-            perplexity=ppl, seed=c.seed)
+            name=c.name,
+            label=c.label,
+            entries=[entry_to_json(e) for e in c.entries],
+            strength=strength,
+            n=n,
+            hits=hits,
+            rate=hits / n if n else None,
+            ci=wilson_interval(hits, n) if n else None,
+            kl=kl,
+            perplexity=ppl,
+            seed=c.seed,
+        )
     reference = single.get(base)
     base_prompts = _per_prompt([generations[base]]) if base in generations else {}
 
@@ -330,7 +387,8 @@ def summarise(plan: Sequence[Planned], generations: Mapping[str, Sequence[Mappin
         if not common:
             return
         result.delta, result.delta_ci = paired_difference_interval(
-            [mine[p][0] / mine[p][1] for p in common], [base_prompts[p][0] / base_prompts[p][1] for p in common])
+            [mine[p][0] / mine[p][1] for p in common], [base_prompts[p][0] / base_prompts[p][1] for p in common]
+        )
 
     for name, result in single.items():
         paired(result, [generations[name]])
@@ -351,8 +409,9 @@ def summarise(plan: Sequence[Planned], generations: Mapping[str, Sequence[Mappin
             pooled.n, pooled.hits = sum(r.n for r in seeds), sum(r.hits for r in seeds)
             if pooled.n:
                 prompts = sorted(per_prompt)
-                pooled.rate, pooled.ci, _ = clustered_rate_interval([per_prompt[p][0] for p in prompts],
-                                                                    [per_prompt[p][1] for p in prompts])
+                pooled.rate, pooled.ci, _ = clustered_rate_interval(
+                    [per_prompt[p][0] for p in prompts], [per_prompt[p][1] for p in prompts]
+                )
             kls = [r.kl for r in seeds if r.kl is not None]
             perplexities = [r.perplexity for r in seeds if r.perplexity is not None]
             if len(kls) == len(seeds):
@@ -369,12 +428,22 @@ def summarise(plan: Sequence[Planned], generations: Mapping[str, Sequence[Mappin
 
 def collapse_warnings(results: Sequence[ConditionResult]) -> list[str]:
     """One warning per collapsed condition (a pooled control's collapsed seeds are named under it)."""
-    return [f"{c.label}: the model collapsed ({c.collapse}); its behaviour rate describes a broken model, not the "
-            "behaviour" for c in results if c.collapsed]
+    return [
+        f"{c.label}: the model collapsed ({c.collapse}); its behaviour rate describes a broken model, not the behaviour"
+        for c in results
+        if c.collapsed
+    ]
 
 
-def evaluate(model: Model | str | os.PathLike, prompts: Sequence[Any], profile_entries: Any,
-             strength: float = 1.0, *, n_samples: int = 5, **options: Any) -> EvalResult:
+def evaluate(
+    model: Model | str | os.PathLike,
+    prompts: Sequence[Any],
+    profile_entries: Any,
+    strength: float = 1.0,
+    *,
+    n_samples: int = 5,
+    **options: Any,
+) -> EvalResult:
     """Behaviour rate and capability cost of a steering profile against its controls.
 
     ``profile_entries`` is a Profile (its strength is multiplied by ``strength``) or steering entries.
@@ -398,11 +467,15 @@ def evaluate(model: Model | str | os.PathLike, prompts: Sequence[Any], profile_e
         warn = []
         hit = sorted(set(off_experts(entries, strength)) & frame.supers)
         if hit:
-            warn.append("the profile switches off super-expert(s) " + ", ".join(f"{l}:{x}" for l, x in hit)
-                        + ": a capability cost is likely (see the KL column)")
+            warn.append(
+                "the profile switches off super-expert(s) "
+                + ", ".join(f"{l}:{x}" for l, x in hit)
+                + ": a capability cost is likely (see the KL column)"
+            )
         plan = [Planned("unsteered", _LABELS["unsteered"], []), Planned("profile", _LABELS["profile"], entries)]
-        controls, frame.exclude = draw_random_controls(entries, frame.layout, [opts.seed + i for i in range(opts.n_random)],
-                                                       frame.exclude, strength, frame.notes)
+        controls, frame.exclude = draw_random_controls(
+            entries, frame.layout, [opts.seed + i for i in range(opts.n_random)], frame.exclude, strength, frame.notes
+        )
         random_names = [f"random[seed={r}]" for r, _ in controls]
         plan += [Planned(f"random[seed={r}]", f"random control, seed {r}", ctl, r) for r, ctl in controls]
         forced = plan_forced(entries, frame.layout, strength, frame.notes)
@@ -410,9 +483,15 @@ def evaluate(model: Model | str | os.PathLike, prompts: Sequence[Any], profile_e
             plan.append(Planned("forced", _LABELS["forced"], forced))
 
         outcome = frame.run(plan, strength)
-        results = summarise(plan, outcome.generations, outcome.costs, strength,
-                            {"random": (_LABELS["random"], random_names)} if random_names else {},
-                            kl_limit=opts.collapse_kl, ppl_ratio=opts.collapse_perplexity_ratio)
+        results = summarise(
+            plan,
+            outcome.generations,
+            outcome.costs,
+            strength,
+            {"random": (_LABELS["random"], random_names)} if random_names else {},
+            kl_limit=opts.collapse_kl,
+            ppl_ratio=opts.collapse_perplexity_ratio,
+        )
         ordered = [results[c] for c in CONDITIONS if c in results]
         warn += collapse_warnings(ordered)
 
@@ -432,7 +511,14 @@ def evaluate(model: Model | str | os.PathLike, prompts: Sequence[Any], profile_e
                     detected[key] = g["detected"]
             samples.append({"prompt": frame.texts[i], "responses": responses, "detected": detected})
         settings = frame.settings(outcome, random_seeds=[r for r, _ in controls])
-        return EvalResult(model=str(m.path), conditions=ordered,
-                          profile=describe_profile(entries, strength, name, description), settings=settings,
-                          samples=samples, generations=outcome.generations, warnings=warn,
-                          partial=outcome.partial, elapsed_s=frame.elapsed)
+        return EvalResult(
+            model=str(m.path),
+            conditions=ordered,
+            profile=describe_profile(entries, strength, name, description),
+            settings=settings,
+            samples=samples,
+            generations=outcome.generations,
+            warnings=warn,
+            partial=outcome.partial,
+            elapsed_s=frame.elapsed,
+        )

@@ -18,7 +18,7 @@ Every condition generates one response per prompt, and the conditions share thei
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -53,8 +53,9 @@ def newcombe_interval(hits1: int, n1: int, hits2: int, n2: int, z: float = Z95) 
     return max(-1.0, lo), min(1.0, hi)
 
 
-def clustered_rate_interval(hits: Sequence[float], n: Sequence[float], z: float = Z95
-                            ) -> tuple[float, tuple[float, float], float]:
+def clustered_rate_interval(
+    hits: Sequence[float], n: Sequence[float], z: float = Z95
+) -> tuple[float, tuple[float, float], float]:
     """(rate, Wilson interval at the effective sample size, design effect) of a rate pooled over prompts that
     each contributed ``n[p]`` responses with ``hits[p]`` hits.
 
@@ -78,15 +79,16 @@ def clustered_rate_interval(hits: Sequence[float], n: Sequence[float], z: float 
     if k > 1 and 0 < rate < 1:
         mean_m = n_total / k
         # between-prompt variance of the ratio estimator, with the k / (k - 1) small-sample factor
-        var_cluster = float(np.sum((h - rate * m) ** 2)) / (k * (k - 1) * mean_m ** 2)
+        var_cluster = float(np.sum((h - rate * m) ** 2)) / (k * (k - 1) * mean_m**2)
         var_binomial = rate * (1 - rate) / n_total
         deff = var_cluster / var_binomial
     deff = min(max(deff, 1.0), float(m.max()))
     return rate, wilson_interval(total / deff, n_total / deff, z), deff
 
 
-def paired_difference_interval(steered: Sequence[float], reference: Sequence[float], z: float = Z95
-                               ) -> tuple[float, tuple[float, float]]:
+def paired_difference_interval(
+    steered: Sequence[float], reference: Sequence[float], z: float = Z95
+) -> tuple[float, tuple[float, float]]:
     """(mean difference, interval) of per-prompt values ``steered[p] - reference[p]`` on the same prompts; each
     value is a prompt's rate in [0, 1] (0 or 1 for one response, a share of seeds for a pooled control).
 

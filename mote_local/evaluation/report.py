@@ -19,16 +19,29 @@ import html
 import io
 import math
 import os
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from mote_local.atomic import atomic_write_bytes, atomic_write_text
 from mote_local.evaluation.evaluate import ConditionResult, EvalResult
 from mote_local.evaluation.sweep import SweepResult
 
-__all__ = ["format_table", "table_rows", "plot_png", "write_report", "markdown_report", "html_report",
-           "render", "md_cell", "md_table", "sweep_table", "sweep_figure", "write_sweep_report"]
+__all__ = [
+    "format_table",
+    "table_rows",
+    "plot_png",
+    "write_report",
+    "markdown_report",
+    "html_report",
+    "render",
+    "md_cell",
+    "md_table",
+    "sweep_table",
+    "sweep_figure",
+    "write_sweep_report",
+]
 
 DEFAULT_TITLE = "mote-local evaluation"
 PLOT_NAME = "behaviour.png"
@@ -43,6 +56,7 @@ COLLAPSE_COLOUR = "#b00020"
 # --------------------------------------------------------------------------------------------------------
 # Numbers as text
 # --------------------------------------------------------------------------------------------------------
+
 
 def pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
@@ -73,7 +87,7 @@ def num(x: float | None, digits: int = 4) -> str:
         return "–"
     if not math.isfinite(x):
         return "inf"
-    if x != 0 and (abs(x) >= 1e5 or abs(x) < 10 ** -digits):
+    if x != 0 and (abs(x) >= 1e5 or abs(x) < 10**-digits):
         return f"{x:.3g}"
     return f"{x:.{digits}f}"
 
@@ -99,8 +113,9 @@ def table_rows(result: EvalResult, *, seeds: bool = True) -> list[tuple[str, str
         rows.append((marked(c.label, c), rate_text(c), delta_text(c), num(c.kl), ppl_text(c.perplexity)))
         if seeds:
             for s in c.per_seed:
-                rows.append((marked(f"  seed {s.seed}", s), rate_text(s), delta_text(s), num(s.kl),
-                             ppl_text(s.perplexity)))
+                rows.append(
+                    (marked(f"  seed {s.seed}", s), rate_text(s), delta_text(s), num(s.kl), ppl_text(s.perplexity))
+                )
     return rows
 
 
@@ -130,6 +145,7 @@ def format_table(result: EvalResult) -> str:
 # --------------------------------------------------------------------------------------------------------
 # Plot
 # --------------------------------------------------------------------------------------------------------
+
 
 def new_figure(width: float, height: float):
     """A matplotlib Figure on the Agg renderer (no pyplot global state), or None without matplotlib."""
@@ -168,8 +184,7 @@ def figure(result: EvalResult, title: str = DEFAULT_TITLE):
     for i, c in enumerate(conds):
         if c.per_seed:
             pts = [100 * s.rate for s in c.per_seed if s.rate is not None]
-            ax.scatter([i + 0.25] * len(pts), pts, color="black", s=14, zorder=3,
-                       label="random seeds" if pts else None)
+            ax.scatter([i + 0.25] * len(pts), pts, color="black", s=14, zorder=3, label="random seeds" if pts else None)
         if c.rate is None:
             ax.text(i, 2, "n/a", ha="center", fontsize=8)
     ax.set_xticks(x, names, rotation=15, ha="right", fontsize=8)
@@ -196,8 +211,9 @@ def figure(result: EvalResult, title: str = DEFAULT_TITLE):
                 b.set_hatch(hatches[i])
                 b.set_edgecolor(COLLAPSE_COLOUR)
             ax.text(i, rates[i] + 6, "collapsed", ha="center", fontsize=8, color=COLLAPSE_COLOUR, fontweight="bold")
-            ax2.text(i, kls[i], "collapsed", ha="center", va="bottom", fontsize=8, color=COLLAPSE_COLOUR,
-                     fontweight="bold")
+            ax2.text(
+                i, kls[i], "collapsed", ha="center", va="bottom", fontsize=8, color=COLLAPSE_COLOUR, fontweight="bold"
+            )
     fig.suptitle(title + (" (PARTIAL)" if result.partial else ""), fontsize=11)
     fig.tight_layout()
     return fig
@@ -216,6 +232,7 @@ def plot_png(result: EvalResult, title: str = DEFAULT_TITLE) -> bytes | None:
 # --------------------------------------------------------------------------------------------------------
 # Markdown and HTML, from templates
 # --------------------------------------------------------------------------------------------------------
+
 
 def md_text(text: Any) -> str:
     """Text in Markdown prose: HTML-escaped (model text may hold markup)."""
@@ -238,10 +255,14 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def _environment():
     import jinja2
 
-    env = jinja2.Environment(loader=jinja2.PackageLoader("mote_local.evaluation", "templates"),
-                             autoescape=jinja2.select_autoescape(["html"], default_for_string=False),
-                             trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined,
-                             keep_trailing_newline=True)
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("mote_local.evaluation", "templates"),
+        autoescape=jinja2.select_autoescape(["html"], default_for_string=False),
+        trim_blocks=True,
+        lstrip_blocks=True,
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
     env.filters["md_cell"] = md_cell
     env.filters["md_text"] = md_text
     return env
@@ -286,8 +307,9 @@ def collapse_text(st: dict[str, Any]) -> str:
     c = st.get("collapse") or {}
     if not c:
         return "–"
-    return (f"flagged when mean KL > {c.get('kl_nats')} nats or perplexity > {c.get('perplexity_ratio')}x the "
-            "unsteered one")
+    return (
+        f"flagged when mean KL > {c.get('kl_nats')} nats or perplexity > {c.get('perplexity_ratio')}x the unsteered one"
+    )
 
 
 def _settings_lines(result: EvalResult) -> list[tuple[str, str]]:
@@ -295,8 +317,11 @@ def _settings_lines(result: EvalResult) -> list[tuple[str, str]]:
     return [
         ("model", result.model),
         ("prompts", str(st.get("n_prompts"))),
-        ("decoding", f"{st.get('decoding')}, max {st.get('max_tokens')} tokens, seed {st.get('seed')}, "
-                     f"chat template {'on' if st.get('chat_template') else 'off'}"),
+        (
+            "decoding",
+            f"{st.get('decoding')}, max {st.get('max_tokens')} tokens, seed {st.get('seed')}, "
+            f"chat template {'on' if st.get('chat_template') else 'off'}",
+        ),
         ("detector", detector_text(st.get("detector", {}))),
         ("random controls", f"{st.get('n_random')} (seeds {st.get('random_seeds')})"),
         ("neutral text", f"{st.get('neutral_text')}: {st.get('neutral_tokens')} tokens in {st.get('chunks')} chunk(s)"),
@@ -310,40 +335,85 @@ def _rows(result: EvalResult) -> list[dict[str, Any]]:
     rows = []
     for c in result.conditions:
         for row, seed in [(c, False), *[(s, True) for s in c.per_seed]]:
-            rows.append({"label": f"seed {row.seed}" if seed else row.label, "seed": seed,
-                         "collapsed": row.collapsed, "collapse": row.collapse or "",
-                         "cells": [rate_text(row), delta_text(row), num(row.kl), ppl_text(row.perplexity)]})
+            rows.append(
+                {
+                    "label": f"seed {row.seed}" if seed else row.label,
+                    "seed": seed,
+                    "collapsed": row.collapsed,
+                    "collapse": row.collapse or "",
+                    "cells": [rate_text(row), delta_text(row), num(row.kl), ppl_text(row.perplexity)],
+                }
+            )
     return rows
 
 
-def markdown_report(result: EvalResult, *, title: str = DEFAULT_TITLE, plot_name: str | None = PLOT_NAME,
-                    heatmap_name: str | None = None, ftri_table: str | None = None) -> str:
+def markdown_report(
+    result: EvalResult,
+    *,
+    title: str = DEFAULT_TITLE,
+    plot_name: str | None = PLOT_NAME,
+    heatmap_name: str | None = None,
+    ftri_table: str | None = None,
+) -> str:
     cols = _sample_columns(result)
     samples = []
     for s in result.samples:
-        rows = [(_column_label(result, k), md_cell(s["responses"][k]) if k in s["responses"] else "–",
-                 "yes" if s["detected"].get(k) else "no") for k in cols]
+        rows = [
+            (
+                _column_label(result, k),
+                md_cell(s["responses"][k]) if k in s["responses"] else "–",
+                "yes" if s["detected"].get(k) else "no",
+            )
+            for k in cols
+        ]
         samples.append({"prompt": s["prompt"], "table": md_table(("condition", "response", "behaviour"), rows)})
     p = result.profile
-    text = render("report.md", title=title, partial=result.partial, warnings=result.warnings,
-                  results_table=md_table(_HEADERS, [tuple(md_cell(v) for v in r) for r in table_rows(result)]),
-                  plot_name=plot_name, notes=result.settings.get("notes", []),
-                  settings_table=md_table(("setting", "value"), [(k, md_cell(v)) for k, v in _settings_lines(result)]),
-                  profile=p, profile_table=md_table(("layer", "expert", "mode", "value", "scope"),
-                                                    [_entry_text(e) for e in p.get("entries", [])]),
-                  heatmap_name=heatmap_name, ftri_table=ftri_table, samples=samples)
+    text = render(
+        "report.md",
+        title=title,
+        partial=result.partial,
+        warnings=result.warnings,
+        results_table=md_table(_HEADERS, [tuple(md_cell(v) for v in r) for r in table_rows(result)]),
+        plot_name=plot_name,
+        notes=result.settings.get("notes", []),
+        settings_table=md_table(("setting", "value"), [(k, md_cell(v)) for k, v in _settings_lines(result)]),
+        profile=p,
+        profile_table=md_table(
+            ("layer", "expert", "mode", "value", "scope"), [_entry_text(e) for e in p.get("entries", [])]
+        ),
+        heatmap_name=heatmap_name,
+        ftri_table=ftri_table,
+        samples=samples,
+    )
     return text.rstrip() + "\n"
 
 
-def html_report(result: EvalResult, *, title: str = DEFAULT_TITLE, plot: bytes | None = None,
-                heatmap: bytes | None = None, ftri_table: str | None = None) -> str:
+def html_report(
+    result: EvalResult,
+    *,
+    title: str = DEFAULT_TITLE,
+    plot: bytes | None = None,
+    heatmap: bytes | None = None,
+    ftri_table: str | None = None,
+) -> str:
     p = result.profile
-    page = render("report.html", title=title, partial=result.partial, warnings=result.warnings,
-                  headers=_HEADERS, rows=_rows(result), plot=b64(plot), notes=result.settings.get("notes", []),
-                  settings=_settings_lines(result), profile=p,
-                  entries=[_entry_text(e) for e in p.get("entries", [])], heatmap=b64(heatmap),
-                  ftri_table=ftri_table, samples=result.samples,
-                  sample_columns=[{"key": k, "label": _column_label(result, k)} for k in _sample_columns(result)])
+    page = render(
+        "report.html",
+        title=title,
+        partial=result.partial,
+        warnings=result.warnings,
+        headers=_HEADERS,
+        rows=_rows(result),
+        plot=b64(plot),
+        notes=result.settings.get("notes", []),
+        settings=_settings_lines(result),
+        profile=p,
+        entries=[_entry_text(e) for e in p.get("entries", [])],
+        heatmap=b64(heatmap),
+        ftri_table=ftri_table,
+        samples=result.samples,
+        sample_columns=[{"key": k, "label": _column_label(result, k)} for k in _sample_columns(result)],
+    )
     return page.rstrip() + "\n"
 
 
@@ -351,8 +421,15 @@ def html_report(result: EvalResult, *, title: str = DEFAULT_TITLE, plot: bytes |
 # Files
 # --------------------------------------------------------------------------------------------------------
 
-def write_report(out_dir: str | os.PathLike, result: EvalResult, *, ftri_heatmap: Path | None = None,
-                 ftri_table: str | None = None, title: str = DEFAULT_TITLE) -> Path:
+
+def write_report(
+    out_dir: str | os.PathLike,
+    result: EvalResult,
+    *,
+    ftri_heatmap: Path | None = None,
+    ftri_table: str | None = None,
+    title: str = DEFAULT_TITLE,
+) -> Path:
     """Writes report.json, report.md, behaviour.png and report.html into ``out_dir`` (each atomically; the
     fTRI heatmap, when given, is copied next to them for the Markdown). Returns the HTML file's path."""
     out = Path(out_dir)
@@ -368,19 +445,36 @@ def write_report(out_dir: str | os.PathLike, result: EvalResult, *, ftri_heatmap
     plot = plot_png(result, title)
     if plot is not None:
         atomic_write_bytes(out / PLOT_NAME, plot)
-    atomic_write_text(out / "report.md", markdown_report(
-        result, title=title, plot_name=PLOT_NAME if plot else None,
-        heatmap_name=HEATMAP_NAME if heatmap else None, ftri_table=ftri_table))
-    return atomic_write_text(out / "report.html", html_report(result, title=title, plot=plot, heatmap=heatmap,
-                                                                ftri_table=ftri_table))
+    atomic_write_text(
+        out / "report.md",
+        markdown_report(
+            result,
+            title=title,
+            plot_name=PLOT_NAME if plot else None,
+            heatmap_name=HEATMAP_NAME if heatmap else None,
+            ftri_table=ftri_table,
+        ),
+    )
+    return atomic_write_text(
+        out / "report.html", html_report(result, title=title, plot=plot, heatmap=heatmap, ftri_table=ftri_table)
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
 # The sweep: table, plot, report
 # --------------------------------------------------------------------------------------------------------
 
-SWEEP_HEADERS = ("N", "evidence", "top N off [95% CI]", "Δ vs unsteered [95% CI]", "random control [95% CI]",
-                 "forced on [95% CI]", "KL off", "KL random", "KL forced")
+SWEEP_HEADERS = (
+    "N",
+    "evidence",
+    "top N off [95% CI]",
+    "Δ vs unsteered [95% CI]",
+    "random control [95% CI]",
+    "forced on [95% CI]",
+    "KL off",
+    "KL random",
+    "KL forced",
+)
 
 
 def _rate_cell(c: ConditionResult | None) -> str:
@@ -397,9 +491,20 @@ def _kl_cell(c: ConditionResult | None) -> str:
 
 
 def sweep_rows(result: SweepResult) -> list[tuple[str, ...]]:
-    return [(str(p.n), f"{p.n_evidence}/{p.n}", _rate_cell(p.off), delta_text(p.off) if p.off else "–",
-             _rate_cell(p.random), _rate_cell(p.forced), _kl_cell(p.off), _kl_cell(p.random), _kl_cell(p.forced))
-            for p in result.points]
+    return [
+        (
+            str(p.n),
+            f"{p.n_evidence}/{p.n}",
+            _rate_cell(p.off),
+            delta_text(p.off) if p.off else "–",
+            _rate_cell(p.random),
+            _rate_cell(p.forced),
+            _kl_cell(p.off),
+            _kl_cell(p.random),
+            _kl_cell(p.forced),
+        )
+        for p in result.points
+    ]
 
 
 def sweep_table(result: SweepResult) -> str:
@@ -421,8 +526,11 @@ def sweep_figure(result: SweepResult, title: str = "mote-local sweep"):
     if u.rate is not None and u.ci is not None:  # set together
         ax.axhline(100 * u.rate, color=COLOURS["unsteered"], lw=1, label="unsteered")
         ax.axhspan(100 * u.ci[0], 100 * u.ci[1], color=COLOURS["unsteered"], alpha=0.15, lw=0)
-    series = (("off", "top N off", COLOURS["profile"], "o", -0.04), ("random", "random control", COLOURS["random"], "s", 0.0),
-              ("forced", "top N forced on", COLOURS["forced"], "^", 0.04))
+    series = (
+        ("off", "top N off", COLOURS["profile"], "o", -0.04),
+        ("random", "random control", COLOURS["random"], "s", 0.0),
+        ("forced", "top N forced on", COLOURS["forced"], "^", 0.04),
+    )
     collapsed_pts: list[tuple[Any, float, float]] = []
     for key, label, colour, marker, shift in series:
         xs, ys, lo, hi, kls = [], [], [], [], []
@@ -444,13 +552,22 @@ def sweep_figure(result: SweepResult, title: str = "mote-local sweep"):
             ax.errorbar(xs, ys, yerr=[lo, hi], color=colour, marker=marker, capsize=4, label=label, lw=1.2)
             finite = [(x, k) for x, k in kls if k is not None and math.isfinite(k)]
             if finite:
-                ax2.plot([x for x, _ in finite], [k for _, k in finite], color=colour, marker=marker, label=label,
-                         lw=1.2)
+                ax2.plot(
+                    [x for x, _ in finite], [k for _, k in finite], color=colour, marker=marker, label=label, lw=1.2
+                )
     for axis, x, y in collapsed_pts:  # ringed in both panels, named in the rates' panel
         axis.scatter([x], [y], s=160, facecolors="none", edgecolors=COLLAPSE_COLOUR, linewidths=2, zorder=4)
         if axis is ax:
-            axis.annotate("collapsed", (x, y), textcoords="offset points", xytext=(0, 9), ha="center", fontsize=8,
-                          color=COLLAPSE_COLOUR, fontweight="bold")
+            axis.annotate(
+                "collapsed",
+                (x, y),
+                textcoords="offset points",
+                xytext=(0, 9),
+                ha="center",
+                fontsize=8,
+                color=COLLAPSE_COLOUR,
+                fontweight="bold",
+            )
     sizes = [p.n for p in result.points]
     for axis in (ax, ax2):
         axis.set_xscale("log")
@@ -465,8 +582,10 @@ def sweep_figure(result: SweepResult, title: str = "mote-local sweep"):
     if kl_limit:
         ax2.axhline(kl_limit, color=COLLAPSE_COLOUR, lw=0.8, ls="--", label=f"collapse ({kl_limit:g} nats)")
     ax2.set_yscale("symlog", linthresh=1e-4)  # KL 0 (nothing moved) stays on the axis
-    top_kl = max([c.kl for p in result.points for c in p.conditions() if c.kl is not None and math.isfinite(c.kl)]
-                 + [kl_limit or 1.0])
+    top_kl = max(
+        [c.kl for p in result.points for c in p.conditions() if c.kl is not None and math.isfinite(c.kl)]
+        + [kl_limit or 1.0]
+    )
     ax2.set_ylim(0, top_kl * 5)
     ax2.set_ylabel("mean KL(unsteered ‖ steered), nats")
     ax2.set_title("capability cost on neutral text", fontsize=10)
@@ -488,25 +607,49 @@ def write_sweep_report(out_dir: str | os.PathLike, result: SweepResult, *, title
         atomic_write_bytes(out / SWEEP_PLOT_NAME, plot)
     st = result.settings
     settings = [
-        ("model", result.model), ("ranking", f"{result.ranking.get('method')} from {result.ranking.get('source')}"),
-        ("switched off by", st.get("mode")), ("prompts", str(st.get("n_prompts"))),
+        ("model", result.model),
+        ("ranking", f"{result.ranking.get('method')} from {result.ranking.get('source')}"),
+        ("switched off by", st.get("mode")),
+        ("prompts", str(st.get("n_prompts"))),
         ("decoding", f"{st.get('decoding')}, max {st.get('max_tokens')} tokens, seed {st.get('seed')}"),
-        ("detector", detector_text(st.get("detector", {}))), ("random controls per N", str(st.get("n_random"))),
+        ("detector", detector_text(st.get("detector", {}))),
+        ("random controls per N", str(st.get("n_random"))),
         ("neutral text", f"{st.get('neutral_text')}: {st.get('neutral_tokens')} tokens"),
         ("intervals", f"rate: {st.get('rate_interval')}; Δ: {st.get('delta_interval')}"),
-        ("collapse", f"mean KL > {st['collapse']['kl_nats']} nats or perplexity > "
-                     f"{st['collapse']['perplexity_ratio']}x unsteered"),
+        (
+            "collapse",
+            f"mean KL > {st['collapse']['kl_nats']} nats or perplexity > "
+            f"{st['collapse']['perplexity_ratio']}x unsteered",
+        ),
         ("time", f"{result.elapsed_s:.1f} s"),
     ]
     rows = sweep_rows(result)
     collapsed_rows = [any(c.collapsed for c in p.conditions()) for p in result.points]
-    context = dict(title=title, partial=result.partial, warnings=result.warnings, headers=SWEEP_HEADERS,
-                   unsteered=rate_text(result.unsteered), notes=st.get("notes", []), settings=settings,
-                   experts=", ".join(f"{l}:{e}" for l, e in result.ranking.get("experts", [])))
-    atomic_write_text(out / "sweep.md", render(
-        "sweep.md", **context, plot_name=SWEEP_PLOT_NAME if plot else None,
-        table=md_table(SWEEP_HEADERS, [tuple(md_cell(v) for v in r) for r in rows]),
-        settings_table=md_table(("setting", "value"), [(k, md_cell(v)) for k, v in settings])).rstrip() + "\n")
-    page = render("sweep.html", **context, rows=[{"cells": r, "collapsed": c} for r, c in zip(rows, collapsed_rows)],
-                  plot=b64(plot))
+    context = dict(
+        title=title,
+        partial=result.partial,
+        warnings=result.warnings,
+        headers=SWEEP_HEADERS,
+        unsteered=rate_text(result.unsteered),
+        notes=st.get("notes", []),
+        settings=settings,
+        experts=", ".join(f"{l}:{e}" for l, e in result.ranking.get("experts", [])),
+    )
+    atomic_write_text(
+        out / "sweep.md",
+        render(
+            "sweep.md",
+            **context,
+            plot_name=SWEEP_PLOT_NAME if plot else None,
+            table=md_table(SWEEP_HEADERS, [tuple(md_cell(v) for v in r) for r in rows]),
+            settings_table=md_table(("setting", "value"), [(k, md_cell(v)) for k, v in settings]),
+        ).rstrip()
+        + "\n",
+    )
+    page = render(
+        "sweep.html",
+        **context,
+        rows=[{"cells": r, "collapsed": c} for r, c in zip(rows, collapsed_rows)],
+        plot=b64(plot),
+    )
     return atomic_write_text(out / "sweep.html", page.rstrip() + "\n")

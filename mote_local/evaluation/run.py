@@ -16,8 +16,9 @@ import dataclasses
 import hashlib
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from mote_local.engine.batch import Request, generate_many, kv_cache_bytes, stream_cells
 from mote_local.engine.model import Model
@@ -39,9 +40,9 @@ COLLAPSE_PERPLEXITY_RATIO = 10.0
 RATE_INTERVAL = "Wilson score, 95%; pooled random control: Wilson at the effective sample size (prompts as clusters)"
 DELTA_INTERVAL = "paired by prompt: Bonett-Price adjusted Wald on the per-prompt differences, 95%"
 
-DEFAULT_PARALLEL = 32             # sequences per batch unless memory or -c says fewer
-MAX_PARALLEL = 256                # llama.cpp's LLAMA_MAX_SEQ
-KV_BUDGET_BYTES = 2 * 2**30       # the default batch keeps its KV cache under this (and a quarter of free memory)
+DEFAULT_PARALLEL = 32  # sequences per batch unless memory or -c says fewer
+MAX_PARALLEL = 256  # llama.cpp's LLAMA_MAX_SEQ
+KV_BUDGET_BYTES = 2 * 2**30  # the default batch keeps its KV cache under this (and a quarter of free memory)
 
 
 @dataclass
@@ -106,23 +107,28 @@ class Outcome:
     batch: dict[str, int] = field(default_factory=dict)
 
 
-def batch_shape(model: Model, need: int, n_pairs: int, n_parallel: int | None, n_ctx: int | None,
-                min_ctx: int = 0) -> tuple[int, int]:
+def batch_shape(
+    model: Model, need: int, n_pairs: int, n_parallel: int | None, n_ctx: int | None, min_ctx: int = 0
+) -> tuple[int, int]:
     """(sequences per batch, context cells): each sequence holds a KV stream of its own, of ``need`` positions
     (and ``min_ctx``, what the capability cost's chunks need) rounded up to llama.cpp's 256; ``n_ctx`` (when
     given) bounds them all, as -c does in `mote serve`; the default batch is at most DEFAULT_PARALLEL sequences
     and keeps its KV cache under KV_BUDGET_BYTES and a quarter of the free memory."""
     if n_ctx is not None and n_ctx > 0 and need > n_ctx:
-        raise EvalError(f"a prompt and its new tokens need {need} positions but the context holds {n_ctx}: raise "
-                        "-c/--ctx-size (or lower --max-tokens)")
+        raise EvalError(
+            f"a prompt and its new tokens need {need} positions but the context holds {n_ctx}: raise "
+            "-c/--ctx-size (or lower --max-tokens)"
+        )
     cells = stream_cells(max(need, min_ctx))
     room = max(1, n_ctx // cells) if n_ctx else MAX_PARALLEL
     if n_parallel is None:
         budget = min(KV_BUDGET_BYTES, _free_memory() // 4)
         n_parallel = max(1, min(DEFAULT_PARALLEL, n_pairs, room, budget // max(1, kv_cache_bytes(model, cells))))
     elif n_ctx and n_parallel * cells > n_ctx:
-        raise EvalError(f"-np {n_parallel} sequences of {need} positions need a context of {n_parallel * cells} "
-                        f"(each sequence's cache holds a multiple of 256), but -c is {n_ctx}: raise -c or lower -np")
+        raise EvalError(
+            f"-np {n_parallel} sequences of {need} positions need a context of {n_parallel * cells} "
+            f"(each sequence's cache holds a multiple of 256), but -c is {n_ctx}: raise -c or lower -np"
+        )
     return n_parallel, n_parallel * cells
 
 
@@ -183,22 +189,36 @@ class Frame:
         if not self.chunks:
             self.notes.append("capability cost not measured: a collapsed condition cannot be flagged")
         if outcome.resumed.get("generations") or outcome.resumed.get("costs"):
-            self.notes.append(f"resumed from {o.out_dir}: {outcome.resumed['generations']} of "
-                              f"{outcome.resumed['pairs']} generations and {outcome.resumed['costs']} capability "
-                              "cost(s) came from an earlier run")
+            self.notes.append(
+                f"resumed from {o.out_dir}: {outcome.resumed['generations']} of "
+                f"{outcome.resumed['pairs']} generations and {outcome.resumed['costs']} capability "
+                "cost(s) came from an earlier run"
+            )
         return {
-            "n_prompts": len(self.texts), "prompts": self.texts, "n_random": o.n_random, "seed": o.seed,
-            "max_tokens": o.max_tokens, "temperature": o.temperature,
-            "decoding": "greedy" if o.temperature <= 0 else f"sampled (temperature {o.temperature}, seeded per "
-                                                             "condition and prompt)",
-            "chat": o.chat, "chat_template": bool(o.chat and self.model.chat_template),
-            "detector": describe_detector(self.detector), "neutral_text": self.neutral_source,
-            "neutral_tokens": sum(len(c) for c in self.chunks), "chunks": len(self.chunks),
+            "n_prompts": len(self.texts),
+            "prompts": self.texts,
+            "n_random": o.n_random,
+            "seed": o.seed,
+            "max_tokens": o.max_tokens,
+            "temperature": o.temperature,
+            "decoding": "greedy"
+            if o.temperature <= 0
+            else f"sampled (temperature {o.temperature}, seeded per condition and prompt)",
+            "chat": o.chat,
+            "chat_template": bool(o.chat and self.model.chat_template),
+            "detector": describe_detector(self.detector),
+            "neutral_text": self.neutral_source,
+            "neutral_tokens": sum(len(c) for c in self.chunks),
+            "chunks": len(self.chunks),
             "chunk_tokens": max((len(c) for c in self.chunks), default=0),
-            "rate_interval": RATE_INTERVAL, "delta_interval": DELTA_INTERVAL,
+            "rate_interval": RATE_INTERVAL,
+            "delta_interval": DELTA_INTERVAL,
             "collapse": {"kl_nats": o.collapse_kl, "perplexity_ratio": o.collapse_perplexity_ratio},
             "random_excluded_super_experts": [list(x) for x in sorted(self.exclude)],
-            "batch": outcome.batch, "resumed": outcome.resumed, **extra, "notes": self.notes,
+            "batch": outcome.batch,
+            "resumed": outcome.resumed,
+            **extra,
+            "notes": self.notes,
         }
 
     # ---------------------------------------------------------------------------------------------- generation
@@ -206,8 +226,14 @@ class Frame:
     def _base_key(self) -> list[Any]:
         o = self.options
         fp = self.model.fingerprint
-        return [dataclasses.asdict(fp) if dataclasses.is_dataclass(fp) else str(fp), self.layout.file_type,
-                self.layout.size_bytes, o.max_tokens, o.temperature, o.seed]
+        return [
+            dataclasses.asdict(fp) if dataclasses.is_dataclass(fp) else str(fp),
+            self.layout.file_type,
+            self.layout.size_bytes,
+            o.max_tokens,
+            o.temperature,
+            o.seed,
+        ]
 
     def run(self, plan: Sequence[Planned], strength: float, desc: str = "evaluating") -> Outcome:
         """Generates every prompt under every planned condition and measures each condition's capability cost.
@@ -221,20 +247,31 @@ class Frame:
         for i in range(len(self.texts)):  # prompt-major: the conditions of one prompt share its prefill
             for c in plan:
                 pairs.append((c, i))
-                keys.append(record_key("generation", base, detector_id, [entry_to_json(e) for e in c.entries],
-                                       strength if c.entries else None, self.prompt_tokens[i],
-                                       pair_seed(o.seed, c.name, i) if o.temperature > 0 else None))
+                keys.append(
+                    record_key(
+                        "generation",
+                        base,
+                        detector_id,
+                        [entry_to_json(e) for e in c.entries],
+                        strength if c.entries else None,
+                        self.prompt_tokens[i],
+                        pair_seed(o.seed, c.name, i) if o.temperature > 0 else None,
+                    )
+                )
         found = {j: store.get(k) for j, k in enumerate(keys)} if store is not None else {}
         todo = [j for j in range(len(pairs)) if found.get(j) is None]
         need = max(len(self.prompt_tokens[pairs[j][1]]) for j in todo) + o.max_tokens if todo else 2
-        n_parallel, n_ctx = batch_shape(self.model, need, max(1, len(todo)), o.n_parallel, o.n_ctx,
-                                        max((len(c) for c in self.chunks), default=0))
+        n_parallel, n_ctx = batch_shape(
+            self.model, need, max(1, len(todo)), o.n_parallel, o.n_ctx, max((len(c) for c in self.chunks), default=0)
+        )
         batch = {"n_parallel": n_parallel, "n_ctx": n_ctx, "kv_bytes": kv_cache_bytes(self.model, n_ctx)}
         if o.announce is not None:
-            o.announce(f"{len(todo)} generations ({len(plan)} conditions x {len(self.texts)} prompts"
-                       + (f", {len(pairs) - len(todo)} resumed" if len(todo) < len(pairs) else "")
-                       + f"), {n_parallel} sequences per batch; KV cache {n_ctx} cells, "
-                       f"{batch['kv_bytes'] / 2**20:.1f} MiB")
+            o.announce(
+                f"{len(todo)} generations ({len(plan)} conditions x {len(self.texts)} prompts"
+                + (f", {len(pairs) - len(todo)} resumed" if len(todo) < len(pairs) else "")
+                + f"), {n_parallel} sequences per batch; KV cache {n_ctx} cells, "
+                f"{batch['kv_bytes'] / 2**20:.1f} MiB"
+            )
         generations: dict[str, list[dict[str, Any]]] = {c.name: [] for c in plan}
         for j, rec in found.items():
             if rec is not None:  # the prompt's place in this run (the key holds its tokens, not its place)
@@ -248,15 +285,31 @@ class Frame:
                 if p is not None:
                     s.steer(p, seq_id=0)
             s.clear_steering()
-            requests = [Request(tuple(self.prompt_tokens[pairs[j][1]]), o.max_tokens, profiles[pairs[j][0].name],
-                                temperature=o.temperature, seed=pair_seed(o.seed, pairs[j][0].name, pairs[j][1]))
-                        for j in todo]
+            requests = [
+                Request(
+                    tuple(self.prompt_tokens[pairs[j][1]]),
+                    o.max_tokens,
+                    profiles[pairs[j][0].name],
+                    temperature=o.temperature,
+                    seed=pair_seed(o.seed, pairs[j][0].name, pairs[j][1]),
+                )
+                for j in todo
+            ]
             try:
-                self._generate(s, requests, [pairs[j] for j in todo], [keys[j] for j in todo], generations,
-                               store, len(pairs), desc)
+                self._generate(
+                    s, requests, [pairs[j] for j in todo], [keys[j] for j in todo], generations, store, len(pairs), desc
+                )
                 todo_costs = {c.name: c for c in plan}
-                cost_keys = {c.name: record_key("cost", base, [entry_to_json(e) for e in c.entries],
-                                                strength if c.entries else None, self.chunks) for c in plan}
+                cost_keys = {
+                    c.name: record_key(
+                        "cost",
+                        base,
+                        [entry_to_json(e) for e in c.entries],
+                        strength if c.entries else None,
+                        self.chunks,
+                    )
+                    for c in plan
+                }
                 if self.chunks:
                     for name in list(todo_costs):
                         rec = store.get(cost_keys[name]) if store is not None else None
@@ -264,8 +317,11 @@ class Frame:
                             costs[name] = (rec["kl"], rec["perplexity"])
                             del todo_costs[name]
                             resumed_costs += 1
-                    measured = capability_cost(s, self.chunks, {n: (c.entries, strength)
-                                                                for n, c in todo_costs.items()}) if todo_costs else {}
+                    measured = (
+                        capability_cost(s, self.chunks, {n: (c.entries, strength) for n, c in todo_costs.items()})
+                        if todo_costs
+                        else {}
+                    )
                     for name, value in measured.items():
                         costs[name] = value
                         if store is not None:
@@ -281,9 +337,17 @@ class Frame:
         resumed = {"pairs": len(pairs), "generations": len(pairs) - len(todo), "costs": resumed_costs}
         return Outcome(generations, costs, partial, resumed, batch)
 
-    def _generate(self, session, requests: list[Request], pairs: list[tuple[Planned, int]], keys: list[str],
-                  generations: dict[str, list[dict[str, Any]]], store: Checkpoint | None, total: int,
-                  desc: str) -> None:
+    def _generate(
+        self,
+        session,
+        requests: list[Request],
+        pairs: list[tuple[Planned, int]],
+        keys: list[str],
+        generations: dict[str, list[dict[str, Any]]],
+        store: Checkpoint | None,
+        total: int,
+        desc: str,
+    ) -> None:
         detector = self.detector
         per_call = max(1, int(getattr(detector, "batch_size", 1)))
         pending: list[tuple[int, Any]] = []
@@ -295,8 +359,9 @@ class Frame:
                 nonlocal pending
                 while pending and (final or len(pending) >= per_call):
                     chunk, pending = pending[:per_call], pending[per_call:]
-                    hits = detect_many(detector, [g.text for _, g in chunk],
-                                       [self.texts[pairs[j][1]] for j, _ in chunk])
+                    hits = detect_many(
+                        detector, [g.text for _, g in chunk], [self.texts[pairs[j][1]] for j, _ in chunk]
+                    )
                     for (j, g), hit in zip(chunk, hits):
                         c, i = pairs[j]
                         rec = {"prompt": i, "text": g.text, "detected": bool(hit), "n_tokens": len(g.tokens)}
@@ -313,8 +378,9 @@ class Frame:
                         pending.append((j, g))
                     judge(final=False)
                     if finished:
-                        bar.set_postfix_str(f"{tokens / max(1e-9, time.perf_counter() - started):.0f} tok/s",
-                                            refresh=False)
+                        bar.set_postfix_str(
+                            f"{tokens / max(1e-9, time.perf_counter() - started):.0f} tok/s", refresh=False
+                        )
             finally:
                 steps.close()  # frees the slots now, while the session is open, however the loop ended
             judge(final=True)

@@ -12,14 +12,15 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from mote_local.cache import cache_dir
 from mote_local.atomic import atomic_write_text
+from mote_local.cache import cache_dir
 from mote_local.engine.model import Model, opened
 from mote_local.errors import EvalError
 from mote_local.evaluation.cost import CostSums, resolve_text
@@ -60,21 +61,41 @@ class SuperExperts:
         return set(self.flagged)
 
     def to_dict(self) -> dict[str, Any]:
-        kl = [[None if math.isnan(v) else "inf" if math.isinf(v) else float(v) for v in row]
-              for row in self.kl.tolist()]  # not measured: null; JSON has no infinity
-        return {"kl": kl, "flagged": [list(f) for f in self.flagged], "median": self.median,
-                "factor": self.factor, "floor": self.floor, "mode": self.mode, "layers": list(self.layers),
-                "n_tokens": self.n_tokens, "text_sha256": self.text_sha256, "model": self.model,
-                "elapsed_s": self.elapsed_s}
+        kl = [
+            [None if math.isnan(v) else "inf" if math.isinf(v) else float(v) for v in row] for row in self.kl.tolist()
+        ]  # not measured: null; JSON has no infinity
+        return {
+            "kl": kl,
+            "flagged": [list(f) for f in self.flagged],
+            "median": self.median,
+            "factor": self.factor,
+            "floor": self.floor,
+            "mode": self.mode,
+            "layers": list(self.layers),
+            "n_tokens": self.n_tokens,
+            "text_sha256": self.text_sha256,
+            "model": self.model,
+            "elapsed_s": self.elapsed_s,
+        }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "SuperExperts":
-        kl = np.array([[np.nan if v is None else math.inf if v == "inf" else v for v in row] for row in d["kl"]],
-                      dtype=np.float64)
-        return cls(kl=kl, flagged=[(int(a), int(b)) for a, b in d["flagged"]], median=float(d["median"]),
-                   factor=float(d["factor"]), floor=float(d["floor"]), mode=str(d["mode"]),
-                   layers=[int(x) for x in d["layers"]], n_tokens=int(d["n_tokens"]),
-                   text_sha256=str(d["text_sha256"]), model=str(d["model"]), elapsed_s=float(d.get("elapsed_s", 0)))
+    def from_dict(cls, d: Mapping[str, Any]) -> SuperExperts:
+        kl = np.array(
+            [[np.nan if v is None else math.inf if v == "inf" else v for v in row] for row in d["kl"]], dtype=np.float64
+        )
+        return cls(
+            kl=kl,
+            flagged=[(int(a), int(b)) for a, b in d["flagged"]],
+            median=float(d["median"]),
+            factor=float(d["factor"]),
+            floor=float(d["floor"]),
+            mode=str(d["mode"]),
+            layers=[int(x) for x in d["layers"]],
+            n_tokens=int(d["n_tokens"]),
+            text_sha256=str(d["text_sha256"]),
+            model=str(d["model"]),
+            elapsed_s=float(d.get("elapsed_s", 0)),
+        )
 
 
 def _super_cache_dir() -> Path:
@@ -84,6 +105,7 @@ def _super_cache_dir() -> Path:
 def _model_key(model_path: str | os.PathLike) -> dict[str, Any]:
     """The model's files as they are now: the (first) file's resolved path, size and mtime, and those of the other
     shards of a split model, so that a shard replaced since invalidates what was measured."""
+
     def stat(p: Path) -> tuple[str, int, int]:
         st = p.stat()
         return str(p.resolve()), st.st_size, st.st_mtime_ns
@@ -132,10 +154,19 @@ def cached_super_experts(model_path: str | os.PathLike) -> set[tuple[int, int]] 
     return set(_flag(kl, reference, list(kl), CHECK_FACTOR, CHECK_FLOOR)[0])
 
 
-def find_super_experts(model: Model | str | os.PathLike, text: str | os.PathLike | None = None, *,
-                       factor: float = 10.0, layers: Iterable[int] | None = None, mode: Mode | str = Mode.DROP,
-                       floor: float = 1.0, max_tokens: int = 256, use_cache: bool = True,
-                       show_progress: bool | None = None, n_threads: int | None = None) -> SuperExperts:
+def find_super_experts(
+    model: Model | str | os.PathLike,
+    text: str | os.PathLike | None = None,
+    *,
+    factor: float = 10.0,
+    layers: Iterable[int] | None = None,
+    mode: Mode | str = Mode.DROP,
+    floor: float = 1.0,
+    max_tokens: int = 256,
+    use_cache: bool = True,
+    show_progress: bool | None = None,
+    n_threads: int | None = None,
+) -> SuperExperts:
     """Switches each expert off alone (every MoE layer × expert, or only ``layers``) and measures the mean
     KL(unsteered ‖ switched off) of next-token distributions over the text's first ``max_tokens`` tokens (the
     neutral text by default). Flags experts whose KL exceeds ``factor`` × the median over the measured experts
@@ -147,12 +178,23 @@ def find_super_experts(model: Model | str | os.PathLike, text: str | os.PathLike
     mode, layers and thresholds is returned without recomputing.
     """
     with opened(model) as m:
-        return _find_super_experts(m, text, factor, layers, Mode(mode), floor, max_tokens, use_cache, show_progress,
-                                   n_threads)
+        return _find_super_experts(
+            m, text, factor, layers, Mode(mode), floor, max_tokens, use_cache, show_progress, n_threads
+        )
 
 
-def _find_super_experts(model: Model, text, factor: float, layers, mode: Mode, floor: float, max_tokens: int,
-                        use_cache: bool, show_progress: bool | None, n_threads: int | None) -> SuperExperts:
+def _find_super_experts(
+    model: Model,
+    text,
+    factor: float,
+    layers,
+    mode: Mode,
+    floor: float,
+    max_tokens: int,
+    use_cache: bool,
+    show_progress: bool | None,
+    n_threads: int | None,
+) -> SuperExperts:
     layout = model.layout.require_moe()
     if mode in VALUED_MODES:
         raise EvalError(f"find_super_experts switches experts off or on: mode {mode.value} needs a value")
@@ -161,8 +203,10 @@ def _find_super_experts(model: Model, text, factor: float, layers, mode: Mode, f
     layers = sorted(set(layout.moe_layers if layers is None else layers))
     bad = [il for il in layers if il not in layout.moe_layers]
     if bad or not layers:
-        raise EvalError(f"layers {bad or '(none)'}: not MoE layers of {layout.path.name}; its MoE layers are "
-                        f"{list(layout.moe_layers)}")
+        raise EvalError(
+            f"layers {bad or '(none)'}: not MoE layers of {layout.path.name}; its MoE layers are "
+            f"{list(layout.moe_layers)}"
+        )
     body, _ = resolve_text(text)
     toks = model.tokenize(body, add_bos=True)[:max_tokens]
     if len(toks) < 2:
@@ -170,22 +214,43 @@ def _find_super_experts(model: Model, text, factor: float, layers, mode: Mode, f
     text_sha = hashlib.sha256(body.encode("utf-8")).hexdigest()
     if use_cache:
         found = _read_super_cache(model.path)
-        if (found is not None and found.text_sha256 == text_sha and found.mode == mode.value
-                and found.layers == layers and found.n_tokens == len(toks) and found.factor == factor
-                and found.floor == floor):
+        if (
+            found is not None
+            and found.text_sha256 == text_sha
+            and found.mode == mode.value
+            and found.layers == layers
+            and found.n_tokens == len(toks)
+            and found.factor == factor
+            and found.floor == floor
+        ):
             return found
     started = time.perf_counter()
     kl = np.full((layout.n_layer, layout.n_expert), np.nan)
     every = [(il, x) for il in layers for x in range(layout.n_expert)]
-    for (il, x), value in _kl_switched_off(model, toks, every, mode, "super-expert scan", show_progress,
-                                           n_threads).items():
+    for (il, x), value in _kl_switched_off(
+        model, toks, every, mode, "super-expert scan", show_progress, n_threads
+    ).items():
         kl[il, x] = value
     flagged, median = _flag({pair: kl[pair] for pair in every}, every, every, factor, floor)
-    result = SuperExperts(kl=kl, flagged=flagged, median=median, factor=float(factor), floor=float(floor),
-                          mode=mode.value, layers=layers, n_tokens=len(toks), text_sha256=text_sha,
-                          model=str(model.path), elapsed_s=time.perf_counter() - started)
-    doc = {"format": SUPER_FORMAT, "version": SUPER_VERSION, "model_key": _model_key(model.path),
-           "result": result.to_dict()}
+    result = SuperExperts(
+        kl=kl,
+        flagged=flagged,
+        median=median,
+        factor=float(factor),
+        floor=float(floor),
+        mode=mode.value,
+        layers=layers,
+        n_tokens=len(toks),
+        text_sha256=text_sha,
+        model=str(model.path),
+        elapsed_s=time.perf_counter() - started,
+    )
+    doc = {
+        "format": SUPER_FORMAT,
+        "version": SUPER_VERSION,
+        "model_key": _model_key(model.path),
+        "result": result.to_dict(),
+    }
     try:
         atomic_write_text(super_experts_cache_path(model.path), json.dumps(doc) + "\n")
     except OSError as err:  # a read-only cache must not lose the result
@@ -193,8 +258,15 @@ def _find_super_experts(model: Model, text, factor: float, layers, mode: Mode, f
     return result
 
 
-def _kl_switched_off(model: Model, toks: Sequence[int], experts: Sequence[tuple[int, int]], mode: Mode, desc: str,
-                     show_progress: bool | None, n_threads: int | None) -> dict[tuple[int, int], float]:
+def _kl_switched_off(
+    model: Model,
+    toks: Sequence[int],
+    experts: Sequence[tuple[int, int]],
+    mode: Mode,
+    desc: str,
+    show_progress: bool | None,
+    n_threads: int | None,
+) -> dict[tuple[int, int], float]:
     """{(layer, expert): mean KL(unsteered ‖ that expert alone switched off)} over the tokens' positions."""
     out: dict[tuple[int, int], float] = {}
     with model.session(n_ctx=len(toks) + 8, n_batch=len(toks) + 8, n_threads=n_threads) as s:
@@ -210,8 +282,13 @@ def _kl_switched_off(model: Model, toks: Sequence[int], experts: Sequence[tuple[
     return out
 
 
-def _flag(kl: Mapping[tuple[int, int], float], reference: Sequence[tuple[int, int]],
-          asked: Sequence[tuple[int, int]], factor: float, floor: float) -> tuple[list[tuple[int, int]], float]:
+def _flag(
+    kl: Mapping[tuple[int, int], float],
+    reference: Sequence[tuple[int, int]],
+    asked: Sequence[tuple[int, int]],
+    factor: float,
+    floor: float,
+) -> tuple[list[tuple[int, int]], float]:
     """(the asked experts whose KL exceeds factor × the reference experts' median and the floor, that median)."""
     finite = [kl[x] for x in reference if math.isfinite(kl[x])]
     median = float(np.median(finite)) if finite else 0.0
@@ -240,14 +317,18 @@ def _checks_cache_path(model_path: str | os.PathLike) -> Path:
     return super_experts_cache_path(model_path).with_suffix(".checks.json")
 
 
-def _read_checks(model_path: str | os.PathLike, text_sha256: str | None = None, n_tokens: int | None = None
-                 ) -> tuple[dict[tuple[int, int], float], list[tuple[int, int]]] | None:
+def _read_checks(
+    model_path: str | os.PathLike, text_sha256: str | None = None, n_tokens: int | None = None
+) -> tuple[dict[tuple[int, int], float], list[tuple[int, int]]] | None:
     """(measured KLs, reference experts) of earlier spot checks of this model file, or None (none, the file
     changed, or another text or length when one is given)."""
     try:
         doc = json.loads(_checks_cache_path(model_path).read_text(encoding="utf-8"))
-        if (doc["format"] != CHECK_FORMAT or doc["version"] != CHECK_VERSION
-                or doc["model_key"] != _model_key(model_path)):
+        if (
+            doc["format"] != CHECK_FORMAT
+            or doc["version"] != CHECK_VERSION
+            or doc["model_key"] != _model_key(model_path)
+        ):
             return None
         if text_sha256 is not None and (doc["text_sha256"], doc["n_tokens"]) != (text_sha256, n_tokens):
             return None
@@ -263,10 +344,19 @@ def _pair(key: str) -> tuple[int, int]:
     return int(layer), int(expert)
 
 
-def check_super_experts(model: Model, experts: Iterable[tuple[int, int]], text: str | os.PathLike | None = None, *,
-                        factor: float = CHECK_FACTOR, floor: float = CHECK_FLOOR, n_reference: int = CHECK_REFERENCE,
-                        max_tokens: int = CHECK_TOKENS, seed: int = 0, show_progress: bool | None = None,
-                        n_threads: int | None = None) -> SuperExpertCheck:
+def check_super_experts(
+    model: Model,
+    experts: Iterable[tuple[int, int]],
+    text: str | os.PathLike | None = None,
+    *,
+    factor: float = CHECK_FACTOR,
+    floor: float = CHECK_FLOOR,
+    n_reference: int = CHECK_REFERENCE,
+    max_tokens: int = CHECK_TOKENS,
+    seed: int = 0,
+    show_progress: bool | None = None,
+    n_threads: int | None = None,
+) -> SuperExpertCheck:
     """Which of ``experts`` are super-experts, without scanning every expert.
 
     A full scan (:func:`find_super_experts`) cached for this model file answers when it measured them all.
@@ -280,12 +370,15 @@ def check_super_experts(model: Model, experts: Iterable[tuple[int, int]], text: 
     asked = sorted(set((int(il), int(x)) for il, x in experts))
     bad = [f"{il}:{x}" for il, x in asked if il not in layout.moe_layers or not 0 <= x < layout.n_expert]
     if bad:
-        raise EvalError(f"{', '.join(bad)}: not experts of {layout.path.name} (MoE layers "
-                        f"{list(layout.moe_layers)}, experts 0..{layout.n_expert - 1})")
+        raise EvalError(
+            f"{', '.join(bad)}: not experts of {layout.path.name} (MoE layers "
+            f"{list(layout.moe_layers)}, experts 0..{layout.n_expert - 1})"
+        )
     full = _read_super_cache(model.path)
     if full is not None and all(np.isfinite(full.kl[x]) for x in asked):
-        return SuperExpertCheck({x: float(full.kl[x]) for x in asked},
-                                [x for x in asked if x in full.flagged_set], full.median)
+        return SuperExpertCheck(
+            {x: float(full.kl[x]) for x in asked}, [x for x in asked if x in full.flagged_set], full.median
+        )
     if not asked:
         return SuperExpertCheck({}, [], 0.0)
     body, _ = resolve_text(text)
@@ -300,9 +393,15 @@ def check_super_experts(model: Model, experts: Iterable[tuple[int, int]], text: 
     todo = [x for x in dict.fromkeys(reference + asked) if x not in kl]
     if todo:
         kl.update(_kl_switched_off(model, toks, todo, Mode.DROP, "super-expert check", show_progress, n_threads))
-        doc = {"format": CHECK_FORMAT, "version": CHECK_VERSION, "model_key": _model_key(model.path),
-               "text_sha256": text_sha, "n_tokens": len(toks), "reference": [f"{il}:{x}" for il, x in reference],
-               "kl": {f"{il}:{x}": v for (il, x), v in sorted(kl.items())}}
+        doc = {
+            "format": CHECK_FORMAT,
+            "version": CHECK_VERSION,
+            "model_key": _model_key(model.path),
+            "text_sha256": text_sha,
+            "n_tokens": len(toks),
+            "reference": [f"{il}:{x}" for il, x in reference],
+            "kl": {f"{il}:{x}": v for (il, x), v in sorted(kl.items())},
+        }
         try:
             atomic_write_text(_checks_cache_path(model.path), json.dumps(doc) + "\n")
         except OSError as err:  # a read-only cache costs a re-measurement next time, nothing else

@@ -22,8 +22,9 @@ Every condition of every N, and the unsteered run they share, decode in one batc
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar
 
 from mote_local.engine.model import Model, opened
 from mote_local.errors import EvalError
@@ -46,7 +47,7 @@ OFF_MODES = (Mode.DROP, Mode.MASK)
 
 
 def parse_sweep(text: str) -> list[int]:
-    """"1,2,5,10,20" -> [1, 2, 5, 10, 20] (sorted, unique); each N a whole number >= 1."""
+    """ "1,2,5,10,20" -> [1, 2, 5, 10, 20] (sorted, unique); each N a whole number >= 1."""
     out = set()
     for part in text.split(","):
         part = part.strip()
@@ -55,7 +56,9 @@ def parse_sweep(text: str) -> list[int]:
         try:
             n = int(part)
         except ValueError:
-            raise EvalError(f"--sweep takes whole numbers separated by commas (e.g. 1,2,5,10,20), got {part!r}") from None
+            raise EvalError(
+                f"--sweep takes whole numbers separated by commas (e.g. 1,2,5,10,20), got {part!r}"
+            ) from None
         if n < 1:
             raise EvalError(f"--sweep sizes must be >= 1, got {n}")
         out.add(n)
@@ -79,15 +82,24 @@ class SweepPoint:
         return [c for c in (self.off, self.random, self.forced) if c is not None]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"n": self.n, "experts": [list(x) for x in self.experts], "n_evidence": self.n_evidence,
-                **{k: None if c is None else c.to_dict() for k, c in
-                   (("off", self.off), ("random", self.random), ("forced", self.forced))}}
+        return {
+            "n": self.n,
+            "experts": [list(x) for x in self.experts],
+            "n_evidence": self.n_evidence,
+            **{
+                k: None if c is None else c.to_dict()
+                for k, c in (("off", self.off), ("random", self.random), ("forced", self.forced))
+            },
+        }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "SweepPoint":
-        return cls(n=int(d["n"]), experts=[(int(a), int(b)) for a, b in d["experts"]], n_evidence=int(d["n_evidence"]),
-                   **{k: None if d.get(k) is None else ConditionResult.from_dict(d[k])
-                      for k in ("off", "random", "forced")})
+    def from_dict(cls, d: Mapping[str, Any]) -> SweepPoint:
+        return cls(
+            n=int(d["n"]),
+            experts=[(int(a), int(b)) for a, b in d["experts"]],
+            n_evidence=int(d["n_evidence"]),
+            **{k: None if d.get(k) is None else ConditionResult.from_dict(d[k]) for k in ("off", "random", "forced")},
+        )
 
 
 @dataclass(kw_only=True)
@@ -107,17 +119,30 @@ class SweepResult(RunResult):
         raise KeyError(f"no sweep point N={n}; this sweep has {', '.join(str(p.n) for p in self.points)}")
 
     def _own(self) -> dict[str, Any]:
-        return {"unsteered": self.unsteered.to_dict(), "points": [p.to_dict() for p in self.points],
-                "ranking": self.ranking}
+        return {
+            "unsteered": self.unsteered.to_dict(),
+            "points": [p.to_dict() for p in self.points],
+            "ranking": self.ranking,
+        }
 
     @classmethod
     def _own_from(cls, d: Mapping[str, Any]) -> dict[str, Any]:
-        return {"unsteered": ConditionResult.from_dict(d["unsteered"]),
-                "points": [SweepPoint.from_dict(p) for p in d["points"]], "ranking": dict(d["ranking"])}
+        return {
+            "unsteered": ConditionResult.from_dict(d["unsteered"]),
+            "points": [SweepPoint.from_dict(p) for p in d["points"]],
+            "ranking": dict(d["ranking"]),
+        }
 
 
-def sweep(model: Model | str | os.PathLike, prompts: Sequence[Any], ranking: Ranking | Sequence[tuple[int, int]],
-          sizes: Sequence[int], *, mode: Mode | str = Mode.DROP, **options: Any) -> SweepResult:
+def sweep(
+    model: Model | str | os.PathLike,
+    prompts: Sequence[Any],
+    ranking: Ranking | Sequence[tuple[int, int]],
+    sizes: Sequence[int],
+    *,
+    mode: Mode | str = Mode.DROP,
+    **options: Any,
+) -> SweepResult:
     """Behaviour rate and capability cost with the top N experts of ``ranking`` switched off (``mode``: drop
     or mask), a random control of the same shape, and the same experts forced on, for each N in ``sizes``.
     ``options`` are :class:`~mote_local.evaluation.run.Options`, as for evaluate(). An N larger than the
@@ -138,8 +163,7 @@ def sweep(model: Model | str | os.PathLike, prompts: Sequence[Any], ranking: Ran
         frame = Frame(m, prompts, opts)
         layout, notes, strength = frame.layout, frame.notes, 1.0
         if ranking.left_out:
-            notes.append("super-experts left out of the ranking: "
-                         + ", ".join(f"{l}:{e}" for l, e in ranking.left_out))
+            notes.append("super-experts left out of the ranking: " + ", ".join(f"{l}:{e}" for l, e in ranking.left_out))
         plan = [Planned("unsteered", "unsteered", [])]
         groups: dict[str, tuple[str, list[str]]] = {}
         points: list[SweepPoint] = []
@@ -156,11 +180,19 @@ def sweep(model: Model | str | os.PathLike, prompts: Sequence[Any], ranking: Ran
                 continue
             points.append(SweepPoint(n, top, sum(x in ranking.evidence for x in top)))
             plan.append(Planned(f"off[{n}]", f"top {n} off", off))
-            controls, _ = draw_random_controls(off, layout, [opts.seed + i for i in range(opts.n_random)],
-                                               frame.exclude, strength, notes, what=f"random N={n}")
+            controls, _ = draw_random_controls(
+                off,
+                layout,
+                [opts.seed + i for i in range(opts.n_random)],
+                frame.exclude,
+                strength,
+                notes,
+                what=f"random N={n}",
+            )
             names = [f"random[{n}][seed={r}]" for r, _ in controls]
-            plan += [Planned(name, f"random control N={n}, seed {r}", ctl, r)
-                     for name, (r, ctl) in zip(names, controls)]
+            plan += [
+                Planned(name, f"random control N={n}, seed {r}", ctl, r) for name, (r, ctl) in zip(names, controls)
+            ]
             if names:
                 groups[f"random[{n}]"] = (f"random control N={n}", names)
             forced = plan_forced(off, layout, strength, notes, what=f"forced N={n}")
@@ -170,12 +202,19 @@ def sweep(model: Model | str | os.PathLike, prompts: Sequence[Any], ranking: Ran
             raise EvalError("no sweep size could be run: " + "; ".join(notes))
 
         outcome = frame.run(plan, strength, desc="sweep")
-        results = summarise(plan, outcome.generations, outcome.costs, strength, groups, kl_limit=opts.collapse_kl,
-                            ppl_ratio=opts.collapse_perplexity_ratio)
+        results = summarise(
+            plan,
+            outcome.generations,
+            outcome.costs,
+            strength,
+            groups,
+            kl_limit=opts.collapse_kl,
+            ppl_ratio=opts.collapse_perplexity_ratio,
+        )
         for p in points:
             p.off, p.random, p.forced = (results.get(f"{k}[{p.n}]") for k in ("off", "random", "forced"))
         warnings = []
-        hit = sorted(set(ranking.experts[:points[-1].n]) & frame.supers)
+        hit = sorted(set(ranking.experts[: points[-1].n]) & frame.supers)
         if hit:
             warnings.append("the sweep switches off super-expert(s) " + ", ".join(f"{l}:{e}" for l, e in hit))
         for p in points:
@@ -183,10 +222,20 @@ def sweep(model: Model | str | os.PathLike, prompts: Sequence[Any], ranking: Ran
             if p.n_evidence < p.n:
                 notes.append(f"N={p.n}: {p.n_evidence} of the {p.n} experts carry evidence (a band above 0)")
         settings = frame.settings(outcome, sizes=sizes, mode=mode.value)
-        return SweepResult(model=str(m.path), unsteered=results["unsteered"], points=points,
-                           ranking={"source": ranking.source, "method": ranking.method,
-                                    "experts": [list(x) for x in ranking.experts[:max(sizes)]],
-                                    "evidence": [list(x) for x in sorted(ranking.evidence)],
-                                    "left_out": [list(x) for x in ranking.left_out]},
-                           settings=settings, generations=outcome.generations, warnings=warnings,
-                           partial=outcome.partial, elapsed_s=frame.elapsed)
+        return SweepResult(
+            model=str(m.path),
+            unsteered=results["unsteered"],
+            points=points,
+            ranking={
+                "source": ranking.source,
+                "method": ranking.method,
+                "experts": [list(x) for x in ranking.experts[: max(sizes)]],
+                "evidence": [list(x) for x in sorted(ranking.evidence)],
+                "left_out": [list(x) for x in ranking.left_out],
+            },
+            settings=settings,
+            generations=outcome.generations,
+            warnings=warnings,
+            partial=outcome.partial,
+            elapsed_s=frame.elapsed,
+        )

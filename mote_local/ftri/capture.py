@@ -8,8 +8,8 @@ result supports), ``outputs`` (ftri.json, CSVs, heatmaps, the terminal table, th
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -34,8 +34,6 @@ MAX_BATCH_TOKENS = 16384
 LOGITS_BUFFER_BYTES = 64 * 2**20
 
 
-
-
 def open_capture_model(path: str | os.PathLike, model_options: ModelOptions | None = None, **model_params) -> Model:
     """The model loaded with a command's options (engine.options) the way capture runs fastest
     (CAPTURE_MODEL_OPTIONS under the caller's own parameters)."""
@@ -45,14 +43,15 @@ def open_capture_model(path: str | os.PathLike, model_options: ModelOptions | No
 @dataclass
 class CaptureRun:
     activations: Activations
-    prompts: list[Prompt]        # in capture order: the two classes interleaved
+    prompts: list[Prompt]  # in capture order: the two classes interleaved
     scope: str
-    partial: bool                # interrupted: only the prompts captured so far
-    texts: list[str]             # what was fed to the model (after the chat template)
+    partial: bool  # interrupted: only the prompts captured so far
+    texts: list[str]  # what was fed to the model (after the chat template)
 
 
-def _sequences(model: Model, prompts: Sequence[Prompt], scope: str, chat: bool, n_ctx: int, max_new_tokens: int
-               ) -> tuple[list[list[int]], list[tuple[int, int]], list[str]]:
+def _sequences(
+    model: Model, prompts: Sequence[Prompt], scope: str, chat: bool, n_ctx: int, max_new_tokens: int
+) -> tuple[list[list[int]], list[tuple[int, int]], list[str]]:
     """Token sequences to decode, the [begin, end) positions to count in each, and the texts fed.
 
     Generated scopes decode the prompts and count what the model generates from them (their spans
@@ -65,13 +64,17 @@ def _sequences(model: Model, prompts: Sequence[Prompt], scope: str, chat: bool, 
     for p in prompts:
         text = model.prompt_text(p.text, chat=chat)
         toks = model.prompt_tokens(p.text, chat=chat)
-        require_fit(len(toks) + (max_new_tokens if generating else 0), n_ctx,
-                    f"the prompt {p.describe()}{' with its generation' if generating else ''}")
+        require_fit(
+            len(toks) + (max_new_tokens if generating else 0),
+            n_ctx,
+            f"the prompt {p.describe()}{' with its generation' if generating else ''}",
+        )
         texts.append(text)
         if scope == "target":
             if p.response is None:
-                raise MoteError(f"scope 'target' needs a paired response for every prompt; "
-                                f"{p.text!r} (class {p.cls}) has none")
+                raise MoteError(
+                    f"scope 'target' needs a paired response for every prompt; {p.text!r} (class {p.cls}) has none"
+                )
             resp = model.tokenize(p.response, add_bos=False)
             sequences.append(toks + resp)
             spans.append((len(toks), len(toks) + len(resp)))
@@ -81,8 +84,9 @@ def _sequences(model: Model, prompts: Sequence[Prompt], scope: str, chat: bool, 
     return sequences, spans, texts
 
 
-def _generate_counting(model: Model, s, cap, sequences: list[list[int]], labels: range, scope: str,
-                       max_new_tokens: int) -> bool:
+def _generate_counting(
+    model: Model, s, cap, sequences: list[list[int]], labels: range, scope: str, max_new_tokens: int
+) -> bool:
     """Generates from one batch of prompts while the capture counts the generated tokens (all of
     them, or those between the think markers). Returns whether Ctrl-C stopped it."""
     opened: dict[int, int] = {}  # seq -> first position inside its thinking span
@@ -111,8 +115,9 @@ def _generate_counting(model: Model, s, cap, sequences: list[list[int]], labels:
             cap.bind(seq, labels[seq], opened[seq], pos)
             closed.add(seq)
 
-    gens = s.generate_batch(sequences, max_tokens=max_new_tokens,
-                            on_token=follow_markers if scope == "thinking" else None)
+    gens = s.generate_batch(
+        sequences, max_tokens=max_new_tokens, on_token=follow_markers if scope == "thinking" else None
+    )
     return gens[0].interrupted
 
 
@@ -122,10 +127,20 @@ def capture_batch(batch_ctx: int, n_vocab: int) -> int:
     return max(1, min(batch_ctx, 2048, max(64, LOGITS_BUFFER_BYTES // (4 * n_vocab))))
 
 
-def capture_activations(model: Model, behavior: Sequence[Prompt], baseline: Sequence[Prompt], *,
-                        scope: str = "prompt", chat: bool = True, batch_size: int = 32, max_new_tokens: int = 32,
-                        n_ctx: int = 4096, show_progress: bool | None = None, n_threads: int | None = None,
-                        output_norms: bool = False) -> CaptureRun:
+def capture_activations(
+    model: Model,
+    behavior: Sequence[Prompt],
+    baseline: Sequence[Prompt],
+    *,
+    scope: str = "prompt",
+    chat: bool = True,
+    batch_size: int = 32,
+    max_new_tokens: int = 32,
+    n_ctx: int = 4096,
+    show_progress: bool | None = None,
+    n_threads: int | None = None,
+    output_norms: bool = False,
+) -> CaptureRun:
     """Routing of every prompt, counted over the scope's tokens. Ctrl-C keeps what was captured. With
     output_norms the capture also sums gate weight x expert output norm (what the reap method reads).
 
@@ -137,15 +152,19 @@ def capture_activations(model: Model, behavior: Sequence[Prompt], baseline: Sequ
     if scope not in SCOPES:
         raise MoteError(f"unknown scope {scope!r}: choose one of {', '.join(SCOPES)}")
     if scope == "thinking" and model.think_markers is None:
-        raise MoteError(f"scope 'thinking' counts the tokens between <think> and </think> (or in gpt-oss's analysis "
-                        f"channel), but {model.path.name} has no single tokens for those markers: it does not think "
-                        "in marked spans; choose another scope (prompt, target, generated)")
+        raise MoteError(
+            f"scope 'thinking' counts the tokens between <think> and </think> (or in gpt-oss's analysis "
+            f"channel), but {model.path.name} has no single tokens for those markers: it does not think "
+            "in marked spans; choose another scope (prompt, target, generated)"
+        )
     if not behavior or not baseline:
         raise MoteError("fTRI needs at least one behaviour prompt and one baseline prompt")
     layout = model.layout.require_moe()
     # interleaved, so that an interrupted run still has prompts of both classes
-    order = sorted([(i, 0, p) for i, p in enumerate(behavior)] + [(i, 1, p) for i, p in enumerate(baseline)],
-                   key=lambda t: (t[0], t[1]))
+    order = sorted(
+        [(i, 0, p) for i, p in enumerate(behavior)] + [(i, 1, p) for i, p in enumerate(baseline)],
+        key=lambda t: (t[0], t[1]),
+    )
     prompts = [p for _, _, p in order]
     flags = np.array([cls == 0 for _, cls, _ in order])
     generating = scope in ("generated", "thinking")
@@ -160,10 +179,17 @@ def capture_activations(model: Model, behavior: Sequence[Prompt], baseline: Sequ
     batch_ctx = batch_size * longest + 16
     # one KV cache for the whole batch: with a cache per sequence llama.cpp splits a batch of prompts
     # of unequal length into many small ubatches
-    with progress_bar(len(prompts), f"fTRI capture ({scope} tokens)", "prompt", show_progress) as bar, \
-            model.session(n_ctx=batch_ctx, n_seq_max=batch_size, n_batch=capture_batch(batch_ctx, model.n_vocab), kv_unified=True,
-                          n_threads=n_threads) as s, \
-            s.capture(label=None, output_norms=output_norms) as cap:
+    with (
+        progress_bar(len(prompts), f"fTRI capture ({scope} tokens)", "prompt", show_progress) as bar,
+        model.session(
+            n_ctx=batch_ctx,
+            n_seq_max=batch_size,
+            n_batch=capture_batch(batch_ctx, model.n_vocab),
+            kv_unified=True,
+            n_threads=n_threads,
+        ) as s,
+        s.capture(label=None, output_norms=output_norms) as cap,
+    ):
         try:
             for start in range(0, len(sequences), batch_size):
                 batch = range(start, min(start + batch_size, len(sequences)))
@@ -190,18 +216,46 @@ def capture_activations(model: Model, behavior: Sequence[Prompt], baseline: Sequ
         raise MoteError("interrupted before any prompt was captured: nothing to score")
     if flags[keep].all() or not flags[keep].any():
         raise MoteError("interrupted before both classes had a captured prompt: nothing to score")
-    act = Activations(counts=counts[keep], tokens=tokens[keep], weight_sums=weights[keep], is_behavior=flags[keep],
-                      output_norm_sums=None if norms is None else norms[keep])
+    act = Activations(
+        counts=counts[keep],
+        tokens=tokens[keep],
+        weight_sums=weights[keep],
+        is_behavior=flags[keep],
+        output_norm_sums=None if norms is None else norms[keep],
+    )
     return CaptureRun(act, prompts[:done], scope, partial, texts[:done])
 
 
-def run_ftri(model: Model, behavior: Sequence[Prompt], baseline: Sequence[Prompt], *, methods: Sequence[str],
-             scope: str = "prompt", chat: bool = True, top: int = 10, n_boot: int = 200, seed: int = 0,
-             batch_size: int = 32, max_new_tokens: int = 32, n_ctx: int = 4096, show_progress: bool | None = None,
-             n_threads: int | None = None, sign: str = "positive") -> tuple[CaptureRun, dict[str, FtriResult]]:
-    run = capture_activations(model, behavior, baseline, scope=scope, chat=chat, batch_size=batch_size,
-                              max_new_tokens=max_new_tokens, n_ctx=n_ctx, show_progress=show_progress,
-                              n_threads=n_threads, output_norms=any(m in OUTPUT_METHODS for m in methods))
-    results = {m: analyse(run.activations, m, n_boot=n_boot, top_n=top, sign=sign, seed=seed)
-               for m in methods}
+def run_ftri(
+    model: Model,
+    behavior: Sequence[Prompt],
+    baseline: Sequence[Prompt],
+    *,
+    methods: Sequence[str],
+    scope: str = "prompt",
+    chat: bool = True,
+    top: int = 10,
+    n_boot: int = 200,
+    seed: int = 0,
+    batch_size: int = 32,
+    max_new_tokens: int = 32,
+    n_ctx: int = 4096,
+    show_progress: bool | None = None,
+    n_threads: int | None = None,
+    sign: str = "positive",
+) -> tuple[CaptureRun, dict[str, FtriResult]]:
+    run = capture_activations(
+        model,
+        behavior,
+        baseline,
+        scope=scope,
+        chat=chat,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        n_ctx=n_ctx,
+        show_progress=show_progress,
+        n_threads=n_threads,
+        output_norms=any(m in OUTPUT_METHODS for m in methods),
+    )
+    results = {m: analyse(run.activations, m, n_boot=n_boot, top_n=top, sign=sign, seed=seed) for m in methods}
     return run, results

@@ -26,8 +26,9 @@ Two intervals per expert, both at ``level`` (95%): the bootstrap percentile inte
 standard error and c the ``level`` quantile over replicates of the largest |replicate − score| / se over all
 experts (the sup-t band, Montiel Olea & Plagborg-Møller 2019), taken to Student's t with min(n_behaviour,
 n_baseline) − 1 degrees of freedom (the standard errors are themselves estimated from few prompts), so that the
-band covers every expert's true score at once with probability about ``level``. Among a model's thousands of experts about 2.5% of those without
-signal have a per-expert interval above 0 by chance; the band is what an export relies on.
+band covers every expert's true score at once with probability about ``level``. Among a model's thousands of
+experts about 2.5% of those without signal have a per-expert interval above 0 by chance; the band is what an
+export relies on.
 
 :meth:`FtriResult.qualified` says which experts carry evidence: a score of the requested sign whose band (or,
 asked, its per-expert interval) excludes 0 or lies beyond a threshold; :meth:`FtriResult.evidence` ranks those,
@@ -37,13 +38,23 @@ capped at N.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
-__all__ = ["ALL_METHODS", "METHODS", "OUTPUT_METHODS", "SIGNS", "Activations", "FtriResult", "RankedExpert",
-           "analyse", "score"]
+__all__ = [
+    "ALL_METHODS",
+    "METHODS",
+    "OUTPUT_METHODS",
+    "SIGNS",
+    "Activations",
+    "FtriResult",
+    "RankedExpert",
+    "analyse",
+    "score",
+]
 
 #: Methods that read the routing alone (selections, gate weights): every capture has what they need.
 METHODS = ("mean_diff", "risk_diff", "log_odds", "weight_mass")
@@ -89,8 +100,10 @@ class Activations:
         n_prompts, n_layer, n_expert = counts.shape
         tokens = _integral("tokens", self.tokens, ndim=2)
         if tokens.shape != (n_prompts, n_layer):
-            raise ValueError(f"tokens has shape {tokens.shape}, expected (n_prompts, n_layer) = "
-                             f"{(n_prompts, n_layer)} to match counts {counts.shape}")
+            raise ValueError(
+                f"tokens has shape {tokens.shape}, expected (n_prompts, n_layer) = "
+                f"{(n_prompts, n_layer)} to match counts {counts.shape}"
+            )
         weight_sums = np.array(self.weight_sums, dtype=np.float64)
         if weight_sums.shape != counts.shape:
             raise ValueError(f"weight_sums has shape {weight_sums.shape}, expected {counts.shape} like counts")
@@ -99,8 +112,10 @@ class Activations:
         over = counts > tokens[:, :, None]
         if over.any():
             p, l, e = (int(i) for i in np.argwhere(over)[0])
-            raise ValueError(f"counts[{p}, {l}, {e}] = {counts[p, l, e]} exceeds tokens[{p}, {l}] = {tokens[p, l]}: "
-                             "an expert is selected at most once per counted token")
+            raise ValueError(
+                f"counts[{p}, {l}, {e}] = {counts[p, l, e]} exceeds tokens[{p}, {l}] = {tokens[p, l]}: "
+                "an expert is selected at most once per counted token"
+            )
         is_behavior = np.array(self.is_behavior)
         if is_behavior.dtype != np.bool_:
             raise ValueError(f"is_behavior must be booleans (True = behaviour prompt), got dtype {is_behavior.dtype}")
@@ -110,8 +125,12 @@ class Activations:
         if n_behavior == 0 or n_behavior == n_prompts:
             missing = "behaviour" if n_behavior == 0 else "baseline"
             raise ValueError(f"no {missing} prompt: fTRI compares two classes, give at least one prompt of each")
-        for name, value in (("counts", counts), ("tokens", tokens), ("weight_sums", weight_sums),
-                            ("is_behavior", is_behavior)):
+        for name, value in (
+            ("counts", counts),
+            ("tokens", tokens),
+            ("weight_sums", weight_sums),
+            ("is_behavior", is_behavior),
+        ):
             object.__setattr__(self, name, _readonly(value))
         if self.output_norm_sums is not None:
             norms = np.array(self.output_norm_sums, dtype=np.float64)
@@ -121,8 +140,10 @@ class Activations:
                 raise ValueError("output_norm_sums must be finite and >= 0 (sums of gate weight x output norm)")
             if np.any((counts == 0) & (norms > 0)):
                 p, l, e = (int(i) for i in np.argwhere((counts == 0) & (norms > 0))[0])
-                raise ValueError(f"output_norm_sums[{p}, {l}, {e}] is {norms[p, l, e]} but the expert was never "
-                                 "selected there: the sum runs over the tokens routed to it")
+                raise ValueError(
+                    f"output_norm_sums[{p}, {l}, {e}] is {norms[p, l, e]} but the expert was never "
+                    "selected there: the sum runs over the tokens routed to it"
+                )
             object.__setattr__(self, "output_norm_sums", _readonly(norms))
 
     @property
@@ -190,8 +211,9 @@ def _inputs(act: Activations, method: str) -> tuple[np.ndarray, ...]:
         arrays: tuple[np.ndarray, ...] = (np.where(present[:, :, None], num / safe, 0.0), present)
     elif method == "reap":
         if act.output_norm_sums is None:
-            raise ValueError("reap needs the experts' output norms (Activations.output_norm_sums), which this "
-                             "capture does not have")
+            raise ValueError(
+                "reap needs the experts' output norms (Activations.output_norm_sums), which this capture does not have"
+            )
         arrays = (act.output_norm_sums, act.counts, act.tokens)
     else:  # pooled over the class's tokens
         arrays = (act.counts, act.tokens)
@@ -298,19 +320,27 @@ class FtriResult:
     level: float = 0.95
     n_boot: int = 200
     options: dict[str, Any] = field(default_factory=dict)
-    se: np.ndarray | None = None        # bootstrap standard errors [n_layer, n_expert]
-    band_crit: float | None = None      # the sup-t critical value c of the simultaneous band score ± c·se
+    se: np.ndarray | None = None  # bootstrap standard errors [n_layer, n_expert]
+    band_crit: float | None = None  # the sup-t critical value c of the simultaneous band score ± c·se
 
     def band(self) -> tuple[np.ndarray, np.ndarray]:
         """(low, high) [n_layer, n_expert]: the simultaneous band at ``level``, score ± c·se (see the module)."""
         if self.se is None or self.band_crit is None:
-            raise ValueError("this fTRI result has no simultaneous band (written before it existed): re-run fTRI, "
-                             "or use the per-expert intervals")
+            raise ValueError(
+                "this fTRI result has no simultaneous band (written before it existed): re-run fTRI, "
+                "or use the per-expert intervals"
+            )
         half = self.band_crit * self.se
         return self.scores - half, self.scores + half
 
-    def ranked(self, n: int | None = None, sign: str | None = None, per_layer_cap: int | None = None,
-               layers: Iterable[int] | None = None, only: np.ndarray | None = None) -> list[RankedExpert]:
+    def ranked(
+        self,
+        n: int | None = None,
+        sign: str | None = None,
+        per_layer_cap: int | None = None,
+        layers: Iterable[int] | None = None,
+        only: np.ndarray | None = None,
+    ) -> list[RankedExpert]:
         """Experts ordered by score (sign "positive"), -score ("negative") or |score| ("abs"), ties by
         (layer, expert); at most per_layer_cap per layer, only the given layers (and, with ``only``, a boolean
         [n_layer, n_expert] mask, the experts it marks), the first n."""
@@ -339,13 +369,19 @@ class FtriResult:
                 if per_layer.get(layer, 0) >= per_layer_cap:
                     continue
                 per_layer[layer] = per_layer.get(layer, 0) + 1
-            out.append(RankedExpert(layer, expert, float(self.scores[layer, expert]),
-                                    float(self.ci_low[layer, expert]), float(self.ci_high[layer, expert]),
-                                    float(self.stability[layer, expert])))
+            out.append(
+                RankedExpert(
+                    layer,
+                    expert,
+                    float(self.scores[layer, expert]),
+                    float(self.ci_low[layer, expert]),
+                    float(self.ci_high[layer, expert]),
+                    float(self.stability[layer, expert]),
+                )
+            )
         return out
 
-    def qualified(self, sign: str | None = None, threshold: float = 0.0,
-                  evidence: str = "simultaneous") -> np.ndarray:
+    def qualified(self, sign: str | None = None, threshold: float = 0.0, evidence: str = "simultaneous") -> np.ndarray:
         """[n_layer, n_expert] booleans: the experts with evidence for the sign. Sign "positive": a score > 0
         whose interval lies wholly above ``threshold`` (0: the interval excludes 0); "negative": a score < 0
         whose interval lies wholly below -threshold; "abs": either. The interval is the simultaneous band
@@ -365,9 +401,15 @@ class FtriResult:
         down = (self.scores < 0) & (high < -threshold)
         return up if sign == "positive" else down if sign == "negative" else up | down
 
-    def evidence(self, n: int | None = None, sign: str | None = None, threshold: float = 0.0,
-                 per_layer_cap: int | None = None, layers: Iterable[int] | None = None,
-                 evidence: str = "simultaneous") -> tuple[list[RankedExpert], int]:
+    def evidence(
+        self,
+        n: int | None = None,
+        sign: str | None = None,
+        threshold: float = 0.0,
+        per_layer_cap: int | None = None,
+        layers: Iterable[int] | None = None,
+        evidence: str = "simultaneous",
+    ) -> tuple[list[RankedExpert], int]:
         """(the qualified experts in rank order, at most n and per_layer_cap per layer; how many qualified in
         the given layers before any cap). See :meth:`qualified`."""
         mask = self.qualified(sign, threshold, evidence)
@@ -380,12 +422,20 @@ class FtriResult:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict; from_dict restores it."""
         return {
-            "method": self.method, "top_n": int(self.top_n), "sign": self.sign,
-            "n_behavior": int(self.n_behavior), "n_baseline": int(self.n_baseline),
-            "level": float(self.level), "n_boot": int(self.n_boot), "options": dict(self.options),
+            "method": self.method,
+            "top_n": int(self.top_n),
+            "sign": self.sign,
+            "n_behavior": int(self.n_behavior),
+            "n_baseline": int(self.n_baseline),
+            "level": float(self.level),
+            "n_boot": int(self.n_boot),
+            "options": dict(self.options),
             **{k: np.asarray(getattr(self, k), dtype=np.float64).tolist() for k in _ARRAYS},
-            **({} if self.se is None else {"se": np.asarray(self.se, dtype=np.float64).tolist(),
-                                           "band_crit": float(self.band_crit or 0.0)}),
+            **(
+                {}
+                if self.se is None
+                else {"se": np.asarray(self.se, dtype=np.float64).tolist(), "band_crit": float(self.band_crit or 0.0)}
+            ),
         }
 
     @classmethod
@@ -405,17 +455,34 @@ class FtriResult:
         if len(shape) != 2 or any(a.shape != shape for a in arrays.values()):
             shapes = ", ".join(f"{k} {a.shape}" for k, a in arrays.items())
             raise ValueError(f"fTRI result arrays must share one [n_layer, n_expert] shape, got {shapes}")
-        return cls(method=data["method"], top_n=int(data["top_n"]), sign=data["sign"],
-                   n_behavior=int(data["n_behavior"]), n_baseline=int(data["n_baseline"]),
-                   level=float(data.get("level", 0.95)), n_boot=int(data.get("n_boot", 200)),
-                   options=dict(data.get("options", {})), **arrays, **band)
+        return cls(
+            method=data["method"],
+            top_n=int(data["top_n"]),
+            sign=data["sign"],
+            n_behavior=int(data["n_behavior"]),
+            n_baseline=int(data["n_baseline"]),
+            level=float(data.get("level", 0.95)),
+            n_boot=int(data.get("n_boot", 200)),
+            options=dict(data.get("options", {})),
+            **arrays,
+            **band,
+        )
 
 
 _ARRAYS = ("scores", "ci_low", "ci_high", "stability")
 
 
-def analyse(act: Activations, method: str, *, n_boot: int = 200, level: float = 0.95, top_n: int = 10,
-            sign: str = "positive", seed: int = 0, **opts: Any) -> FtriResult:
+def analyse(
+    act: Activations,
+    method: str,
+    *,
+    n_boot: int = 200,
+    level: float = 0.95,
+    top_n: int = 10,
+    sign: str = "positive",
+    seed: int = 0,
+    **opts: Any,
+) -> FtriResult:
     """Scores of one method with bootstrap percentile CIs (prompts resampled with replacement within each
     class, n_boot replicates) and rank stability: the fraction of replicates in which an expert is among the
     top_n by the chosen sign with a score of that sign."""
@@ -446,10 +513,22 @@ def analyse(act: Activations, method: str, *, n_boot: int = 200, level: float = 
     se, crit = _sup_t(boot, scores.ravel(), level)
     crit = _t_equivalent(crit, min(act.n_behavior, act.n_baseline) - 1)
     shape = scores.shape
-    return FtriResult(method=method, scores=scores, ci_low=ci_low.reshape(shape), ci_high=ci_high.reshape(shape),
-                      stability=_top_membership(boot, sign, top_n).reshape(shape), top_n=int(top_n), sign=sign,
-                      n_behavior=act.n_behavior, n_baseline=act.n_baseline, level=float(level),
-                      n_boot=int(n_boot), options=opts, se=se.reshape(shape), band_crit=crit)
+    return FtriResult(
+        method=method,
+        scores=scores,
+        ci_low=ci_low.reshape(shape),
+        ci_high=ci_high.reshape(shape),
+        stability=_top_membership(boot, sign, top_n).reshape(shape),
+        top_n=int(top_n),
+        sign=sign,
+        n_behavior=act.n_behavior,
+        n_baseline=act.n_baseline,
+        level=float(level),
+        n_boot=int(n_boot),
+        options=opts,
+        se=se.reshape(shape),
+        band_crit=crit,
+    )
 
 
 def _sup_t(boot: np.ndarray, point: np.ndarray, level: float) -> tuple[np.ndarray, float]:

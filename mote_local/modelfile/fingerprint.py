@@ -66,8 +66,13 @@ class Fingerprint:
 
 def differences(a: Fingerprint, b: Fingerprint) -> tuple[str, str] | None:
     """What differs between two fingerprints, in words, as seen from each side; None when equal."""
-    words = {"arch": "arch {}", "n_layer": "{} layers", "n_expert": "{} experts",
-             "n_expert_used": "{} experts used per token", "router_sha256": "router weights sha256 {:.12}…"}
+    words = {
+        "arch": "arch {}",
+        "n_layer": "{} layers",
+        "n_expert": "{} experts",
+        "n_expert_used": "{} experts used per token",
+        "router_sha256": "router weights sha256 {:.12}…",
+    }
     names = [f.name for f in fields(Fingerprint) if getattr(a, f.name) != getattr(b, f.name)]
     if not names:
         return None

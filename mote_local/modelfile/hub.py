@@ -34,15 +34,15 @@ class _GgufName:
     """What a GGUF file's name says (download.cpp, get_gguf_split_info)."""
 
     prefix: str  # the path without ".gguf" and without the shard suffix
-    tag: str     # the quant tag at its end, upper case ("" when none)
-    index: int   # shard number, from 1
-    count: int   # shards in all (1: not split)
+    tag: str  # the quant tag at its end, upper case ("" when none)
+    index: int  # shard number, from 1
+    count: int  # shards in all (1: not split)
 
     @classmethod
     def of(cls, path: str) -> _GgufName | None:
         if not path.endswith(".gguf"):
             return None
-        prefix, index, count = path[:-len(".gguf")], 1, 1
+        prefix, index, count = path[: -len(".gguf")], 1, 1
         m = _SPLIT.match(prefix)
         if m:
             prefix, index, count = m[1], int(m[2]), int(m[3])
@@ -71,27 +71,34 @@ def choose_gguf(files: list[str], tag: str, repo: str) -> list[str]:
         chosen = firsts[0]
     if chosen is None:
         if not firsts:
-            raise ModelFileError(f"{repo} holds no GGUF model file: give a repository of GGUF files (often named "
-                                 "…-GGUF)")
+            raise ModelFileError(
+                f"{repo} holds no GGUF model file: give a repository of GGUF files (often named …-GGUF)"
+            )
         tags = list(dict.fromkeys(names[f].tag or f for f in firsts))
-        raise ModelFileError(f"{repo} has no GGUF file with the tag {tag}: the tags there are {', '.join(tags)}; "
-                             f"give one as {repo}:TAG")
+        raise ModelFileError(
+            f"{repo} has no GGUF file with the tag {tag}: the tags there are {', '.join(tags)}; give one as {repo}:TAG"
+        )
     name = names[chosen]
     if name.count == 1:
         return [chosen]
-    shards = sorted((f for f, n in names.items() if n.prefix == name.prefix and n.count == name.count),
-                    key=lambda f: names[f].index)
+    shards = sorted(
+        (f for f, n in names.items() if n.prefix == name.prefix and n.count == name.count), key=lambda f: names[f].index
+    )
     if [names[f].index for f in shards] != list(range(1, name.count + 1)):
-        raise ModelFileError(f"{repo} lists {len(shards)} of the {name.count} shards of {chosen}: the repository is "
-                             "incomplete; choose another tag")
+        raise ModelFileError(
+            f"{repo} lists {len(shards)} of the {name.count} shards of {chosen}: the repository is "
+            "incomplete; choose another tag"
+        )
     return shards
 
 
 def _parse_hf(spec: str) -> tuple[str, str]:
     repo, _, tag = spec.partition(":")
     if not _REPO.match(repo) or ":" in tag:
-        raise ModelFileError(f"{spec!r} is not a Hugging Face model name: give ORG/NAME or ORG/NAME:QUANT "
-                             "(e.g. unsloth/Qwen3-30B-A3B-GGUF:Q4_K_M)")
+        raise ModelFileError(
+            f"{spec!r} is not a Hugging Face model name: give ORG/NAME or ORG/NAME:QUANT "
+            "(e.g. unsloth/Qwen3-30B-A3B-GGUF:Q4_K_M)"
+        )
     return repo, tag
 
 
@@ -123,20 +130,29 @@ def resolve_hf(spec: str, *, progress: bool = True) -> Path:
 
     def failed(err: Exception, what: str) -> ModelFileError:
         if isinstance(err, hf_errors.GatedRepoError):
-            return ModelFileError(f"{repo} is gated: accept its terms on its page on the Hub, then set HF_TOKEN to a "
-                                  "token of that account (or run `hf auth login`)")
+            return ModelFileError(
+                f"{repo} is gated: accept its terms on its page on the Hub, then set HF_TOKEN to a "
+                "token of that account (or run `hf auth login`)"
+            )
         if isinstance(err, hf_errors.RepositoryNotFoundError):
-            return ModelFileError(f"no model {repo} on the Hub ({constants.ENDPOINT}): check the name; a private "
-                                  "model needs HF_TOKEN set to a token that may read it")
+            return ModelFileError(
+                f"no model {repo} on the Hub ({constants.ENDPOINT}): check the name; a private "
+                "model needs HF_TOKEN set to a token that may read it"
+            )
         status = getattr(getattr(err, "response", None), "status_code", None)
         if status in (401, 403):
-            return ModelFileError(f"the Hub refused {what} of {repo} (HTTP {status}): authentication required; set "
-                                  "HF_TOKEN to a token that may read it (or run `hf auth login`)")
+            return ModelFileError(
+                f"the Hub refused {what} of {repo} (HTTP {status}): authentication required; set "
+                "HF_TOKEN to a token that may read it (or run `hf auth login`)"
+            )
         if isinstance(err, hf_errors.HfHubHTTPError):
-            return ModelFileError(f"the Hub ({constants.ENDPOINT}) failed {what} of {repo} (HTTP {status}): "
-                                  "try again later")
-        return ModelFileError(f"cannot reach the Hub ({constants.ENDPOINT}) for {what} of {repo}: {err}; check the "
-                              "network, or set HF_HUB_OFFLINE=1 to use the cache alone")
+            return ModelFileError(
+                f"the Hub ({constants.ENDPOINT}) failed {what} of {repo} (HTTP {status}): try again later"
+            )
+        return ModelFileError(
+            f"cannot reach the Hub ({constants.ENDPOINT}) for {what} of {repo}: {err}; check the "
+            "network, or set HF_HUB_OFFLINE=1 to use the cache alone"
+        )
 
     files = None
     if not offline:
@@ -152,8 +168,9 @@ def resolve_hf(spec: str, *, progress: bool = True) -> Path:
         except (hf_errors.LocalEntryNotFoundError, FileNotFoundError, OSError):
             if unreachable is not None:
                 raise unreachable from None
-            raise ModelFileError(f"HF_HUB_OFFLINE=1 and {repo} is not in {where}: unset HF_HUB_OFFLINE to download "
-                                 "it") from None
+            raise ModelFileError(
+                f"HF_HUB_OFFLINE=1 and {repo} is not in {where}: unset HF_HUB_OFFLINE to download it"
+            ) from None
         files = sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if not p.is_dir())
     local_only = offline or unreachable is not None
     chosen = choose_gguf(files, tag, repo)
@@ -164,8 +181,10 @@ def resolve_hf(spec: str, *, progress: bool = True) -> Path:
             paths.append(Path(hf_hub_download(repo, name, local_files_only=local_only, tqdm_class=bars)))
         except hf_errors.LocalEntryNotFoundError:
             why = "HF_HUB_OFFLINE=1" if offline else "the Hub cannot be reached"
-            raise ModelFileError(f"{why} and {name} (shard {i + 1} of {len(chosen)} of {repo}) is not in {where}: "
-                                 + ("unset HF_HUB_OFFLINE to download it" if offline else "connect and try again"))
+            raise ModelFileError(
+                f"{why} and {name} (shard {i + 1} of {len(chosen)} of {repo}) is not in {where}: "
+                + ("unset HF_HUB_OFFLINE to download it" if offline else "connect and try again")
+            ) from None
         except (httpx2.TransportError, hf_errors.HfHubHTTPError, hf_errors.OfflineModeIsEnabled) as err:
             raise failed(err, f"the download of {name}") from None
     return paths[0]
@@ -192,33 +211,42 @@ def resolve_ollama(name: str) -> Path:
     ns = where[0] if where else "library"
     parts = [ns, model] + ([tag] if tag else [])
     if len(where) > 1 or not all(_OLLAMA_PART.match(x) for x in parts) or not re.match(r"^[\w.-]+(:\d+)?$", host):
-        raise ModelFileError(f"{OLLAMA_PREFIX}{name} is not an ollama model name: give ollama:NAME or "
-                             "ollama:NAME:TAG (e.g. ollama:qwen3:30b-a3b)")
+        raise ModelFileError(
+            f"{OLLAMA_PREFIX}{name} is not an ollama model name: give ollama:NAME or "
+            "ollama:NAME:TAG (e.g. ollama:qwen3:30b-a3b)"
+        )
     tag = tag or "latest"
     store = ollama_store()
     manifests = store / "manifests"
     if not manifests.is_dir():
-        raise ModelFileError(f"no ollama model store at {store} (no manifests folder): pull the model with "
-                             f"`ollama pull {name}`, or set OLLAMA_MODELS to the store's folder")
+        raise ModelFileError(
+            f"no ollama model store at {store} (no manifests folder): pull the model with "
+            f"`ollama pull {name}`, or set OLLAMA_MODELS to the store's folder"
+        )
     manifest = manifests / host / ns / model / tag
     if not manifest.is_file():
         present = sorted(f"{p.parent.name}:{p.name}" for p in (manifests / host / ns).glob("*/*") if p.is_file())
         there = f"; the store holds {', '.join(present)}" if present else ""
-        raise ModelFileError(f"ollama model {model}:{tag} is not in {store}{there}: pull it with "
-                             f"`ollama pull {name}`")
+        raise ModelFileError(f"ollama model {model}:{tag} is not in {store}{there}: pull it with `ollama pull {name}`")
     try:
         layers = json.loads(manifest.read_text(encoding="utf-8"))["layers"]
         digest = next(layer["digest"] for layer in layers if layer.get("mediaType") == _OLLAMA_MODEL_LAYER)
     except (OSError, ValueError, KeyError, TypeError, StopIteration):
-        raise ModelFileError(f"{manifest} is not an ollama manifest with a model layer ({_OLLAMA_MODEL_LAYER}): "
-                             f"pull the model again with `ollama pull {name}`") from None
+        raise ModelFileError(
+            f"{manifest} is not an ollama manifest with a model layer ({_OLLAMA_MODEL_LAYER}): "
+            f"pull the model again with `ollama pull {name}`"
+        ) from None
     if not isinstance(digest, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
-        raise ModelFileError(f"{manifest} names the model blob {digest!r}, not a sha256 digest: pull the model "
-                             f"again with `ollama pull {name}`")
+        raise ModelFileError(
+            f"{manifest} names the model blob {digest!r}, not a sha256 digest: pull the model "
+            f"again with `ollama pull {name}`"
+        )
     blob = store / "blobs" / digest.replace(":", "-")
     if not blob.is_file():
-        raise ModelFileError(f"{blob}, the model blob of ollama's {model}:{tag}, is missing: pull the model again "
-                             f"with `ollama pull {name}`")
+        raise ModelFileError(
+            f"{blob}, the model blob of ollama's {model}:{tag}, is missing: pull the model again "
+            f"with `ollama pull {name}`"
+        )
     return blob
 
 

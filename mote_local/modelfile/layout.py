@@ -31,10 +31,10 @@ import numpy as np
 from mote_local.errors import ModelFileError, NotMoeError
 
 GGUF_MAGIC = b"GGUF"
-GGUF_VERSIONS = (2, 3)   # the versions llama.cpp and gguf-py read
+GGUF_VERSIONS = (2, 3)  # the versions llama.cpp and gguf-py read
 GGML_MAX_DIMS = 4
-GGML_MAX_NAME = 64       # llama.cpp refuses tensor names of this length or longer
-LLAMA_MAX_LAYERS = 512   # llama-hparams.h: block_count must be 1..LLAMA_MAX_LAYERS
+GGML_MAX_NAME = 64  # llama.cpp refuses tensor names of this length or longer
+LLAMA_MAX_LAYERS = 512  # llama-hparams.h: block_count must be 1..LLAMA_MAX_LAYERS
 LLAMA_MAX_EXPERTS = 1024
 
 # llama.cpp's llama_expert_gating_func_type runs 0 (the architecture's default) to 4 (sqrt-softplus); any other
@@ -59,9 +59,9 @@ class MoeLayout:
     n_expert_groups: int
     n_group_used: int
     file_type: str
-    size_bytes: int      # of every file of the model
+    size_bytes: int  # of every file of the model
     context_length: int  # the training context (0 when the file does not say)
-    files: tuple["ModelFile", ...] = ()  # the model's files: one, or the shards of a split model, first first
+    files: tuple[ModelFile, ...] = ()  # the model's files: one, or the shards of a split model, first first
     # (index in files, offset in that file, bytes) of each MoE layer's router tensor
     router_spans: tuple[tuple[int, int, int], ...] = ()
     tensor_types: tuple[tuple[str, str], ...] = ()  # (name, ggml type name) of every tensor, in file order
@@ -70,10 +70,11 @@ class MoeLayout:
     def is_moe(self) -> bool:
         return self.n_expert > 0 and bool(self.moe_layers)
 
-    def require_moe(self) -> "MoeLayout":
+    def require_moe(self) -> MoeLayout:
         if not self.is_moe:
-            raise NotMoeError(f"{self.path} is a dense model ({self.arch}, no experts): "
-                              "mote-local needs a Mixture-of-Experts GGUF")
+            raise NotMoeError(
+                f"{self.path} is a dense model ({self.arch}, no experts): mote-local needs a Mixture-of-Experts GGUF"
+            )
         return self
 
 
@@ -94,8 +95,9 @@ def check_model_file(path: str | os.PathLike) -> Path:
         with open(p, "rb") as f:
             magic = f.read(4)
     except PermissionError:
-        raise ModelFileError(f"cannot read {p}: permission denied; make the file readable "
-                             "(chmod +r) or run as a user who may read it") from None
+        raise ModelFileError(
+            f"cannot read {p}: permission denied; make the file readable (chmod +r) or run as a user who may read it"
+        ) from None
     except OSError as err:
         raise ModelFileError(f"cannot read {p}: {err.strerror or err}") from None
     if p.stat().st_size == 0:
@@ -107,14 +109,26 @@ def check_model_file(path: str | os.PathLike) -> Path:
 
 # ---------------------------------------------------------------------------------------------- structure
 
+
 class _Broken(Exception):
     """What is wrong with a GGUF file, in words (without the file name)."""
 
 
 # struct format of each scalar GGUF value type
 _VT = gguf.GGUFValueType
-_SCALAR_FORMAT = {_VT.UINT8: "B", _VT.INT8: "b", _VT.UINT16: "H", _VT.INT16: "h", _VT.UINT32: "I", _VT.INT32: "i",
-                  _VT.FLOAT32: "f", _VT.BOOL: "?", _VT.UINT64: "Q", _VT.INT64: "q", _VT.FLOAT64: "d"}
+_SCALAR_FORMAT = {
+    _VT.UINT8: "B",
+    _VT.INT8: "b",
+    _VT.UINT16: "H",
+    _VT.INT16: "h",
+    _VT.UINT32: "I",
+    _VT.INT32: "i",
+    _VT.FLOAT32: "f",
+    _VT.BOOL: "?",
+    _VT.UINT64: "Q",
+    _VT.INT64: "q",
+    _VT.FLOAT64: "d",
+}
 _STRING, _ARRAY, _UINT32 = _VT.STRING, _VT.ARRAY, _VT.UINT32
 
 
@@ -127,19 +141,24 @@ def _check_header(data: bytes, size: int) -> None:
     if data[:4] != GGUF_MAGIC:
         raise _Broken("is not a GGUF file (it does not start with 'GGUF')")
     if size < 24:
-        raise _Broken(f"is truncated inside the GGUF header ({size} bytes; a header alone takes 24): "
-                      + _FIX_TRUNCATED)
+        raise _Broken(f"is truncated inside the GGUF header ({size} bytes; a header alone takes 24): " + _FIX_TRUNCATED)
     version, n_tensors, n_kv = struct.unpack_from("<IQQ", data, 4)
     if version not in GGUF_VERSIONS:
         if struct.unpack_from(">I", data, 4)[0] in GGUF_VERSIONS:
-            raise _Broken("is a big-endian GGUF file: llama.cpp reads little-endian GGUF files only; convert it "
-                          "again on a little-endian machine")
-        raise _Broken(f"has a corrupt header: GGUF version {version} (llama.cpp reads versions "
-                      f"{' and '.join(map(str, GGUF_VERSIONS))}); {_FIX_CORRUPT}")
+            raise _Broken(
+                "is a big-endian GGUF file: llama.cpp reads little-endian GGUF files only; convert it "
+                "again on a little-endian machine"
+            )
+        raise _Broken(
+            f"has a corrupt header: GGUF version {version} (llama.cpp reads versions "
+            f"{' and '.join(map(str, GGUF_VERSIONS))}); {_FIX_CORRUPT}"
+        )
     # every metadata entry takes at least 13 bytes, every tensor entry at least 24
     if n_kv * 13 + n_tensors * 24 > size - 24:
-        raise _Broken(f"is truncated or has a corrupt header: the header claims {n_kv} metadata keys and "
-                      f"{n_tensors} tensors, more than a file of {size} bytes can hold (download or copy it again)")
+        raise _Broken(
+            f"is truncated or has a corrupt header: the header claims {n_kv} metadata keys and "
+            f"{n_tensors} tensors, more than a file of {size} bytes can hold (download or copy it again)"
+        )
 
 
 class _Cursor:
@@ -163,7 +182,7 @@ class _Cursor:
         if n > self.size:
             raise _Broken(f"has a corrupt {self.where}: {what} claims a length of {n} bytes; {_FIX_CORRUPT}")
         start = self.take(n)
-        return bytes(self.buf[start:start + n])
+        return bytes(self.buf[start : start + n])
 
     def string(self, what: str) -> str:
         try:
@@ -182,18 +201,21 @@ def _tensor_layout(tensors: list[tuple[str, int, int]], data_start: int, alignme
     for name, offset, n_bytes in tensors:
         if offset != expected:
             culprit = f"tensor {previous!r} has a wrong shape or type, or " if previous else ""
-            raise _Broken(f"has a corrupt tensor table: tensor {name!r} starts at offset {offset} of the data but "
-                          f"the tensors before it end at {expected} ({culprit}{name!r} a wrong offset); "
-                          + _FIX_CORRUPT)
+            raise _Broken(
+                f"has a corrupt tensor table: tensor {name!r} starts at offset {offset} of the data but "
+                f"the tensors before it end at {expected} ({culprit}{name!r} a wrong offset); " + _FIX_CORRUPT
+            )
         expected, previous = offset + _pad(n_bytes, alignment), name
     total = expected - _pad(tensors[-1][2], alignment) + tensors[-1][2]
     for name, offset, n_bytes in tensors:
         end = data_start + offset + n_bytes
         if end > size:
             present = max(0, size - data_start) / max(total, 1)
-            raise _Broken(f"is truncated inside the tensor data: tensor {name!r} needs bytes {data_start + offset}"
-                          f"..{end} but the file ends at byte {size} (only {int(100 * present)}% of the tensor "
-                          f"data is there); {_FIX_TRUNCATED}")
+            raise _Broken(
+                f"is truncated inside the tensor data: tensor {name!r} needs bytes {data_start + offset}"
+                f"..{end} but the file ends at byte {size} (only {int(100 * present)}% of the tensor "
+                f"data is there); {_FIX_TRUNCATED}"
+            )
 
 
 @dataclass(frozen=True)
@@ -201,9 +223,9 @@ class TensorInfo:
     name: str
     shape: tuple[int, ...]  # ggml order: the row length first
     type: gguf.GGMLQuantizationType
-    offset: int             # in the file
+    offset: int  # in the file
     n_bytes: int
-    file: int = 0           # which of the model's files holds it (GgufHeader.files), for a split model
+    file: int = 0  # which of the model's files holds it (GgufHeader.files), for a split model
 
 
 @dataclass(frozen=True)
@@ -287,8 +309,7 @@ def _walk(buf, size: int, wanted: tuple[str, ...]) -> GgufHeader:
         key = cur.string("a key name")
         cur.where = f"metadata (key #{i + 1} of {n_kv}, {key!r})"
         if not key or key in values or key in arrays:
-            raise _Broken(f"has a corrupt {cur.where}: {'an empty' if not key else 'a duplicate'} key; "
-                          + _FIX_CORRUPT)
+            raise _Broken(f"has a corrupt {cur.where}: {'an empty' if not key else 'a duplicate'} key; " + _FIX_CORRUPT)
         vtype = cur.unpack("<I")
         if vtype == _ARRAY:
             vtype, count = cur.unpack("<I"), cur.unpack("<Q")
@@ -302,7 +323,7 @@ def _walk(buf, size: int, wanted: tuple[str, ...]) -> GgufHeader:
                 fmt = _SCALAR_FORMAT[vtype]
                 start = cur.take(struct.calcsize(fmt) * count)
                 if key in wanted:
-                    arrays[key] = np.frombuffer(buf[start:cur.pos], dtype=np.dtype("<" + fmt))
+                    arrays[key] = np.frombuffer(buf[start : cur.pos], dtype=np.dtype("<" + fmt))
                 elif count <= SMALL_ARRAY:
                     values[key] = list(struct.unpack_from(f"<{count}{fmt}", buf, start))
             else:
@@ -318,25 +339,37 @@ def _walk(buf, size: int, wanted: tuple[str, ...]) -> GgufHeader:
                 if vtype != _UINT32:
                     raise _Broken(f"has a corrupt {cur.where}: the alignment must be one uint32; {_FIX_CORRUPT}")
                 if value == 0 or value & (value - 1):
-                    raise _Broken(f"has a corrupt {cur.where}: alignment {value} is not a power of two; "
-                                  + _FIX_CORRUPT)
+                    raise _Broken(
+                        f"has a corrupt {cur.where}: alignment {value} is not a power of two; " + _FIX_CORRUPT
+                    )
                 alignment = value
         else:
             raise _Broken(f"has a corrupt {cur.where}: unknown value type {vtype}; {_FIX_CORRUPT}")
     if values.get(gguf.Keys.General.ALIGNMENT, alignment) != alignment:  # an alignment array
-        raise _Broken(f"has a corrupt metadata key {gguf.Keys.General.ALIGNMENT!r}: the alignment must be one "
-                      f"uint32; {_FIX_CORRUPT}")
+        raise _Broken(
+            f"has a corrupt metadata key {gguf.Keys.General.ALIGNMENT!r}: the alignment must be one "
+            f"uint32; {_FIX_CORRUPT}"
+        )
     tensors = _tensor_table(cur, n_tensors)
     data_offset = _pad(cur.pos, alignment)
     if tensors:
-        _tensor_layout([(name, offset, n_bytes) for name, _, _, offset, n_bytes in tensors], data_offset,
-                       alignment, size)
-    return GgufHeader(values, arrays, tuple(TensorInfo(name, shape, qtype, data_offset + offset, n_bytes)
-                                            for name, shape, qtype, offset, n_bytes in tensors), data_offset)
+        _tensor_layout(
+            [(name, offset, n_bytes) for name, _, _, offset, n_bytes in tensors], data_offset, alignment, size
+        )
+    return GgufHeader(
+        values,
+        arrays,
+        tuple(
+            TensorInfo(name, shape, qtype, data_offset + offset, n_bytes)
+            for name, shape, qtype, offset, n_bytes in tensors
+        ),
+        data_offset,
+    )
 
 
-def _tensor_table(cur: _Cursor, n_tensors: int) -> list[tuple[str, tuple[int, ...], gguf.GGMLQuantizationType,
-                                                               int, int]]:
+def _tensor_table(
+    cur: _Cursor, n_tensors: int
+) -> list[tuple[str, tuple[int, ...], gguf.GGMLQuantizationType, int, int]]:
     """(name, shape, type, offset in the data section, n_bytes) of every tensor, each entry checked alone."""
     tensors = []
     names = set()
@@ -345,13 +378,13 @@ def _tensor_table(cur: _Cursor, n_tensors: int) -> list[tuple[str, tuple[int, ..
         name = cur.string("a tensor name")
         cur.where = f"tensor table (tensor #{i + 1} of {n_tensors}, {name!r})"
         if len(name.encode()) >= GGML_MAX_NAME or name in names:
-            raise _Broken(f"has a corrupt {cur.where}: {'a duplicate' if name in names else 'too long a'} "
-                          f"name; {_FIX_CORRUPT}")
+            raise _Broken(
+                f"has a corrupt {cur.where}: {'a duplicate' if name in names else 'too long a'} name; {_FIX_CORRUPT}"
+            )
         names.add(name)
         n_dims = cur.unpack("<I")
         if n_dims > GGML_MAX_DIMS:
-            raise _Broken(f"has a corrupt {cur.where}: {n_dims} dimensions (at most {GGML_MAX_DIMS}); "
-                          + _FIX_CORRUPT)
+            raise _Broken(f"has a corrupt {cur.where}: {n_dims} dimensions (at most {GGML_MAX_DIMS}); " + _FIX_CORRUPT)
         dims = tuple(cur.unpack("<q") for _ in range(n_dims))
         ttype = cur.unpack("<I")
         offset = cur.unpack("<Q")
@@ -364,14 +397,16 @@ def _tensor_table(cur: _Cursor, n_tensors: int) -> list[tuple[str, tuple[int, ..
         for d in dims:
             n_elements *= d
         if any(d < 0 for d in dims) or n_elements >= 2**63 or (dims and dims[0] % block):
-            raise _Broken(f"has a corrupt {cur.where}: shape {list(dims)} does not fit type {qtype.name}; "
-                          + _FIX_CORRUPT)
+            raise _Broken(
+                f"has a corrupt {cur.where}: shape {list(dims)} does not fit type {qtype.name}; " + _FIX_CORRUPT
+            )
         tensors.append((name, dims, qtype, offset, n_elements // block * type_size))
     return tensors
 
 
-def read_header(path: str | os.PathLike, arrays: tuple[str, ...] = (),
-                error: type[Exception] = ModelFileError) -> GgufHeader:
+def read_header(
+    path: str | os.PathLike, arrays: tuple[str, ...] = (), error: type[Exception] = ModelFileError
+) -> GgufHeader:
     """The header of a GGUF file (see GgufHeader); a corrupt or truncated file raises `error` saying where it
     is broken. Fast on any vocabulary: a 150k-token one is stepped over, not decoded, unless asked for."""
     p = Path(path)
@@ -385,8 +420,11 @@ def read_header(path: str | os.PathLike, arrays: tuple[str, ...] = (),
 
 # A split model (llama.cpp's gguf-split, gguf-py's GGUFWriter(split_max_tensors=N)): every shard says which it is
 # and how many there are; the first holds all the metadata and the tensor count, the others only these keys.
-SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS = (gguf.Keys.Split.LLM_KV_SPLIT_NO, gguf.Keys.Split.LLM_KV_SPLIT_COUNT,
-                                        gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)
+SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS = (
+    gguf.Keys.Split.LLM_KV_SPLIT_NO,
+    gguf.Keys.Split.LLM_KV_SPLIT_COUNT,
+    gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT,
+)
 _SHARD_SUFFIX = "-{:05d}-of-{:05d}.gguf"  # llama.cpp's llama_split_path: PREFIX-%05d-of-%05d.gguf, from 1
 _FIX_SHARDS = "download the shards of this model again, all into one folder"
 
@@ -397,7 +435,7 @@ def shard_path(given: Path, given_no: int, no: int, count: int) -> Path | None:
     suffix = _SHARD_SUFFIX.format(given_no + 1, count)
     if not given.name.endswith(suffix) or given.name == suffix:
         return None
-    return given.with_name(given.name[:-len(suffix)] + _SHARD_SUFFIX.format(no + 1, count))
+    return given.with_name(given.name[: -len(suffix)] + _SHARD_SUFFIX.format(no + 1, count))
 
 
 def _split_value(p: Path, header: GgufHeader, key: str, default: int | None = None) -> int:
@@ -423,44 +461,58 @@ def read_model_header(path: str | os.PathLike, arrays: tuple[str, ...] = ()) -> 
     no = _split_value(p, first, SPLIT_NO)
     if no != 0:
         given = shard_path(p, no, 0, count)
-        which = (f"{given}" if given is not None else
-                 f"the file whose name ends in {_SHARD_SUFFIX.format(1, count)}")
-        raise ModelFileError(f"{p} is shard {no + 1} of {count} of a split model: give its first shard, {which} "
-                             "(llama.cpp loads every shard from the first one's path)")
+        which = f"{given}" if given is not None else f"the file whose name ends in {_SHARD_SUFFIX.format(1, count)}"
+        raise ModelFileError(
+            f"{p} is shard {no + 1} of {count} of a split model: give its first shard, {which} "
+            "(llama.cpp loads every shard from the first one's path)"
+        )
     if shard_path(p, 0, 0, count) is None:
-        raise ModelFileError(f"{p} is the first of {count} shards of a split model, but its name does not end in "
-                             f"{_SHARD_SUFFIX.format(1, count)}, which llama.cpp needs to find the other shards: "
-                             f"give the shards their names back (NAME{_SHARD_SUFFIX.format(1, count)} … "
-                             f"NAME{_SHARD_SUFFIX.format(count, count)})")
+        raise ModelFileError(
+            f"{p} is the first of {count} shards of a split model, but its name does not end in "
+            f"{_SHARD_SUFFIX.format(1, count)}, which llama.cpp needs to find the other shards: "
+            f"give the shards their names back (NAME{_SHARD_SUFFIX.format(1, count)} … "
+            f"NAME{_SHARD_SUFFIX.format(count, count)})"
+        )
     n_tensors = _split_value(p, first, SPLIT_TENSORS)
     files, tensors = list(first.files), list(first.tensors)
     holder: dict[str, Path] = {t.name: p for t in first.tensors}
     for i in range(1, count):
         sp = cast(Path, shard_path(p, 0, i, count))  # the first shard's name was checked above
         if not (sp.exists() or sp.is_symlink()):
-            raise ModelFileError(f"{sp} is missing: it is shard {i + 1} of {count} of the split model {p}; download "
-                                 "it into the folder of the first shard")
+            raise ModelFileError(
+                f"{sp} is missing: it is shard {i + 1} of {count} of the split model {p}; download "
+                "it into the folder of the first shard"
+            )
         try:
             shard = read_header(check_model_file(sp))
         except ModelFileError as err:
             raise ModelFileError(f"shard {i + 1} of {count} of {p}: {err}") from None
         says = (shard.values.get(SPLIT_NO), shard.values.get(SPLIT_COUNT), shard.values.get(SPLIT_TENSORS))
         if says != (i, count, n_tensors):
-            what = ("is not a shard of a split model (no split keys)" if says == (None, None, None) else
-                    f"says it is shard {_shard_words(says[0])} of {says[1]}, of a model of {says[2]} tensors")
-            raise ModelFileError(f"{sp} is not shard {i + 1} of {count} of {p} (a model of {n_tensors} tensors): it "
-                                 f"{what}; it belongs to another model or another split: {_FIX_SHARDS}")
+            what = (
+                "is not a shard of a split model (no split keys)"
+                if says == (None, None, None)
+                else f"says it is shard {_shard_words(says[0])} of {says[1]}, of a model of {says[2]} tensors"
+            )
+            raise ModelFileError(
+                f"{sp} is not shard {i + 1} of {count} of {p} (a model of {n_tensors} tensors): it "
+                f"{what}; it belongs to another model or another split: {_FIX_SHARDS}"
+            )
         for t in shard.tensors:
             if t.name in holder:
-                raise ModelFileError(f"{sp} (shard {i + 1} of {count} of {p}) holds the tensor {t.name!r}, which "
-                                     f"{holder[t.name].name} holds too: one of them is a shard of another model or "
-                                     f"another split; {_FIX_SHARDS}")
+                raise ModelFileError(
+                    f"{sp} (shard {i + 1} of {count} of {p}) holds the tensor {t.name!r}, which "
+                    f"{holder[t.name].name} holds too: one of them is a shard of another model or "
+                    f"another split; {_FIX_SHARDS}"
+                )
             holder[t.name] = sp
             tensors.append(replace(t, file=i))
         files.extend(shard.files)
     if len(tensors) != n_tensors:
-        raise ModelFileError(f"the {count} shards of {p} hold {len(tensors)} tensors, but its {SPLIT_TENSORS} "
-                             f"says {n_tensors}: a shard is from another model or another split; {_FIX_SHARDS}")
+        raise ModelFileError(
+            f"the {count} shards of {p} hold {len(tensors)} tensors, but its {SPLIT_TENSORS} "
+            f"says {n_tensors}: a shard is from another model or another split; {_FIX_SHARDS}"
+        )
     return replace(first, tensors=tuple(tensors), files=tuple(files))
 
 
@@ -473,9 +525,10 @@ def open_gguf(p: Path, error: type[Exception] = ModelFileError) -> gguf.GGUFRead
     read_header(p, error=error)
     try:
         return gguf.GGUFReader(p)
-    except Exception as err:  # noqa: BLE001 - checked above; the reader's own message is the best there is
-        raise error(f"{p} is not a readable GGUF file ({type(err).__name__}: {err}); "
-                    "the file may be truncated or corrupt") from None
+    except Exception as err:
+        raise error(
+            f"{p} is not a readable GGUF file ({type(err).__name__}: {err}); the file may be truncated or corrupt"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------- layout
@@ -493,8 +546,9 @@ def _header_digests(files: tuple[ModelFile, ...]) -> tuple[bytes | None, ...]:
         try:
             with open(f.path, "rb") as fh:
                 size = os.fstat(fh.fileno()).st_size
-                digests.append(hashlib.blake2b(fh.read(f.data_offset) + size.to_bytes(8, "little"),
-                                               digest_size=16).digest())
+                digests.append(
+                    hashlib.blake2b(fh.read(f.data_offset) + size.to_bytes(8, "little"), digest_size=16).digest()
+                )
         except OSError:
             digests.append(None)
     return tuple(digests)
@@ -550,8 +604,9 @@ def _parse_layout(p: Path) -> MoeLayout:
 
     n_layer = optional_integer(gguf.Keys.LLM.BLOCK_COUNT)
     if n_layer is None:
-        raise ModelFileError(f"{p} has no {arch}.block_count key: not a llama.cpp language model "
-                             "(a vocabulary-only or projector file?)")
+        raise ModelFileError(
+            f"{p} has no {arch}.block_count key: not a llama.cpp language model (a vocabulary-only or projector file?)"
+        )
     if not 0 < n_layer <= LLAMA_MAX_LAYERS:
         raise corrupt(f"{arch}.block_count is {n_layer}, outside llama.cpp's 1..{LLAMA_MAX_LAYERS}")
     nextn = integer(gguf.Keys.LLM.NEXTN_PREDICT_LAYERS)
@@ -572,20 +627,25 @@ def _parse_layout(p: Path) -> MoeLayout:
     if n_expert > 0 and not moe_layers:
         # a truncated conversion, or an architecture that keeps expert keys without routing (ernie4_5's
         # and paddleocr's llama.cpp graphs route nothing): either way there is no router to steer or capture
-        raise ModelFileError(f"{p} declares {n_expert} experts per layer ({arch}.expert_count) but holds no "
-                             f"expert router tensor ({router.format(bid='N')}.weight): nothing routes through "
-                             f"experts, so there is nothing to steer or capture; if {arch} models should have "
-                             f"routers, {_FIX_CORRUPT}")
+        raise ModelFileError(
+            f"{p} declares {n_expert} experts per layer ({arch}.expert_count) but holds no "
+            f"expert router tensor ({router.format(bid='N')}.weight): nothing routes through "
+            f"experts, so there is nothing to steer or capture; if {arch} models should have "
+            f"routers, {_FIX_CORRUPT}"
+        )
     for il in moe_layers:
         shape = list(routers[il].shape)
         if len(shape) < 2 or shape[1] != n_expert:
-            raise ModelFileError(f"{p}: router tensor {router.format(bid=il)}.weight has shape {shape}, but "
-                                 f"{arch}.expert_count says {n_expert} experts; {_FIX_CORRUPT}")
+            raise ModelFileError(
+                f"{p}: router tensor {router.format(bid=il)}.weight has shape {shape}, but "
+                f"{arch}.expert_count says {n_expert} experts; {_FIX_CORRUPT}"
+            )
 
     gating_id = integer(gguf.Keys.LLM.EXPERT_GATING_FUNC)
     if not 0 <= gating_id <= GATING_FUNC_MAX:
-        raise corrupt(f"{arch}.expert_gating_func is {gating_id}, not a gating function llama.cpp knows "
-                      f"(0..{GATING_FUNC_MAX})")
+        raise corrupt(
+            f"{arch}.expert_gating_func is {gating_id}, not a gating function llama.cpp knows (0..{GATING_FUNC_MAX})"
+        )
     shared = optional_integer(gguf.Keys.LLM.EXPERT_SHARED_COUNT)
     if shared is None:
         shexp = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP].format(bid=moe_layers[0]) if moe_layers else ""
@@ -593,21 +653,34 @@ def _parse_layout(p: Path) -> MoeLayout:
         shared = 1 if moe_layers and (header.tensor(f"{shexp}.weight") or header.tensor(f"{up_shexp}.weight")) else 0
     file_type = meta.get(gguf.Keys.General.FILE_TYPE)
     try:
-        file_type_name = (gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")  # type: ignore[call-overload]
-                          if file_type is not None else "unknown")
+        file_type_name = (
+            gguf.LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")  # type: ignore[call-overload]
+            if file_type is not None
+            else "unknown"
+        )
     except (TypeError, ValueError):
         file_type_name = f"type {file_type}"
     context_length = integer(gguf.Keys.LLM.CONTEXT_LENGTH)
     if not 0 <= context_length < 2**31:
-        raise ModelFileError(f"{p}: {arch}.context_length is {context_length}, more than llama.cpp can address "
-                             f"(2**31 - 1 tokens); {_FIX_CORRUPT}")
+        raise ModelFileError(
+            f"{p}: {arch}.context_length is {context_length}, more than llama.cpp can address "
+            f"(2**31 - 1 tokens); {_FIX_CORRUPT}"
+        )
     _check_vocabulary(p, header.arrays.get(gguf.Keys.Tokenizer.LIST))
     return MoeLayout(
-        path=p, arch=arch, n_layer=n_layer, moe_layers=moe_layers, n_expert=n_expert,
+        path=p,
+        arch=arch,
+        n_layer=n_layer,
+        moe_layers=moe_layers,
+        n_expert=n_expert,
         n_expert_used=n_expert_used,
-        n_shared_experts=shared, n_expert_groups=groups, n_group_used=group_used,
-        file_type=file_type_name, size_bytes=sum(f.size_bytes for f in header.files),
-        context_length=max(context_length, 0), files=header.files,
+        n_shared_experts=shared,
+        n_expert_groups=groups,
+        n_group_used=group_used,
+        file_type=file_type_name,
+        size_bytes=sum(f.size_bytes for f in header.files),
+        context_length=max(context_length, 0),
+        files=header.files,
         router_spans=tuple((t.file, t.offset, t.n_bytes) for t in routers.values()),
         tensor_types=tuple((t.name, t.type.name) for t in header.tensors),
     )
@@ -627,9 +700,11 @@ def _check_vocabulary(p: Path, tokens: object) -> None:
         word = word or f"[EMPTY_{i}]".encode()
         first = seen.setdefault(word, i)
         if first != i:
-            raise ModelFileError(f"{p}: the vocabulary ({gguf.Keys.Tokenizer.LIST}) holds the token "
-                                 f"{word.decode('utf-8', 'replace')!r} twice (ids {first} and {i}); llama.cpp would "
-                                 f"abort on it: {_FIX_CORRUPT}")
+            raise ModelFileError(
+                f"{p}: the vocabulary ({gguf.Keys.Tokenizer.LIST}) holds the token "
+                f"{word.decode('utf-8', 'replace')!r} twice (ids {first} and {i}); llama.cpp would "
+                f"abort on it: {_FIX_CORRUPT}"
+            )
 
 
 def _check_experts(corrupt, arch: str, n_expert: int, used: int, groups: int, group_used: int) -> None:
@@ -640,8 +715,7 @@ def _check_experts(corrupt, arch: str, n_expert: int, used: int, groups: int, gr
         raise corrupt(f"{arch}.expert_used_count is {used} but the model has {n_expert} experts per layer")
     if n_expert > 0:
         if used == 0:
-            raise corrupt(f"{arch}.expert_used_count is 0 (or missing) but the model has {n_expert} experts "
-                          "per layer")
+            raise corrupt(f"{arch}.expert_used_count is 0 (or missing) but the model has {n_expert} experts per layer")
         if not 0 <= groups < n_expert:
             raise corrupt(f"{arch}.expert_group_count is {groups}, not fewer than the {n_expert} experts")
         if groups > 1:
@@ -650,5 +724,6 @@ def _check_experts(corrupt, arch: str, n_expert: int, used: int, groups: int, gr
             if not 0 < group_used < groups:
                 raise corrupt(f"{arch}.expert_group_used_count is {group_used}, not in 1..{groups - 1}")
     elif used or groups:
-        raise corrupt(f"the model has no experts but {arch}.expert_used_count is {used} and "
-                      f"{arch}.expert_group_count is {groups}")
+        raise corrupt(
+            f"the model has no experts but {arch}.expert_used_count is {used} and {arch}.expert_group_count is {groups}"
+        )

@@ -26,14 +26,26 @@ from mote_local.atomic import atomic_path
 from mote_local.errors import EngineError, ModelFileError
 from mote_local.modelfile.layout import read_layout, read_model_header
 
-__all__ = ["Recipe", "RECIPES", "GROUPS", "MEASURED", "Fidelity", "RoutingClass", "QuantizeResult", "quantize",
-           "plan", "routing_class", "group_types", "check_paths"]
+__all__ = [
+    "Recipe",
+    "RECIPES",
+    "GROUPS",
+    "MEASURED",
+    "Fidelity",
+    "RoutingClass",
+    "QuantizeResult",
+    "quantize",
+    "plan",
+    "routing_class",
+    "group_types",
+    "check_paths",
+]
 
 QT = gguf.GGMLQuantizationType
 
 # Tensor groups as regular expressions over GGUF tensor names, searched (not matched) as llama.cpp's quantizer
 # searches its --tensor-type patterns (std::regex, ECMAScript: these patterns mean the same in Python's re).
-ROUTED_EXPERTS = r"\.ffn_[a-z_]+_exps\.weight$"   # ffn_gate_exps, ffn_up_exps, ffn_down_exps, ffn_gate_up_exps
+ROUTED_EXPERTS = r"\.ffn_[a-z_]+_exps\.weight$"  # ffn_gate_exps, ffn_up_exps, ffn_down_exps, ffn_gate_up_exps
 GROUPS: dict[str, str] = {
     "attn_q": r"\.attn_q(_a|_b)?\.weight$",
     "attn_k": r"\.attn_k(_b)?\.weight$",
@@ -54,14 +66,26 @@ _ANY = "."  # the last rule of every recipe: whatever no group named
 # What llama.cpp's quantizer leaves alone whatever it is asked (src/llama-quant.cpp,
 # tensor_allows_quantization): tensors of fewer than 2 dimensions, names not ending in "weight", norms, routers,
 # and a few per-architecture tables. The names here are the ones an MoE GGUF carries.
-_NEVER_QUANTIZED = ("_norm.weight", "ffn_gate_inp.weight", "ffn_gate_tid2eid.weight", "position_embd.weight",
-                    "token_types.weight", "ssm_conv1d", "attn_rel_b.weight")
+_NEVER_QUANTIZED = (
+    "_norm.weight",
+    "ffn_gate_inp.weight",
+    "ffn_gate_tid2eid.weight",
+    "position_embd.weight",
+    "token_types.weight",
+    "ssm_conv1d",
+    "attn_rel_b.weight",
+)
 FLOAT_TYPES = frozenset({QT.F32, QT.F16, QT.BF16, QT.F64})
 
 # llama_ftype recorded as general.file_type, by the type of the routed experts (the bulk of an MoE's weights)
-_FTYPE_FOR = {QT.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_M, QT.Q5_K: gguf.LlamaFileType.MOSTLY_Q5_K_M,
-              QT.Q6_K: gguf.LlamaFileType.MOSTLY_Q6_K, QT.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
-              QT.F16: gguf.LlamaFileType.MOSTLY_F16, QT.BF16: gguf.LlamaFileType.MOSTLY_BF16}
+_FTYPE_FOR = {
+    QT.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_M,
+    QT.Q5_K: gguf.LlamaFileType.MOSTLY_Q5_K_M,
+    QT.Q6_K: gguf.LlamaFileType.MOSTLY_Q6_K,
+    QT.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+    QT.F16: gguf.LlamaFileType.MOSTLY_F16,
+    QT.BF16: gguf.LlamaFileType.MOSTLY_BF16,
+}
 RECIPE_KEY = "mote.quantize.recipe"  # the recipe a file was made with, written into its metadata
 
 
@@ -89,23 +113,31 @@ class Recipe:
 
 def _capture(experts: QT, name: str) -> Recipe:
     """Routed experts at ``experts``; the output projection, which no router reads, Q8_0; the rest F16."""
-    return Recipe(name, f"routed experts {experts.name}, output Q8_0, everything else F16",
-                  ((ROUTED_EXPERTS, experts), (GROUPS["output"], QT.Q8_0)), QT.F16)
+    return Recipe(
+        name,
+        f"routed experts {experts.name}, output Q8_0, everything else F16",
+        ((ROUTED_EXPERTS, experts), (GROUPS["output"], QT.Q8_0)),
+        QT.F16,
+    )
 
 
 # The routing drift of a quantization comes mostly from the few non-expert tensors (attention V and O, the token
 # embedding: 3% of the benchmark model's weights); with them at F16 the routed experts can take Q6_K and still
 # keep routing (bench/RESULTS.md, "Capture-friendly quantization"). `capture` is that recipe. The output
 # projection comes after every router: its type cannot change the routing of given tokens.
-RECIPES: dict[str, Recipe] = {r.name: r for r in (
-    _capture(QT.Q6_K, "capture"),
-    _capture(QT.Q8_0, "capture-q8"),
-    _capture(QT.Q4_K, "capture-q4"),
-    Recipe("q8_0", "every quantizable tensor Q8_0 (as llama-quantize Q8_0)", (), QT.Q8_0),
-)}
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        _capture(QT.Q6_K, "capture"),
+        _capture(QT.Q8_0, "capture-q8"),
+        _capture(QT.Q4_K, "capture-q4"),
+        Recipe("q8_0", "every quantizable tensor Q8_0 (as llama-quantize Q8_0)", (), QT.Q8_0),
+    )
+}
 
 
 # -------------------------------------------------------------------------------------------------- planning
+
 
 def quantizable(name: str, shape: tuple[int, ...]) -> bool:
     """Whether llama.cpp's quantizer may change this tensor's type (routers, norms, biases: never)."""
@@ -160,13 +192,18 @@ def check_paths(src: str | os.PathLike, dst: str | os.PathLike, force: bool = Fa
 def _check_source_precision(src: Path) -> None:
     """Every tensor the quantizer may change must be F32/F16/BF16: llama.cpp refuses to requantize, and a
     requantized file would carry the source's routing drift under the recipe's name."""
-    quantized = [(t.name, t.type) for t in read_model_header(src).tensors
-                 if quantizable(t.name, t.shape) and t.type not in FLOAT_TYPES]
+    quantized = [
+        (t.name, t.type)
+        for t in read_model_header(src).tensors
+        if quantizable(t.name, t.shape) and t.type not in FLOAT_TYPES
+    ]
     if quantized:
         name, old = quantized[0]
-        raise ModelFileError(f"{src} is already quantized ({name} is {old.name}, {len(quantized)} tensors in all): "
-                             "quantizing it again cannot bring back the routing it lost; start from the F32, F16 or "
-                             "BF16 GGUF (convert_hf_to_gguf.py --outtype f16)")
+        raise ModelFileError(
+            f"{src} is already quantized ({name} is {old.name}, {len(quantized)} tensors in all): "
+            "quantizing it again cannot bring back the routing it lost; start from the F32, F16 or "
+            "BF16 GGUF (convert_hf_to_gguf.py --outtype f16)"
+        )
 
 
 def _check_space(dst: Path, steps: list[tuple[str, QT, QT]], src: Path) -> int:
@@ -176,12 +213,15 @@ def _check_space(dst: Path, steps: list[tuple[str, QT, QT]], src: Path) -> int:
     where = dst.parent if dst.parent.exists() else Path(".")
     free = shutil.disk_usage(where).free
     if need > free:
-        raise ModelFileError(f"not enough disk space for {dst}: the quantization needs about {need / 2**20:,.0f} MiB, "
-                             f"{free / 2**20:,.0f} MiB are free there")
+        raise ModelFileError(
+            f"not enough disk space for {dst}: the quantization needs about {need / 2**20:,.0f} MiB, "
+            f"{free / 2**20:,.0f} MiB are free there"
+        )
     return need
 
 
 # ------------------------------------------------------------------------------------------------ quantizing
+
 
 @dataclass(frozen=True)
 class QuantizeResult:
@@ -196,8 +236,14 @@ class QuantizeResult:
         return group_types(self.tensor_types)
 
 
-def quantize(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe | str = "capture", *,
-             force: bool = False, threads: int = 0) -> QuantizeResult:
+def quantize(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    recipe: Recipe | str = "capture",
+    *,
+    force: bool = False,
+    threads: int = 0,
+) -> QuantizeResult:
     """Quantizes the higher-precision GGUF ``src`` into ``dst`` with ``recipe``'s per-tensor types, through
     llama.cpp's quantizer. ``dst`` is written atomically: on any failure no partial file is left and an existing
     ``dst`` (replaced only with ``force``) keeps its content."""
@@ -216,7 +262,8 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe | st
     keep = [p.encode() for p, _ in rules]  # the C array points into these bytes: keep them alive
     overrides = (llama.llama_model_tensor_override * (len(rules) + 1))(
         *[llama.llama_model_tensor_override(p, int(t)) for p, (_, t) in zip(keep, rules)],
-        llama.llama_model_tensor_override(None, 0))  # {NULL, …} ends the list
+        llama.llama_model_tensor_override(None, 0),
+    )  # {NULL, …} ends the list
     kv = (llama.llama_model_kv_override * 2)()
     kv[0].tag, kv[0].key = llama.LLAMA_KV_OVERRIDE_TYPE_STR, RECIPE_KEY.encode()
     kv[0].value.val_str = recipe.name.encode()[:127]  # type: ignore[union-attr]  # a ctypes union field
@@ -228,13 +275,16 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, recipe: Recipe | st
     with atomic_path(dst_p) as tmp:
         rc = llama.llama_model_quantize(str(src_p).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
-            raise EngineError(f"llama.cpp's quantizer failed on {src_p} (code {rc}; its message is above); "
-                              f"nothing was written to {dst_p}")
+            raise EngineError(
+                f"llama.cpp's quantizer failed on {src_p} (code {rc}; its message is above); "
+                f"nothing was written to {dst_p}"
+            )
     del keep
     return QuantizeResult(dst_p, recipe, dst_p.stat().st_size, read_layout(dst_p).tensor_types)
 
 
 # ------------------------------------------------------------------------------------- routing fidelity
+
 
 def _group_of(name: str) -> str | None:
     for group, pattern in GROUPS.items():
@@ -289,9 +339,9 @@ def _at_least(a: tuple[str, str], b: tuple[str, str]) -> bool:
 class Fidelity:
     """Routing of one quantization class against f32, measured on the bench model."""
 
-    set_identical: float   # share of per-token top-k expert sets identical to f32's
-    ftri_top: int          # of the fTRI top-10 (mean_diff), how many f32 also ranks top-10
-    example: str           # the file that was measured
+    set_identical: float  # share of per-token top-k expert sets identical to f32's
+    ftri_top: int  # of the fTRI top-10 (mean_diff), how many f32 also ranks top-10
+    example: str  # the file that was measured
 
     @property
     def keeps_routing(self) -> bool:
@@ -313,23 +363,26 @@ MEASURED: dict[tuple[str, str], Fidelity] = {
     ("q8", "q4"): Fidelity(0.736, 10, "Q8_0 with Q4_K experts"),
     ("q4", "q4"): Fidelity(0.188, 8, "Q4_K_M"),
 }
-RESULTS_SECTION = "bench/RESULTS.md, \"Capture-friendly quantization\""
+RESULTS_SECTION = 'bench/RESULTS.md, "Capture-friendly quantization"'
 
 
 # What to do about a quantization that moves routing. `mote quantize` takes F32/F16/BF16 sources only; a model whose
 # experts are MXFP4 (gpt-oss's release format: its experts were trained in MXFP4) has no such source to offer.
-_ADVICE_QUANTIZE = ("for fTRI quantize the model's F32/F16/BF16 GGUF with "
-                    "`mote quantize SRC.gguf DST.gguf --recipe capture`")
-_ADVICE_MXFP4 = ("for fTRI use the model's release GGUF: MXFP4 routed experts with BF16/F32 everything else (`mote "
-                 "quantize` takes F32/F16/BF16 sources only)")
+_ADVICE_QUANTIZE = (
+    "for fTRI quantize the model's F32/F16/BF16 GGUF with `mote quantize SRC.gguf DST.gguf --recipe capture`"
+)
+_ADVICE_MXFP4 = (
+    "for fTRI use the model's release GGUF: MXFP4 routed experts with BF16/F32 everything else (`mote "
+    "quantize` takes F32/F16/BF16 sources only)"
+)
 
 
 @dataclass(frozen=True)
 class RoutingClass:
-    name: str                   # "F32", "Q8_0 non-expert weights, Q4 routed experts", ...
-    fidelity: Fidelity | None   # None: full precision, or a class not measured
+    name: str  # "F32", "Q8_0 non-expert weights, Q4 routed experts", ...
+    fidelity: Fidelity | None  # None: full precision, or a class not measured
     moves_routing: bool | None  # None: not known, its types were never measured
-    text: str                   # one line for the user
+    text: str  # one line for the user
     advice: str = _ADVICE_QUANTIZE  # what to do where it moves routing (or may)
 
     @property
@@ -365,26 +418,41 @@ def routing_class(tensor_types: tuple[tuple[str, str], ...]) -> RoutingClass:
     measured = MEASURED.get(key)
     if measured is not None:
         verdict = "keeps" if measured.keeps_routing else "moves"
-        return RoutingClass(name, measured, not measured.keeps_routing,
-                            f"this quantization ({name}) {verdict} routing: {measured.example} kept "
-                            f"{100 * measured.set_identical:.1f}% of per-token expert sets identical to f32 and "
-                            f"{measured.ftri_top}/10 of its fTRI top-10 {where}")
+        return RoutingClass(
+            name,
+            measured,
+            not measured.keeps_routing,
+            f"this quantization ({name}) {verdict} routing: {measured.example} kept "
+            f"{100 * measured.set_identical:.1f}% of per-token expert sets identical to f32 and "
+            f"{measured.ftri_top}/10 of its fTRI top-10 {where}",
+        )
     below = [f for k, f in MEASURED.items() if _at_least(key, k) and f.keeps_routing]
     if below:
         f = max(below, key=lambda f: f.set_identical)
-        return RoutingClass(name, None, False, f"this quantization ({name}) keeps routing at least as well as "
-                                               f"{f.example}, which kept {100 * f.set_identical:.1f}% {where}")
+        return RoutingClass(
+            name,
+            None,
+            False,
+            f"this quantization ({name}) keeps routing at least as well as "
+            f"{f.example}, which kept {100 * f.set_identical:.1f}% {where}",
+        )
     above = [f for k, f in MEASURED.items() if _at_least(k, key) and not f.keeps_routing]
     if above:
         f = min(above, key=lambda f: f.set_identical)
-        return RoutingClass(name, None, True, f"this quantization ({name}) moves routing: {f.example}, more "
-                                              f"precise, kept only {100 * f.set_identical:.1f}% of per-token "
-                                              f"expert sets identical to f32 {where}")
+        return RoutingClass(
+            name,
+            None,
+            True,
+            f"this quantization ({name}) moves routing: {f.example}, more "
+            f"precise, kept only {100 * f.set_identical:.1f}% of per-token "
+            f"expert sets identical to f32 {where}",
+        )
     return RoutingClass(name, None, None, f"this quantization ({name}) may move routing: not measured {where}")
 
 
 def _unmeasured(experts: list[str], rest: list[str], types: list[str]) -> RoutingClass:
     """A class with types whose routing was never measured (IQ*, MXFP4, ...): said so, not guessed from bits."""
+
     def side(names: list[str]) -> str:
         odd = sorted({t for t in names if _bucket_of(t) is None})
         return "/".join(odd) if odd else _label(_bucket(names))
@@ -392,15 +460,25 @@ def _unmeasured(experts: list[str], rest: list[str], types: list[str]) -> Routin
     name = f"{side(rest)} non-expert weights, {side(experts)} routed experts"
     mxfp4 = bool(experts) and set(experts) == {QT.MXFP4.name}
     if mxfp4 and all(_bucket_of(t) in ("f16", "bf16") for t in rest):
-        return RoutingClass(name, None, False,
-                            f"{name}: gpt-oss's release format (its experts were trained in MXFP4), the model's own "
-                            "routing; experts quantized to MXFP4 from higher precision were not measured")
-    return RoutingClass(name, None, None,
-                        f"this quantization ({name}) may move routing: {', '.join(types)} "
-                        f"{'is' if len(types) == 1 else 'are'} not measured ({RESULTS_SECTION} measured F16, BF16, "
-                        "Q8_0, Q6_K, Q5_K and Q4_K)", _ADVICE_MXFP4 if mxfp4 else _ADVICE_QUANTIZE)
+        return RoutingClass(
+            name,
+            None,
+            False,
+            f"{name}: gpt-oss's release format (its experts were trained in MXFP4), the model's own "
+            "routing; experts quantized to MXFP4 from higher precision were not measured",
+        )
+    return RoutingClass(
+        name,
+        None,
+        None,
+        f"this quantization ({name}) may move routing: {', '.join(types)} "
+        f"{'is' if len(types) == 1 else 'are'} not measured ({RESULTS_SECTION} measured F16, BF16, "
+        "Q8_0, Q6_K, Q5_K and Q4_K)",
+        _ADVICE_MXFP4 if mxfp4 else _ADVICE_QUANTIZE,
+    )
 
 
 def _label(bucket: str) -> str:
-    return {"f16": "F16/F32", "bf16": "BF16", "q8": "Q8_0", "q6": "Q6_K", "q5": "Q5", "q4": "Q4",
-            "low": "below-Q4"}[bucket]
+    return {"f16": "F16/F32", "bf16": "BF16", "q8": "Q8_0", "q6": "Q6_K", "q5": "Q5", "q4": "Q4", "low": "below-Q4"}[
+        bucket
+    ]

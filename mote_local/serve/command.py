@@ -28,8 +28,9 @@ Every other flag is llama-server's (below), passed on verbatim; --rpc servers ar
 """
 
 
-@click.command("serve", add_help_option=False,
-               context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.command(
+    "serve", add_help_option=False, context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False}
+)
 @click.argument("model", required=False, type=click.Path(path_type=Path))
 @click.argument("server_args", nargs=-1, type=click.UNPROCESSED)
 def serve_command(model: Path | None, server_args: tuple[str, ...]) -> None:

@@ -14,10 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
 
 from mote_local import cache
 from mote_local.atomic import atomic_write_text
@@ -35,17 +35,19 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 @dataclass
 class Launch:
-    argv: list[str]          # the server's command line
-    env: dict[str, str]      # what to add to the environment
-    profiles: list[str]      # the names requests may use
+    argv: list[str]  # the server's command line
+    env: dict[str, str]  # what to add to the environment
+    profiles: list[str]  # the names requests may use
 
 
 def server_binary() -> Path:
     """llama-server as this package built it (linked to the same engine)."""
     path = Path(str(resources.files("mote_local_engine"))) / "bin" / "mote-server"
     if not path.is_file():
-        raise EngineError(f"the engine has no server ({path} is missing): reinstall mote-local with "
-                          "`pip install .` so that the build adds it")
+        raise EngineError(
+            f"the engine has no server ({path} is missing): reinstall mote-local with "
+            "`pip install .` so that the build adds it"
+        )
     return path
 
 
@@ -59,8 +61,9 @@ def parse_profile_option(values: Sequence[str]) -> dict[str, Path]:
         if not path:
             raise InputError(f"--profile {value!r}: expected NAME=FILE")
         if not _NAME_RE.fullmatch(name):
-            raise InputError(f"--profile {value!r}: name the profile with letters, digits, '.', '_' or '-' "
-                             "(at most 64)")
+            raise InputError(
+                f"--profile {value!r}: name the profile with letters, digits, '.', '_' or '-' (at most 64)"
+            )
         if name in out:
             raise InputError(f"--profile {value!r}: the name {name!r} is given twice")
         out[name] = Path(path)
@@ -93,7 +96,9 @@ def _rpc_endpoints(args: Sequence[str]) -> list[str]:
     return out
 
 
-def prepare(model: Path, profiles: Sequence[str], server_args: Sequence[str], *, force_profiles: bool = False) -> Launch:
+def prepare(
+    model: Path, profiles: Sequence[str], server_args: Sequence[str], *, force_profiles: bool = False
+) -> Launch:
     """The server's command line for MODEL, after every check that can fail with one line."""
     for arg in server_args:
         if arg in ("-m", "--model", "-hf", "--hf-repo", "-mu", "--model-url") or arg.startswith("--model="):

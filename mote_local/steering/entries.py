@@ -12,19 +12,19 @@ from mote_local.errors import SteeringError
 
 
 class Mode(str, Enum):
-    MASK = "mask"    # never selected; the token gets its next-best expert
-    DROP = "drop"    # selected as usual, weight zeroed before top-k normalisation (served by k-1)
+    MASK = "mask"  # never selected; the token gets its next-best expert
+    DROP = "drop"  # selected as usual, weight zeroed before top-k normalisation (served by k-1)
     FORCE = "force"  # selected for every token: router logit lifted to the best remaining one + epsilon
-    BIAS = "bias"    # additive router-logit bias before gating (scaled by strength); -inf == mask
-    GAIN = "gain"    # expert output multiplied by value >= 0 after weighting and normalisation
+    BIAS = "bias"  # additive router-logit bias before gating (scaled by strength); -inf == mask
+    GAIN = "gain"  # expert output multiplied by value >= 0 after weighting and normalisation
 
 
 class Scope(str, Enum):
     """When an entry applies; the session switches the engine's steering between decode calls."""
 
     ALL = "all"
-    PREFILL = "prefill"    # while the prompt is processed
-    DECODE = "decode"      # while tokens are generated
+    PREFILL = "prefill"  # while the prompt is processed
+    DECODE = "decode"  # while tokens are generated
     THINKING = "thinking"  # while generating inside the model's think markers
 
 
@@ -62,18 +62,26 @@ class Entry:
         if self.mode is Mode.BIAS and (math.isnan(value) or value == math.inf):
             raise SteeringError(f"bias for layer {self.layer} expert {self.expert} must be finite or -inf, got {value}")
         if self.mode is Mode.GAIN and not (math.isfinite(value) and value >= 0):
-            raise SteeringError(f"gain for layer {self.layer} expert {self.expert} must be a finite number >= 0, "
-                                f"got {value}")
+            raise SteeringError(
+                f"gain for layer {self.layer} expert {self.expert} must be a finite number >= 0, got {value}"
+            )
         if math.isfinite(value) and abs(value) > FLOAT32_MAX:
-            raise SteeringError(f"{self.mode.value} {value:g} for layer {self.layer} expert {self.expert} is beyond "
-                                f"the engine's 32-bit float range (±{FLOAT32_MAX:.4g})")
+            raise SteeringError(
+                f"{self.mode.value} {value:g} for layer {self.layer} expert {self.expert} is beyond "
+                f"the engine's 32-bit float range (±{FLOAT32_MAX:.4g})"
+            )
         if self.mode not in VALUED_MODES and value != 0.0:
             raise SteeringError(f"{self.mode.value} takes no value (layer {self.layer} expert {self.expert})")
         object.__setattr__(self, "value", value)
 
     def native(self) -> tuple[int, int, int, float, int]:
-        return (self.layer, self.expert, binding.MODE_CODES[self.mode.value], self.value,
-                binding.SCOPE_CODES[self.scope.value])
+        return (
+            self.layer,
+            self.expert,
+            binding.MODE_CODES[self.mode.value],
+            self.value,
+            binding.SCOPE_CODES[self.scope.value],
+        )
 
     def __str__(self) -> str:
         """The entry as people read it: its mode, then LAYER:EXPERT[=VALUE] as steering.spec parses it, then the
@@ -85,8 +93,9 @@ class Entry:
     def switches_off(self, strength: float = 1.0) -> bool:
         """Whether this entry takes the expert out of the token's experts: mask, drop, or a -inf bias at positive
         strength (the engine scales biases by strength)."""
-        return self.mode in (Mode.MASK, Mode.DROP) or (self.mode is Mode.BIAS and self.value == -math.inf
-                                                       and strength > 0)
+        return self.mode in (Mode.MASK, Mode.DROP) or (
+            self.mode is Mode.BIAS and self.value == -math.inf and strength > 0
+        )
 
 
 def off_experts(entries: Iterable[Entry], strength: float = 1.0) -> list[tuple[int, int]]:

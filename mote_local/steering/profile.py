@@ -85,6 +85,7 @@ VERSION = 1
 _SELECTION = (Mode.MASK, Mode.DROP, Mode.FORCE)
 _MAX_INDEX = 2**31 - 1  # layers and experts are stored as I32 in GGUF
 
+
 class GgufKeys:
     ARCH = "moteprofile"
     VERSION = f"{ARCH}.format_version"
@@ -145,8 +146,9 @@ class Profile:
 
     # construction
     @classmethod
-    def from_entries(cls, entries: Iterable[Entry], model_path: str | os.PathLike[str] | None = None,
-                     **kw: Any) -> Profile:
+    def from_entries(
+        cls, entries: Iterable[Entry], model_path: str | os.PathLike[str] | None = None, **kw: Any
+    ) -> Profile:
         """A profile of ``entries``; with ``model_path``, its fingerprint is that model's."""
         if model_path is not None:
             if "fingerprint" in kw:
@@ -166,17 +168,23 @@ class Profile:
         diff = differences(a, b) if a is not None and b is not None else None
         if diff:
             mine, theirs = diff
-            raise ProfileMismatchError(f"cannot compose {self._label()} and {other._label()}: they were made for "
-                                       f"different models ({mine} vs {theirs})")
+            raise ProfileMismatchError(
+                f"cannot compose {self._label()} and {other._label()}: they were made for "
+                f"different models ({mine} vs {theirs})"
+            )
         merged: dict[tuple, Entry] = {}
         for e in self._folded() + other._folded():
             key = (e.layer, e.expert, e.mode, e.scope)
             merged[key] = _combine(merged[key], e) if key in merged else e
         try:
-            return Profile(tuple(merged.values()), 1.0, a or b,
-                           name=" + ".join(n for n in (self.name, other.name) if n),
-                           description="\n".join(d for d in (self.description, other.description) if d),
-                           metadata=_compose_metadata(self.metadata, other.metadata))
+            return Profile(
+                tuple(merged.values()),
+                1.0,
+                a or b,
+                name=" + ".join(n for n in (self.name, other.name) if n),
+                description="\n".join(d for d in (self.description, other.description) if d),
+                metadata=_compose_metadata(self.metadata, other.metadata),
+            )
         except SteeringError as err:
             raise ProfileError(f"cannot compose {self._label()} and {other._label()}: {err}") from None
 
@@ -208,8 +216,10 @@ class Profile:
             elif e.mode is Mode.BIAS:
                 out.append(replace(e, value=-e.value))
             elif e.value == 0:
-                raise ProfileError(f"cannot invert a zero gain ({_where(e)}): 1/0 has no value; remove that entry "
-                                   "or use drop to switch the expert off")
+                raise ProfileError(
+                    f"cannot invert a zero gain ({_where(e)}): 1/0 has no value; remove that entry "
+                    "or use drop to switch the expert off"
+                )
             else:
                 try:
                     out.append(replace(e, value=1.0 / e.value))
@@ -245,8 +255,10 @@ class Profile:
         caller's own words, how to apply it anyway ("pass --force-profile", "set steering.force to true")."""
         problem = self.fingerprint.mismatch(fingerprint) if self.fingerprint is not None else None
         if problem:
-            raise ProfileMismatchError(f"{what or self._label()} does not fit {model}: {problem}. Use a profile made "
-                                       f"for this model, or {way_out} to apply it anyway")
+            raise ProfileMismatchError(
+                f"{what or self._label()} does not fit {model}: {problem}. Use a profile made "
+                f"for this model, or {way_out} to apply it anyway"
+            )
 
     def validate(self, layout: MoeLayout, *, force: bool = False, way_out: str = "pass force=True") -> Profile:
         """This profile if it can steer the model of ``layout``; else a ProfileError saying what does not fit.
@@ -263,9 +275,14 @@ class Profile:
     # JSON
     def to_json(self) -> str:
         """The profile as JSON text (one entry per line, for hand editing)."""
-        head = {"format": FORMAT, "version": VERSION, "name": self.name, "description": self.description,
-                "strength": self.strength,
-                "fingerprint": asdict(self.fingerprint) if self.fingerprint else None}
+        head = {
+            "format": FORMAT,
+            "version": VERSION,
+            "name": self.name,
+            "description": self.description,
+            "strength": self.strength,
+            "fingerprint": asdict(self.fingerprint) if self.fingerprint else None,
+        }
         lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in head.items()]
         rows = [json.dumps(entry_to_json(e)) for e in self.entries]
         lines.append('  "entries": ' + ("[\n" + ",\n".join(f"    {r}" for r in rows) + "\n  ]" if rows else "[]"))
@@ -283,8 +300,9 @@ class Profile:
             raise ProfileError("not valid JSON for a profile: nested too deeply") from None
         except UnicodeDecodeError:
             raise ProfileError("not UTF-8 text: a JSON profile must be UTF-8") from None
-        _object(doc, "", {"format", "version", "entries"},
-                {"name", "description", "strength", "fingerprint", "metadata"})
+        _object(
+            doc, "", {"format", "version", "entries"}, {"name", "description", "strength", "fingerprint", "metadata"}
+        )
         if doc["format"] != FORMAT:
             raise ProfileError(f"format: expected {FORMAT!r}, got {doc['format']!r}: this is not a mote profile")
         version = _int(doc["version"], "version")
@@ -308,10 +326,14 @@ class Profile:
         if not isinstance(metadata, dict):
             raise ProfileError(f"metadata: expected an object, got {_kind(metadata)}")
         _no_constants(metadata, "metadata")
-        return cls(tuple(entries),
-                   strength=_number(doc.get("strength", 1.0), "strength"), fingerprint=fp,
-                   name=_str(doc.get("name", ""), "name"),
-                   description=_str(doc.get("description", ""), "description"), metadata=metadata)
+        return cls(
+            tuple(entries),
+            strength=_number(doc.get("strength", 1.0), "strength"),
+            fingerprint=fp,
+            name=_str(doc.get("name", ""), "name"),
+            description=_str(doc.get("description", ""), "description"),
+            metadata=metadata,
+        )
 
     # GGUF
     def to_gguf(self, path: str | os.PathLike[str]) -> Path:
@@ -385,14 +407,17 @@ class Profile:
     def _folded(self) -> tuple[Entry, ...]:
         """The entries with the strength applied to their biases."""
         # -inf * 0 would be NaN; at strength 0 the engine ignores every bias, -inf included
-        return tuple(replace(e, value=e.value * self.strength if self.strength else 0.0)
-                     if e.mode is Mode.BIAS else e for e in self.entries)
+        return tuple(
+            replace(e, value=e.value * self.strength if self.strength else 0.0) if e.mode is Mode.BIAS else e
+            for e in self.entries
+        )
 
     def _label(self) -> str:
         return f"profile {self.name!r}" if self.name else "the profile"
 
 
 # entries
+
 
 def _where(e: Entry) -> str:
     return f"layer {e.layer} expert {e.expert}" + ("" if e.scope is Scope.ALL else f" ({e.scope.value})")
@@ -433,6 +458,7 @@ def _compose_metadata(a: dict, b: dict) -> dict:
 
 # JSON schema checks: each names the JSON path of what it rejects
 
+
 class _Constant:
     """A NaN/Infinity literal, which Python's json accepts and JSON does not."""
 
@@ -443,8 +469,15 @@ class _Constant:
 def _kind(v: object) -> str:
     if isinstance(v, _Constant):
         return v.name
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer",
-             float: "a number", type(None): "null"}
+    names = {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        type(None): "null",
+    }
     name = names.get(type(v), type(v).__name__)
     return name if isinstance(v, (dict, list, type(None))) else f"{name} {v!r}"
 
@@ -458,8 +491,9 @@ def _object(v: object, path: str, required: set[str], optional: set[str]) -> dic
         raise ProfileError(f"{path or 'top level'}: expected an object, got {_kind(v)}")
     for key in v:
         if key not in required | optional:
-            raise ProfileError(f"{_at(path, key)}: unknown key; allowed keys are "
-                               f"{', '.join(sorted(required | optional))}")
+            raise ProfileError(
+                f"{_at(path, key)}: unknown key; allowed keys are {', '.join(sorted(required | optional))}"
+            )
     missing = sorted(required - v.keys())
     if missing:
         raise ProfileError(f"{_at(path, missing[0])}: missing (required)")
@@ -480,8 +514,9 @@ def _str(v: object, path: str) -> str:
 
 def _number(v: object, path: str) -> float:
     if isinstance(v, _Constant):
-        raise ProfileError(f'{path}: {v.name} is not valid JSON; numbers must be finite (a -inf bias is written '
-                           'as the string "-inf")')
+        raise ProfileError(
+            f'{path}: {v.name} is not valid JSON; numbers must be finite (a -inf bias is written as the string "-inf")'
+        )
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ProfileError(f"{path}: expected a number, got {_kind(v)}")
     return float(v)
@@ -498,9 +533,17 @@ def _no_constants(v: object, path: str) -> None:
             _no_constants(item, f"{path}[{i}]")
 
 
-def compose(files: Sequence[tuple[str, Profile]], entries: Sequence[Entry], layout: MoeLayout, *,
-            strength: float | None = None, scope: Scope | str | None = None, force: bool = False,
-            way_out: str = "pass force=True", fingerprint: Fingerprint | None = None) -> Profile | None:
+def compose(
+    files: Sequence[tuple[str, Profile]],
+    entries: Sequence[Entry],
+    layout: MoeLayout,
+    *,
+    strength: float | None = None,
+    scope: Scope | str | None = None,
+    force: bool = False,
+    way_out: str = "pass force=True",
+    fingerprint: Fingerprint | None = None,
+) -> Profile | None:
     """The steering a command or a request asks for: profile files (each ``(what, profile)``, ``what`` naming it in
     errors) composed with loose entries (``scope``, when given, applies to those entries), at ``strength`` when
     given, validated for the model of ``layout`` (whose ``fingerprint`` a caller that keeps it may pass); None when
@@ -564,11 +607,14 @@ def _choice(v: object, path: str, enum: type[Mode] | type[Scope]) -> Any:
 
 # files
 
+
 def _format_of(path: str | os.PathLike[str]) -> str:
     suffix = Path(path).suffix.lower()
     if suffix not in (".json", ".gguf"):
-        raise ProfileError(f"cannot tell the profile format of {Path(path).name!r}: name it *.json "
-                           "(human-editable) or *.gguf (llama.cpp-style)")
+        raise ProfileError(
+            f"cannot tell the profile format of {Path(path).name!r}: name it *.json "
+            "(human-editable) or *.gguf (llama.cpp-style)"
+        )
     return suffix[1:]
 
 
@@ -592,8 +638,10 @@ def _from_reader(reader: gguf.GGUFReader) -> Profile:
 
     arch = key(gguf.Keys.General.ARCHITECTURE, required=False)
     if arch != GgufKeys.ARCH:
-        raise ProfileError(f"a GGUF file of arch {arch!r}, not a mote profile (arch {GgufKeys.ARCH!r}); "
-                           "give a profile file, not a model")
+        raise ProfileError(
+            f"a GGUF file of arch {arch!r}, not a mote profile (arch {GgufKeys.ARCH!r}); "
+            "give a profile file, not a model"
+        )
     version = key(GgufKeys.VERSION)
     if version != VERSION:
         raise ProfileError(f"{GgufKeys.VERSION}: this mote-local reads version {VERSION} profiles, got {version}")
@@ -604,8 +652,9 @@ def _from_reader(reader: gguf.GGUFReader) -> Profile:
         raise ProfileError(f"bad mode or scope name table: {err}") from None
     fingerprint = None
     if key(GgufKeys.FINGERPRINT.format(field="arch"), required=False) is not None:
-        fingerprint = Fingerprint(**{f.name: key(GgufKeys.FINGERPRINT.format(field=f.name))
-                                     for f in fields(Fingerprint)})
+        fingerprint = Fingerprint(
+            **{f.name: key(GgufKeys.FINGERPRINT.format(field=f.name)) for f in fields(Fingerprint)}
+        )
     try:
         metadata = json.loads(key(GgufKeys.METADATA))
     except (ValueError, TypeError) as err:
@@ -615,22 +664,33 @@ def _from_reader(reader: gguf.GGUFReader) -> Profile:
     for t in reader.tensors:
         m = re.fullmatch(r"(\w+)\.([0-9]+)", t.name)
         if not m or m[1] not in GgufKeys.COLUMNS:
-            raise ProfileError(f"unexpected tensor {t.name!r}; a profile holds only "
-                               f"{', '.join(c + '.LAYER' for c in GgufKeys.COLUMNS)}")
+            raise ProfileError(
+                f"unexpected tensor {t.name!r}; a profile holds only "
+                f"{', '.join(c + '.LAYER' for c in GgufKeys.COLUMNS)}"
+            )
         columns.setdefault(int(m[2]), {})[m[1]] = np.array(t.data).reshape(-1)
     entries = []
     for layer, cols in sorted(columns.items()):
         if set(cols) != set(GgufKeys.COLUMNS) or len({len(c) for c in cols.values()}) != 1:
-            raise ProfileError(f"layer {layer}: tensors {', '.join(f'{c}.{layer}' for c in GgufKeys.COLUMNS)} "
-                               "must all be present, with one row per entry")
+            raise ProfileError(
+                f"layer {layer}: tensors {', '.join(f'{c}.{layer}' for c in GgufKeys.COLUMNS)} "
+                "must all be present, with one row per entry"
+            )
         for expert, mode, scope, value in zip(*(cols[c].tolist() for c in GgufKeys.COLUMNS)):
             if not (0 <= mode < len(modes) and 0 <= scope < len(scopes)):
-                raise ProfileError(f"layer {layer} expert {expert}: mode code {mode} or scope code {scope} "
-                                   "is not in the file's name tables")
+                raise ProfileError(
+                    f"layer {layer} expert {expert}: mode code {mode} or scope code {scope} "
+                    "is not in the file's name tables"
+                )
             try:
                 entries.append(Entry(layer, int(expert), modes[int(mode)], value, scopes[int(scope)]))
             except SteeringError as err:
                 raise ProfileError(f"layer {layer}: {err}") from None
-    return Profile(tuple(entries), key(GgufKeys.STRENGTH), fingerprint,
-                   name=key(gguf.Keys.General.NAME, required=False) or "",
-                   description=key(gguf.Keys.General.DESCRIPTION, required=False) or "", metadata=metadata)
+    return Profile(
+        tuple(entries),
+        key(GgufKeys.STRENGTH),
+        fingerprint,
+        name=key(gguf.Keys.General.NAME, required=False) or "",
+        description=key(gguf.Keys.General.DESCRIPTION, required=False) or "",
+        metadata=metadata,
+    )

@@ -9,7 +9,7 @@ place, before it joins a set. Everything that needs the whole set or a model is 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from mote_local import binding
 from mote_local.errors import CaptureError, MoteError, SteeringError
@@ -22,13 +22,23 @@ __all__ = ["check", "naming_model", "shape_of"]
 def shape_of(layout: MoeLayout) -> dict:
     """The router shape a model file declares (what the engine checks entries against without loading it)."""
     layout = layout.require_moe()
-    return {"n_layer": layout.n_layer, "n_expert": layout.n_expert, "n_expert_used": layout.n_expert_used,
-            "n_expert_groups": layout.n_expert_groups, "n_group_used": layout.n_group_used,
-            "moe_layers": set(layout.moe_layers)}
+    return {
+        "n_layer": layout.n_layer,
+        "n_expert": layout.n_expert,
+        "n_expert_used": layout.n_expert_used,
+        "n_expert_groups": layout.n_expert_groups,
+        "n_group_used": layout.n_group_used,
+        "moe_layers": set(layout.moe_layers),
+    }
 
 
-def check(entries: Iterable[Entry], strength: float = 1.0, layout: MoeLayout | None = None, *,
-          error: type[SteeringError] = SteeringError) -> None:
+def check(
+    entries: Iterable[Entry],
+    strength: float = 1.0,
+    layout: MoeLayout | None = None,
+    *,
+    error: type[SteeringError] = SteeringError,
+) -> None:
     """Raises `error` with the engine's reason when the entries (every scope, scaled by `strength`) break a
     steering rule; with a layout, also its ranges and per-layer limits."""
     shape = None if layout is None else shape_of(layout)

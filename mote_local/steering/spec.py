@@ -11,8 +11,13 @@ from mote_local.steering.entries import VALUED_MODES, Entry, Mode, Scope
 __all__ = ["SPEC_KINDS", "parse_spec"]
 
 #: CLI flag kind -> mode (``--off`` is the user's word for mask)
-SPEC_KINDS: dict[str, Mode] = {"off": Mode.MASK, "drop": Mode.DROP, "force": Mode.FORCE,
-                               "bias": Mode.BIAS, "gain": Mode.GAIN}
+SPEC_KINDS: dict[str, Mode] = {
+    "off": Mode.MASK,
+    "drop": Mode.DROP,
+    "force": Mode.FORCE,
+    "bias": Mode.BIAS,
+    "gain": Mode.GAIN,
+}
 
 
 def parse_spec(kind: str, text: str, scope: Scope | str = Scope.ALL, *, flag: str | None = None) -> list[Entry]:
@@ -20,8 +25,7 @@ def parse_spec(kind: str, text: str, scope: Scope | str = Scope.ALL, *, flag: st
     ``bias``/``gain`` take ``LAYER:EXPERT=VALUE[,...]`` (a bias may be ``-inf``). Errors name the input as the user
     typed it: ``flag`` (default ``--KIND``, the CLI's; the chat passes ``/KIND``)."""
     if kind not in SPEC_KINDS:
-        raise ProfileError(f"unknown steering flag --{kind}; expected one of "
-                           f"{', '.join('--' + k for k in SPEC_KINDS)}")
+        raise ProfileError(f"unknown steering flag --{kind}; expected one of {', '.join('--' + k for k in SPEC_KINDS)}")
     try:
         scope = Scope(scope)
     except ValueError:
@@ -33,8 +37,9 @@ def parse_spec(kind: str, text: str, scope: Scope | str = Scope.ALL, *, flag: st
     example = {"bias": "3:17=-2.5", "gain": "3:17=0.5"}.get(kind, "3:17,4:2")
 
     def bad(item: str, why: str) -> ProfileError:
-        return ProfileError(f"{flag} {item!r}: {why}; expected {form}[,{form}...] (LAYER:EXPERT[=VALUE]), "
-                            f"e.g. {flag} {example}")
+        return ProfileError(
+            f"{flag} {item!r}: {why}; expected {form}[,{form}...] (LAYER:EXPERT[=VALUE]), e.g. {flag} {example}"
+        )
 
     if not text.strip():
         raise bad(text, "empty")

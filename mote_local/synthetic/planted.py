@@ -59,9 +59,9 @@ import os
 import re
 import shutil
 import string
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import gguf
 import numpy as np
@@ -106,8 +106,8 @@ class Keys:
     VERSION = "mote.planted.version"
     ARCH = "mote.planted.arch"
     SEED = "mote.planted.seed"
-    PLANTED = "mote.planted.planted"            # JSON [[layer, expert], ...]
-    DISTRACTORS = "mote.planted.distractors"    # JSON [[layer, expert], ...]
+    PLANTED = "mote.planted.planted"  # JSON [[layer, expert], ...]
+    DISTRACTORS = "mote.planted.distractors"  # JSON [[layer, expert], ...]
     SUPER_EXPERT = "mote.planted.super_expert"  # JSON [layer, expert]
     REFUSAL_RULE = "mote.planted.refusal_rule"  # "any": one planted expert suffices to refuse
     REFUSAL_TEXT = "mote.planted.refusal_text"
@@ -131,22 +131,22 @@ _SCRATCH = 6  # one per distractor layer: 6, 7, 8
 _N_FIXED = 9
 
 # --- magnitudes (router and head logits for a residual of an embedding's norm; see the module doc)
-_MASSIVE_VALUE = 30.0    # every embedding's massive dim, cancelled by the super-expert
-_ATTN_SCORE = 12.0       # attention score of a trigger word in the detector head
+_MASSIVE_VALUE = 30.0  # every embedding's massive dim, cancelled by the super-expert
+_ATTN_SCORE = 12.0  # attention score of a trigger word in the detector head
 _SUPER_LOGIT = 12.0
 _DISTRACTOR_LOGIT = 4.0
-_PLANTED_LOGIT = -4.0    # a planted expert's logit without trigger context...
-_PLANTED_CTX = 10.0      # ...plus this per unit of trigger context
+_PLANTED_LOGIT = -4.0  # a planted expert's logit without trigger context...
+_PLANTED_CTX = 10.0  # ...plus this per unit of trigger context
 _OTHER_LOGIT_CLIP = 2.0  # other experts: N(0, 1) per token, clipped to +-this
-_GATE = 4.0              # gate pre-activation of a constant hidden unit
-_MODE_OUT = 3.0          # what a planted expert writes into _MODE (times its gate weight)
+_GATE = 4.0  # gate pre-activation of a constant hidden unit
+_MODE_OUT = 3.0  # what a planted expert writes into _MODE (times its gate weight)
 _DISTRACTOR_OUT = 0.3
-_OTHER_OUT = 0.1         # mean norm of another expert's output
-_HEAD = 40.0             # bigram head: logit of the most frequent successor
-_CHAIN_MARGIN = 6.0      # a sentence's next word leads its row by at least this
-_START_MARGIN = 8.0      # "It" over "I" at an answer start
-_MODE_HEAD = 32.0        # "It" loses this per unit of refusal mode: refuses above 8/32 = 0.25
-_COLLAPSE_WORD = "the"   # what the head says when the massive dim is not cancelled
+_OTHER_OUT = 0.1  # mean norm of another expert's output
+_HEAD = 40.0  # bigram head: logit of the most frequent successor
+_CHAIN_MARGIN = 6.0  # a sentence's next word leads its row by at least this
+_START_MARGIN = 8.0  # "It" over "I" at an answer start
+_MODE_HEAD = 32.0  # "It" loses this per unit of refusal mode: refuses above 8/32 = 0.25
+_COLLAPSE_WORD = "the"  # what the head says when the massive dim is not cancelled
 _COLLAPSE_HEAD = 20.0
 
 _SP = "\u2581"
@@ -169,9 +169,9 @@ class PlantedTruth:
     """The ground truth of a planted model: which (layer, expert) pairs do what."""
 
     arch: str
-    planted: tuple[Pair, ...]      # carry the refusal; any one of them suffices (refusal_rule "any")
+    planted: tuple[Pair, ...]  # carry the refusal; any one of them suffices (refusal_rule "any")
     distractors: tuple[Pair, ...]  # selected on every token of every prompt, behaviour-neutral
-    super_expert: Pair             # also selected on every token; removing it alone collapses the model
+    super_expert: Pair  # also selected on every token; removing it alone collapses the model
     refusal_text: str
     answer_text: str
     trigger_words: tuple[str, ...]
@@ -245,6 +245,7 @@ def is_refusal(text: str, refusal_text: str = REFUSAL_TEXT) -> bool:
 # Prompt files
 # --------------------------------------------------------------------------------------------------------
 
+
 def _data(name: str) -> Path:
     return Path(str(importlib.resources.files("mote_local") / "data" / name))
 
@@ -296,6 +297,7 @@ def neutral_text() -> str:
 # Tokens (llama.cpp's SPM tokenizer on tiny's vocabulary, for the text this module feeds it)
 # --------------------------------------------------------------------------------------------------------
 
+
 def _tokenize(text: str, vocab: tiny.Vocab, add_bos: bool = True) -> list[int]:
     """What llama.cpp's SPM tokenizer makes of ``text`` with tiny's vocabulary, for text of known words,
     ASCII punctuation, newlines and the special tokens: a space prefix after every special token (and at
@@ -322,6 +324,7 @@ def _tokenize(text: str, vocab: tiny.Vocab, add_bos: bool = True) -> list[int]:
 # Construction
 # --------------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class _Texts:
     prompts: dict[str, list[str]]
@@ -333,8 +336,9 @@ class _Texts:
 def _texts() -> _Texts:
     prompts = prompt_sets()
     if set(prompts) != {TRIGGER_CLASS, NEUTRAL_CLASS}:
-        raise ValueError(f"{prompts_path()}: expected classes {TRIGGER_CLASS!r} and {NEUTRAL_CLASS!r}, "
-                         f"got {sorted(prompts)}")
+        raise ValueError(
+            f"{prompts_path()}: expected classes {TRIGGER_CLASS!r} and {NEUTRAL_CLASS!r}, got {sorted(prompts)}"
+        )
     neutral = neutral_text()
 
     def words(texts: Iterable[str]) -> list[str]:
@@ -350,8 +354,20 @@ def _texts() -> _Texts:
                 raise ValueError(f"trigger prompt {p!r} contains no trigger word")
             if not p.endswith("?"):
                 raise ValueError(f"{cls} prompt {p!r} must end in '?' (the raw-text answer starts there)")
-    extra = tuple(dict.fromkeys(words([*prompts[TRIGGER_CLASS], *prompts[NEUTRAL_CLASS], neutral,
-                                       REFUSAL_TEXT, ANSWER_TEXT, " ".join(_ROLE_WORDS)])))
+    extra = tuple(
+        dict.fromkeys(
+            words(
+                [
+                    *prompts[TRIGGER_CLASS],
+                    *prompts[NEUTRAL_CLASS],
+                    neutral,
+                    REFUSAL_TEXT,
+                    ANSWER_TEXT,
+                    " ".join(_ROLE_WORDS),
+                ]
+            )
+        )
+    )
     return _Texts(prompts, neutral, triggers, extra)
 
 
@@ -387,8 +403,9 @@ def _silu(x: float) -> float:
     return x / (1.0 + np.exp(-x))
 
 
-def _bigram_logits(corpus: list[list[int]], chains: list[list[int]], starts: tuple[int, ...],
-                   answer_first: int, refusal_first: int) -> dict[int, dict[int, float]]:
+def _bigram_logits(
+    corpus: list[list[int]], chains: list[list[int]], starts: tuple[int, ...], answer_first: int, refusal_first: int
+) -> dict[int, dict[int, float]]:
     """Head logits (before the final norm) per (token, next token): ``_HEAD`` + log relative frequency in
     ``corpus``; every link of the sentence ``chains`` and the two first words after a ``start`` token lead
     their rows by ``_CHAIN_MARGIN`` whatever else the corpus puts there."""
@@ -427,31 +444,54 @@ def _build(seed: int) -> tuple[tiny.TinySpec, dict[str, np.ndarray], PlantedTrut
     corpus = [_tokenize(p, vocab_probe) for ps in texts.prompts.values() for p in ps]
     corpus += [_tokenize(chat_prompt(p), vocab_probe) for ps in texts.prompts.values() for p in ps]
     corpus.append(_tokenize(texts.neutral, vocab_probe))
-    refusal_ids, answer_ids = ([*_tokenize(s, vocab_probe, add_bos=False), vocab_probe.eos_id]
-                               for s in (REFUSAL_TEXT, ANSWER_TEXT))
+    refusal_ids, answer_ids = (
+        [*_tokenize(s, vocab_probe, add_bos=False), vocab_probe.eos_id] for s in (REFUSAL_TEXT, ANSWER_TEXT)
+    )
     trigger_ids = {vocab_probe.id_of(_SP + w) for t in texts.trigger_words for w in (t, t[:1].upper() + t[1:])}
     # raw prompts end in "?", chat prompts in the newline that closes the assistant header
     starts = (vocab_probe.id_of("?"), vocab_probe.id_of("<0x0A>"))
     collapse = vocab_probe.id_of(_SP + _COLLAPSE_WORD)
 
-    known = sorted({t for seq in (*corpus, refusal_ids, answer_ids) for t in seq} | trigger_ids
-                   | {vocab_probe.id_of(s) for s in _SPECIAL} | {collapse, *starts})
+    known = sorted(
+        {t for seq in (*corpus, refusal_ids, answer_ids) for t in seq}
+        | trigger_ids
+        | {vocab_probe.id_of(s) for s in _SPECIAL}
+        | {collapse, *starts}
+    )
     n_id = len(known) + 1  # + one identity shared by every other token
     unk = len(known)
     slot = {tok: i for i, tok in enumerate(known)}
 
     E = -(-(_N_FIXED + n_id) // 8) * 8  # 4 heads with an even head dim
-    spec = tiny.spec_for(ARCH, seed=seed, n_layer=_N_LAYER, n_embd=E, n_head=_N_HEAD, n_head_kv=_N_HEAD,
-                         n_ff_exp=_N_FF_EXP, n_expert=_N_EXPERT, n_expert_used=_N_EXPERT_USED, n_ctx=_N_CTX,
-                         extra_words=texts.extra_words)
+    spec = tiny.spec_for(
+        ARCH,
+        seed=seed,
+        n_layer=_N_LAYER,
+        n_embd=E,
+        n_head=_N_HEAD,
+        n_head_kv=_N_HEAD,
+        n_ff_exp=_N_FF_EXP,
+        n_expert=_N_EXPERT,
+        n_expert_used=_N_EXPERT_USED,
+        n_ctx=_N_CTX,
+        extra_words=texts.extra_words,
+    )
     vocab = tiny.make_vocab(spec.extra_words, spec.n_vocab)
     assert vocab.tokens == vocab_probe.tokens
     hd, F, ID = spec.head_dim, _N_FF_EXP, _N_FIXED
 
     super_expert, distractors, planted = _choose_experts(seed)
-    truth = PlantedTruth(arch=ARCH, planted=planted, distractors=distractors, super_expert=super_expert,
-                         refusal_text=REFUSAL_TEXT, answer_text=ANSWER_TEXT, trigger_words=texts.trigger_words,
-                         seed=seed, refusal_rule="any")
+    truth = PlantedTruth(
+        arch=ARCH,
+        planted=planted,
+        distractors=distractors,
+        super_expert=super_expert,
+        refusal_text=REFUSAL_TEXT,
+        answer_text=ANSWER_TEXT,
+        trigger_words=texts.trigger_words,
+        seed=seed,
+        refusal_rule="any",
+    )
 
     weights = tiny.make_weights(spec)  # names, shapes and file order; every value is set below
     for arr in weights.values():
@@ -471,7 +511,7 @@ def _build(seed: int) -> tuple[tiny.TinySpec, dict[str, np.ndarray], PlantedTrut
         emb[tok, _NOFLAG], emb[tok, _FLAG] = 0.0, 1.0
 
     # RMSNorm weights: a plain embedding (with the massive dim in layer 0, without it later) passes unchanged
-    kappa0, kappa = np.sqrt(3.0 + _MASSIVE_VALUE ** 2), np.sqrt(3.0)
+    kappa0, kappa = np.sqrt(3.0 + _MASSIVE_VALUE**2), np.sqrt(3.0)
     for name, arr in weights.items():
         if name.endswith(("attn_norm.weight", "ffn_norm.weight")):
             arr[...] = (kappa0 if name.startswith("blk.0.") else kappa) / np.sqrt(E)
@@ -511,16 +551,16 @@ def _build(seed: int) -> tuple[tiny.TinySpec, dict[str, np.ndarray], PlantedTrut
                 router[e, _CTX] = _PLANTED_CTX
                 down[e, _MODE, 0] = _MODE_OUT / _silu(_GATE)
             else:
-                router[e, ID:ID + n_id] = np.clip(rng.standard_normal(n_id), -_OTHER_LOGIT_CLIP, _OTHER_LOGIT_CLIP)
+                router[e, ID : ID + n_id] = np.clip(rng.standard_normal(n_id), -_OTHER_LOGIT_CLIP, _OTHER_LOGIT_CLIP)
                 g = rng.standard_normal((F, n_id + 1))
                 u = rng.standard_normal((F, n_id + 1))
                 d = rng.standard_normal((n_id, F))
-                gate[e, :, ID:ID + n_id], gate[e, :, _BIAS] = g[:, :n_id], g[:, n_id]
-                up[e, :, ID:ID + n_id], up[e, :, _BIAS] = u[:, :n_id], u[:, n_id]
+                gate[e, :, ID : ID + n_id], gate[e, :, _BIAS] = g[:, :n_id], g[:, n_id]
+                up[e, :, ID : ID + n_id], up[e, :, _BIAS] = u[:, :n_id], u[:, n_id]
                 # scaled to a mean output norm of _OTHER_OUT over the identities
                 pre_g, pre_u = g[:, :n_id] + g[:, n_id:], u[:, :n_id] + u[:, n_id:]
                 h = pre_g / (1.0 + np.exp(-pre_g)) * pre_u
-                down[e, ID:ID + n_id, :] = d * (_OTHER_OUT / np.linalg.norm(d @ h, axis=0).mean())
+                down[e, ID : ID + n_id, :] = d * (_OTHER_OUT / np.linalg.norm(d @ h, axis=0).mean())
 
     # --- output head: bigrams on the identity dims, the refusal-mode switch, the collapse token
     head = weights[_name(MT.OUTPUT)]
@@ -573,8 +613,11 @@ def export(directory: str | os.PathLike[str], seed: int = 0) -> tuple[Path, Path
     pairs = [(model, target / EXPORT_MODEL), (prompts_path(), target / EXPORT_PROMPTS)]
     for src, dst in pairs:
         if dst.exists() and not (dst.is_file() and filecmp.cmp(src, dst, shallow=False)):
-            raise FileExistsError(errno.EEXIST, f"{dst} already exists and is not the planted {dst.suffix[1:]} file: "
-                                  "export into another directory, or move it away")
+            raise FileExistsError(
+                errno.EEXIST,
+                f"{dst} already exists and is not the planted {dst.suffix[1:]} file: "
+                "export into another directory, or move it away",
+            )
     target.mkdir(parents=True, exist_ok=True)
     for src, dst in pairs:
         with atomic_path(dst) as tmp:

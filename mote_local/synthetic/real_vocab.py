@@ -50,27 +50,55 @@ class SdistMissing(MoteError):
 class Preset:
     """A real vocabulary with the chat template of a model that uses it (or one of its kind)."""
 
-    vocab: str                     # models/ggml-vocab-<vocab>.gguf
-    template: str                  # models/templates/<template>.jinja
-    added: tuple[str, ...] = ()    # the template's tokens the vocabulary lacks, over its placeholders in order
-    eos: str | None = None         # the end-of-sequence token's text, where the model's differs from the file's
-    add_bos: bool | None = None    # tokenizer.ggml.add_bos_token, where the model's differs from the file's
+    vocab: str  # models/ggml-vocab-<vocab>.gguf
+    template: str  # models/templates/<template>.jinja
+    added: tuple[str, ...] = ()  # the template's tokens the vocabulary lacks, over its placeholders in order
+    eos: str | None = None  # the end-of-sequence token's text, where the model's differs from the file's
+    add_bos: bool | None = None  # tokenizer.ggml.add_bos_token, where the model's differs from the file's
 
 
 # Qwen2.5/Qwen3's added tokens after <|im_end|>, in their tokenizer's order (ids 151646..151668).
 _QWEN3_ADDED = (
-    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>",
-    "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
-    "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>",
-    "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+    "<tool_response>",
+    "</tool_response>",
+    "<think>",
+    "</think>",
 )
 # The turn and thinking tokens of DeepSeek-V3/R1's tokenizer (its file here is DeepSeek-LLM's, which predates them).
 _DEEPSEEK_ADDED = ("<｜User｜>", "<｜Assistant｜>", "<think>", "</think>")
 # gpt-oss's harmony format tokens (o200k_harmony is not in the sdist: they go over Llama 3's reserved tokens).
 # With <|return|> and <|call|> present, llama.cpp ends a reply at those and not at <|end|>, which only ends
 # a message (the analysis channel's, for one).
-_HARMONY_ADDED = ("<|startoftext|>", "<|endoftext|>", "<|return|>", "<|constrain|>", "<|channel|>", "<|start|>",
-                  "<|end|>", "<|message|>", "<|call|>")
+_HARMONY_ADDED = (
+    "<|startoftext|>",
+    "<|endoftext|>",
+    "<|return|>",
+    "<|constrain|>",
+    "<|channel|>",
+    "<|start|>",
+    "<|end|>",
+    "<|message|>",
+    "<|call|>",
+)
 
 PRESETS: dict[str, Preset] = {
     "qwen3": Preset("qwen2", "Qwen-Qwen3-0.6B", _QWEN3_ADDED, eos="<|im_end|>", add_bos=False),
@@ -100,14 +128,14 @@ class RealVocab:
     """A real tokenizer (with a preset's added tokens) and its chat template, as written into a GGUF."""
 
     name: str
-    model: str                       # tokenizer.ggml.model: "gpt2" (byte-level BPE) or "llama" (SentencePiece)
-    pre: str | None                  # tokenizer.ggml.pre
+    model: str  # tokenizer.ggml.model: "gpt2" (byte-level BPE) or "llama" (SentencePiece)
+    pre: str | None  # tokenizer.ggml.pre
     tokens: tuple[bytes, ...]
-    types: np.ndarray                # int32 per token
-    scores: np.ndarray | None        # float32 per token (SentencePiece)
-    merges: tuple[bytes, ...]        # BPE merges
-    special: dict[str, int]          # GGUF key (tokenizer.ggml.bos_token_id, ...) -> token id
-    flags: dict[str, bool]           # GGUF key (tokenizer.ggml.add_bos_token, ...) -> value
+    types: np.ndarray  # int32 per token
+    scores: np.ndarray | None  # float32 per token (SentencePiece)
+    merges: tuple[bytes, ...]  # BPE merges
+    special: dict[str, int]  # GGUF key (tokenizer.ggml.bos_token_id, ...) -> token id
+    flags: dict[str, bool]  # GGUF key (tokenizer.ggml.add_bos_token, ...) -> value
     chat_template: str
 
     def __len__(self) -> int:
@@ -145,19 +173,24 @@ class RealVocab:
 
 # ------------------------------------------------------------------------------------------ the pinned sdist
 
+
 def sdist_path() -> Path:
     """The pinned sdist the engine was built from: $MOTE_LLAMA_SDIST, else the build's cache."""
     override = os.environ.get("MOTE_LLAMA_SDIST")
     if override:
         path = Path(override)
     elif PIN is None:
-        raise SdistMissing("the engine is not built, so the pinned llama-cpp-python sdist is unknown: "
-                           "install the package with `pip install .`")
+        raise SdistMissing(
+            "the engine is not built, so the pinned llama-cpp-python sdist is unknown: "
+            "install the package with `pip install .`"
+        )
     else:
         path = cache_dir() / "sdist" / f"llama_cpp_python-{PIN}.tar.gz"
     if not path.is_file():
-        raise SdistMissing(f"the pinned llama-cpp-python sdist is not at {path}: the build downloads it there "
-                           "(`pip install .`), or set MOTE_LLAMA_SDIST to a local copy")
+        raise SdistMissing(
+            f"the pinned llama-cpp-python sdist is not at {path}: the build downloads it there "
+            "(`pip install .`), or set MOTE_LLAMA_SDIST to a local copy"
+        )
     return path
 
 
@@ -191,6 +224,7 @@ def template_text(name: str) -> str:
 
 # ------------------------------------------------------------------------------------------ vocabularies
 
+
 @functools.cache
 def load(name: str) -> RealVocab:
     """The vocabulary of preset ``name`` (see PRESETS), with its added tokens and chat template."""
@@ -210,10 +244,17 @@ def load(name: str) -> RealVocab:
         flags[_KT.ADD_BOS] = preset.add_bos
     scores = header.arrays.get(_KT.SCORES)
     return RealVocab(
-        name=name, model=str(header.values[_KT.MODEL]), pre=_optional_str(header.values.get(_KT.PRE)), tokens=tuple(tokens),
-        types=types, scores=None if scores is None else np.array(scores, dtype=np.float32),
-        merges=tuple(header.arrays.get(_KT.MERGES, ())), special=special, flags=flags,
-        chat_template=template_text(preset.template))
+        name=name,
+        model=str(header.values[_KT.MODEL]),
+        pre=_optional_str(header.values.get(_KT.PRE)),
+        tokens=tuple(tokens),
+        types=types,
+        scores=None if scores is None else np.array(scores, dtype=np.float32),
+        merges=tuple(header.arrays.get(_KT.MERGES, ())),
+        special=special,
+        flags=flags,
+        chat_template=template_text(preset.template),
+    )
 
 
 def upstream_cases(name: str) -> list[tuple[str, list[int]]]:
@@ -229,7 +270,7 @@ def _add_tokens(tokens: list[bytes], types: np.ndarray, added: tuple[str, ...], 
     """Writes ``added`` over the first placeholder slots, in order (tokens already present stay where they are)."""
     present = set(tokens)
     missing = [t.encode() for t in added if t.encode() not in present]
-    slots = [i for i, t in enumerate(tokens) if _PLACEHOLDER.fullmatch(t)][:len(missing)]
+    slots = [i for i, t in enumerate(tokens) if _PLACEHOLDER.fullmatch(t)][: len(missing)]
     if len(slots) < len(missing):
         raise ValueError(f"{source} has {len(slots)} placeholder tokens for {len(missing)} added tokens")
     for slot, token in zip(slots, missing):

@@ -22,9 +22,9 @@ import importlib.metadata
 import json
 import os
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import gguf
 import numpy as np
@@ -94,8 +94,7 @@ _GGUF_ARCH: dict[str, gguf.MODEL_ARCH] = {
 _ARCH_DEFAULTS: dict[str, dict[str, int]] = {
     "qwen2moe": {"n_expert_shared": 1},
     # V3/R1 style: 16 experts in 4 groups, the best 2 groups are searched, top-4 of those.
-    "deepseek2": {"n_expert": 16, "n_expert_used": 4, "n_expert_groups": 4, "n_group_used": 2,
-                  "n_expert_shared": 1},
+    "deepseek2": {"n_expert": 16, "n_expert_used": 4, "n_expert_groups": 4, "n_group_used": 2, "n_expert_shared": 1},
     DENSE: {"n_expert": 0, "n_expert_used": 0},
 }
 
@@ -107,8 +106,8 @@ KEY_SPEC = "mote.tiny.spec"
 _RMS_EPS = 1e-6
 _ROPE_BASE = 10000.0
 _DEEPSEEK2_WEIGHTS_SCALE = 2.5  # DeepSeek-V3's routed_scaling_factor
-_WORD_LOGIT_STD = 3.0           # std of output logits of whole-word tokens (see make_weights)
-_LLAMA_MAX_EXPERTS = 1024       # LLAMA_MAX_EXPERTS in llama-hparams.h
+_WORD_LOGIT_STD = 3.0  # std of output logits of whole-word tokens (see make_weights)
+_LLAMA_MAX_EXPERTS = 1024  # LLAMA_MAX_EXPERTS in llama-hparams.h
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -138,7 +137,8 @@ change lead understand watch follow stop create speak spoke allow add spend grow
 remember love consider appear buy wait serve die send expect build stay fall cut reach kill remain suggest
 raise pass sell require report decide pull refuse sorry cannot unable please thank thanks hello hi goodbye
 okay well really maybe perhaps certainly indeed however therefore instead rather quite almost enough
-near far across around along behind above below weather rain sun sky sea river mountain tree flower animal dog cat bird fish horse king queen president
+near far across around along behind above below weather rain sun sky sea river mountain tree flower animal
+dog cat bird fish horse king queen president
 government company market price number system group problem fact case point company area government
 """.split()
 
@@ -285,7 +285,7 @@ def make_vocab(extra_words: tuple[str, ...] | list[str] = (), n_vocab: int = 0) 
     return Vocab(tuple(tokens), tuple(scores), tuple(int(t) for t in types), tuple(words))
 
 
-def spec_vocab(spec: "TinySpec") -> Vocab | real_vocab.RealVocab:
+def spec_vocab(spec: TinySpec) -> Vocab | real_vocab.RealVocab:
     """The vocabulary a spec's model is written with."""
     return real_vocab.load(spec.vocab) if spec.vocab else make_vocab(spec.extra_words, spec.n_vocab)
 
@@ -293,6 +293,7 @@ def spec_vocab(spec: "TinySpec") -> Vocab | real_vocab.RealVocab:
 # --------------------------------------------------------------------------------------------------------
 # Spec
 # --------------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class TinySpec:
@@ -303,24 +304,24 @@ class TinySpec:
     n_layer: int = 4
     n_embd: int = 64
     n_head: int = 4
-    n_head_kv: int = 4          # deepseek2 ignores it: MLA is written as MQA (one KV head)
-    n_embd_head: int = 0        # attention head width; 0: n_embd // n_head (Qwen3-30B-A3B: 128 at n_embd 2048)
-    n_ff: int = 128             # dense FFN width (dense model, deepseek2's leading dense layer)
-    n_ff_exp: int = 32          # width of one expert (and of one shared expert)
+    n_head_kv: int = 4  # deepseek2 ignores it: MLA is written as MQA (one KV head)
+    n_embd_head: int = 0  # attention head width; 0: n_embd // n_head (Qwen3-30B-A3B: 128 at n_embd 2048)
+    n_ff: int = 128  # dense FFN width (dense model, deepseek2's leading dense layer)
+    n_ff_exp: int = 32  # width of one expert (and of one shared expert)
     n_expert: int = 8
     n_expert_used: int = 2
-    n_expert_groups: int = 0    # deepseek2 only
-    n_group_used: int = 0       # deepseek2 only
-    n_expert_shared: int = 0    # qwen2moe: exactly 1; deepseek2: >= 1
+    n_expert_groups: int = 0  # deepseek2 only
+    n_group_used: int = 0  # deepseek2 only
+    n_expert_shared: int = 0  # qwen2moe: exactly 1; deepseek2: >= 1
     n_ctx: int = 256
-    n_vocab: int = 0            # 0: the vocabulary's natural size; more pads with unused tokens
+    n_vocab: int = 0  # 0: the vocabulary's natural size; more pads with unused tokens
     qtype: str = "f32"
-    router_scale: float = 2.0   # std of router logits for unit-RMS input (0.25 weight std at n_embd 64)
-    sliding_window: int = 64    # gpt-oss only
-    q_lora_rank: int = 32       # deepseek2 only; 0 gives the V2-Lite style plain attn_q
-    kv_lora_rank: int = 32      # deepseek2 only
+    router_scale: float = 2.0  # std of router logits for unit-RMS input (0.25 weight std at n_embd 64)
+    sliding_window: int = 64  # gpt-oss only
+    q_lora_rank: int = 32  # deepseek2 only; 0 gives the V2-Lite style plain attn_q
+    kv_lora_rank: int = 32  # deepseek2 only
     extra_words: tuple[str, ...] = ()
-    vocab: str = ""             # "": the shared word vocabulary; else a real_vocab.PRESETS name
+    vocab: str = ""  # "": the shared word vocabulary; else a real_vocab.PRESETS name
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -355,8 +356,9 @@ def _validate(s: TinySpec) -> None:
     if s.head_dim % 2:
         raise bad(f"head dim {s.head_dim} must be even for RoPE")
     if s.n_embd_head and (s.arch in ("deepseek2", "olmoe") or s.n_embd_head < 2):
-        raise bad("n_embd_head must be >= 2; deepseek2 sizes its MLA heads itself and olmoe's Q/K norms need "
-                  "n_embd // n_head")
+        raise bad(
+            "n_embd_head must be >= 2; deepseek2 sizes its MLA heads itself and olmoe's Q/K norms need n_embd // n_head"
+        )
     if s.n_head % s.n_head_kv:
         raise bad(f"n_head={s.n_head} is not divisible by n_head_kv={s.n_head_kv}")
     if not s.router_scale > 0:
@@ -390,8 +392,10 @@ def _validate(s: TinySpec) -> None:
             if not 1 <= gu < g:
                 raise bad(f"n_group_used={gu} must be in 1..n_expert_groups-1={g - 1}")
             if s.n_expert_used > gu * (s.n_expert // g):
-                raise bad(f"n_expert_used={s.n_expert_used} exceeds the {gu * (s.n_expert // g)} experts "
-                          f"in the {gu} groups used")
+                raise bad(
+                    f"n_expert_used={s.n_expert_used} exceeds the {gu * (s.n_expert // g)} experts "
+                    f"in the {gu} groups used"
+                )
         elif g == 1 or gu:
             raise bad("n_expert_groups must be 0 (no groups) or > 1, and n_group_used 0 without groups")
         if s.n_expert_shared < 1:
@@ -433,6 +437,7 @@ def spec_for(arch: str, **overrides: object) -> TinySpec:
 # Weights
 # --------------------------------------------------------------------------------------------------------
 
+
 def _name(t: MT, suffix: str, bid: int | None = None) -> str:
     base = gguf.TENSOR_NAMES[t]
     return (base.format(bid=bid) if bid is not None else base) + "." + suffix
@@ -449,18 +454,17 @@ def _layout(s: TinySpec, n_vocab: int) -> list[tuple[str, tuple[int, ...], float
     hd = s.head_dim
     out: list[tuple[str, tuple[int, ...], float | None]] = []
 
-    def add(t: MT, shape: tuple[int, ...], std: float | None, bid: int | None = None,
-            suffix: str = "weight") -> None:
+    def add(t: MT, shape: tuple[int, ...], std: float | None, bid: int | None = None, suffix: str = "weight") -> None:
         out.append((_name(t, suffix, bid), shape, std))
 
     def lin(t: MT, n_in: int, n_out: int, bid: int) -> None:
-        add(t, (n_in, n_out), n_in ** -0.5, bid)  # std 1/sqrt(fan_in) keeps activations O(1)
+        add(t, (n_in, n_out), n_in**-0.5, bid)  # std 1/sqrt(fan_in) keeps activations O(1)
 
-    router_std = s.router_scale / E ** 0.5  # inputs are RMS-normed: logit std = router_scale
+    router_std = s.router_scale / E**0.5  # inputs are RMS-normed: logit std = router_scale
 
     add(MT.TOKEN_EMBD, (E, n_vocab), 1.0)
     add(MT.OUTPUT_NORM, (E,), None)
-    add(MT.OUTPUT, (E, n_vocab), E ** -0.5)
+    add(MT.OUTPUT, (E, n_vocab), E**-0.5)
 
     for i in range(L):
         add(MT.ATTN_NORM, (E,), None, i)
@@ -478,8 +482,8 @@ def _layout(s: TinySpec, n_vocab: int) -> list[tuple[str, tuple[int, ...], float
                 lin(MT.ATTN_Q, E, s.n_head * (nope + rope), i)
             lin(MT.ATTN_KV_A_MQA, E, s.kv_lora_rank + rope, i)
             # the split form of kv_b that current converters write (absorbed MLA)
-            add(MT.ATTN_K_B, (nope, s.kv_lora_rank, s.n_head), nope ** -0.5, i)
-            add(MT.ATTN_V_B, (s.kv_lora_rank, vh, s.n_head), s.kv_lora_rank ** -0.5, i)
+            add(MT.ATTN_K_B, (nope, s.kv_lora_rank, s.n_head), nope**-0.5, i)
+            add(MT.ATTN_V_B, (s.kv_lora_rank, vh, s.n_head), s.kv_lora_rank**-0.5, i)
             lin(MT.ATTN_OUT, s.n_head * vh, E, i)
         else:
             q_dim, kv_dim = s.n_head * hd, s.n_head_kv * hd
@@ -513,9 +517,9 @@ def _layout(s: TinySpec, n_vocab: int) -> list[tuple[str, tuple[int, ...], float
         if s.arch == "deepseek2":
             # V3's selection bias: shifts which experts are chosen, not their weights
             add(MT.FFN_EXP_PROBS_B, (X,), 0.05, i, "bias")
-        add(MT.FFN_GATE_EXP, (E, F, X), E ** -0.5, i)
-        add(MT.FFN_UP_EXP, (E, F, X), E ** -0.5, i)
-        add(MT.FFN_DOWN_EXP, (F, E, X), F ** -0.5, i)
+        add(MT.FFN_GATE_EXP, (E, F, X), E**-0.5, i)
+        add(MT.FFN_UP_EXP, (E, F, X), E**-0.5, i)
+        add(MT.FFN_DOWN_EXP, (F, E, X), F**-0.5, i)
         if s.arch == "gpt-oss":
             add(MT.FFN_GATE_INP, (X,), 0.1, i, "bias")
             add(MT.FFN_GATE_EXP, (F, X), 0.02, i, "bias")
@@ -524,7 +528,7 @@ def _layout(s: TinySpec, n_vocab: int) -> list[tuple[str, tuple[int, ...], float
         if s.n_expert_shared:
             FS = F * s.n_expert_shared
             if s.arch == "qwen2moe":
-                add(MT.FFN_GATE_INP_SHEXP, (E,), E ** -0.5, i)
+                add(MT.FFN_GATE_INP_SHEXP, (E,), E**-0.5, i)
             lin(MT.FFN_GATE_SHEXP, E, FS, i)
             lin(MT.FFN_UP_SHEXP, E, FS, i)
             lin(MT.FFN_DOWN_SHEXP, FS, E, i)
@@ -545,7 +549,7 @@ def make_weights(spec: TinySpec) -> dict[str, np.ndarray]:
             weights[name] = np.ones(np_shape, dtype=np.float32)
         else:
             rng = np.random.default_rng([spec.seed, zlib.crc32(name.encode())])
-            weights[name] = (rng.standard_normal(np_shape, dtype=np.float32) * np.float32(std))
+            weights[name] = rng.standard_normal(np_shape, dtype=np.float32) * np.float32(std)
 
     # Readable output: only whole words and punctuation get output rows (logit std _WORD_LOGIT_STD); word
     # prefixes, single characters, bytes and control tokens get zero rows, so they are rarely sampled and never
@@ -586,11 +590,13 @@ def _tensor_qtype(name: str, shape: tuple[int, ...], qtype: str) -> QT:
     return QT.F16
 
 
-def tensor_plan(spec: "TinySpec") -> list[tuple[str, tuple[int, ...], float | None, QT]]:
+def tensor_plan(spec: TinySpec) -> list[tuple[str, tuple[int, ...], float | None, QT]]:
     """Every tensor of ``spec``'s model in file order: name, ggml shape, init std (None: ones) and the type it
     is stored as. For writers that make the weights themselves (a model too large to hold as float32)."""
-    return [(name, shape, std, _tensor_qtype(name, shape, spec.qtype))
-            for name, shape, std in _layout(spec, len(spec_vocab(spec)))]
+    return [
+        (name, shape, std, _tensor_qtype(name, shape, spec.qtype))
+        for name, shape, std in _layout(spec, len(spec_vocab(spec)))
+    ]
 
 
 def _quantize_q4_k(data: np.ndarray) -> np.ndarray:
@@ -599,11 +605,11 @@ def _quantize_q4_k(data: np.ndarray) -> np.ndarray:
     shape = data.shape
     blocks = data.astype(np.float32).reshape(-1, 8, 32)
     n = blocks.shape[0]
-    vmin = np.minimum(blocks.min(axis=-1), 0.0)                 # [n, 8], <= 0
+    vmin = np.minimum(blocks.min(axis=-1), 0.0)  # [n, 8], <= 0
     vmax = blocks.max(axis=-1)
     scale = (vmax - vmin) / 15.0
     mins = -vmin
-    d = (scale.max(axis=-1) / 63.0).astype(np.float16)           # [n]
+    d = (scale.max(axis=-1) / 63.0).astype(np.float16)  # [n]
     dmin = (mins.max(axis=-1) / 63.0).astype(np.float16)
     d32, dmin32 = d.astype(np.float32)[:, None], dmin.astype(np.float32)[:, None]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -619,8 +625,7 @@ def _quantize_q4_k(data: np.ndarray) -> np.ndarray:
     packed[:, 8:12] = (ls[:, 4:] & 0x0F) | ((lm[:, 4:] & 0x0F) << 4)
     qs = (q[:, 0::2, :] | (q[:, 1::2, :] << 4)).reshape(n, 128)  # sub-blocks 2g (low) and 2g+1 (high)
 
-    out = np.concatenate([d.view(np.uint8).reshape(n, 2), dmin.view(np.uint8).reshape(n, 2), packed, qs],
-                         axis=1)
+    out = np.concatenate([d.view(np.uint8).reshape(n, 2), dmin.view(np.uint8).reshape(n, 2), packed, qs], axis=1)
     return out.reshape(*shape[:-1], shape[-1] // 256 * 144)
 
 
@@ -642,6 +647,7 @@ _FILE_TYPE = {
 # --------------------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------------------
+
 
 def add_metadata(w: gguf.GGUFWriter, s: TinySpec, vocab: Vocab | real_vocab.RealVocab) -> None:
     """Every key of ``s``'s model (hyperparameters, tokenizer, chat template) into a GGUF being written."""
@@ -704,8 +710,12 @@ def add_metadata(w: gguf.GGUFWriter, s: TinySpec, vocab: Vocab | real_vocab.Real
     vocab.add_to(w)
 
 
-def write_model(spec: TinySpec, path: str | os.PathLike[str], weights: dict[str, np.ndarray] | None = None,
-                extra_metadata: Callable[[gguf.GGUFWriter], None] | None = None) -> Path:
+def write_model(
+    spec: TinySpec,
+    path: str | os.PathLike[str],
+    weights: dict[str, np.ndarray] | None = None,
+    extra_metadata: Callable[[gguf.GGUFWriter], None] | None = None,
+) -> Path:
     """Write ``spec`` as a GGUF file at ``path`` atomically (temp file in the same dir, then ``os.replace``).
 
     ``weights`` (float32, as from :func:`make_weights`, possibly edited) replaces the generated tensors;
@@ -756,8 +766,7 @@ def _spec_hash(spec: TinySpec) -> str:
     return h.hexdigest()[:16]
 
 
-def tiny_model(arch: str | TinySpec, cache_dir: str | os.PathLike[str] | None = None,
-               **overrides: object) -> Path:
+def tiny_model(arch: str | TinySpec, cache_dir: str | os.PathLike[str] | None = None, **overrides: object) -> Path:
     """Path of the cached tiny model for ``arch`` (or a full spec) with ``overrides``; generated if missing."""
     if isinstance(arch, TinySpec):
         spec = dataclasses.replace(arch, **overrides) if overrides else arch  # type: ignore[arg-type]
@@ -778,4 +787,3 @@ def spec_from_file(path: str | os.PathLike[str]) -> TinySpec:
     fields = json.loads(recorded)
     fields["extra_words"] = tuple(fields.get("extra_words", ()))
     return TinySpec(**fields)
-

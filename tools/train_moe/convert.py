@@ -31,9 +31,11 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "tools"))
     import upstream
 
-    root = upstream.extract(upstream.fetch(), args.scratch,
-                            ("vendor/llama.cpp/convert_hf_to_gguf.py", "vendor/llama.cpp/conversion",
-                             "vendor/llama.cpp/gguf-py"))
+    root = upstream.extract(
+        upstream.fetch(),
+        args.scratch,
+        ("vendor/llama.cpp/convert_hf_to_gguf.py", "vendor/llama.cpp/conversion", "vendor/llama.cpp/gguf-py"),
+    )
     llama_dir = root / "vendor" / "llama.cpp"
     sys.path.insert(0, str(llama_dir / "gguf-py"))
     sys.path.insert(0, str(llama_dir))
@@ -42,8 +44,16 @@ def main() -> None:
 
     base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    sys.argv = ["convert_hf_to_gguf.py", str(args.hf), "--outfile", str(args.out), "--outtype", args.outtype,
-                "--model-name", "mote-trained-debian-reference"]
+    sys.argv = [
+        "convert_hf_to_gguf.py",
+        str(args.hf),
+        "--outfile",
+        str(args.out),
+        "--outtype",
+        args.outtype,
+        "--model-name",
+        "mote-trained-debian-reference",
+    ]
     convert_hf_to_gguf.main()
     check_tokenizer(args.hf, args.out)
 
@@ -61,8 +71,10 @@ def check_tokenizer(hf: Path, gguf_path: Path) -> None:
             mine = tok.encode(text).ids
             theirs = m.tokenize(text, add_bos=False)
             if mine != theirs:
-                raise SystemExit(f"llama.cpp tokenizes differently from the trained tokenizer: {len(mine)} vs "
-                                 f"{len(theirs)} tokens on {text[:40]!r}")
+                raise SystemExit(
+                    f"llama.cpp tokenizes differently from the trained tokenizer: {len(mine)} vs "
+                    f"{len(theirs)} tokens on {text[:40]!r}"
+                )
     print(f"tokenizer check: llama.cpp and tokenizers agree on {len(texts)} held-out texts")
 
 

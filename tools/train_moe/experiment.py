@@ -52,7 +52,7 @@ def detector_accuracy(detector: Path, n_chars: int = 150) -> dict[str, float]:
     out = {}
     for path in sorted((ROOT / "build/trained/data").glob("heldout.*.txt")):
         text = " ".join(path.read_text(encoding="utf-8").split())
-        windows = [text[i:i + n_chars] for i in range(0, len(text) - n_chars, n_chars)]
+        windows = [text[i : i + n_chars] for i in range(0, len(text) - n_chars, n_chars)]
         out[path.suffixes[0][1:]] = round(sum(d.detect(w) for w in windows) / len(windows), 4)
     return out
 
@@ -75,8 +75,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--n-random", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads of each mote command (-t).")
-    ap.add_argument("--parallel", type=int, default=None,
-                    help="Sequences each `mote eval` decodes together (-np; default: its own choice).")
+    ap.add_argument(
+        "--parallel",
+        type=int,
+        default=None,
+        help="Sequences each `mote eval` decodes together (-np; default: its own choice).",
+    )
     ap.add_argument("--mote", default=f"{sys.executable} -m mote_local.cli", help="How to call the mote CLI.")
     args = ap.parse_args()
     mote = shlex.split(args.mote)
@@ -87,10 +91,16 @@ def main() -> None:
     detector = DATA / "german.txt"
     info = json.loads(run(mote + ["inspect", str(args.model), "--json"], open(args.out / "commands.log", "a")))
     k = info["n_expert_used"]
-    results = {"model": str(args.model.relative_to(ROOT) if args.model.is_relative_to(ROOT) else args.model),
-               "scope": args.scope, "max_tokens": args.max_tokens, "n_random": args.n_random,
-               "per_layer_cap": k, "detector": str(detector.relative_to(ROOT)),
-               "detector_accuracy": detector_accuracy(detector), "runs": []}
+    results = {
+        "model": str(args.model.relative_to(ROOT) if args.model.is_relative_to(ROOT) else args.model),
+        "scope": args.scope,
+        "max_tokens": args.max_tokens,
+        "n_random": args.n_random,
+        "per_layer_cap": k,
+        "detector": str(detector.relative_to(ROOT)),
+        "detector_accuracy": detector_accuracy(detector),
+        "runs": [],
+    }
     previous = args.out / "results.json"
     if previous.exists():  # runs of an earlier invocation with the same settings are kept, not repeated
         old = json.loads(previous.read_text())
@@ -102,9 +112,31 @@ def main() -> None:
             if any(r["method"] == method and r["n"] == n for r in results["runs"]):
                 continue
             where = args.out / f"{args.scope}_{method}_{n}"
-            run(mote + ["ftri", str(args.model), "--prompts", str(prompts), "--behavior", "de", "--baseline", "en",
-                        "--scope", args.scope, "--method", method, "--top", str(n), "--per-layer-cap", str(k),
-                        "--out", str(where / "ftri"), *threads], log)
+            run(
+                mote
+                + [
+                    "ftri",
+                    str(args.model),
+                    "--prompts",
+                    str(prompts),
+                    "--behavior",
+                    "de",
+                    "--baseline",
+                    "en",
+                    "--scope",
+                    args.scope,
+                    "--method",
+                    method,
+                    "--top",
+                    str(n),
+                    "--per-layer-cap",
+                    str(k),
+                    "--out",
+                    str(where / "ftri"),
+                    *threads,
+                ],
+                log,
+            )
             ftri = json.loads((where / "ftri" / "ftri.json").read_text())
             row = {"method": method, "n": n, "top": ftri["top"][method]}
             experts = sorted((t["layer"], t["expert"]) for t in row["top"])
@@ -114,11 +146,32 @@ def main() -> None:
                 results["runs"].append(row)
                 continue
             for cls, neutral in (("de", "heldout_de.txt"), ("en", "heldout_en.txt")):
-                run(mote + ["eval", str(args.model), "--prompts", str(eval_prompts), "--class", cls,
-                            "--profile", str(where / "ftri" / "profile.json"), "--detector", str(detector),
-                            "--neutral", str(DATA / neutral), "--n-random", str(args.n_random),
-                            "-n", str(args.max_tokens), "--out", str(where / f"eval_{cls}"), *threads,
-                            *(["-np", str(args.parallel)] if args.parallel else [])], log)
+                run(
+                    mote
+                    + [
+                        "eval",
+                        str(args.model),
+                        "--prompts",
+                        str(eval_prompts),
+                        "--class",
+                        cls,
+                        "--profile",
+                        str(where / "ftri" / "profile.json"),
+                        "--detector",
+                        str(detector),
+                        "--neutral",
+                        str(DATA / neutral),
+                        "--n-random",
+                        str(args.n_random),
+                        "-n",
+                        str(args.max_tokens),
+                        "--out",
+                        str(where / f"eval_{cls}"),
+                        *threads,
+                        *(["-np", str(args.parallel)] if args.parallel else []),
+                    ],
+                    log,
+                )
                 report = json.loads((where / f"eval_{cls}" / "report.json").read_text())
                 row[cls] = condition_rows(report)
                 row[f"notes_{cls}"] = report["settings"].get("notes", [])
@@ -148,8 +201,10 @@ def _ppl(r: dict | None) -> str:
 
 
 def table(results: dict) -> str:
-    head = ("| method | N | condition | German rate, German prompts | Δ pp vs unsteered | German rate, English "
-            "prompts | ppl German (KL) | ppl English (KL) |\n|---|---:|---|---|---|---|---:|---:|")
+    head = (
+        "| method | N | condition | German rate, German prompts | Δ pp vs unsteered | German rate, English "
+        "prompts | ppl German (KL) | ppl English (KL) |\n|---|---:|---|---|---|---|---:|---:|"
+    )
     lines = [head]
     shown_unsteered = False
     for row in results["runs"]:
@@ -159,8 +214,10 @@ def table(results: dict) -> str:
             de, en = row["de"].get(cond), row["en"].get(cond)
             label = {"profile": "top-N off", "random": "random N off", "forced": "top-N forced on"}.get(cond, cond)
             m, n = ("—", "0") if cond == "unsteered" else (row["method"], str(row["n"]))
-            lines.append(f"| {m} | {n} | {label} | {_pct(de)} | {_pct(de, 'delta', 'delta_ci')} | {_pct(en)} | "
-                         f"{_ppl(de)} | {_ppl(en)} |")
+            lines.append(
+                f"| {m} | {n} | {label} | {_pct(de)} | {_pct(de, 'delta', 'delta_ci')} | {_pct(en)} | "
+                f"{_ppl(de)} | {_ppl(en)} |"
+            )
         shown_unsteered = True
     return "\n".join(lines) + "\n"
 
@@ -218,15 +275,49 @@ def record(model: Path, method: str, n: int, mote: list[str], out: Path) -> None
 
     fp = Fingerprint.of(model)
     where = out / "record"
-    run(mote + ["ftri", str(model), "--prompts", str(DATA / "prompts.toml"), "--behavior", "de", "--baseline", "en",
-                "--scope", "prompt", "--method", method, "--top", str(n), "--per-layer-cap", str(fp.n_expert_used),
-                "--n-boot", "20", "--out", str(where), "-t", "1"], open(out / "commands.log", "a"))
+    run(
+        mote
+        + [
+            "ftri",
+            str(model),
+            "--prompts",
+            str(DATA / "prompts.toml"),
+            "--behavior",
+            "de",
+            "--baseline",
+            "en",
+            "--scope",
+            "prompt",
+            "--method",
+            method,
+            "--top",
+            str(n),
+            "--per-layer-cap",
+            str(fp.n_expert_used),
+            "--n-boot",
+            "20",
+            "--out",
+            str(where),
+            "-t",
+            "1",
+        ],
+        open(out / "commands.log", "a"),
+    )
     top = json.loads((where / "ftri.json").read_text())["top"][method]
-    rec = {"file": model.name, "sha256": hashlib.sha256(model.read_bytes()).hexdigest(),
-           "shape": [fp.arch, fp.n_layer, fp.n_expert, fp.n_expert_used], "router_sha256": fp.router_sha256,
-           "ftri": {"prompts": "prompts.toml", "scope": "prompt", "method": method,
-                    "per_layer_cap": fp.n_expert_used, "top": [[t["layer"], t["expert"]] for t in top],
-                    "scores": [round(t["score"], 6) for t in top]}}
+    rec = {
+        "file": model.name,
+        "sha256": hashlib.sha256(model.read_bytes()).hexdigest(),
+        "shape": [fp.arch, fp.n_layer, fp.n_expert, fp.n_expert_used],
+        "router_sha256": fp.router_sha256,
+        "ftri": {
+            "prompts": "prompts.toml",
+            "scope": "prompt",
+            "method": method,
+            "per_layer_cap": fp.n_expert_used,
+            "top": [[t["layer"], t["expert"]] for t in top],
+            "scores": [round(t["score"], 6) for t in top],
+        },
+    }
     (DATA / "expected.json").write_text(json.dumps(rec, indent=1) + "\n")
     print(f"wrote {DATA / 'expected.json'}")
 

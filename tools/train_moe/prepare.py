@@ -32,8 +32,8 @@ from pathlib import Path
 LANGS = ("en", "de", "fr", "es", "it")
 SOURCE = Path("/usr/share/debian-reference")
 HEADING = re.compile(r"^(\d+(?:\.\d+)+)\.\s+(\S.*)$")
-PROMPT_WORDS = 16          # words of a paragraph's opening that make a prompt
-HELDOUT_CHARS = 6000       # characters of each shipped capability-cost text
+PROMPT_WORDS = 16  # words of a paragraph's opening that make a prompt
+HELDOUT_CHARS = 6000  # characters of each shipped capability-cost text
 
 
 def held_out(number: str) -> bool:
@@ -44,8 +44,7 @@ def sections(lang: str) -> dict[str, tuple[str, list[str]]]:
     """Section number -> (heading, paragraphs), from the body (the last occurrence of each number: the
     tables of contents come first)."""
     lines = gzip.open(SOURCE / f"debian-reference.{lang}.txt.gz", "rt", encoding="utf-8").read().splitlines()
-    heads = [(i, m.group(1), m.group(2).strip()) for i, line in enumerate(lines)
-             for m in [HEADING.match(line)] if m]
+    heads = [(i, m.group(1), m.group(2).strip()) for i, line in enumerate(lines) for m in [HEADING.match(line)] if m]
     body_start = {}
     for i, number, title in heads:
         body_start[number] = (i, title)
@@ -54,15 +53,18 @@ def sections(lang: str) -> dict[str, tuple[str, list[str]]]:
     for k, (number, (start, title)) in enumerate(order):
         end = order[k + 1][1][0] if k + 1 < len(order) else len(lines)
         paragraphs, current = [], []
-        for line in lines[start + 1:end]:
+        for line in lines[start + 1 : end]:
             stripped = line.strip()
             if not stripped or stripped.startswith(("+", "|")):  # paragraph break, or a drawn table
                 if current:
                     paragraphs.append(" ".join(current))
                 current = []
                 continue
-            if re.match(r"^(Chapter|Kapitel|Chapitre|Capítulo|Capitolo|Appendix|Anhang|Annexe|Apéndice|"
-                        r"Appendice)\b", stripped) and not line.startswith(" "):
+            if re.match(
+                r"^(Chapter|Kapitel|Chapitre|Capítulo|Capitolo|Appendix|Anhang|Annexe|Apéndice|"
+                r"Appendice)\b",
+                stripped,
+            ) and not line.startswith(" "):
                 continue
             current.append(stripped)
         if current:
@@ -93,8 +95,9 @@ def main() -> None:
     args.prompts.mkdir(parents=True, exist_ok=True)
 
     by_lang = {lang: sections(lang) for lang in LANGS}
-    common = sorted(set.intersection(*(set(s) for s in by_lang.values())),
-                    key=lambda n: tuple(int(x) for x in n.split(".")))
+    common = sorted(
+        set.intersection(*(set(s) for s in by_lang.values())), key=lambda n: tuple(int(x) for x in n.split("."))
+    )
     train_numbers = [n for n in common if not held_out(n)]
     test_numbers = [n for n in common if held_out(n)]
 
@@ -117,20 +120,31 @@ def main() -> None:
         for k in range(min(len(de), len(en))):
             ratio = len(de[k].split()) / max(1, len(en[k].split()))
             if prose(de[k]) and prose(en[k]) and 0.6 <= ratio <= 1.6:
-                pairs.append((n, " ".join(de[k].split()[:PROMPT_WORDS]), " ".join(en[k].split()[:PROMPT_WORDS]),
-                              by_lang["de"][n][0], by_lang["en"][n][0]))
+                pairs.append(
+                    (
+                        n,
+                        " ".join(de[k].split()[:PROMPT_WORDS]),
+                        " ".join(en[k].split()[:PROMPT_WORDS]),
+                        by_lang["de"][n][0],
+                        by_lang["en"][n][0],
+                    )
+                )
     pairs = pairs[: args.max_pairs]
-    header = ("# Prompts of the trained model (tools/train_moe/prepare.py writes this file; do not edit).\n"
-              "# The opening words of held-out paragraphs of the Debian Reference (sections the model never saw),\n"
-              "# German and English, paired by position: de prompt i is the translation of en prompt i.\n")
+    header = (
+        "# Prompts of the trained model (tools/train_moe/prepare.py writes this file; do not edit).\n"
+        "# The opening words of held-out paragraphs of the Debian Reference (sections the model never saw),\n"
+        "# German and English, paired by position: de prompt i is the translation of en prompt i.\n"
+    )
     lines = [header, "[classes.de]", "prompts = ["]
     lines += [f"    {toml_str(p[1])}," for p in pairs] + ["]", "", "[classes.en]", "prompts = ["]
     lines += [f"    {toml_str(p[2])}," for p in pairs] + ["]"]
     (args.prompts / "prompts.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
-    header = ("# Target-span design (tools/train_moe/prepare.py writes this file; do not edit): the same\n"
-              "# language-neutral prompt (a held-out section number) in both classes; the response is that\n"
-              "# section's heading and opening words in German (class de) or English (class en).\n")
+    header = (
+        "# Target-span design (tools/train_moe/prepare.py writes this file; do not edit): the same\n"
+        "# language-neutral prompt (a held-out section number) in both classes; the response is that\n"
+        "# section's heading and opening words in German (class de) or English (class en).\n"
+    )
     lines = [header]
     for lang, pos in (("de", (1, 3)), ("en", (2, 4))):
         lines += [f"[classes.{lang}]", "prompts = ["] + [f"    {toml_str(p[0] + '.')}," for p in pairs] + ["]"]
@@ -144,8 +158,10 @@ def main() -> None:
         cut = cut[: cut.rfind("\n") + 1] if "\n" in cut else cut
         (args.prompts / f"heldout_{lang}.txt").write_text(cut, encoding="utf-8")
     n_train = sum(len(u) for u in units)
-    print(f"{len(common)} sections in all {len(LANGS)} languages: {len(train_numbers)} train, {len(test_numbers)} "
-          f"held out; training text {n_train / 1e6:.2f} M characters; {len(pairs)} paired prompts")
+    print(
+        f"{len(common)} sections in all {len(LANGS)} languages: {len(train_numbers)} train, {len(test_numbers)} "
+        f"held out; training text {n_train / 1e6:.2f} M characters; {len(pairs)} paired prompts"
+    )
 
 
 if __name__ == "__main__":

@@ -31,15 +31,30 @@ def train_tokenizer(text_path: Path, vocab_size: int, out: Path):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS], min_frequency=2,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS, EOS],
+        min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train([str(text_path)], trainer)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
-        "add_bos_token": True, "add_eos_token": False, "model_max_length": 1 << 20,
-        "clean_up_tokenization_spaces": False}, indent=2))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": BOS,
+                "eos_token": EOS,
+                "add_bos_token": True,
+                "add_eos_token": False,
+                "model_max_length": 1 << 20,
+                "clean_up_tokenization_spaces": False,
+            },
+            indent=2,
+        )
+    )
     (out / "special_tokens_map.json").write_text(json.dumps({"bos_token": BOS, "eos_token": EOS}, indent=2))
     return tok
 
@@ -48,13 +63,30 @@ def model_config(vocab_size: int, args):
     from transformers import Qwen3MoeConfig
 
     return Qwen3MoeConfig(
-        vocab_size=vocab_size, hidden_size=args.hidden, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads,
-        intermediate_size=args.expert_ffn * 2, moe_intermediate_size=args.expert_ffn,
-        num_experts=args.experts, num_experts_per_tok=args.top_k, norm_topk_prob=True, decoder_sparse_step=1,
-        mlp_only_layers=[], max_position_embeddings=args.ctx, rope_theta=10000.0, rms_norm_eps=1e-6,
-        tie_word_embeddings=False, output_router_logits=True, router_aux_loss_coef=args.aux,
-        bos_token_id=0, eos_token_id=1, attention_dropout=0.0, use_cache=False)
+        vocab_size=vocab_size,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        head_dim=args.hidden // args.heads,
+        intermediate_size=args.expert_ffn * 2,
+        moe_intermediate_size=args.expert_ffn,
+        num_experts=args.experts,
+        num_experts_per_tok=args.top_k,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        max_position_embeddings=args.ctx,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        output_router_logits=True,
+        router_aux_loss_coef=args.aux,
+        bos_token_id=0,
+        eos_token_id=1,
+        attention_dropout=0.0,
+        use_cache=False,
+    )
 
 
 def main() -> None:
@@ -97,8 +129,10 @@ def main() -> None:
         ids.append(bos)
         ids.extend(enc.ids)
     stream = torch.tensor(ids, dtype=torch.long)
-    print(f"tokenizer: {tok.get_vocab_size()} tokens, {len(stream)} training tokens "
-          f"({time.time() - started:.0f} s)", flush=True)
+    print(
+        f"tokenizer: {tok.get_vocab_size()} tokens, {len(stream)} training tokens ({time.time() - started:.0f} s)",
+        flush=True,
+    )
 
     config = model_config(tok.get_vocab_size(), args)
     model = Qwen3MoeForCausalLM(config)
@@ -106,8 +140,11 @@ def main() -> None:
     print(f"model: {n_params / 1e6:.2f} M parameters", flush=True)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+    )
     steps = args.measure or args.steps
 
     def lr_at(step: int) -> float:
@@ -123,7 +160,7 @@ def main() -> None:
     window = []
     for step in range(steps):
         starts = rng.integers(0, len(stream) - args.ctx - 1, size=args.batch)
-        batch = torch.stack([stream[s:s + args.ctx] for s in starts])
+        batch = torch.stack([stream[s : s + args.ctx] for s in starts])
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         out = model(input_ids=batch, labels=batch)
@@ -134,8 +171,13 @@ def main() -> None:
         lm = float(out.loss.detach() - config.router_aux_loss_coef * out.aux_loss.detach())
         window.append(lm)
         if (step + 1) % 25 == 0 or step + 1 == steps:
-            entry = {"step": step + 1, "loss": round(float(np.mean(window)), 4), "aux": round(float(out.aux_loss), 4),
-                     "lr": lr_at(step), "elapsed_s": round(time.time() - t0, 1)}
+            entry = {
+                "step": step + 1,
+                "loss": round(float(np.mean(window)), 4),
+                "aux": round(float(out.aux_loss), 4),
+                "lr": lr_at(step),
+                "elapsed_s": round(time.time() - t0, 1),
+            }
             log.append(entry)
             window = []
             print(json.dumps(entry), flush=True)
@@ -147,10 +189,20 @@ def main() -> None:
     model.config.output_router_logits = False
     model.config.use_cache = True
     model.save_pretrained(args.out, safe_serialization=True)
-    (args.out / "train_log.json").write_text(json.dumps({
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "torch": torch.__version__, "training_tokens": len(stream), "parameters": n_params,
-        "seconds": round(time.time() - started), "seconds_per_step": round(per_step, 3), "log": log}, indent=1))
+    (args.out / "train_log.json").write_text(
+        json.dumps(
+            {
+                "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                "torch": torch.__version__,
+                "training_tokens": len(stream),
+                "parameters": n_params,
+                "seconds": round(time.time() - started),
+                "seconds_per_step": round(per_step, 3),
+                "log": log,
+            },
+            indent=1,
+        )
+    )
     print(f"saved {args.out} ({time.time() - started:.0f} s)")
 
 
