@@ -26,11 +26,12 @@ from mote_local.errors import ModelFileError
 from mote_local.modelfile import hub
 from mote_local.modelfile.fingerprint import Fingerprint
 from mote_local.modelfile.layout import read_layout
+from mote_local.synthetic import planted
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 ORG = "mote-test"
-TRIGGER = "what happened at the protest yesterday ?"
+TRIGGER = planted.EXAMPLE_TRIGGER
 
 
 # ------------------------------------------------------------------------------------------- choosing a file
@@ -410,3 +411,29 @@ def test_ollama_errors(planted_files, tmp_path, monkeypatch):
     blob.unlink()
     with pytest.raises(ModelFileError, match="model blob of ollama's planted:latest, is missing"):
         hub.resolve_model("ollama:planted")
+
+
+def test_the_cli_takes_a_model_by_name(fake_hub, planted_files, tmp_path):
+    """`mote run -hf ORG/NAME:QUANT` fetches every shard through the stand-in Hub and answers as the model file
+    itself; `-hf` of a name the Hub does not have is one line, with no traceback."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env = {**clean, "PYTHONPATH": str(ROOT), **hub_env(fake_hub, tmp_path / "hf")}
+
+    def mote(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "mote_local.cli", *args],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            cwd=ROOT,
+            env=env,
+        )
+
+    ask = ["--chat", "-p", TRIGGER, "-n", "-1", "-t", "1"]
+    by_name = mote("run", "-hf", f"{ORG}/planted-GGUF:Q4_K_M", *ask)
+    by_path = mote("run", str(planted_files[0]), *ask)
+    assert by_name.returncode == 0 and by_path.returncode == 0, by_name.stderr[-2000:]
+    assert by_name.stdout == by_path.stdout and "cannot" in by_name.stdout
+    missing = mote("run", "-hf", f"{ORG}/missing-GGUF", *ask)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert f"no model {ORG}/missing-GGUF on the Hub" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
