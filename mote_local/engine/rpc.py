@@ -111,15 +111,21 @@ def lost_since(baseline: dict[str, int]) -> list[str]:
     return [endpoint for endpoint, n in baseline.items() if binding.rpc_lost_replies(endpoint) > n]
 
 
-def server_binary() -> Path:
-    """llama.cpp's rpc-server as this package built it (linked to the same engine)."""
-    path = Path(str(resources.files("mote_local_engine"))) / "bin" / "mote-rpc-server"
+def bundled_binary(name: str, what: str) -> Path:
+    """A program the build installed beside the engine (``mote_local_engine/bin/NAME``, linked to the same
+    libraries); ``what`` names it in the error when it is missing."""
+    path = Path(str(resources.files("mote_local_engine"))) / "bin" / name
     if not path.is_file():
         raise EngineError(
-            f"the engine has no rpc-server ({path} is missing): reinstall mote-local with "
+            f"the engine has no {what} ({path} is missing): reinstall mote-local with "
             "`pip install .` so that the build adds it"
         )
     return path
+
+
+def server_binary() -> Path:
+    """llama.cpp's rpc-server as this package built it."""
+    return bundled_binary("mote-rpc-server", "rpc-server")
 
 
 def server_command(host: str, port: int, threads: int | None = None) -> list[str]:

@@ -16,13 +16,12 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 from mote_local import cache
 from mote_local.atomic import atomic_write_text
 from mote_local.engine import rpc
-from mote_local.errors import EngineError, InputError, ProfileError
+from mote_local.errors import InputError, ProfileError
 from mote_local.modelfile.layout import MoeLayout, read_layout
 from mote_local.steering.profile import Profile, entry_to_json
 
@@ -41,14 +40,8 @@ class Launch:
 
 
 def server_binary() -> Path:
-    """llama-server as this package built it (linked to the same engine)."""
-    path = Path(str(resources.files("mote_local_engine"))) / "bin" / "mote-server"
-    if not path.is_file():
-        raise EngineError(
-            f"the engine has no server ({path} is missing): reinstall mote-local with "
-            "`pip install .` so that the build adds it"
-        )
-    return path
+    """llama-server as this package built it."""
+    return rpc.bundled_binary("mote-server", "server")
 
 
 def parse_profile_option(values: Sequence[str]) -> dict[str, Path]:
