@@ -15,6 +15,7 @@ import openai
 import pytest
 from serve_live import live_server
 
+from mote_local.errors import SteeringError
 from mote_local.steering.entries import Mode
 from mote_local.steering.profile import Profile
 from mote_local.synthetic import planted
@@ -205,8 +206,9 @@ def test_steering_that_does_not_fit_the_model_gets_the_engines_message(http, mod
 
     entries = [e for spec in specs for e in parse_spec(*spec.split(" ", 1))]
     # the rules asked of the engine, as every command asks them
-    engine = binding.steer_check(shape_of(model.layout), [e.native() for e in entries], 1.0)
-    assert engine
+    with pytest.raises(SteeringError) as refused:
+        binding.steer_check(shape_of(model.layout), [e.native() for e in entries], 1.0)
+    engine = str(refused.value)
     r = _post(http, {"steering": {"entries": specs}})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["message"] == f"steering: {engine}"

@@ -106,7 +106,8 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, truth):
 
 def test_a_client_that_gives_up_on_a_plain_request_frees_its_slot(server, truth):
     body = {"messages": _messages(), "max_tokens": 900, "ignore_eos": True, "temperature": 0}
-    with httpx.Client(base_url=server.url, timeout=httpx.Timeout(T, read=0.3)) as impatient:
+    # a non-streamed reply comes whole: 900 tokens take far longer than the 10 ms this client waits
+    with httpx.Client(base_url=server.url, timeout=httpx.Timeout(T, read=0.01)) as impatient:
         with pytest.raises(httpx.ReadTimeout):
             impatient.post("/v1/chat/completions", json=body)
     with httpx.Client(base_url=server.url, timeout=T) as c:

@@ -55,6 +55,7 @@ def test_ftri_reproduces_the_recorded_top_experts(tmp_path):
             str(rec["per_layer_cap"]),
             "--n-boot",
             "20",
+            "--raw",  # the recorded run fed plain text: the model ships no chat template (ChatML would be used)
             "--out",
             str(out),
         ],

@@ -46,7 +46,7 @@ def test_patches_touch_only_call_sites():
     }
     server = {name: n for name, n in added.items() if "llama-server" in name}
     assert sum(added.values()) - sum(server.values()) <= 40, added
-    assert len(server) == 1 and sum(server.values()) <= 60, added
+    assert len(server) == 1 and sum(server.values()) <= 70, added
 
 
 def test_bindings_are_rewritten_to_the_private_package():
