@@ -11,6 +11,9 @@ the next one) so that drift of the machine hits every condition alike:
     llama-server     stock llama.cpp tools/server from the pinned sdist, unsteered
     mote unsteered   mote serve, no request steered
     mote steered     mote serve, every request carrying a different steering (random entries in every layer)
+    mote steered, stock kernel
+                     the same with MOTE_MOE_GEMM=0: ggml-cpu's own expert matmuls, as in llama-server, so that
+                     the cost of steering alone shows against llama-server
 
 Reported per condition: throughput (completion tokens per second of wall time), request latency p50/p95,
 errors. Cross-talk, after the timed load, on mote serve:
@@ -106,7 +109,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(kind: str, model: Path, args, port: int) -> subprocess.Popen:
+def _start(kind: str, model: Path, args, port: int, env: dict[str, str]) -> subprocess.Popen:
     # the same llama-server flags for both: mote serve passes them on verbatim
     flags = [
         "--host",
@@ -130,7 +133,14 @@ def _start(kind: str, model: Path, args, port: int) -> subprocess.Popen:
         cmd = [str(SERVER_BIN), "-m", str(model), *flags]
     else:
         cmd = [sys.executable, "-m", "mote_local.cli", "serve", str(model), *flags]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env=os.environ | env,
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -217,19 +227,21 @@ def run(args) -> None:
         eog = [t for t in range(vocab) if m.is_eog(t)]
     load_before = f"{os.getloadavg()[0]:.2f}"
     conditions = {
-        "llama-server": ("llama-server", False),
-        "mote unsteered": ("mote", False),
-        "mote steered": ("mote", True),
+        "llama-server": ("llama-server", False, {}),
+        "mote unsteered": ("mote", False, {}),
+        "mote steered": ("mote", True, {}),
+        "mote steered, stock kernel": ("mote", True, {"MOTE_MOE_GEMM": "0"}),
     }
     results: dict[str, list[dict]] = {name: [] for name in conditions}
     checks: dict[str, str] = {}
     names = list(conditions)
     for rnd in range(args.rounds):
-        for name in names[rnd % 3 :] + names[: rnd % 3]:  # each round starts with the next condition
-            kind, steered = conditions[name]
+        first = rnd % len(names)
+        for name in names[first:] + names[:first]:  # each round starts with the next condition
+            kind, steered, env = conditions[name]
             bodies = _requests(args, vocab, eog, layers, n_expert, steered)
             port = _free_port()
-            proc = _start(kind, model, args, port)
+            proc = _start(kind, model, args, port, env)
             try:
                 url = f"http://127.0.0.1:{port}"
                 wall, latencies, replies = asyncio.run(_load(url, bodies, args.clients))
@@ -243,26 +255,34 @@ def run(args) -> None:
                 )
                 if rnd == 0:
                     checks[name] = _alone_vs_batched(url, bodies, replies, args)
-                    if steered:
+                    if steered and not env:
                         checks["masks held"] = _masks_held(url, bodies, args.clients)
             finally:
                 _stop(proc)
-    base = sum(r["tokens"] for r in results["llama-server"]) / sum(r["wall"] for r in results["llama-server"])
+
+    def tput(runs: list[dict]) -> float:
+        return sum(r["tokens"] for r in runs) / sum(r["wall"] for r in runs)
+
+    def ratio(name: str, to: str) -> str:
+        """Pooled ratio of two conditions, with the range of the per-round ratios (the spread)."""
+        rounds = [tput([a]) / tput([b]) for a, b in zip(results[name], results[to])]
+        return f"{tput(results[name]) / tput(results[to]):.2f}x ({min(rounds):.2f}-{max(rounds):.2f})"
+
     print(f"\nload average before / after: {load_before} / {os.getloadavg()[0]:.2f}")
     print(
         f"model: {model.name} ({model.stat().st_size / 2**20:.0f} MiB, {len(layers)} MoE layers, {n_expert} experts),"
         f" {args.clients} clients x {args.requests} requests, prompt {args.prompt} tokens, {args.max_tokens} new "
         f"tokens each, --parallel {args.parallel}, -t {args.threads}, {args.rounds} rounds\n"
     )
-    print("| condition | throughput (tok/s) | vs llama-server | latency p50 (s) | p95 (s) | errors |")
+    print("| condition | throughput (tok/s) | vs llama-server (per-round range) | latency p50 (s) | p95 (s) | errors |")
     print("|---|---|---|---|---|---|")
     for name, runs in results.items():
-        tput = sum(r["tokens"] for r in runs) / sum(r["wall"] for r in runs)
         lat = [x for r in runs for x in r["latencies"]]
         print(
-            f"| {name} | {tput:.1f} | {tput / base:.2f}x | {_pct(lat, 50):.2f} | {_pct(lat, 95):.2f} | "
-            f"{sum(r['errors'] for r in runs)} |"
+            f"| {name} | {tput(runs):.1f} | {ratio(name, 'llama-server')} | {_pct(lat, 50):.2f} | "
+            f"{_pct(lat, 95):.2f} | {sum(r['errors'] for r in runs)} |"
         )
+    print(f"\nsteered vs unsteered, same server: {ratio('mote steered', 'mote unsteered')}")
     print()
     print(f"cross-talk, masks held: {checks['masks held']}")
     for name in conditions:
