@@ -8,8 +8,9 @@ llama.cpp's convert_hf_to_gguf.py, quantized with llama_model_quantize), same pr
                    implementation 5.x offers (eager, grouped_mm, batched_mm), bf16/f32, several batch sizes, a
                    forward hook on every ``mlp.gate``: screened once each (time-budgeted), the families within
                    --keep x of the best go on to the rounds                                        vs
-                   mote_local.ftri.capture.capture_activations at Q8_0 / BF16 / Q4_K_M as `mote ftri` runs it
-                   (batch_size 32, ftri.CAPTURE_MODEL_OPTIONS) and levers beside it (repacking, 1 thread, more
+                   mote_local.ftri.capture.capture_activations at Q8_0 / BF16 / Q4_K_M / `mote quantize
+                   --recipe capture` as `mote ftri` runs it (batch_size 32, ftri.CAPTURE_MODEL_OPTIONS) and levers
+                   beside it (repacking, 1 thread, ggml-cpu's own expert matmuls with MOTE_MOE_GEMM=0, more
                    sequences per decode with a larger ubatch through the Session/Capture API)
   generated scope  transformers ``generate`` (greedy, batched, left padding, same hooks)      vs
                    capture_activations(scope="generated"): batched greedy generation, counted while generating
@@ -425,6 +426,7 @@ class Runner:
                 cwd=ROOT,
                 stdout=logf,
                 stderr=subprocess.STDOUT,
+                env=os.environ | cfg.get("env", {}),  # e.g. MOTE_MOE_GEMM=0: read once, at the worker's start
             )
         if r.returncode != 0:
             raise RuntimeError(f"worker {kind} failed (exit {r.returncode}); see {self.log}")
@@ -602,6 +604,12 @@ def main() -> None:
     else:
         build = json.loads(build_info_path.read_text())
         build["reused"] = True
+    # `mote quantize --recipe capture`: routed experts Q6_K, output Q8_0, the rest F16
+    ggufs_capture = workdir / "model-capture.gguf"
+    if args.rebuild or not ggufs_capture.exists():
+        from mote_local.modelfile.quantize import quantize
+
+        quantize(ggufs["f32"], ggufs_capture, "capture", force=True)
     sizes = {q: p.stat().st_size / 2**20 for q, p in ggufs.items()}
 
     # 2. prompts, tokenized by llama.cpp exactly as capture_activations(chat=False) does; HF gets the same ids
@@ -661,11 +669,26 @@ def main() -> None:
         "ftri_q8_0": dict(kind="mote_ftri", gguf=str(ggufs["q8_0"]), scope="prompt", batch_size=32, model_params=cap),
         "ftri_bf16": dict(kind="mote_ftri", gguf=str(ggufs["bf16"]), scope="prompt", batch_size=32, model_params=cap),
         "ftri_q4_k_m": dict(kind="mote_ftri", gguf=q4, scope="prompt", batch_size=32, model_params=cap),
+        "ftri_capture": dict(
+            kind="mote_ftri", gguf=str(ggufs_capture), scope="prompt", batch_size=32, model_params=cap
+        ),
         # levers, each against the product configuration of its type in the same round
         "ftri_q4_k_m_repack": dict(kind="mote_ftri", gguf=q4, scope="prompt", batch_size=32, model_params={}),
         "ftri_q8_0_t1": dict(
             kind="mote_ftri", gguf=str(ggufs["q8_0"]), scope="prompt", batch_size=32, model_params=cap, n_threads=1
         ),
+        # ggml-cpu's own expert matmuls instead of the grouped one (native/mote-moe-matmul.cpp)
+        **{
+            f"ftri_{q}_stock_kernel": dict(
+                kind="mote_ftri",
+                gguf=str(ggufs[q]),
+                scope="prompt",
+                batch_size=32,
+                model_params=cap,
+                env={"MOTE_MOE_GEMM": "0"},
+            )
+            for q in ("q8_0", "bf16")
+        },
         "proto_q8_0_ub2048": dict(
             kind="mote_session",
             gguf=str(ggufs["q8_0"]),
@@ -678,7 +701,17 @@ def main() -> None:
     }
     if args.lean:  # the product configurations and one lever: rounds that fit a shorter slot
         mote = {
-            key: c for key, c in mote.items() if key in ("ftri_q8_0", "ftri_bf16", "ftri_q4_k_m", "proto_q8_0_ub2048")
+            key: c
+            for key, c in mote.items()
+            if key
+            in (
+                "ftri_q8_0",
+                "ftri_bf16",
+                "ftri_q4_k_m",
+                "ftri_capture",
+                "ftri_q8_0_stock_kernel",
+                "ftri_bf16_stock_kernel",
+            )
         }
     gen = dict(n_prompts=args.gen_prompts, new_tokens=args.new_tokens)
     gen_cfgs = {
@@ -921,6 +954,9 @@ def analyse_results(
         "ftri_q8_0": "mote-local `capture_activations` Q8_0, batch_size 32 (= `mote ftri`)",
         "ftri_bf16": "mote-local `capture_activations` BF16, batch_size 32 (= `mote ftri`)",
         "ftri_q4_k_m": "mote-local `capture_activations` Q4_K_M, batch_size 32 (= `mote ftri`)",
+        "ftri_capture": "mote-local `capture_activations`, `mote quantize --recipe capture` file, batch_size 32",
+        "ftri_q8_0_stock_kernel": "… Q8_0 with ggml-cpu's own expert matmuls (`MOTE_MOE_GEMM=0`)",
+        "ftri_bf16_stock_kernel": "… BF16 with ggml-cpu's own expert matmuls (`MOTE_MOE_GEMM=0`)",
         "ftri_q4_k_m_repack": "… Q4_K_M with llama.cpp's weight repacking (plain `Model()` options)",
         "ftri_q8_0_t1": "… Q8_0 with 1 thread",
         "proto_q8_0_ub2048": "prototype Q8_0: 64 sequences per decode, n_ubatch 2048 (Session/Capture API)",
@@ -937,11 +973,14 @@ def analyse_results(
     mem = lambda key: rss[key] / rss[best]  # noqa: E731
     w(f"- Fastest transformers configuration: {best[3:]} ({_spread(tps[best])} tok/s, {rss[best]:.0f} MiB).")
     w(
-        f"- **Q8_0 ≥ 1.5× the fastest transformers at ≤ 25% of its peak memory**: {med('ftri_q8_0'):.2f}× at "
-        f"{100 * mem('ftri_q8_0'):.0f}%: throughput {verdict(med('ftri_q8_0') >= 1.5)}, memory "
-        f"{verdict(mem('ftri_q8_0') <= 0.25)}. BF16 (the other routing-keeping type, see the fidelity table): "
-        f"{med('ftri_bf16'):.2f}× at {100 * mem('ftri_bf16'):.0f}% ({verdict(med('ftri_bf16') >= 1.5)}, memory "
-        f"{verdict(mem('ftri_bf16') <= 0.25)})."
+        "- **Q8_0, BF16 and `--recipe capture` each ≥ 1.5× the fastest transformers at ≤ 50% of its peak memory**: "
+        + "; ".join(
+            f"{label} {med(key):.2f}× at {100 * mem(key):.0f}% (throughput {verdict(med(key) >= 1.5)}, memory "
+            f"{verdict(mem(key) <= 0.5)})"
+            for label, key in (("Q8_0", "ftri_q8_0"), ("BF16", "ftri_bf16"), ("capture", "ftri_capture"))
+            if key in tps
+        )
+        + "."
     )
     w(
         f"- **Q4_K_M ≥ 2×**: {med('ftri_q4_k_m'):.2f}× at {100 * mem('ftri_q4_k_m'):.0f}% "
@@ -952,6 +991,8 @@ def analyse_results(
         ("1 thread instead of 2 at Q8_0", "ftri_q8_0_t1", "ftri_q8_0"),
         ("64 sequences per decode with n_ubatch 2048 at Q8_0", "proto_q8_0_ub2048", "ftri_q8_0"),
         ("BF16 against Q8_0", "ftri_bf16", "ftri_q8_0"),
+        ("the grouped expert matmul against ggml-cpu's own at Q8_0", "ftri_q8_0", "ftri_q8_0_stock_kernel"),
+        ("the same at BF16", "ftri_bf16", "ftri_bf16_stock_kernel"),
     ]
     w(
         "- Levers, within a round against the product configuration of the same type, median (min–max): "

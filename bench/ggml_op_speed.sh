@@ -42,10 +42,11 @@ done
 import re, statistics, sys
 runs = {}
 for line in open(sys.argv[1]):
+    line = re.sub(r"\x1b\[[0-9;]*m", " ", line)  # the colour codes glue 3-digit figures to the text before
     m = re.match(r"(dense|grouped|stock) +(MUL_MAT(?:_ID)?)\((.*?)\):.* ([\d.]+) ([GT])FLOPS", line)
     if m:
         path, op, params, value, unit = m.groups()
-        kv = dict(p.split("=", 1) for p in params.split(","))
+        kv = dict(re.findall(r"(\w+)=(\[[^\]]*\]|[^,]*)", params))  # values such as bs=[1,1] hold commas
         runs.setdefault((kv["type_a"], op, path, int(kv["n"])), []).append(float(value) * (1000 if unit == "T" else 1))
 print("| weight type | op | path | n | GFLOPS, median (min-max) |")
 print("|---|---|---|---:|---:|")
