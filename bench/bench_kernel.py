@@ -39,24 +39,26 @@ from bench_engine import bench_model
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _configured(folder: Path, fix: str) -> Path:
-    """The one CMake build folder (build/{wheel_tag}) under ``folder``."""
-    dirs = sorted(p for p in folder.glob("cp*-*") if (p / "CMakeCache.txt").exists())
-    if not dirs:
-        sys.exit(f"no configured build folder in {folder}: {fix}")
-    return dirs[-1]
+def _configured(project: Path, fix: str) -> Path:
+    """``project``'s build folder (bench_serve.wheel_build_dir), which must have been configured."""
+    from bench_serve import wheel_build_dir
+
+    folder = wheel_build_dir(project)
+    if not (folder / "CMakeCache.txt").exists():
+        sys.exit(f"no configured build folder at {folder}: {fix}")
+    return folder
 
 
 def engine_build_dir() -> Path:
     """Where `pip install .` (scikit-build-core) built the installed engine."""
-    return _configured(REPO / "build", "run `pip install .` from the repository first")
+    return _configured(REPO, "run `pip install .` from the repository first")
 
 
 def stock_build_dir() -> Path:
     """Where `bench_serve.py build` built the unpatched project."""
-    import bench_serve
+    from bench_serve import STOCK_PROJECT
 
-    return _configured(bench_serve.STOCK_PROJECT / "build", "run `python bench/bench_serve.py build` first")
+    return _configured(STOCK_PROJECT, "run `python bench/bench_serve.py build` first")
 
 
 def build(jobs: int) -> tuple[Path, Path]:

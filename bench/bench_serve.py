@@ -56,11 +56,19 @@ STOCK_PROJECT = REPO / "build" / "stock-server"
 SERVER_BIN = STOCK_PROJECT / "install" / "mote_local_engine" / "bin" / "mote-server"
 
 
+def wheel_build_dir(project: Path) -> Path:
+    """The CMake build folder of ``project`` as scikit-build-core names it (build-dir = build/{wheel_tag}): the
+    engine's own, and the stock project's, which takes the same name so that ccache sees the same relative paths."""
+    import sysconfig
+
+    tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    return project / "build" / f"{tag}-{tag}-{sysconfig.get_platform().replace('-', '_').replace('.', '_')}"
+
+
 def build(jobs: int) -> Path:
     """Stock llama-server (CPU) from the pinned sdist's vendored llama.cpp, no patches."""
     import re
     import shutil
-    import sysconfig
 
     if SERVER_BIN.exists():
         return SERVER_BIN
@@ -72,9 +80,7 @@ def build(jobs: int) -> Path:
     cmake = (REPO / "CMakeLists.txt").read_text()
     cmake = re.sub(r"^ *target_sources\((llama|ggml-rpc|server-context) PRIVATE native/.*\)\n", "", cmake, flags=re.M)
     (STOCK_PROJECT / "CMakeLists.txt").write_text(cmake)
-    # the engine's build directory name (scikit-build-core's build-dir = build/{wheel_tag}): the same relative paths
-    tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
-    build_dir = STOCK_PROJECT / "build" / f"{tag}-{tag}-{sysconfig.get_platform().replace('-', '_').replace('.', '_')}"
+    build_dir = wheel_build_dir(STOCK_PROJECT)
     env = os.environ | {"CCACHE_BASEDIR": os.environ.get("CCACHE_BASEDIR", str(REPO.parent))}
     subprocess.run(
         [

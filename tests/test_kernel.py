@@ -69,6 +69,9 @@ def _cpu_flags() -> set[str]:
     return next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
 
 
+CPU_FLAGS = _cpu_flags()
+
+
 def _avx2_engine(dest: Path) -> Path:
     """A copy of the installed engine whose ggml-cpu is built at the AVX2 level; returns the folder to put
     first on a child's sys.path."""
@@ -95,8 +98,7 @@ def level(request, tmp_path_factory):
     """(name, folder to put first on the child's sys.path or None for the installed engine)"""
     if request.param == "native":
         return "native", None
-    flags = _cpu_flags()
-    if "avx2" not in flags or "avx512f" not in flags:
+    if "avx2" not in CPU_FLAGS or "avx512f" not in CPU_FLAGS:
         pytest.skip("the AVX2 level is a second level only on a CPU with AVX512 (the installed engine is native)")
     return "avx2", _avx2_engine(tmp_path_factory.mktemp("avx2"))
 
@@ -126,7 +128,7 @@ def run(level, path, tmp_path, n_tokens, env, decode=0):
     )
     with np.load(out) as z:
         avx2, avx512 = z["isa"]
-        assert avx2 and bool(avx512) == (name == "native" and "avx512f" in _cpu_flags()), (name, z["isa"])
+        assert avx2 and bool(avx512) == (name == "native" and "avx512f" in CPU_FLAGS), (name, z["isa"])
         return z["logits"], z["counts"], tuple(z["grouped"])
 
 
